@@ -1,0 +1,12 @@
+//! `hsm-tests`: end-to-end tests of Keyhaven against real SoftHSM2 tokens, and the fixture
+//! they share. This library holds only test support; the tests are in `tests/`.
+//!
+//! Each test makes its own [`SoftHsm`] token in a temporary directory with its own
+//! `SOFTHSM2_CONF`, so tests never share state. Run them with `cargo nextest` (a process per
+//! test, fully parallel); under plain `cargo test` the fixture serialises the tests of one
+//! binary, because SoftHSM2 reads its configuration once per process.
+#![forbid(unsafe_code)]
+
+pub mod softhsm;
+
+pub use softhsm::SoftHsm;

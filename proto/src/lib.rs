@@ -1,0 +1,21 @@
+//! Keyhaven's wire contracts, generated at build time from the `.proto` files beside this
+//! crate: the Kubernetes KMS v2 plugin API (`v2.KeyManagementService`, which must match
+//! upstream exactly) and the broker's own lease API. No logic lives here.
+#![forbid(unsafe_code)]
+#![allow(missing_docs, missing_debug_implementations, clippy::all)]
+
+/// Kubernetes KMS v2 (`package v2`), as the kube-apiserver calls it.
+pub mod kms {
+    /// `package v2` from `kms/v2/api.proto`.
+    pub mod v2 {
+        tonic::include_proto!("v2");
+    }
+}
+
+/// The broker API (`package keyhaven.broker.v1`).
+pub mod broker {
+    /// `package keyhaven.broker.v1` from `broker/v1/broker.proto`.
+    pub mod v1 {
+        tonic::include_proto!("keyhaven.broker.v1");
+    }
+}
