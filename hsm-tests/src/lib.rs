@@ -6,6 +6,8 @@
 //! test, fully parallel); under plain `cargo test` the fixture serialises the tests of one
 //! binary, because SoftHSM2 reads its configuration once per process.
 #![forbid(unsafe_code)]
+// Test support: a fixture that cannot set up its token should fail the test loudly.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
 
 pub mod softhsm;
 

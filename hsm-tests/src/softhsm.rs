@@ -125,6 +125,23 @@ impl SoftHsm {
         write_private(&self.pin_file, pin);
     }
 
+    /// Takes the token away from SoftHSM2 (like unplugging it): moves its directory out of
+    /// the token directory. Returns what [`SoftHsm::restore_token`] needs to put it back.
+    pub fn remove_token(&self) -> PathBuf {
+        let tokens = self.dir().join("tokens");
+        let away = self.dir().join("tokens.removed");
+        std::fs::rename(&tokens, &away).expect("move token dir away");
+        std::fs::create_dir(&tokens).expect("empty token dir");
+        away
+    }
+
+    /// Puts back a token taken by [`SoftHsm::remove_token`].
+    pub fn restore_token(&self, away: PathBuf) {
+        let tokens = self.dir().join("tokens");
+        std::fs::remove_dir(&tokens).expect("empty token dir");
+        std::fs::rename(&away, &tokens).expect("restore token dir");
+    }
+
     /// Environment to give a child process so it uses this token.
     pub fn env(&self) -> Vec<(String, String)> {
         vec![("SOFTHSM2_CONF".to_owned(), self.conf.display().to_string())]

@@ -1,5 +1,6 @@
 //! The `hsm` keystore against a real SoftHSM2 token: round trips, tampering, wrong keys,
 //! missing keys, wrong PINs, concurrency, and recovery when sessions die under it.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -425,4 +426,36 @@ fn async_keystore_round_trip_and_self_test() {
         let e = ks.find_kek_by_label("missing").await.unwrap_err();
         assert_eq!(e.kind(), ErrorKind::KeyNotFound);
     });
+}
+
+#[test]
+fn token_removed_and_put_back_under_a_live_keystore_recovers() {
+    let hsm = SoftHsm::new();
+    let ks = open(&hsm);
+    let kek = ks.generate_kek().unwrap();
+    let sealed = ks.encrypt(&kek.id, b"", b"kept").unwrap();
+    let away = hsm.remove_token();
+    // While the token is gone its keys are unavailable, not "not found": callers must not
+    // conclude a KEK was destroyed.
+    for _ in 0..3 {
+        let e = ks
+            .decrypt(&kek.id, b"", &sealed.iv, &sealed.ciphertext)
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+        assert_eq!(ks.list_keks().unwrap_err().kind(), ErrorKind::Unavailable);
+    }
+    hsm.restore_token(away);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let back = loop {
+        match ks.decrypt(&kek.id, b"", &sealed.iv, &sealed.ciphertext) {
+            Ok(v) => break v,
+            Err(e) if std::time::Instant::now() < deadline => {
+                assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            Err(e) => panic!("no recovery after the token came back: {e}"),
+        }
+    };
+    assert_eq!(back.as_slice(), b"kept");
+    assert!(ks.stats().rebuilds >= 1);
 }

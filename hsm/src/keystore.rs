@@ -223,7 +223,23 @@ impl BlockingKeystore {
             Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
             Err(e) => return Err(classify(&e, Op::Initialize, &self.token_name).error),
         }
-        let slot = self.find_slot()?;
+        let slot = match self.find_slot() {
+            Ok(slot) => slot,
+            Err(_) => {
+                // Some modules (SoftHSM2 among them) only enumerate tokens at C_Initialize: a
+                // token that was removed and put back is invisible until the module is
+                // re-initialised. Our sessions are already forgotten, so do that once.
+                let _ = self.pkcs11.clone().finalize();
+                match self
+                    .pkcs11
+                    .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+                {
+                    Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+                    Err(e) => return Err(classify(&e, Op::Initialize, &self.token_name).error),
+                }
+                self.find_slot()?
+            }
+        };
         let session = self
             .pkcs11
             .open_rw_session_no_drop(slot)
@@ -251,22 +267,26 @@ impl BlockingKeystore {
             .pkcs11
             .get_slots_with_token()
             .map_err(|e| classify(&e, Op::OpenSession, &self.token_name).error)?;
-        for slot in slots {
-            let Ok(info) = self.pkcs11.get_token_info(slot) else {
-                continue;
-            };
-            let hit = match &self.cfg.token {
-                TokenSelector::Label(l) => info.label().trim_end() == l.trim_end(),
-                TokenSelector::Serial(s) => info.serial_number().trim() == s.trim(),
-            };
-            if hit {
-                return Ok(slot);
-            }
+        slots
+            .into_iter()
+            .find(|slot| self.token_matches(*slot))
+            .ok_or_else(|| {
+                Error::unavailable(
+                    Op::OpenSession,
+                    format!("no token with {} is present", self.cfg.token),
+                )
+            })
+    }
+
+    /// Whether `slot` holds our token right now.
+    fn token_matches(&self, slot: Slot) -> bool {
+        let Ok(info) = self.pkcs11.get_token_info(slot) else {
+            return false;
+        };
+        match &self.cfg.token {
+            TokenSelector::Label(l) => info.label().trim_end() == l.trim_end(),
+            TokenSelector::Serial(s) => info.serial_number().trim() == s.trim(),
         }
-        Err(Error::unavailable(
-            Op::OpenSession,
-            format!("no token with {} is present", self.cfg.token),
-        ))
     }
 
     fn login(&self, st: &mut PoolState, session: &Session) -> Result<()> {
@@ -493,7 +513,7 @@ impl BlockingKeystore {
                 self.lock().handles.insert(*id, *h);
                 Ok(*h)
             }
-            [] => Err(not_found(session, format!("KEK id {id}"))),
+            [] => Err(self.not_found(session, format!("KEK id {id}"))),
             _ => Err(Failure::Ours(Error::internal(
                 Op::FindKey,
                 format!("several KEKs share id {id}"),
@@ -538,6 +558,37 @@ impl BlockingKeystore {
         }))
     }
 
+    /// A search found nothing. That means "not found" only if we are logged in (private
+    /// objects are invisible otherwise) and the token is still there (a removed token
+    /// shows no objects on some modules).
+    fn not_found(&self, session: &Session, what: String) -> Failure {
+        if let Err(f) = ensure_logged_in(session) {
+            return f;
+        }
+        if let Err(f) = self.ensure_token_present(session) {
+            return f;
+        }
+        Failure::Ours(Error::KeyNotFound(what))
+    }
+
+    fn ensure_token_present(&self, session: &Session) -> Result<(), Failure> {
+        let slot = session
+            .get_session_info()
+            .map_err(|e| Failure::Ck(e, Op::FindKey))?
+            .slot_id();
+        if self.token_matches(slot) {
+            Ok(())
+        } else {
+            Err(Failure::Ck(
+                CkError::Pkcs11(
+                    RvError::TokenNotPresent,
+                    cryptoki::context::Function::GetSlotList,
+                ),
+                Op::FindKey,
+            ))
+        }
+    }
+
     /// Every KEK on the token whose label has the configured prefix, oldest first.
     pub fn list_keks(&self) -> Result<Vec<KekInfo>> {
         self.run(|s| {
@@ -549,6 +600,7 @@ impl BlockingKeystore {
             }
             if out.is_empty() {
                 ensure_logged_in(s)?;
+                self.ensure_token_present(s)?;
             }
             kek::sort_by_creation(&mut out);
             Ok(out)
@@ -574,7 +626,7 @@ impl BlockingKeystore {
             }
             match infos.len() {
                 1 => Ok(infos.remove(0)),
-                0 => Err(not_found(s, format!("KEK label '{label}'"))),
+                0 => Err(self.not_found(s, format!("KEK label '{label}'"))),
                 _ => Err(Failure::Ours(Error::internal(
                     Op::FindKey,
                     format!("several KEKs share label '{label}'"),
@@ -754,15 +806,6 @@ fn find(session: &Session, tpl: &[Attribute]) -> Result<Vec<ObjectHandle>, Failu
     session
         .find_objects(tpl)
         .map_err(|e| Failure::Ck(e, Op::FindKey))
-}
-
-/// A search found nothing: that means "not found" only if we are logged in (private objects
-/// are invisible otherwise).
-fn not_found(session: &Session, what: String) -> Failure {
-    match ensure_logged_in(session) {
-        Ok(()) => Failure::Ours(Error::KeyNotFound(what)),
-        Err(f) => f,
-    }
 }
 
 fn ensure_logged_in(session: &Session) -> Result<(), Failure> {
