@@ -14,6 +14,7 @@
 //! session-pool size); [`BlockingKeystore`] is the same thing for threads and CLIs.
 #![forbid(unsafe_code)]
 
+mod admin;
 mod classify;
 mod config;
 mod error;
@@ -22,6 +23,7 @@ mod keystore;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+pub use admin::init_token;
 pub use classify::Op;
 pub use config::{Config, PinSource, RecoveryPolicy, TokenSelector};
 pub use error::{Error, ErrorKind, Result};

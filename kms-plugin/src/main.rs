@@ -1,0 +1,78 @@
+//! `kms-plugin` binary: parses the command line and hands over to the library.
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use kms_plugin::cli::{Cli, Command, LogFormat, TokenCommand};
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KEYHAVEN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => b.json().init(),
+        LogFormat::Text => b.init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kms-plugin: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => {
+            init_logs(args.log_format);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                let shutdown = async {
+                    use tokio::signal::unix::{signal, SignalKind};
+                    let (Ok(mut term), Ok(mut int)) = (
+                        signal(SignalKind::terminate()),
+                        signal(SignalKind::interrupt()),
+                    ) else {
+                        return std::future::pending().await;
+                    };
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
+                };
+                kms_plugin::server::serve(args, shutdown).await
+            })?;
+            // Blocking HSM calls still in flight are abandoned; the process is exiting.
+            rt.shutdown_timeout(std::time::Duration::from_secs(2));
+        }
+        Command::Keys { hsm, command } => {
+            init_logs(LogFormat::Text);
+            let ks = keyhaven_hsm::BlockingKeystore::open(hsm.config())?;
+            kms_plugin::keys::run(&ks, &command, &mut std::io::stdout())?;
+        }
+        Command::Token { command } => match command {
+            TokenCommand::Init {
+                pkcs11_module,
+                token_label,
+                so_pin_file,
+                pin_file,
+            } => {
+                let so = keyhaven_hsm::PinSource::File(so_pin_file).read()?;
+                let user = keyhaven_hsm::PinSource::File(pin_file).read()?;
+                keyhaven_hsm::init_token(&pkcs11_module, &token_label, &so, &user)?;
+                println!("initialised token '{token_label}'");
+            }
+        },
+    }
+    Ok(())
+}

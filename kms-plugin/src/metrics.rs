@@ -1,0 +1,208 @@
+//! Prometheus metrics and the HTTP listener (`/healthz`, `/readyz`, `/metrics`, `/keys`).
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Labels of request metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodCode {
+    /// `Status`, `Encrypt` or `Decrypt`.
+    pub method: &'static str,
+    /// gRPC code name (`Ok`, `InvalidArgument`, ...).
+    pub code: String,
+}
+
+/// Labels of HSM metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HsmOp {
+    /// `encrypt`, `decrypt`, `self_test`, `list`.
+    pub op: &'static str,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.00005, 2.0, 18))
+}
+
+/// Every metric the plugin exports.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<MethodCode, Counter>,
+    latency: Family<MethodCode, Histogram, fn() -> Histogram>,
+    hsm_latency: Family<HsmOp, Histogram, fn() -> Histogram>,
+    /// 1 while the last self-test passed.
+    pub self_test_ok: Gauge,
+    /// Unix time of the last passed self-test.
+    pub self_test_last_success: Gauge<f64, AtomicU64>,
+    /// A 48-bit hash of the current key_id (changes when the primary KEK changes).
+    pub key_id_hash: Gauge,
+    /// Number of KEKs usable for Decrypt.
+    pub keks: Gauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers everything under the `keyhaven_kms` prefix.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("keyhaven_kms");
+        let requests = Family::<MethodCode, Counter>::default();
+        let latency = Family::<MethodCode, Histogram, fn() -> Histogram>::new_with_constructor(
+            latency_histogram,
+        );
+        let hsm_latency =
+            Family::<HsmOp, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
+        let self_test_ok = Gauge::default();
+        let self_test_last_success = Gauge::<f64, AtomicU64>::default();
+        let key_id_hash = Gauge::default();
+        let keks = Gauge::default();
+        registry.register(
+            "requests",
+            "gRPC requests by method and code",
+            requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "gRPC request latency by method and code",
+            latency.clone(),
+        );
+        registry.register(
+            "hsm_operation_duration_seconds",
+            "HSM operation latency",
+            hsm_latency.clone(),
+        );
+        registry.register(
+            "self_test_ok",
+            "1 if the last HSM self-test passed",
+            self_test_ok.clone(),
+        );
+        registry.register(
+            "self_test_last_success_timestamp_seconds",
+            "Unix time of the last passed HSM self-test",
+            self_test_last_success.clone(),
+        );
+        registry.register(
+            "key_id_hash",
+            "48-bit hash of the current key_id; changes on rotation",
+            key_id_hash.clone(),
+        );
+        registry.register("keks", "KEKs usable for Decrypt", keks.clone());
+        Metrics {
+            registry,
+            requests,
+            latency,
+            hsm_latency,
+            self_test_ok,
+            self_test_last_success,
+            key_id_hash,
+            keks,
+        }
+    }
+
+    /// Records one finished request.
+    pub fn request(&self, method: &'static str, code: tonic::Code, elapsed: Duration) {
+        let labels = MethodCode {
+            method,
+            code: format!("{code:?}"),
+        };
+        self.requests.get_or_create(&labels).inc();
+        self.latency
+            .get_or_create(&labels)
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Records one HSM operation.
+    pub fn hsm(&self, op: &'static str, elapsed: Duration) {
+        self.hsm_latency
+            .get_or_create(&HsmOp { op })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// The hash exported as `key_id_hash`: first 6 bytes of SHA-256, exact in an f64/i64.
+pub fn key_id_hash(key_id: &str) -> i64 {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(key_id.as_bytes());
+    let mut b = [0u8; 8];
+    b[2..].copy_from_slice(&d[..6]);
+    i64::from_be_bytes(b)
+}
+
+/// Serves the HTTP endpoints until `shutdown` resolves.
+pub async fn serve_http(
+    listener: tokio::net::TcpListener,
+    plugin: Arc<crate::plugin::Plugin>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    let p1 = plugin.clone();
+    let p2 = plugin.clone();
+    let p3 = plugin;
+    let app = axum::Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let p = p1.clone();
+                async move {
+                    let h = p.healthz();
+                    if h == "ok" {
+                        (StatusCode::OK, "ok\n".to_string())
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, format!("{h}\n"))
+                    }
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(move || {
+                let p = p2.clone();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        p.metrics().encode(),
+                    )
+                }
+            }),
+        )
+        .route(
+            "/keys",
+            get(move || {
+                let p = p3.clone();
+                async move { axum::Json(p.key_report()) }
+            }),
+        );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
