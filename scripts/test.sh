@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 need_rust
 need_softhsm
 
+# End-to-end tests start our real binaries (kms-plugin, ...): build them first.
+cargo build --workspace --bins
+
 if cargo nextest --version >/dev/null 2>&1; then
     # A process per test: every test gets its own SoftHSM2 token and runs in parallel.
     exec cargo nextest run --workspace --no-fail-fast "$@"

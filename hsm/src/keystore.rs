@@ -647,20 +647,34 @@ impl BlockingKeystore {
     /// Generates a new AES-256 KEK inside the HSM: a token object, sensitive, never
     /// extractable, with a random 16-byte `CKA_ID` and a label carrying its creation time.
     pub fn generate_kek(&self) -> Result<KekInfo> {
-        let mut id = [0u8; KEK_ID_LEN];
         let mut suffix = [0u8; 2];
         self.run(|s| {
-            s.generate_random_slice(&mut id)
-                .map_err(|e| Failure::Ck(e, Op::Random))?;
             s.generate_random_slice(&mut suffix)
-                .map_err(|e| Failure::Ck(e, Op::Random))?;
-            Ok(())
+                .map_err(|e| Failure::Ck(e, Op::Random))
         })?;
         let label = kek::new_label(
             &self.cfg.kek_label_prefix,
             SystemTime::now(),
             u16::from_be_bytes(suffix),
         );
+        self.generate_kek_with_label(&label)
+    }
+
+    /// Like [`BlockingKeystore::generate_kek`] with a caller-chosen label, which must start
+    /// with the configured prefix. The `CKA_ID` is random all the same, so re-creating a
+    /// label never re-creates an id.
+    pub fn generate_kek_with_label(&self, label: &str) -> Result<KekInfo> {
+        if !label.starts_with(&self.cfg.kek_label_prefix) {
+            return Err(Error::InvalidInput(format!(
+                "KEK label '{label}' must start with '{}'",
+                self.cfg.kek_label_prefix
+            )));
+        }
+        let mut id = [0u8; KEK_ID_LEN];
+        self.run(|s| {
+            s.generate_random_slice(&mut id)
+                .map_err(|e| Failure::Ck(e, Op::Random))
+        })?;
         let mut tpl = self.kek_template();
         tpl.extend([
             Attribute::ValueLen(32.into()),

@@ -32,6 +32,17 @@ pub enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Check a running plugin the way the kube-apiserver uses it: Status, then an Encrypt and
+    /// Decrypt round trip of a random 32-byte seed.
+    Probe {
+        /// The plugin's socket: `unix:///path/kms.sock` or `unix:///@name`.
+        #[arg(
+            long,
+            env = "KEYHAVEN_KMS_LISTEN",
+            default_value = "unix:///var/run/keyhaven/kms.sock"
+        )]
+        listen: String,
+    },
     /// Initialise a token (development and tests: SoftHSM2). Real HSMs are initialised with
     /// their vendor's tools.
     Token {

@@ -60,6 +60,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let ks = keyhaven_hsm::BlockingKeystore::open(hsm.config())?;
             kms_plugin::keys::run(&ks, &command, &mut std::io::stdout())?;
         }
+        Command::Probe { listen } => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let r = rt
+                .block_on(kms_plugin::client::probe(&listen))
+                .map_err(anyhow::Error::msg)?;
+            println!("Status:  healthz={:?} key_id={}", r.healthz, r.key_id);
+            println!(
+                "Encrypt: 32-byte seed -> {}-byte ciphertext under {}",
+                r.ciphertext_len, r.key_id
+            );
+            println!(
+                "Decrypt: {}",
+                if r.round_trip_ok {
+                    "seed recovered"
+                } else {
+                    "MISMATCH"
+                }
+            );
+            if !r.round_trip_ok || r.healthz != "ok" {
+                anyhow::bail!("plugin is not healthy");
+            }
+        }
         Command::Token { command } => match command {
             TokenCommand::Init {
                 pkcs11_module,
