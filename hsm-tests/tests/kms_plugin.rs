@@ -622,3 +622,63 @@ fn metrics_health_and_logs_without_secrets() {
         assert!(!log.contains(&bad), "log leaks {bad}:\n{log}");
     }
 }
+
+#[test]
+fn random_requests_never_crash_or_hang_the_plugin() {
+    let hsm = SoftHsm::new();
+    init_keys(&hsm);
+    let mut p = KmsPlugin::start(&hsm, PluginOpts::default());
+    let rt = runtime();
+    rt.block_on(async {
+        let good = encrypt(&p.listen, &[9u8; 32]).await.unwrap();
+        let mut c = connect(&p.listen).await.unwrap();
+        // A small xorshift generator: deterministic, no extra dependency.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for i in 0..300u64 {
+            let len = (next() % 1100) as usize;
+            let mut ct: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            if i % 3 == 0 && !ct.is_empty() {
+                ct[0] = 1; // looks like our format
+            }
+            let key_id = match i % 4 {
+                0 => good.key_id.clone(),
+                1 => String::new(),
+                2 => format!("keyhaven-kek-v1-{:032x}", next()),
+                _ => (0..(next() % 40))
+                    .map(|_| char::from(b'!' + (next() % 90) as u8))
+                    .collect(),
+            };
+            let annotations = if i % 2 == 0 {
+                good.annotations.clone()
+            } else {
+                HashMap::new()
+            };
+            let t0 = Instant::now();
+            let r = tokio::time::timeout(
+                Duration::from_secs(3),
+                c.decrypt(DecryptRequest {
+                    ciphertext: ct,
+                    uid: format!("{i}"),
+                    key_id,
+                    annotations,
+                }),
+            )
+            .await
+            .expect("Decrypt hung");
+            let code = r.unwrap_err().code();
+            assert!(
+                matches!(code, Code::InvalidArgument | Code::NotFound),
+                "request {i}: unexpected {code:?}"
+            );
+            assert!(t0.elapsed() < Duration::from_secs(3));
+        }
+        assert_eq!(decrypt(&p.listen, &good).await.unwrap(), [9u8; 32]);
+    });
+    assert!(p.try_wait().is_none(), "plugin died");
+}
