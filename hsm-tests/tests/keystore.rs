@@ -459,3 +459,22 @@ fn token_removed_and_put_back_under_a_live_keystore_recovers() {
     assert_eq!(back.as_slice(), b"kept");
     assert!(ks.stats().rebuilds >= 1);
 }
+
+#[test]
+fn a_new_kek_is_the_newest_even_when_this_clock_is_behind() {
+    let hsm = SoftHsm::new();
+    let ks = open(&hsm);
+    // A KEK made by a host whose clock is an hour ahead of ours.
+    let ahead = std::time::SystemTime::now() + std::time::Duration::from_secs(3600);
+    let label = format!(
+        "keyhaven-kek-{}-beef",
+        humantime::format_rfc3339_millis(ahead)
+    );
+    let first = ks.generate_kek_with_label(&label).unwrap();
+    let second = ks.generate_kek().unwrap();
+    assert_eq!(ks.newest_kek().unwrap().unwrap().id, second.id);
+    assert!(second.created > first.created);
+    // And labels without the prefix are refused.
+    let e = ks.generate_kek_with_label("other-label").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput);
+}

@@ -572,6 +572,13 @@ fn abstract_socket_and_peer_uid_allow_list() {
         })
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
+    let (_, m) = http_get(&p.metrics_addr, "/metrics");
+    let refused: u64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("keyhaven_kms_refused_peers_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(refused >= 1, "{m}");
 }
 
 #[test]
@@ -681,4 +688,32 @@ fn random_requests_never_crash_or_hang_the_plugin() {
         assert_eq!(decrypt(&p.listen, &good).await.unwrap(), [9u8; 32]);
     });
     assert!(p.try_wait().is_none(), "plugin died");
+}
+
+#[test]
+fn wrong_pin_at_start_waits_for_a_new_pin_instead_of_crash_looping() {
+    let hsm = SoftHsm::new();
+    init_keys(&hsm);
+    hsm.write_pin("0000-wrong-pin");
+    let mut p = KmsPlugin::spawn(&hsm, PluginOpts::default());
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(
+        p.try_wait().is_none(),
+        "must stay up, not exit into a restart loop"
+    );
+    assert!(
+        !p.socket.as_ref().unwrap().exists(),
+        "no socket while it cannot log in"
+    );
+    let log = p.log();
+    assert_eq!(
+        log.matches("HSM refused the PIN; not retrying").count(),
+        1,
+        "one login attempt, not one per second:\n{log}"
+    );
+    assert!(!log.contains("0000-wrong-pin"), "log leaks the PIN");
+    hsm.write_pin(USER_PIN);
+    p.wait_ready();
+    let rt = runtime();
+    assert_eq!(rt.block_on(status(&p.listen)).healthz, "ok");
 }

@@ -652,9 +652,21 @@ impl BlockingKeystore {
             s.generate_random_slice(&mut suffix)
                 .map_err(|e| Failure::Ck(e, Op::Random))
         })?;
+        // The label's time orders KEKs, and the newest is the primary: never go backwards,
+        // even if this host's clock is behind the one that made the current newest KEK.
+        let mut created = SystemTime::now();
+        if let Some(newest) = self.newest_kek()?.and_then(|k| k.created) {
+            let after = newest + std::time::Duration::from_millis(1);
+            if after > created {
+                tracing::warn!(
+                    "clock is behind the newest KEK's creation time; using that time + 1 ms"
+                );
+                created = after;
+            }
+        }
         let label = kek::new_label(
             &self.cfg.kek_label_prefix,
-            SystemTime::now(),
+            created,
             u16::from_be_bytes(suffix),
         );
         self.generate_kek_with_label(&label)

@@ -23,7 +23,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("kms-plugin: {e:#}");
+            eprintln!("kms-plugin: {e}");
             ExitCode::FAILURE
         }
     }

@@ -45,6 +45,8 @@ pub struct Metrics {
     pub key_id_hash: Gauge,
     /// Number of KEKs usable for Decrypt.
     pub keks: Gauge,
+    /// Connections refused by `--allow-uid`.
+    pub refused_peers: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -73,6 +75,7 @@ impl Metrics {
         let self_test_last_success = Gauge::<f64, AtomicU64>::default();
         let key_id_hash = Gauge::default();
         let keks = Gauge::default();
+        let refused_peers = Counter::default();
         registry.register(
             "requests",
             "gRPC requests by method and code",
@@ -104,6 +107,11 @@ impl Metrics {
             key_id_hash.clone(),
         );
         registry.register("keks", "KEKs usable for Decrypt", keks.clone());
+        registry.register(
+            "refused_peers",
+            "Requests refused because the peer UID is not in --allow-uid",
+            refused_peers.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -113,6 +121,7 @@ impl Metrics {
             self_test_last_success,
             key_id_hash,
             keks,
+            refused_peers,
         }
     }
 

@@ -305,7 +305,7 @@ impl Plugin {
                 tokio::select! {
                     _ = tokio::time::sleep(every) => {}
                     _ = p.rescan_now.notified() => {
-                        tracing::info!("rescanning KEKs (SIGHUP)");
+                        tracing::info!("rescanning KEKs on request (SIGHUP or a KEK gone missing)");
                     }
                 }
                 let before = p.keyring().primary().map(|k| k.key_id.clone());

@@ -24,7 +24,15 @@ pub async fn serve(
         .as_deref()
         .map(socket::parse_owner)
         .transpose()?;
-    let keystore = keyhaven_hsm::Keystore::open(args.hsm.config()).await?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!("shutting down");
+        let _ = stop_tx.send(true);
+    });
+    let Some(keystore) = open_keystore(args.hsm.config(), stop_rx.clone()).await? else {
+        return Ok(());
+    };
     let plugin = Plugin::new(
         keystore,
         Timing {
@@ -35,13 +43,7 @@ pub async fn serve(
     );
     plugin.rescan().await?;
     plugin.self_test().await;
-    let listener = socket::bind(&addr, args.socket_mode, owner)?;
     plugin.spawn_background();
-
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stop = move |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
 
     let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .map_err(PluginError::io("install SIGHUP handler"))?;
@@ -72,7 +74,11 @@ pub async fn serve(
         None => None,
     };
 
+    // Bound last, so a failure above never leaves a socket file behind.
+    let listener = socket::bind(&addr, args.socket_mode, owner)?;
+
     let allow = args.allow_uid.clone();
+    let refusals = plugin.clone();
     let interceptor = move |req: tonic::Request<()>| -> Result<tonic::Request<()>, tonic::Status> {
         if allow.is_empty() {
             return Ok(req);
@@ -86,6 +92,7 @@ pub async fn serve(
             Some(u) if allow.contains(&u) => Ok(req),
             other => {
                 tracing::warn!(peer_uid = ?other, "refused connection from a UID not in --allow-uid");
+                refusals.metrics().refused_peers.inc();
                 Err(tonic::Status::permission_denied(
                     "this peer UID may not use the KMS plugin",
                 ))
@@ -106,11 +113,7 @@ pub async fn serve(
     );
     let grpc = tonic::transport::Server::builder()
         .add_service(svc)
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
-            shutdown.await;
-            tracing::info!("shutting down");
-            let _ = stop_tx.send(true);
-        });
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), stop(stop_rx));
     let result = grpc.await;
     if let Some(t) = metrics_task {
         let _ = t.await;
@@ -119,4 +122,50 @@ pub async fn serve(
         let _ = std::fs::remove_file(p);
     }
     result.map_err(PluginError::from)
+}
+
+async fn stop(mut rx: tokio::sync::watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+/// Opens the keystore. A refused PIN is not retried until the PIN source changes: the
+/// process stays up (unhealthy, no socket) instead of exiting, because every restart by a
+/// supervisor would be one more failed login, and real HSMs lock the PIN after a few.
+/// Returns `None` if told to stop while waiting.
+async fn open_keystore(
+    cfg: keyhaven_hsm::Config,
+    stop_rx: tokio::sync::watch::Receiver<bool>,
+) -> Result<Option<keyhaven_hsm::Keystore>, PluginError> {
+    use keyhaven_hsm::ErrorKind;
+    use secrecy::ExposeSecret;
+    loop {
+        let tried = cfg.pin.read().ok();
+        match keyhaven_hsm::Keystore::open(cfg.clone()).await {
+            Ok(ks) => return Ok(Some(ks)),
+            Err(e) if matches!(e.kind(), ErrorKind::PinIncorrect | ErrorKind::PinLocked) => {
+                tracing::error!(
+                    error = %e,
+                    pin_source = %cfg.pin,
+                    "the HSM refused the PIN; waiting for the PIN source to change before trying again"
+                );
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                        _ = stop(stop_rx.clone()) => return Ok(None),
+                    }
+                    let now = cfg.pin.read().ok();
+                    let same = match (&now, &tried) {
+                        (Some(a), Some(b)) => a.expose_secret() == b.expose_secret(),
+                        (None, None) => true,
+                        _ => false,
+                    };
+                    if !same {
+                        tracing::info!("PIN source changed; logging in again");
+                        break;
+                    }
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
