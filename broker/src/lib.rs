@@ -2,8 +2,15 @@
 //! their Kubernetes ServiceAccount tokens; default deny, per-service-account policies,
 //! tamper-evident audit, secrets stored under DEKs wrapped by HSM KEKs.
 //!
-//! Not built yet: storage, auth, policy, leases and audit arrive with the `broker` issue.
+//! Built so far: the pieces below. Not built yet: the gRPC server, `brokerctl`, the reaper.
 #![forbid(unsafe_code)]
+
+pub mod audit;
+pub mod auth;
+pub mod crypto;
+pub mod identity;
+pub mod policy;
+pub mod store;
 
 pub use keyhaven_hsm as hsm;
 pub use keyhaven_proto::broker::v1 as api;
