@@ -1,0 +1,156 @@
+//! A throwaway SoftHSM2 token for one bench run: its own `softhsm2.conf` and token directory
+//! in a temporary directory (removed on drop), random PINs in 0600 files, initialised and
+//! given a KEK by the `kms-plugin` binary under test (`token init`, `keys init`). PINs
+//! reach child processes only as file paths, never on a command line.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::Context;
+use keyhaven_hsm::{Config, PinSource, TokenSelector};
+use zeroize::Zeroizing;
+
+/// KEK label prefix given to the plugin and to the raw baseline (the plugin's default).
+pub const KEK_LABEL_PREFIX: &str = "keyhaven-kms-";
+
+/// The bench's token.
+#[derive(Debug)]
+pub struct BenchToken {
+    dir: tempfile::TempDir,
+    /// `softhsm2.conf` pointing at this token's directory.
+    pub conf: PathBuf,
+    /// Token label.
+    pub label: String,
+    /// File holding the user PIN (0600).
+    pub pin_file: PathBuf,
+    /// PKCS#11 module.
+    pub module: PathBuf,
+}
+
+impl BenchToken {
+    /// Makes the token and its first KEK with `plugin` (`kms-plugin token init`, `keys init`).
+    pub fn create(plugin: &Path, module: &Path) -> anyhow::Result<BenchToken> {
+        anyhow::ensure!(
+            module.exists(),
+            "PKCS#11 module {} not found: install SoftHSM2 (`apt-get install -y softhsm2`) \
+             or pass --pkcs11-module",
+            module.display()
+        );
+        let dir = tempfile::Builder::new()
+            .prefix("keyhaven-bench-")
+            .tempdir()
+            .context("create a temporary directory")?;
+        let tokens = dir.path().join("tokens");
+        std::fs::create_dir(&tokens).context("create the token directory")?;
+        let conf = dir.path().join("softhsm2.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
+                tokens.display()
+            ),
+        )
+        .context("write softhsm2.conf")?;
+        let token = BenchToken {
+            conf,
+            label: format!("keyhaven-bench-{}", hex::encode(random_bytes::<4>()?)),
+            pin_file: dir.path().join("user.pin"),
+            module: module.to_path_buf(),
+            dir,
+        };
+        let so_pin_file = token.dir.path().join("so.pin");
+        write_private(&token.pin_file, &random_pin()?)?;
+        write_private(&so_pin_file, &random_pin()?)?;
+
+        let mut init = token.command(plugin, 1);
+        init.env("KEYHAVEN_SO_PIN_FILE", &so_pin_file)
+            .args(["token", "init"]);
+        run(init, "kms-plugin token init")?;
+        // The SO PIN is not needed again.
+        let _ = std::fs::remove_file(&so_pin_file);
+        let mut keys = token.command(plugin, 1);
+        keys.args(["keys", "init"]);
+        run(keys, "kms-plugin keys init")?;
+        Ok(token)
+    }
+
+    /// The temporary directory (sockets and logs go here too).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// `plugin` configured for this token by environment only: every inherited
+    /// `KEYHAVEN_*` variable is removed first so the caller's shell cannot change the run.
+    pub fn command(&self, plugin: &Path, pool_size: usize) -> Command {
+        let mut cmd = Command::new(plugin);
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("KEYHAVEN_") {
+                cmd.env_remove(name);
+            }
+        }
+        cmd.env("SOFTHSM2_CONF", &self.conf)
+            .env("KEYHAVEN_PKCS11_MODULE", &self.module)
+            .env("KEYHAVEN_TOKEN_LABEL", &self.label)
+            .env("KEYHAVEN_PIN_FILE", &self.pin_file)
+            .env("KEYHAVEN_KEK_LABEL_PREFIX", KEK_LABEL_PREFIX)
+            .env("KEYHAVEN_SESSION_POOL_SIZE", pool_size.to_string())
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Keystore configuration for this token (the raw baseline).
+    pub fn hsm_config(&self, pool_size: usize) -> Config {
+        let mut cfg = Config::new(
+            &self.module,
+            TokenSelector::Label(self.label.clone()),
+            PinSource::File(self.pin_file.clone()),
+        );
+        cfg.pool_size = pool_size;
+        cfg.kek_label_prefix = KEK_LABEL_PREFIX.to_owned();
+        cfg
+    }
+}
+
+/// `N` bytes from the OS CSPRNG.
+pub fn random_bytes<const N: usize>() -> anyhow::Result<[u8; N]> {
+    let mut b = [0u8; N];
+    getrandom::fill(&mut b).map_err(|e| anyhow::anyhow!("OS CSPRNG failed: {e}"))?;
+    Ok(b)
+}
+
+/// 32 hex characters from the OS CSPRNG.
+fn random_pin() -> anyhow::Result<Zeroizing<String>> {
+    let mut bytes = Zeroizing::new([0u8; 16]);
+    getrandom::fill(&mut bytes[..]).map_err(|e| anyhow::anyhow!("OS CSPRNG failed: {e}"))?;
+    Ok(Zeroizing::new(hex::encode(&bytes[..])))
+}
+
+fn write_private(path: &Path, content: &str) -> anyhow::Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("create {}", path.display()))?;
+    f.write_all(content.as_bytes())
+        .with_context(|| format!("write {}", path.display()))
+}
+
+/// Runs a command to completion; on failure the error carries its stderr (the plugin never
+/// prints PINs).
+fn run(mut cmd: Command, what: &str) -> anyhow::Result<()> {
+    let out = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .with_context(|| format!("run {what}"))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{what} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
