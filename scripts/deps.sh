@@ -43,3 +43,12 @@ need_softhsm() {
     kh_apt_install softhsm2
     kh_softhsm_module >/dev/null || { kh_say "SoftHSM2 installed but libsofthsm2.so not found"; return 1; }
 }
+
+# PostgreSQL server binaries (the broker's tests start throwaway clusters from them).
+need_postgres() {
+    if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || [ -n "${KEYHAVEN_PG_BIN:-}" ]; then
+        return 0
+    fi
+    kh_apt_install postgresql
+    ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { kh_say "PostgreSQL installed but initdb not found"; return 1; }
+}

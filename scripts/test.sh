@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 . scripts/deps.sh
 need_rust
 need_softhsm
+need_postgres
 
 # End-to-end tests start our real binaries (kms-plugin, ...): build them first.
 cargo build --workspace --bins

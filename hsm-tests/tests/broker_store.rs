@@ -1,0 +1,527 @@
+//! The broker's storage and secrets-at-rest, one conformance suite run on a real SQLite file
+//! and on a real PostgreSQL server, with DEKs wrapped by a real SoftHSM2 KEK.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::time::Duration;
+
+use hsm_tests::postgres::Postgres;
+use hsm_tests::softhsm::SoftHsm;
+use keyhaven_broker::crypto::{CryptoError, DekCache, Envelope, SecretData};
+use keyhaven_broker::identity::Identity;
+use keyhaven_broker::store::{LeaseFilter, LeaseRow, Store, StoreError};
+use keyhaven_hsm::{KekId, Keystore};
+
+struct Env {
+    store: Store,
+    envelope: Envelope,
+    kek: KekId,
+    _pg: Option<Postgres>,
+    _hsm: SoftHsm,
+}
+
+enum Db {
+    Sqlite,
+    Postgres,
+}
+
+fn run<F, Fut>(db: Db, f: F)
+where
+    F: FnOnce(Env) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let hsm = SoftHsm::new();
+    let pg = match db {
+        Db::Postgres => Some(Postgres::start()),
+        Db::Sqlite => None,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let url = match &pg {
+            Some(pg) => pg.url.clone(),
+            None => format!("sqlite://{}", hsm.dir().join("broker.db").display()),
+        };
+        let store = Store::connect(&url).await.unwrap();
+        let mut cfg = hsm.config();
+        cfg.kek_label_prefix = "keyhaven-broker-".into();
+        let ks = Keystore::open(cfg).await.unwrap();
+        let kek = ks.generate_kek().await.unwrap().id;
+        let envelope = Envelope::new(ks, DekCache::new(1000, Duration::from_secs(60)));
+        f(Env {
+            store,
+            envelope,
+            kek,
+            _pg: pg,
+            _hsm: hsm,
+        })
+        .await
+    });
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+async fn put(env: &Env, path: &str, data: &SecretData) -> i64 {
+    let v = env.store.latest_version(path).await.unwrap() + 1;
+    let sealed = env.envelope.seal(env.kek, path, v, data).await.unwrap();
+    env.store
+        .insert_version(path, v, now_ms(), &sealed)
+        .await
+        .unwrap();
+    v
+}
+
+async fn secrets_are_versioned_encrypted_and_soft_deleted(env: Env) {
+    let d1 = SecretData::from_pairs([("user", "app"), ("password", "hunter2-v1")]);
+    let d2 = SecretData::from_pairs([("user", "app"), ("password", "hunter2-v2")]);
+    assert_eq!(put(&env, "team/app/db", &d1).await, 1);
+    assert_eq!(put(&env, "team/app/db", &d2).await, 2);
+    put(&env, "team/other", &d1).await;
+
+    let latest = env
+        .store
+        .get_version("team/app/db", None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(latest.version, 2);
+    let sealed = latest.sealed.unwrap();
+    // Nothing readable is stored: neither the value nor the DEK.
+    assert!(!sealed.ciphertext.windows(10).any(|w| w == b"hunter2-v2"));
+    let opened = env.envelope.open("team/app/db", 2, &sealed).await.unwrap();
+    assert_eq!(opened, d2);
+    let v1 = env
+        .store
+        .get_version("team/app/db", Some(1))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        env.envelope
+            .open("team/app/db", 1, &v1.sealed.unwrap())
+            .await
+            .unwrap(),
+        d1
+    );
+
+    assert_eq!(
+        env.store.list_paths("team").await.unwrap(),
+        vec!["team/app/db".to_string(), "team/other".to_string()]
+    );
+    assert_eq!(
+        env.store.list_paths("team/app").await.unwrap(),
+        vec!["team/app/db".to_string()]
+    );
+    assert!(
+        env.store.list_paths("tea").await.unwrap().is_empty(),
+        "prefix is by segment"
+    );
+
+    // Soft delete keeps history; destroy erases the data.
+    assert_eq!(
+        env.store
+            .soft_delete("team/app/db", now_ms())
+            .await
+            .unwrap(),
+        2
+    );
+    assert!(env
+        .store
+        .get_version("team/app/db", None)
+        .await
+        .unwrap()
+        .is_none());
+    let history = env.store.versions("team/app/db").await.unwrap();
+    assert_eq!(history.len(), 2);
+    assert!(history
+        .iter()
+        .all(|v| v.deleted_ms.is_some() && v.sealed.is_some()));
+    assert_eq!(env.store.destroy("team/app/db", now_ms()).await.unwrap(), 2);
+    let history = env.store.versions("team/app/db").await.unwrap();
+    assert!(history
+        .iter()
+        .all(|v| v.destroyed_ms.is_some() && v.sealed.is_none()));
+    assert_eq!(
+        env.store.list_paths("").await.unwrap(),
+        vec!["team/other".to_string()]
+    );
+    assert_eq!(
+        env.store.deks_per_kek().await.unwrap(),
+        vec![(env.kek.to_string(), 1)]
+    );
+}
+
+async fn a_tampered_row_is_an_integrity_error_never_wrong_data(env: Env) {
+    let d = SecretData::from_pairs([("k", "value-one")]);
+    put(&env, "a/b", &d).await;
+    put(&env, "a/b", &SecretData::from_pairs([("k", "value-two")])).await;
+    let row = env
+        .store
+        .get_version("a/b", Some(1))
+        .await
+        .unwrap()
+        .unwrap();
+    let sealed = row.sealed.unwrap();
+    env.envelope.cache().clear();
+
+    // A flipped bit in the data, the nonce or the wrapped DEK.
+    let mut s = sealed.clone();
+    s.ciphertext[0] ^= 1;
+    let mut n = sealed.clone();
+    n.nonce[3] ^= 1;
+    let mut w = sealed.clone();
+    w.dek.ciphertext[5] ^= 1;
+    for bad in [s, n, w] {
+        env.envelope.cache().clear();
+        let e = env.envelope.open("a/b", 1, &bad).await.unwrap_err();
+        assert!(matches!(e, CryptoError::Integrity { .. }), "{e:?}");
+        assert!(!e.to_string().contains("value-one"));
+    }
+    // A row moved to another version or path does not open there.
+    env.envelope.cache().clear();
+    let e = env.envelope.open("a/b", 2, &sealed).await.unwrap_err();
+    assert!(matches!(e, CryptoError::Integrity { .. }));
+    let e = env.envelope.open("a/c", 1, &sealed).await.unwrap_err();
+    assert!(matches!(e, CryptoError::Integrity { .. }));
+    // Edited in the database itself.
+    let mut bytes = sealed.ciphertext.clone();
+    bytes[2] ^= 0x40;
+    match &env.store {
+        Store::Sqlite(p) => {
+            sqlx::query(
+                "UPDATE secret_versions SET ciphertext = $1 WHERE path = 'a/b' AND version = 1",
+            )
+            .bind(&bytes)
+            .execute(p)
+            .await
+            .unwrap();
+        }
+        Store::Postgres(p) => {
+            sqlx::query(
+                "UPDATE secret_versions SET ciphertext = $1 WHERE path = 'a/b' AND version = 1",
+            )
+            .bind(&bytes)
+            .execute(p)
+            .await
+            .unwrap();
+        }
+    }
+    let row = env
+        .store
+        .get_version("a/b", Some(1))
+        .await
+        .unwrap()
+        .unwrap();
+    let e = env
+        .envelope
+        .open("a/b", 1, &row.sealed.unwrap())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CryptoError::Integrity { .. }));
+    // The untouched version still opens.
+    let row = env
+        .store
+        .get_version("a/b", Some(2))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(env
+        .envelope
+        .open("a/b", 2, &row.sealed.unwrap())
+        .await
+        .is_ok());
+}
+
+async fn the_same_version_cannot_be_written_twice(env: Env) {
+    let d = SecretData::from_pairs([("k", "v")]);
+    let sealed = env.envelope.seal(env.kek, "x/y", 1, &d).await.unwrap();
+    env.store
+        .insert_version("x/y", 1, now_ms(), &sealed)
+        .await
+        .unwrap();
+    let e = env
+        .store
+        .insert_version("x/y", 1, now_ms(), &sealed)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::Conflict(_)), "{e:?}");
+}
+
+#[allow(clippy::too_many_arguments)]
+fn lease(
+    id: &str,
+    ns: &str,
+    sa: &str,
+    pod: &str,
+    path: &str,
+    now: i64,
+    ttl: i64,
+    max: i64,
+) -> LeaseRow {
+    LeaseRow {
+        id: id.into(),
+        identity: Identity {
+            namespace: ns.into(),
+            service_account: sa.into(),
+            pod_name: Some(pod.into()),
+            pod_uid: Some(format!("uid-{pod}")),
+        },
+        path: path.into(),
+        version: 1,
+        created_ms: now,
+        expires_ms: now + ttl,
+        max_expires_ms: now + max,
+        renewals: 0,
+        ended_ms: None,
+        end_reason: None,
+    }
+}
+
+async fn leases_renew_up_to_max_and_revoke_by_id_identity_pod_and_prefix(env: Env) {
+    let s = &env.store;
+    let now = now_ms();
+    s.insert_lease(&lease(
+        "l1",
+        "ns1",
+        "sa1",
+        "p1",
+        "team/app/db",
+        now,
+        60_000,
+        120_000,
+    ))
+    .await
+    .unwrap();
+    s.insert_lease(&lease(
+        "l2",
+        "ns1",
+        "sa1",
+        "p2",
+        "team/app/cache",
+        now,
+        60_000,
+        120_000,
+    ))
+    .await
+    .unwrap();
+    s.insert_lease(&lease(
+        "l3",
+        "ns2",
+        "sa2",
+        "p3",
+        "team/application",
+        now,
+        60_000,
+        120_000,
+    ))
+    .await
+    .unwrap();
+    s.insert_lease(&lease(
+        "l4", "ns2", "sa3", "p4", "other/x", now, 60_000, 120_000,
+    ))
+    .await
+    .unwrap();
+    s.insert_lease(&lease("l5", "ns3", "sa9", "p5", "z", now, 60_000, 120_000))
+        .await
+        .unwrap();
+    assert_eq!(s.count_active_leases(now).await.unwrap(), 5);
+
+    // Renew extends, capped at max.
+    let r = s
+        .renew_lease("l1", now, now + 90_000)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((r.expires_ms, r.renewals), (now + 90_000, 1));
+    let r = s
+        .renew_lease("l1", now, now + 500_000)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.expires_ms, now + 120_000, "never past max");
+    // Expired: cannot renew.
+    assert!(s
+        .renew_lease("l2", now + 60_001, now + 100_000)
+        .await
+        .unwrap()
+        .is_none());
+    assert!(s.renew_lease("nope", now, now + 1).await.unwrap().is_none());
+
+    // Revoke by prefix takes whole segments only.
+    let ids = s
+        .revoke_leases(
+            &LeaseFilter::PathPrefix("team/app".into()),
+            now,
+            "revoked:prefix",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        ids.into_iter().collect::<HashSet<_>>(),
+        HashSet::from(["l1".into(), "l2".into()])
+    );
+    assert!(
+        s.renew_lease("l1", now, now + 1000)
+            .await
+            .unwrap()
+            .is_none(),
+        "revoked cannot renew"
+    );
+    let ids = s
+        .revoke_leases(
+            &LeaseFilter::Pod {
+                namespace: "ns2".into(),
+                pod: "p4".into(),
+            },
+            now,
+            "revoked:pod",
+        )
+        .await
+        .unwrap();
+    assert_eq!(ids, vec!["l4".to_string()]);
+    let ids = s
+        .revoke_leases(
+            &LeaseFilter::Identity {
+                namespace: "ns2".into(),
+                service_account: "sa2".into(),
+            },
+            now,
+            "revoked:identity",
+        )
+        .await
+        .unwrap();
+    assert_eq!(ids, vec!["l3".to_string()]);
+    assert_eq!(
+        s.revoke_leases(&LeaseFilter::Id("l3".into()), now, "again")
+            .await
+            .unwrap()
+            .len(),
+        0
+    );
+    let ids = s
+        .revoke_leases(&LeaseFilter::Id("l5".into()), now, "revoked:id")
+        .await
+        .unwrap();
+    assert_eq!(ids, vec!["l5".to_string()]);
+    assert_eq!(s.count_active_leases(now).await.unwrap(), 0);
+    let all = s.list_leases(&LeaseFilter::All, now, true).await.unwrap();
+    assert_eq!(all.len(), 5);
+    let l4 = s.get_lease("l4").await.unwrap().unwrap();
+    assert_eq!(l4.end_reason.as_deref(), Some("revoked:pod"));
+    assert!(!l4.is_active(now));
+}
+
+async fn the_reaper_ends_each_expired_lease_exactly_once_even_when_racing(env: Env) {
+    let now = now_ms();
+    for i in 0..300 {
+        let ttl = if i % 3 == 0 { 60_000 } else { 1 };
+        env.store
+            .insert_lease(&lease(
+                &format!("r{i:04}"),
+                "ns",
+                "sa",
+                "p",
+                "a/b",
+                now - 10,
+                ttl,
+                60_000,
+            ))
+            .await
+            .unwrap();
+    }
+    let later = now + 1000;
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let store = env.store.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut mine = Vec::new();
+            loop {
+                let batch = store.reap_expired(later, 17).await.unwrap();
+                if batch.is_empty() {
+                    break mine;
+                }
+                mine.extend(batch.into_iter().map(|l| l.id));
+            }
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let unique: HashSet<_> = all.iter().cloned().collect();
+    assert_eq!(all.len(), unique.len(), "a lease was reaped twice");
+    assert_eq!(unique.len(), 200, "every expired lease reaped");
+    assert_eq!(env.store.count_active_leases(later).await.unwrap(), 100);
+    let l = env.store.get_lease("r0001").await.unwrap().unwrap();
+    assert_eq!(l.end_reason.as_deref(), Some("expired"));
+}
+
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $( #[test] fn $name() { super::run(super::Db::Sqlite, super::$name) } )*
+        }
+        mod postgres {
+            $( #[test] fn $name() { super::run(super::Db::Postgres, super::$name) } )*
+        }
+    };
+}
+
+conformance!(
+    secrets_are_versioned_encrypted_and_soft_deleted,
+    a_tampered_row_is_an_integrity_error_never_wrong_data,
+    the_same_version_cannot_be_written_twice,
+    leases_renew_up_to_max_and_revoke_by_id_identity_pod_and_prefix,
+    the_reaper_ends_each_expired_lease_exactly_once_even_when_racing,
+);
+
+#[test]
+fn postgres_gone_is_unavailable_and_service_resumes_when_it_returns() {
+    let hsm = SoftHsm::new();
+    let mut pg = Postgres::start();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let store = rt.block_on(Store::connect(&pg.url)).unwrap();
+    let now = now_ms();
+    rt.block_on(store.insert_lease(&lease("keep", "ns", "sa", "p", "a", now, 600_000, 600_000)))
+        .unwrap();
+    pg.stop();
+    let e = rt.block_on(store.get_lease("keep")).unwrap_err();
+    assert!(e.is_unavailable(), "{e:?}");
+    let e = rt
+        .block_on(store.insert_lease(&lease("lost?", "ns", "sa", "p", "a", now, 1, 1)))
+        .unwrap_err();
+    assert!(e.is_unavailable(), "{e:?}");
+    pg.resume();
+    let mut back = None;
+    for _ in 0..50 {
+        match rt.block_on(store.get_lease("keep")) {
+            Ok(v) => {
+                back = v;
+                break;
+            }
+            Err(e) => {
+                assert!(e.is_unavailable(), "{e:?}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+    assert_eq!(back.expect("lease survived").id, "keep");
+    assert!(
+        rt.block_on(store.get_lease("lost?")).unwrap().is_none(),
+        "failed write left nothing"
+    );
+    drop(hsm);
+}
