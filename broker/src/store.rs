@@ -12,6 +12,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{PgPool, Row, SqlitePool};
 
+use crate::audit::{AuditEvent, AuditRecord, Checkpoint, EventKind, Outcome};
 use crate::crypto::{SealedVersion, WrappedDek};
 use crate::identity::Identity;
 
@@ -579,6 +580,135 @@ impl Store {
             let rows = sqlx::query(&sql).bind(now_ms).bind(batch).fetch_all(p).await?;
             rows.iter().map(lease_from_row).collect()
         })
+    }
+}
+
+const AUDIT_COLS: &str =
+    "seq, time_ms, kind, identity, pod, path, lease_id, outcome, reason, prev_hash, hash";
+
+/// Arbitrary constant naming the audit append lock (`pg_advisory_xact_lock`).
+const AUDIT_LOCK_KEY: i64 = 0x6b68_6175_6469_7431; // "khaudit1"
+
+fn audit_from_row(r: &impl RowExt) -> Result<AuditRecord> {
+    let kind: EventKind = r
+        .text("kind")?
+        .parse()
+        .map_err(|_| StoreError::Corrupt("audit kind".into()))?;
+    let outcome: Outcome = r
+        .text("outcome")?
+        .parse()
+        .map_err(|_| StoreError::Corrupt("audit outcome".into()))?;
+    Ok(AuditRecord {
+        seq: r.int("seq")?,
+        event: AuditEvent {
+            time_ms: r.int("time_ms")?,
+            kind,
+            identity: r.opt_text("identity")?,
+            pod: r.opt_text("pod")?,
+            path: r.opt_text("path")?,
+            lease_id: r.opt_text("lease_id")?,
+            outcome,
+            reason: r.opt_text("reason")?,
+        },
+        prev_hash: r.text("prev_hash")?,
+        hash: r.text("hash")?,
+    })
+}
+
+static SQLITE_AUDIT_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+impl Store {
+    /// Appends `event` to the hash-chained audit log and returns the stored record. Appends
+    /// are serialised: on PostgreSQL with a transaction-scoped advisory lock (so several
+    /// broker replicas share one chain), on SQLite (one broker per file) with a process lock.
+    pub async fn append_audit(&self, event: AuditEvent) -> Result<AuditRecord> {
+        let insert = format!(
+            "INSERT INTO audit ({AUDIT_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+        );
+        let head_sql = "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1";
+        macro_rules! bind_record {
+            ($q:expr, $rec:expr) => {
+                $q.bind($rec.seq)
+                    .bind($rec.event.time_ms)
+                    .bind($rec.event.kind.as_text().into_owned())
+                    .bind(&$rec.event.identity)
+                    .bind(&$rec.event.pod)
+                    .bind(&$rec.event.path)
+                    .bind(&$rec.event.lease_id)
+                    .bind($rec.event.outcome.as_str())
+                    .bind(&$rec.event.reason)
+                    .bind(&$rec.prev_hash)
+                    .bind(&$rec.hash)
+            };
+        }
+        match self {
+            Store::Sqlite(p) => {
+                let _g = SQLITE_AUDIT_LOCK.lock().await;
+                let head = match sqlx::query(head_sql).fetch_optional(p).await? {
+                    Some(r) => Checkpoint {
+                        seq: r.int("seq")?,
+                        hash: r.text("hash")?,
+                    },
+                    None => Checkpoint::genesis(),
+                };
+                let rec = AuditRecord::after(&head, event);
+                bind_record!(sqlx::query(&insert), rec).execute(p).await?;
+                Ok(rec)
+            }
+            Store::Postgres(p) => {
+                let mut tx = p.begin().await?;
+                sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                    .bind(AUDIT_LOCK_KEY)
+                    .execute(&mut *tx)
+                    .await?;
+                let head = match sqlx::query(head_sql).fetch_optional(&mut *tx).await? {
+                    Some(r) => Checkpoint {
+                        seq: r.int("seq")?,
+                        hash: r.text("hash")?,
+                    },
+                    None => Checkpoint::genesis(),
+                };
+                let rec = AuditRecord::after(&head, event);
+                bind_record!(sqlx::query(&insert), rec)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(rec)
+            }
+        }
+    }
+
+    /// The last record's position ([`Checkpoint::genesis`] when the log is empty).
+    pub async fn audit_head(&self) -> Result<Checkpoint> {
+        let sql = "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1";
+        on_pool!(self, p => match sqlx::query(sql).fetch_optional(p).await? {
+            Some(r) => Ok(Checkpoint { seq: r.int("seq")?, hash: r.text("hash")? }),
+            None => Ok(Checkpoint::genesis()),
+        })
+    }
+
+    /// Up to `limit` records with `seq > after_seq`, in order.
+    pub async fn audit_records(&self, after_seq: i64, limit: i64) -> Result<Vec<AuditRecord>> {
+        let sql = format!("SELECT {AUDIT_COLS} FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2");
+        on_pool!(self, p => {
+            let rows = sqlx::query(&sql).bind(after_seq).bind(limit).fetch_all(p).await?;
+            rows.iter().map(audit_from_row).collect()
+        })
+    }
+
+    /// Verifies the whole stored audit chain, reading it in pages.
+    pub async fn verify_audit(
+        &self,
+    ) -> Result<Result<crate::audit::VerifyReport, crate::audit::VerifyError>> {
+        let mut all = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = self.audit_records(after, 10_000).await?;
+            let Some(last) = page.last() else { break };
+            after = last.seq;
+            all.extend(page);
+        }
+        Ok(crate::audit::verify(all))
     }
 }
 

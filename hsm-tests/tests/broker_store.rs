@@ -465,6 +465,54 @@ async fn the_reaper_ends_each_expired_lease_exactly_once_even_when_racing(env: E
     assert_eq!(l.end_reason.as_deref(), Some("expired"));
 }
 
+async fn exec(store: &Store, sql: &str) {
+    match store {
+        Store::Sqlite(p) => {
+            sqlx::query(sql).execute(p).await.unwrap();
+        }
+        Store::Postgres(p) => {
+            sqlx::query(sql).execute(p).await.unwrap();
+        }
+    }
+}
+
+async fn the_audit_chain_survives_concurrent_appends_and_shows_edits_and_deletions(env: Env) {
+    use keyhaven_broker::audit::{AuditEvent, EventKind, Outcome, VerifyError};
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let store = env.store.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..25 {
+                let ev = AuditEvent::new(now_ms(), EventKind::Lease, Outcome::Ok)
+                    .with_identity(format!("ns{t}/sa"))
+                    .with_path(format!("team/app{i}"))
+                    .with_lease_id(format!("lease-{t}-{i}"));
+                store.append_audit(ev).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let head = env.store.audit_head().await.unwrap();
+    assert_eq!(head.seq, 200);
+    let report = env.store.verify_audit().await.unwrap().unwrap();
+    assert_eq!(report.records, 200);
+    assert_eq!(report.checkpoint(), head);
+
+    // An edited row is found at its seq.
+    exec(
+        &env.store,
+        "UPDATE audit SET path = 'team/elsewhere' WHERE seq = 57",
+    )
+    .await;
+    let e = env.store.verify_audit().await.unwrap().unwrap_err();
+    assert_eq!(e.seq(), Some(57), "{e}");
+    exec(&env.store, "DELETE FROM audit WHERE seq = 57").await;
+    let e = env.store.verify_audit().await.unwrap().unwrap_err();
+    assert!(matches!(e, VerifyError::Gap { .. }), "{e}");
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -482,6 +530,7 @@ conformance!(
     the_same_version_cannot_be_written_twice,
     leases_renew_up_to_max_and_revoke_by_id_identity_pod_and_prefix,
     the_reaper_ends_each_expired_lease_exactly_once_even_when_racing,
+    the_audit_chain_survives_concurrent_appends_and_shows_edits_and_deletions,
 );
 
 #[test]

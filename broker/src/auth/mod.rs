@@ -1,1 +1,47 @@
-//! (placeholder: being written)
+//! Who is asking: verification of Kubernetes ServiceAccount tokens (projected JWTs) against
+//! the cluster's JWKS, giving a workload [`Identity`](crate::identity::Identity).
+//!
+//! - [`Verifier`] checks signature, issuer, audience, expiry, age and subject; the algorithm is
+//!   fixed by the key (RSA → RS256, EC P-256 → ES256), never taken from the token.
+//! - [`Jwks`] is the trusted key set; a [`JwksSource`] supplies it ([`FileJwks`],
+//!   [`StaticJwks`]; an HTTPS fetch from the apiserver plugs in behind the same trait).
+//! - [`AuthError::reason`] gives stable labels for metrics and audit.
+//! - [`token_fingerprint`] keys any cache by a hash of the token, never the token.
+//! - [`DevIssuer`] mints dev-mode tokens with its own ES256 key.
+//!
+//! Not here: the apiserver TokenReview round trip, policy (see `policy`), and the gRPC edge
+//! that maps [`AuthError`] to a status. No function here logs or returns a token.
+
+mod dev;
+mod error;
+mod jwks;
+#[cfg(test)]
+mod test_keys;
+mod verifier;
+
+pub use dev::{DevIssuer, DEV_AUDIENCE, DEV_ISSUER, DEV_MAX_TTL};
+pub use error::{AuthError, SetupError};
+pub use jwks::{FetchFuture, FileJwks, Jwks, JwksSource, StaticJwks, MAX_JWKS_BYTES};
+pub use verifier::{VerifiedToken, Verifier, VerifierConfig, MAX_TOKEN_BYTES};
+
+use sha2::{Digest, Sha256};
+
+/// The key under which a token (or a verdict on it) may be cached or recorded: lowercase hex
+/// SHA-256 of the token's bytes. Caches and logs hold this, never the token.
+pub fn token_fingerprint(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprint_is_hex_sha256() {
+        assert_eq!(
+            token_fingerprint("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_ne!(token_fingerprint("a.b.c"), token_fingerprint("a.b.d"));
+    }
+}
