@@ -10,6 +10,7 @@ pub mod auth;
 pub mod crypto;
 pub mod identity;
 pub mod policy;
+pub mod service;
 pub mod store;
 
 pub use keyhaven_hsm as hsm;

@@ -1,0 +1,768 @@
+//! The broker's core: authenticate a caller, ask the policy, and lease / renew / revoke, with
+//! every step audited. Transport-free: the gRPC edge (and tests) call these methods.
+//!
+//! Audit is part of the request: if the audit record cannot be written, the request fails.
+
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use keyhaven_hsm::KekId;
+use secrecy::{ExposeSecret, SecretString};
+use zeroize::Zeroizing;
+
+use crate::audit::{AuditEvent, AuditRecord, EventKind, JsonlSink, Outcome};
+use crate::auth::{AuthError, Verifier};
+use crate::crypto::{CryptoError, Envelope, SecretData};
+use crate::identity::Identity;
+use crate::policy::{validate_secret_path, Capability, Decision, PolicySet};
+use crate::store::{LeaseFilter, LeaseRow, Store, StoreError};
+
+/// What a request failed with, by what the caller should do. Messages carry paths and lease
+/// ids, never values or tokens.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BrokerError {
+    /// No valid credential.
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    /// Authenticated, but no policy allows it.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    /// No such secret or lease (for this caller).
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The lease can no longer be renewed (expired, revoked, at its maximum).
+    #[error("failed precondition: {0}")]
+    FailedPrecondition(String),
+    /// Malformed request.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// Database, HSM or key source unavailable; retry later.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// Stored data failed its integrity check, or another internal failure.
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl From<StoreError> for BrokerError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Unavailable(m) => BrokerError::Unavailable(format!("database: {m}")),
+            other => BrokerError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<CryptoError> for BrokerError {
+    fn from(e: CryptoError) -> Self {
+        match &e {
+            CryptoError::Hsm(h) if h.is_retryable() => BrokerError::Unavailable(e.to_string()),
+            _ => BrokerError::Internal(e.to_string()),
+        }
+    }
+}
+
+impl BrokerError {
+    /// Short code for audit records and metrics.
+    pub fn code(&self) -> &'static str {
+        match self {
+            BrokerError::Unauthenticated(_) => "unauthenticated",
+            BrokerError::PermissionDenied(_) => "no_policy",
+            BrokerError::NotFound(_) => "not_found",
+            BrokerError::FailedPrecondition(_) => "not_renewable",
+            BrokerError::InvalidArgument(_) => "invalid_argument",
+            BrokerError::Unavailable(_) => "unavailable",
+            BrokerError::Internal(_) => "internal",
+        }
+    }
+
+    fn outcome(&self) -> Outcome {
+        match self {
+            BrokerError::Unavailable(_) | BrokerError::Internal(_) => Outcome::Error,
+            _ => Outcome::Denied,
+        }
+    }
+}
+
+/// Result alias.
+pub type Result<T, E = BrokerError> = std::result::Result<T, E>;
+
+/// Who is calling, once authenticated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// A workload (or an operator's service account) with a verified token.
+    Workload(Identity),
+    /// The bootstrap admin credential: every admin capability, for first setup.
+    BootstrapAdmin,
+}
+
+impl Caller {
+    fn audit_name(&self) -> String {
+        match self {
+            Caller::Workload(i) => i.subject(),
+            Caller::BootstrapAdmin => "bootstrap-admin".into(),
+        }
+    }
+    fn pod(&self) -> Option<String> {
+        match self {
+            Caller::Workload(i) => i.pod_name.clone(),
+            Caller::BootstrapAdmin => None,
+        }
+    }
+}
+
+/// A granted lease, as returned to the workload.
+#[derive(Clone)]
+pub struct LeaseGrant {
+    /// Lease id.
+    pub lease_id: String,
+    /// Leased secret version.
+    pub version: i64,
+    /// The secret's values.
+    pub data: SecretData,
+    /// Seconds until expiry.
+    pub ttl: Duration,
+    /// Unix seconds after which it cannot be renewed.
+    pub renewable_until_unix: i64,
+}
+
+impl std::fmt::Debug for LeaseGrant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeaseGrant")
+            .field("lease_id", &self.lease_id)
+            .field("version", &self.version)
+            .field("data", &self.data)
+            .field("ttl", &self.ttl)
+            .finish()
+    }
+}
+
+/// The outcome of a renewal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Renewal {
+    /// Seconds until the new expiry.
+    pub ttl: Duration,
+    /// Unix seconds after which it cannot be renewed.
+    pub renewable_until_unix: i64,
+    /// A newer version of the secret exists than the leased one.
+    pub newer_version: bool,
+}
+
+/// Tunables.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    /// Upper bound on any policy's max TTL.
+    pub max_ttl_cap: Duration,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            max_ttl_cap: crate::policy::DEFAULT_MAX_TTL_CAP,
+        }
+    }
+}
+
+/// The broker.
+pub struct Broker {
+    store: Store,
+    envelope: Envelope,
+    verifier: Arc<Verifier>,
+    dev_verifier: Option<Arc<Verifier>>,
+    bootstrap: Option<SecretString>,
+    policies: RwLock<PolicySet>,
+    audit_file: Option<Mutex<JsonlSink>>,
+    kek: RwLock<Option<KekId>>,
+    config: BrokerConfig,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("store", &self.store.kind())
+            .field("dev_mode", &self.dev_verifier.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+fn now_ms() -> i64 {
+    crate::audit::now_ms()
+}
+
+fn to_secs(ms: i64) -> i64 {
+    ms.div_euclid(1000)
+}
+
+impl Broker {
+    /// Assembles a broker. Policies are loaded from the store (none: everything is denied).
+    pub async fn new(
+        store: Store,
+        envelope: Envelope,
+        verifier: Arc<Verifier>,
+        config: BrokerConfig,
+    ) -> Result<Broker> {
+        let b = Broker {
+            store,
+            envelope,
+            verifier,
+            dev_verifier: None,
+            bootstrap: None,
+            policies: RwLock::new(PolicySet::default()),
+            audit_file: None,
+            kek: RwLock::new(None),
+            config,
+        };
+        b.reload_policies().await?;
+        b.refresh_kek().await?;
+        Ok(b)
+    }
+
+    /// Also trusts dev-mode tokens (`brokerctl dev-token`). For demos and tests only.
+    pub fn with_dev_verifier(mut self, v: Arc<Verifier>) -> Self {
+        tracing::warn!(
+            "DEV MODE: trusting tokens minted with the dev key — never use this in production"
+        );
+        self.dev_verifier = Some(v);
+        self
+    }
+
+    /// Accepts this bootstrap admin credential (read from a file by the binary).
+    pub fn with_bootstrap_admin(mut self, credential: SecretString) -> Self {
+        self.bootstrap = Some(credential);
+        self
+    }
+
+    /// Also writes every audit record to this JSON-lines file.
+    pub fn with_audit_file(mut self, sink: JsonlSink) -> Self {
+        self.audit_file = Some(Mutex::new(sink));
+        self
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The envelope (keystore and DEK cache).
+    pub fn envelope(&self) -> &Envelope {
+        &self.envelope
+    }
+
+    /// Re-reads the primary broker KEK (newest with the broker's prefix) from the HSM.
+    pub async fn refresh_kek(&self) -> Result<Option<KekId>> {
+        let newest = self
+            .envelope
+            .keystore()
+            .list_keks()
+            .await
+            .map_err(|e| BrokerError::from(CryptoError::Hsm(e)))?
+            .pop()
+            .map(|k| k.id);
+        *self.kek.write().unwrap_or_else(|p| p.into_inner()) = newest;
+        Ok(newest)
+    }
+
+    fn current_kek(&self) -> Result<KekId> {
+        self.kek
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .ok_or_else(|| {
+                BrokerError::Unavailable(
+                    "no broker KEK on the HSM token: run `brokerctl keys init`".into(),
+                )
+            })
+    }
+
+    /// Re-reads the policies from the store.
+    pub async fn reload_policies(&self) -> Result<()> {
+        let set = match self.store.load_policies().await? {
+            Some(yaml) => PolicySet::from_yaml(&yaml, self.config.max_ttl_cap)
+                .map_err(|e| BrokerError::Internal(format!("stored policies invalid: {e}")))?,
+            None => PolicySet::default(),
+        };
+        *self.policies.write().unwrap_or_else(|p| p.into_inner()) = set;
+        Ok(())
+    }
+
+    fn policies(&self) -> PolicySet {
+        self.policies
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Writes one audit record (database, then the optional file). Failure fails the request.
+    pub async fn audit(&self, event: AuditEvent) -> Result<AuditRecord> {
+        let rec = self.store.append_audit(event).await.map_err(|e| {
+            tracing::error!(error = %e, "audit write failed; refusing the request");
+            BrokerError::Unavailable("audit log unavailable".into())
+        })?;
+        if let Some(f) = &self.audit_file {
+            let mut f = f.lock().unwrap_or_else(|p| p.into_inner());
+            f.append(&rec).map_err(|e| {
+                tracing::error!(error = %e, "audit file write failed; refusing the request");
+                BrokerError::Unavailable("audit file unavailable".into())
+            })?;
+        }
+        Ok(rec)
+    }
+
+    /// Verifies a bearer credential: a ServiceAccount token (or, in dev mode, a dev token), or
+    /// the bootstrap admin credential. Every attempt is audited.
+    pub async fn authenticate(&self, credential: &str) -> Result<Caller> {
+        if let Some(b) = &self.bootstrap {
+            if constant_time_eq(credential.as_bytes(), b.expose_secret().as_bytes()) {
+                self.audit(
+                    AuditEvent::new(now_ms(), EventKind::Authenticate, Outcome::Ok)
+                        .with_identity("bootstrap-admin"),
+                )
+                .await?;
+                return Ok(Caller::BootstrapAdmin);
+            }
+        }
+        let mut result = self.verifier.verify(credential).await;
+        if let (Err(_), Some(dev)) = (&result, &self.dev_verifier) {
+            if let Ok(id) = dev.verify(credential).await {
+                result = Ok(id);
+            }
+        }
+        match result {
+            Ok(id) => {
+                let mut ev = AuditEvent::new(now_ms(), EventKind::Authenticate, Outcome::Ok)
+                    .with_identity(id.subject());
+                if let Some(p) = &id.pod_name {
+                    ev = ev.with_pod(p.clone());
+                }
+                self.audit(ev).await?;
+                Ok(Caller::Workload(id))
+            }
+            Err(e) => {
+                let outcome = if e.is_unavailable() {
+                    Outcome::Error
+                } else {
+                    Outcome::Denied
+                };
+                self.audit(
+                    AuditEvent::new(now_ms(), EventKind::Authenticate, outcome)
+                        .with_reason(e.reason()),
+                )
+                .await?;
+                Err(auth_error(&e))
+            }
+        }
+    }
+
+    fn decide(&self, caller: &Caller, path: &str, cap: Capability) -> Decision {
+        match caller {
+            Caller::BootstrapAdmin if cap.is_admin() => Decision::Allow {
+                ttl: Duration::from_secs(60),
+                max_ttl: Duration::from_secs(60),
+                policies: vec!["bootstrap-admin".into()],
+            },
+            Caller::BootstrapAdmin => Decision::Deny,
+            Caller::Workload(id) => self.policies().evaluate(id, path, cap),
+        }
+    }
+
+    async fn audited<T>(
+        &self,
+        caller: &Caller,
+        kind: EventKind,
+        path: Option<&str>,
+        lease_id: Option<&str>,
+        r: Result<T>,
+    ) -> Result<T> {
+        let mut ev = AuditEvent::new(
+            now_ms(),
+            kind,
+            match &r {
+                Ok(_) => Outcome::Ok,
+                Err(e) => e.outcome(),
+            },
+        )
+        .with_identity(caller.audit_name());
+        if let Some(p) = caller.pod() {
+            ev = ev.with_pod(p);
+        }
+        if let Some(p) = path {
+            ev = ev.with_path(p);
+        }
+        if let Some(l) = lease_id {
+            ev = ev.with_lease_id(l);
+        }
+        if let Err(e) = &r {
+            ev = ev.with_reason(e.code());
+        }
+        self.audit(ev).await?;
+        r
+    }
+
+    /// Leases the newest version of `path` for `ttl` (policy default when `None`, capped by the
+    /// policy's max TTL).
+    pub async fn lease(
+        &self,
+        caller: &Caller,
+        path: &str,
+        ttl: Option<Duration>,
+    ) -> Result<LeaseGrant> {
+        let r = self.lease_inner(caller, path, ttl).await;
+        let lease_id = r.as_ref().ok().map(|g| g.lease_id.clone());
+        self.audited(caller, EventKind::Lease, Some(path), lease_id.as_deref(), r)
+            .await
+    }
+
+    async fn lease_inner(
+        &self,
+        caller: &Caller,
+        path: &str,
+        ttl: Option<Duration>,
+    ) -> Result<LeaseGrant> {
+        validate_secret_path(path)
+            .map_err(|e| BrokerError::InvalidArgument(format!("path '{path}': {e}")))?;
+        let Caller::Workload(id) = caller else {
+            return Err(BrokerError::PermissionDenied(
+                "the bootstrap credential cannot lease secrets".into(),
+            ));
+        };
+        let Decision::Allow {
+            ttl: default_ttl,
+            max_ttl,
+            ..
+        } = self.decide(caller, path, Capability::Read)
+        else {
+            return Err(BrokerError::PermissionDenied(format!(
+                "no policy lets {} read {path}",
+                id.subject()
+            )));
+        };
+        let row = self
+            .store
+            .get_version(path, None)
+            .await?
+            .ok_or_else(|| BrokerError::NotFound(format!("secret {path}")))?;
+        let sealed = row
+            .sealed
+            .ok_or_else(|| BrokerError::NotFound(format!("secret {path}")))?;
+        let data = self.envelope.open(path, row.version, &sealed).await?;
+        let ttl = ttl
+            .filter(|t| !t.is_zero())
+            .unwrap_or(default_ttl)
+            .min(max_ttl);
+        let now = now_ms();
+        let lease = LeaseRow {
+            id: new_lease_id(id, path)?,
+            identity: id.clone(),
+            path: path.to_owned(),
+            version: row.version,
+            created_ms: now,
+            expires_ms: now + ttl.as_millis() as i64,
+            max_expires_ms: now + max_ttl.as_millis() as i64,
+            renewals: 0,
+            ended_ms: None,
+            end_reason: None,
+        };
+        self.store.insert_lease(&lease).await?;
+        Ok(LeaseGrant {
+            lease_id: lease.id,
+            version: row.version,
+            data,
+            ttl,
+            renewable_until_unix: to_secs(lease.max_expires_ms),
+        })
+    }
+
+    /// Extends the caller's own lease by `increment` (the policy default when `None`), never
+    /// past its max TTL; says whether a newer secret version exists.
+    pub async fn renew(
+        &self,
+        caller: &Caller,
+        lease_id: &str,
+        increment: Option<Duration>,
+    ) -> Result<Renewal> {
+        let r = self.renew_inner(caller, lease_id, increment).await;
+        self.audited(caller, EventKind::Renew, None, Some(lease_id), r)
+            .await
+    }
+
+    async fn own_lease(&self, caller: &Caller, lease_id: &str) -> Result<LeaseRow> {
+        let not_found = || BrokerError::NotFound(format!("lease {lease_id}"));
+        let Caller::Workload(id) = caller else {
+            return Err(not_found());
+        };
+        let lease = self
+            .store
+            .get_lease(lease_id)
+            .await?
+            .ok_or_else(not_found)?;
+        if lease.identity.namespace != id.namespace
+            || lease.identity.service_account != id.service_account
+        {
+            // Someone else's lease: indistinguishable from no lease.
+            return Err(not_found());
+        }
+        Ok(lease)
+    }
+
+    async fn renew_inner(
+        &self,
+        caller: &Caller,
+        lease_id: &str,
+        increment: Option<Duration>,
+    ) -> Result<Renewal> {
+        let lease = self.own_lease(caller, lease_id).await?;
+        let now = now_ms();
+        if !lease.is_active(now) {
+            return Err(BrokerError::FailedPrecondition(format!(
+                "lease {lease_id} has expired or was revoked"
+            )));
+        }
+        let Decision::Allow {
+            ttl: default_ttl, ..
+        } = self.decide(caller, &lease.path, Capability::Read)
+        else {
+            return Err(BrokerError::PermissionDenied(format!(
+                "no policy lets this identity read {} any more",
+                lease.path
+            )));
+        };
+        if lease.expires_ms >= lease.max_expires_ms {
+            return Err(BrokerError::FailedPrecondition(format!(
+                "lease {lease_id} is at its maximum TTL"
+            )));
+        }
+        let inc = increment.filter(|t| !t.is_zero()).unwrap_or(default_ttl);
+        let updated = self
+            .store
+            .renew_lease(lease_id, now, now + inc.as_millis() as i64)
+            .await?
+            .ok_or_else(|| {
+                BrokerError::FailedPrecondition(format!(
+                    "lease {lease_id} has expired or was revoked"
+                ))
+            })?;
+        let latest = self
+            .store
+            .get_version(&updated.path, None)
+            .await?
+            .map(|v| v.version);
+        Ok(Renewal {
+            ttl: Duration::from_millis((updated.expires_ms - now).max(0) as u64),
+            renewable_until_unix: to_secs(updated.max_expires_ms),
+            newer_version: latest.is_some_and(|v| v > updated.version),
+        })
+    }
+
+    /// Ends the caller's own lease now.
+    pub async fn revoke(&self, caller: &Caller, lease_id: &str) -> Result<()> {
+        let r = async {
+            self.own_lease(caller, lease_id).await?;
+            self.store
+                .revoke_leases(
+                    &LeaseFilter::Id(lease_id.to_owned()),
+                    now_ms(),
+                    "revoked:holder",
+                )
+                .await?;
+            Ok(())
+        }
+        .await;
+        self.audited(caller, EventKind::Revoke, None, Some(lease_id), r)
+            .await
+    }
+
+    // ---- admin -------------------------------------------------------------------------
+
+    async fn require(
+        &self,
+        caller: &Caller,
+        path: &str,
+        cap: Capability,
+        verb: &str,
+    ) -> Result<()> {
+        let allowed = match caller {
+            Caller::BootstrapAdmin => true,
+            Caller::Workload(id) => {
+                let d = if path.is_empty() {
+                    self.policies().evaluate_global(id, cap)
+                } else {
+                    self.policies().evaluate(id, path, cap)
+                };
+                d.is_allowed()
+            }
+        };
+        if allowed {
+            Ok(())
+        } else {
+            let e = BrokerError::PermissionDenied(format!("{verb} needs the '{cap}' capability"));
+            self.audited::<()>(
+                caller,
+                EventKind::Admin(verb.into()),
+                (!path.is_empty()).then_some(path),
+                None,
+                Err(e.clone()),
+            )
+            .await?;
+            Err(e)
+        }
+    }
+
+    /// Writes a new version of `path`; returns its number.
+    pub async fn put_secret(&self, caller: &Caller, path: &str, data: SecretData) -> Result<i64> {
+        validate_secret_path(path)
+            .map_err(|e| BrokerError::InvalidArgument(format!("path '{path}': {e}")))?;
+        self.require(caller, path, Capability::Write, "secret_put")
+            .await?;
+        let r = async {
+            let kek = self.current_kek()?;
+            for _ in 0..5 {
+                let v = self.store.latest_version(path).await? + 1;
+                let sealed = self.envelope.seal(kek, path, v, &data).await?;
+                match self.store.insert_version(path, v, now_ms(), &sealed).await {
+                    Ok(()) => return Ok(v),
+                    Err(StoreError::Conflict(_)) => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Err(BrokerError::Unavailable(format!(
+                "too many concurrent writers on {path}"
+            )))
+        }
+        .await;
+        self.audited(
+            caller,
+            EventKind::Admin("secret_put".into()),
+            Some(path),
+            None,
+            r,
+        )
+        .await
+    }
+
+    /// Soft-deletes `path` (history kept) or destroys it (data erased).
+    pub async fn delete_secret(&self, caller: &Caller, path: &str, destroy: bool) -> Result<u64> {
+        let (cap, verb) = if destroy {
+            (Capability::Destroy, "secret_destroy")
+        } else {
+            (Capability::Delete, "secret_delete")
+        };
+        self.require(caller, path, cap, verb).await?;
+        let r = if destroy {
+            self.store.destroy(path, now_ms()).await
+        } else {
+            self.store.soft_delete(path, now_ms()).await
+        }
+        .map_err(BrokerError::from);
+        self.audited(caller, EventKind::Admin(verb.into()), Some(path), None, r)
+            .await
+    }
+
+    /// Replaces all policies with the YAML document (validated first).
+    pub async fn apply_policies(&self, caller: &Caller, yaml: &str) -> Result<usize> {
+        self.require(caller, "", Capability::Policy, "policy_apply")
+            .await?;
+        let r = async {
+            let set = PolicySet::from_yaml(yaml, self.config.max_ttl_cap)
+                .map_err(|e| BrokerError::InvalidArgument(e.to_string()))?;
+            self.store
+                .save_policies(
+                    &set.to_yaml()
+                        .map_err(|e| BrokerError::Internal(e.to_string()))?,
+                    now_ms(),
+                )
+                .await?;
+            let n = set.policies().len();
+            *self.policies.write().unwrap_or_else(|p| p.into_inner()) = set;
+            Ok(n)
+        }
+        .await;
+        self.audited(
+            caller,
+            EventKind::Admin("policy_apply".into()),
+            None,
+            None,
+            r,
+        )
+        .await
+    }
+
+    /// Revokes every active lease matching `filter`; returns their ids.
+    pub async fn revoke_leases(
+        &self,
+        caller: &Caller,
+        filter: &LeaseFilter,
+    ) -> Result<Vec<String>> {
+        let path = match filter {
+            LeaseFilter::PathPrefix(p) => p.clone(),
+            _ => String::new(),
+        };
+        self.require(caller, &path, Capability::Revoke, "lease_revoke")
+            .await?;
+        let r = self
+            .store
+            .revoke_leases(filter, now_ms(), "revoked:operator")
+            .await
+            .map_err(BrokerError::from);
+        if let Ok(ids) = &r {
+            for id in ids {
+                self.audited::<()>(caller, EventKind::Revoke, None, Some(id), Ok(()))
+                    .await?;
+            }
+        }
+        self.audited(
+            caller,
+            EventKind::Admin("lease_revoke".into()),
+            (!path.is_empty()).then_some(path.as_str()),
+            None,
+            r,
+        )
+        .await
+    }
+
+    /// One reaper pass: ends expired leases (audited as `expire`); returns how many.
+    pub async fn reap(&self, batch: i64) -> Result<usize> {
+        let ended = self.store.reap_expired(now_ms(), batch).await?;
+        for l in &ended {
+            let mut ev = AuditEvent::new(now_ms(), EventKind::Expire, Outcome::Ok)
+                .with_identity(l.identity.subject())
+                .with_path(l.path.clone())
+                .with_lease_id(l.id.clone());
+            if let Some(p) = &l.identity.pod_name {
+                ev = ev.with_pod(p.clone());
+            }
+            self.audit(ev).await?;
+        }
+        Ok(ended.len())
+    }
+}
+
+fn auth_error(e: &AuthError) -> BrokerError {
+    if e.is_unavailable() {
+        BrokerError::Unavailable("token keys unavailable".into())
+    } else {
+        BrokerError::Unauthenticated(e.reason().to_owned())
+    }
+}
+
+/// `namespace/serviceaccount/path/<128 random bits hex>`.
+fn new_lease_id(id: &Identity, path: &str) -> Result<String> {
+    let mut r = Zeroizing::new([0u8; 16]);
+    getrandom::fill(&mut r[..])
+        .map_err(|_| BrokerError::Internal("random number generator failed".into()))?;
+    Ok(format!(
+        "{}/{}/{}/{}",
+        id.namespace,
+        id.service_account,
+        path,
+        hex::encode(&r[..])
+    ))
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    use sha2::Digest;
+    // Compare digests so neither length nor content leaks through timing.
+    let (x, y) = (sha2::Sha256::digest(a), sha2::Sha256::digest(b));
+    x.iter()
+        .zip(y.iter())
+        .fold(0u8, |acc, (p, q)| acc | (p ^ q))
+        == 0
+}
