@@ -2,14 +2,17 @@
 //! their Kubernetes ServiceAccount tokens; default deny, per-service-account policies,
 //! tamper-evident audit, secrets stored under DEKs wrapped by HSM KEKs.
 //!
-//! Built so far: the pieces below. Not built yet: the gRPC server, `brokerctl`, the reaper.
+//! Binaries: `broker` (the server) and `brokerctl` (the operator CLI).
 #![forbid(unsafe_code)]
 
 pub mod audit;
 pub mod auth;
 pub mod crypto;
+pub mod grpc;
+pub mod http;
 pub mod identity;
 pub mod policy;
+pub mod server;
 pub mod service;
 pub mod store;
 

@@ -735,6 +735,230 @@ impl Broker {
     }
 }
 
+/// One KEK's status for operators.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KekStatus {
+    /// KEK id (hex `CKA_ID`).
+    pub kek_id: String,
+    /// HSM label.
+    pub label: String,
+    /// `primary` or `decrypt-only`.
+    pub role: &'static str,
+    /// DEKs it still wraps.
+    pub deks: i64,
+}
+
+impl Broker {
+    /// Paths under `prefix`.
+    pub async fn list_secrets(&self, caller: &Caller, prefix: &str) -> Result<Vec<String>> {
+        self.require(
+            caller,
+            prefix.trim_end_matches('/'),
+            Capability::List,
+            "secret_list",
+        )
+        .await?;
+        let r = self
+            .store
+            .list_paths(prefix)
+            .await
+            .map_err(BrokerError::from);
+        self.audited(
+            caller,
+            EventKind::Admin("secret_list".into()),
+            (!prefix.is_empty()).then_some(prefix),
+            None,
+            r,
+        )
+        .await
+    }
+
+    /// Version history of `path` (no values).
+    pub async fn secret_metadata(
+        &self,
+        caller: &Caller,
+        path: &str,
+    ) -> Result<Vec<crate::store::StoredVersion>> {
+        self.require(caller, path, Capability::List, "secret_metadata")
+            .await?;
+        let r = self
+            .store
+            .versions(path)
+            .await
+            .map_err(BrokerError::from)
+            .map(|vs| {
+                vs.into_iter()
+                    .map(|mut v| {
+                        v.sealed = v.sealed.map(|mut s| {
+                            // Metadata only: drop the encrypted payloads from the answer.
+                            s.ciphertext.clear();
+                            s.dek.ciphertext.clear();
+                            s
+                        });
+                        v
+                    })
+                    .collect()
+            });
+        self.audited(
+            caller,
+            EventKind::Admin("secret_metadata".into()),
+            Some(path),
+            None,
+            r,
+        )
+        .await
+    }
+
+    /// The current policy document.
+    pub async fn list_policies(&self, caller: &Caller) -> Result<String> {
+        self.require(caller, "", Capability::Policy, "policy_list")
+            .await?;
+        let r = self
+            .policies()
+            .to_yaml()
+            .map_err(|e| BrokerError::Internal(e.to_string()));
+        self.audited(
+            caller,
+            EventKind::Admin("policy_list".into()),
+            None,
+            None,
+            r,
+        )
+        .await
+    }
+
+    /// Leases matching `filter`.
+    pub async fn list_leases(
+        &self,
+        caller: &Caller,
+        filter: &LeaseFilter,
+        include_ended: bool,
+    ) -> Result<Vec<LeaseRow>> {
+        let path = match filter {
+            LeaseFilter::PathPrefix(p) => p.clone(),
+            _ => String::new(),
+        };
+        self.require(caller, &path, Capability::Revoke, "lease_list")
+            .await?;
+        let r = self
+            .store
+            .list_leases(filter, now_ms(), include_ended)
+            .await
+            .map_err(BrokerError::from);
+        self.audited(caller, EventKind::Admin("lease_list".into()), None, None, r)
+            .await
+    }
+
+    /// Verifies the stored audit chain (optionally against an anchor kept elsewhere).
+    pub async fn audit_verify(
+        &self,
+        caller: &Caller,
+        anchor: Option<&crate::audit::Checkpoint>,
+    ) -> Result<Result<crate::audit::VerifyReport, crate::audit::VerifyError>> {
+        self.require(caller, "", Capability::Audit, "audit_verify")
+            .await?;
+        let mut all = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = self.store.audit_records(after, 10_000).await?;
+            let Some(last) = page.last() else { break };
+            after = last.seq;
+            all.extend(page);
+        }
+        let report = match anchor {
+            Some(a) => crate::audit::verify_with_anchor(all, a),
+            None => crate::audit::verify(all),
+        };
+        self.audited(
+            caller,
+            EventKind::Admin("audit_verify".into()),
+            None,
+            None,
+            Ok(()),
+        )
+        .await?;
+        Ok(report)
+    }
+
+    /// Audit records after `after_seq`.
+    pub async fn audit_tail(
+        &self,
+        caller: &Caller,
+        after_seq: i64,
+        limit: i64,
+    ) -> Result<Vec<AuditRecord>> {
+        self.require(caller, "", Capability::Audit, "audit_tail")
+            .await?;
+        Ok(self
+            .store
+            .audit_records(after_seq, limit.clamp(1, 10_000))
+            .await?)
+    }
+
+    /// Every broker KEK with its role and how many DEKs it still wraps.
+    pub async fn key_status(&self, caller: &Caller) -> Result<Vec<KekStatus>> {
+        self.require(caller, "", Capability::Audit, "key_status")
+            .await?;
+        let keks = self
+            .envelope
+            .keystore()
+            .list_keks()
+            .await
+            .map_err(|e| BrokerError::from(CryptoError::Hsm(e)))?;
+        let counts = self.store.deks_per_kek().await?;
+        let n = keks.len();
+        Ok(keks
+            .into_iter()
+            .enumerate()
+            .map(|(i, k)| {
+                let id = k.id.to_string();
+                KekStatus {
+                    deks: counts
+                        .iter()
+                        .find(|(c, _)| *c == id)
+                        .map(|(_, n)| *n)
+                        .unwrap_or(0),
+                    kek_id: id,
+                    label: k.label,
+                    role: if i + 1 == n {
+                        "primary"
+                    } else {
+                        "decrypt-only"
+                    },
+                }
+            })
+            .collect())
+    }
+}
+
+impl Broker {
+    /// Ready to serve: the database answers and a broker KEK exists.
+    pub async fn readiness(&self) -> std::result::Result<(), String> {
+        self.store
+            .ping()
+            .await
+            .map_err(|e| format!("database: {e}"))?;
+        self.current_kek().map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    /// A small Prometheus text exposition: active leases, DEK cache and audit head.
+    pub async fn metrics_text(&self) -> String {
+        let now = now_ms();
+        let active = self.store.count_active_leases(now).await.unwrap_or(-1);
+        let c = self.envelope.cache().stats();
+        let head = self.store.audit_head().await.map(|h| h.seq).unwrap_or(-1);
+        format!(
+            "# HELP keyhaven_broker_active_leases Active leases.\n# TYPE keyhaven_broker_active_leases gauge\nkeyhaven_broker_active_leases {active}\n\
+             # HELP keyhaven_broker_dek_cache_hits_total DEK cache hits.\n# TYPE keyhaven_broker_dek_cache_hits_total counter\nkeyhaven_broker_dek_cache_hits_total {}\n\
+             # HELP keyhaven_broker_dek_cache_misses_total DEK cache misses.\n# TYPE keyhaven_broker_dek_cache_misses_total counter\nkeyhaven_broker_dek_cache_misses_total {}\n\
+             # HELP keyhaven_broker_dek_cache_entries DEKs cached.\n# TYPE keyhaven_broker_dek_cache_entries gauge\nkeyhaven_broker_dek_cache_entries {}\n\
+             # HELP keyhaven_broker_audit_records Audit records written.\n# TYPE keyhaven_broker_audit_records gauge\nkeyhaven_broker_audit_records {head}\n",
+            c.hits, c.misses, c.entries
+        )
+    }
+}
+
 fn auth_error(e: &AuthError) -> BrokerError {
     if e.is_unavailable() {
         BrokerError::Unavailable("token keys unavailable".into())

@@ -12,5 +12,6 @@
 pub mod postgres;
 pub mod process;
 pub mod softhsm;
+pub mod tls;
 
 pub use softhsm::SoftHsm;

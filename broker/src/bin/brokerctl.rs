@@ -1,0 +1,2 @@
+//! `brokerctl` binary (being written).
+fn main() {}

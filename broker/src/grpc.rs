@@ -1,0 +1,447 @@
+//! The gRPC edge: `Leases` and `Admin` over TLS (rustls), bearer credentials from the
+//! `authorization` metadata, a per-identity rate limit, and the one mapping from
+//! [`BrokerError`] to `tonic::Status`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use keyhaven_proto::broker::v1 as pb;
+use pb::admin_server::Admin;
+use pb::leases_server::Leases;
+use tonic::{Request, Response, Status};
+
+use crate::audit::Checkpoint;
+use crate::crypto::SecretData;
+use crate::service::{Broker, BrokerError, Caller};
+use crate::store::{LeaseFilter, LeaseRow};
+
+impl From<BrokerError> for Status {
+    fn from(e: BrokerError) -> Self {
+        let code = match &e {
+            BrokerError::Unauthenticated(_) => tonic::Code::Unauthenticated,
+            BrokerError::PermissionDenied(_) => tonic::Code::PermissionDenied,
+            BrokerError::NotFound(_) => tonic::Code::NotFound,
+            BrokerError::FailedPrecondition(_) => tonic::Code::FailedPrecondition,
+            BrokerError::InvalidArgument(_) => tonic::Code::InvalidArgument,
+            BrokerError::Unavailable(_) => tonic::Code::Unavailable,
+            BrokerError::Internal(_) => tonic::Code::Internal,
+        };
+        if code == tonic::Code::Internal {
+            tracing::error!(error = %e, "internal error");
+        }
+        Status::new(code, e.to_string())
+    }
+}
+
+/// Token-bucket rate limit per identity.
+#[derive(Debug)]
+pub struct RateLimiter {
+    per_second: f64,
+    burst: f64,
+    buckets: Mutex<HashMap<String, (f64, Instant)>>,
+}
+
+impl RateLimiter {
+    /// `per_second` sustained, `burst` at once. `per_second == 0` disables the limit.
+    pub fn new(per_second: f64, burst: f64) -> Self {
+        RateLimiter {
+            per_second,
+            burst: burst.max(1.0),
+            buckets: Mutex::default(),
+        }
+    }
+
+    /// Takes one token for `who`; false when over the limit.
+    pub fn allow(&self, who: &str) -> bool {
+        if self.per_second <= 0.0 {
+            return true;
+        }
+        let mut b = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if b.len() > 100_000 {
+            b.clear(); // bounded memory; worst case a burst is forgiven
+        }
+        let now = Instant::now();
+        let e = b.entry(who.to_owned()).or_insert((self.burst, now));
+        e.0 = (e.0 + now.duration_since(e.1).as_secs_f64() * self.per_second).min(self.burst);
+        e.1 = now;
+        if e.0 >= 1.0 {
+            e.0 -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Shared by both services.
+#[derive(Debug, Clone)]
+pub struct Edge {
+    broker: Arc<Broker>,
+    limiter: Arc<RateLimiter>,
+}
+
+impl Edge {
+    /// The edge over a broker.
+    pub fn new(broker: Arc<Broker>, limiter: Arc<RateLimiter>) -> Self {
+        Edge { broker, limiter }
+    }
+
+    async fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
+        let cred = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| {
+                Status::unauthenticated("missing `authorization: Bearer <token>` metadata")
+            })?;
+        let caller = self.broker.authenticate(cred).await?;
+        let key = match &caller {
+            Caller::Workload(id) => id.subject(),
+            Caller::BootstrapAdmin => "bootstrap-admin".into(),
+        };
+        if !self.limiter.allow(&key) {
+            return Err(Status::resource_exhausted(format!(
+                "rate limit for {key} exceeded; slow down"
+            )));
+        }
+        Ok(caller)
+    }
+}
+
+fn secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+#[tonic::async_trait]
+impl Leases for Edge {
+    async fn lease(
+        &self,
+        req: Request<pb::LeaseRequest>,
+    ) -> Result<Response<pb::LeaseResponse>, Status> {
+        let caller = self.caller(&req).await?;
+        let r = req.into_inner();
+        let ttl = (r.ttl_seconds > 0).then(|| Duration::from_secs(r.ttl_seconds));
+        let g = self.broker.lease(&caller, &r.path, ttl).await?;
+        Ok(Response::new(pb::LeaseResponse {
+            lease_id: g.lease_id.clone(),
+            version: g.version as u64,
+            data: g
+                .data
+                .0
+                .iter()
+                .map(|(k, v)| (k.clone(), v.to_vec()))
+                .collect(),
+            ttl_seconds: secs(g.ttl),
+            renewable_until: g.renewable_until_unix,
+        }))
+    }
+
+    async fn renew(
+        &self,
+        req: Request<pb::RenewRequest>,
+    ) -> Result<Response<pb::RenewResponse>, Status> {
+        let caller = self.caller(&req).await?;
+        let r = req.into_inner();
+        let inc = (r.increment_seconds > 0).then(|| Duration::from_secs(r.increment_seconds));
+        let n = self.broker.renew(&caller, &r.lease_id, inc).await?;
+        Ok(Response::new(pb::RenewResponse {
+            ttl_seconds: secs(n.ttl),
+            renewable_until: n.renewable_until_unix,
+            newer_version: n.newer_version,
+        }))
+    }
+
+    async fn revoke(
+        &self,
+        req: Request<pb::RevokeRequest>,
+    ) -> Result<Response<pb::RevokeResponse>, Status> {
+        let caller = self.caller(&req).await?;
+        self.broker
+            .revoke(&caller, &req.into_inner().lease_id)
+            .await?;
+        Ok(Response::new(pb::RevokeResponse {}))
+    }
+}
+
+/// Maps the wire selector to a filter (exactly one kind; none = all).
+pub fn selector_filter(s: Option<pb::LeaseSelector>) -> Result<LeaseFilter, Status> {
+    let Some(s) = s else {
+        return Ok(LeaseFilter::All);
+    };
+    let bad = || {
+        Status::invalid_argument(
+            "selector: give one of lease_id, namespace+service_account, namespace+pod, path_prefix",
+        )
+    };
+    match (
+        s.lease_id.is_empty(),
+        s.namespace.is_empty(),
+        s.service_account.is_empty(),
+        s.pod.is_empty(),
+        s.path_prefix.is_empty(),
+    ) {
+        (true, true, true, true, true) => Ok(LeaseFilter::All),
+        (false, true, true, true, true) => Ok(LeaseFilter::Id(s.lease_id)),
+        (true, false, false, true, true) => Ok(LeaseFilter::Identity {
+            namespace: s.namespace,
+            service_account: s.service_account,
+        }),
+        (true, false, true, false, true) => Ok(LeaseFilter::Pod {
+            namespace: s.namespace,
+            pod: s.pod,
+        }),
+        (true, true, true, true, false) => Ok(LeaseFilter::PathPrefix(s.path_prefix)),
+        _ => Err(bad()),
+    }
+}
+
+fn lease_info(l: LeaseRow) -> pb::LeaseInfo {
+    pb::LeaseInfo {
+        lease_id: l.id,
+        namespace: l.identity.namespace,
+        service_account: l.identity.service_account,
+        pod: l.identity.pod_name.unwrap_or_default(),
+        path: l.path,
+        version: l.version as u64,
+        created_unix_ms: l.created_ms,
+        expires_unix_ms: l.expires_ms,
+        max_expires_unix_ms: l.max_expires_ms,
+        renewals: l.renewals as u64,
+        ended_unix_ms: l.ended_ms.unwrap_or(0),
+        end_reason: l.end_reason.unwrap_or_default(),
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for Edge {
+    async fn put_secret(
+        &self,
+        req: Request<pb::PutSecretRequest>,
+    ) -> Result<Response<pb::PutSecretResponse>, Status> {
+        let caller = self.caller(&req).await?;
+        let r = req.into_inner();
+        let v = self
+            .broker
+            .put_secret(&caller, &r.path, SecretData::from_pairs(r.data))
+            .await?;
+        Ok(Response::new(pb::PutSecretResponse { version: v as u64 }))
+    }
+
+    async fn list_secrets(
+        &self,
+        req: Request<pb::ListSecretsRequest>,
+    ) -> Result<Response<pb::ListSecretsResponse>, Status> {
+        let caller = self.caller(&req).await?;
+        let paths = self
+            .broker
+            .list_secrets(&caller, &req.into_inner().prefix)
+            .await?;
+        Ok(Response::new(pb::ListSecretsResponse { paths }))
+    }
+
+    async fn secret_metadata(
+        &self,
+        req: Request<pb::SecretMetadataRequest>,
+    ) -> Result<Response<pb::SecretMetadataResponse>, Status> {
+        let caller = self.caller(&req).await?;
+        let vs = self
+            .broker
+            .secret_metadata(&caller, &req.into_inner().path)
+            .await?;
+        Ok(Response::new(pb::SecretMetadataResponse {
+            versions: vs
+                .into_iter()
+                .map(|v| pb::SecretVersionMeta {
+                    version: v.version as u64,
+                    created_unix_ms: v.created_ms,
+                    deleted_unix_ms: v.deleted_ms.unwrap_or(0),
+                    destroyed_unix_ms: v.destroyed_ms.unwrap_or(0),
+                    kek_id: v
+                        .sealed
+                        .map(|s| s.dek.kek_id.to_string())
+                        .unwrap_or_default(),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn delete_secret(
+        &self,
+        req: Request<pb::DeleteSecretRequest>,
+    ) -> Result<Response<pb::DeleteSecretResponse>, Status> {
+        let caller = self.caller(&req).await?;
+        let r = req.into_inner();
+        let n = self
+            .broker
+            .delete_secret(&caller, &r.path, r.destroy)
+            .await?;
+        Ok(Response::new(pb::DeleteSecretResponse { versions: n }))
+    }
+
+    async fn apply_policies(
+        &self,
+        req: Request<pb::ApplyPoliciesRequest>,
+    ) -> Result<Response<pb::ApplyPoliciesResponse>, Status> {
+        let caller = self.caller(&req).await?;
+        let n = self
+            .broker
+            .apply_policies(&caller, &req.into_inner().yaml)
+            .await?;
+        Ok(Response::new(pb::ApplyPoliciesResponse {
+            policies: n as u64,
+        }))
+    }
+
+    async fn list_policies(
+        &self,
+        req: Request<pb::ListPoliciesRequest>,
+    ) -> Result<Response<pb::ListPoliciesResponse>, Status> {
+        let caller = self.caller(&req).await?;
+        let yaml = self.broker.list_policies(&caller).await?;
+        Ok(Response::new(pb::ListPoliciesResponse { yaml }))
+    }
+
+    async fn list_leases(
+        &self,
+        req: Request<pb::ListLeasesRequest>,
+    ) -> Result<Response<pb::ListLeasesResponse>, Status> {
+        let caller = self.caller(&req).await?;
+        let r = req.into_inner();
+        let filter = selector_filter(r.selector)?;
+        let leases = self
+            .broker
+            .list_leases(&caller, &filter, r.include_ended)
+            .await?;
+        Ok(Response::new(pb::ListLeasesResponse {
+            leases: leases.into_iter().map(lease_info).collect(),
+        }))
+    }
+
+    async fn revoke_leases(
+        &self,
+        req: Request<pb::RevokeLeasesRequest>,
+    ) -> Result<Response<pb::RevokeLeasesResponse>, Status> {
+        let caller = self.caller(&req).await?;
+        let filter = selector_filter(req.into_inner().selector)?;
+        let lease_ids = self.broker.revoke_leases(&caller, &filter).await?;
+        Ok(Response::new(pb::RevokeLeasesResponse { lease_ids }))
+    }
+
+    async fn audit_verify(
+        &self,
+        req: Request<pb::AuditVerifyRequest>,
+    ) -> Result<Response<pb::AuditVerifyResponse>, Status> {
+        let caller = self.caller(&req).await?;
+        let anchor = req.into_inner().anchor;
+        let anchor: Option<Checkpoint> = if anchor.is_empty() {
+            None
+        } else {
+            Some(
+                anchor
+                    .parse()
+                    .map_err(|_| Status::invalid_argument("anchor must be seq:hash"))?,
+            )
+        };
+        let r = self.broker.audit_verify(&caller, anchor.as_ref()).await?;
+        Ok(Response::new(match r {
+            Ok(rep) => pb::AuditVerifyResponse {
+                ok: true,
+                records: rep.records,
+                checkpoint: rep.checkpoint().to_string(),
+                error: String::new(),
+            },
+            Err(e) => pb::AuditVerifyResponse {
+                ok: false,
+                records: 0,
+                checkpoint: String::new(),
+                error: e.to_string(),
+            },
+        }))
+    }
+
+    async fn audit_tail(
+        &self,
+        req: Request<pb::AuditTailRequest>,
+    ) -> Result<Response<pb::AuditTailResponse>, Status> {
+        let caller = self.caller(&req).await?;
+        let r = req.into_inner();
+        let limit = if r.limit == 0 {
+            100
+        } else {
+            i64::from(r.limit)
+        };
+        let recs = self.broker.audit_tail(&caller, r.after_seq, limit).await?;
+        Ok(Response::new(pb::AuditTailResponse {
+            records: recs.iter().map(|r| r.to_json_line()).collect(),
+        }))
+    }
+
+    async fn key_status(
+        &self,
+        req: Request<pb::KeyStatusRequest>,
+    ) -> Result<Response<pb::KeyStatusResponse>, Status> {
+        let caller = self.caller(&req).await?;
+        let keks = self.broker.key_status(&caller).await?;
+        Ok(Response::new(pb::KeyStatusResponse {
+            keks: keks
+                .into_iter()
+                .map(|k| pb::KekStatus {
+                    kek_id: k.kek_id,
+                    label: k.label,
+                    role: k.role.into(),
+                    deks: k.deks.max(0) as u64,
+                })
+                .collect(),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limiter_allows_burst_then_refuses() {
+        let l = RateLimiter::new(1.0, 3.0);
+        assert!(l.allow("a") && l.allow("a") && l.allow("a"));
+        assert!(!l.allow("a"));
+        assert!(l.allow("b"), "per identity");
+        assert!(RateLimiter::new(0.0, 0.0).allow("x"));
+    }
+
+    #[test]
+    fn selectors_map_to_exactly_one_filter() {
+        assert_eq!(selector_filter(None).unwrap(), LeaseFilter::All);
+        let s = |f: fn(&mut pb::LeaseSelector)| {
+            let mut x = pb::LeaseSelector::default();
+            f(&mut x);
+            selector_filter(Some(x))
+        };
+        assert_eq!(
+            s(|x| x.lease_id = "l".into()).unwrap(),
+            LeaseFilter::Id("l".into())
+        );
+        assert_eq!(
+            s(|x| x.path_prefix = "a/b".into()).unwrap(),
+            LeaseFilter::PathPrefix("a/b".into())
+        );
+        assert!(matches!(
+            s(|x| {
+                x.namespace = "n".into();
+                x.pod = "p".into();
+            })
+            .unwrap(),
+            LeaseFilter::Pod { .. }
+        ));
+        assert!(s(|x| x.namespace = "n".into()).is_err());
+        assert!(s(|x| {
+            x.lease_id = "l".into();
+            x.path_prefix = "p".into();
+        })
+        .is_err());
+    }
+}

@@ -1,0 +1,321 @@
+//! `broker` serve: flags, assembly (database, HSM, token verifiers, policies), the gRPC
+//! listener (TLS unless plaintext is explicitly enabled on loopback), the reaper and KEK
+//! refresh loops, and the HTTP listener for `/healthz`, `/readyz` and `/metrics`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+use keyhaven_proto::broker::v1::admin_server::AdminServer;
+use keyhaven_proto::broker::v1::leases_server::LeasesServer;
+use secrecy::SecretString;
+
+use crate::auth::{DevIssuer, FileJwks, Verifier, VerifierConfig};
+use crate::crypto::{DekCache, Envelope};
+use crate::grpc::{Edge, RateLimiter};
+use crate::service::{Broker, BrokerConfig};
+use crate::store::Store;
+
+/// `broker` flags. Every flag also reads an environment variable. Secrets (PIN, database
+/// password, bootstrap credential) come from files or the environment, never argv.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// gRPC listen address.
+    #[arg(long, env = "KEYHAVEN_BROKER_LISTEN", default_value = "127.0.0.1:8443")]
+    pub listen: SocketAddr,
+    /// Database URL: `sqlite:///var/lib/keyhaven/broker.db` or `postgres://user@host/db`.
+    /// Prefer `--database-url-file` (or the environment) when it holds a password.
+    #[arg(
+        long,
+        env = "KEYHAVEN_DATABASE_URL",
+        required_unless_present = "database_url_file"
+    )]
+    pub database_url: Option<String>,
+    /// File holding the database URL.
+    #[arg(long, env = "KEYHAVEN_DATABASE_URL_FILE")]
+    pub database_url_file: Option<PathBuf>,
+    /// PEM certificate chain for TLS.
+    #[arg(long, env = "KEYHAVEN_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS.
+    #[arg(long, env = "KEYHAVEN_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA bundle: when set, clients must present a certificate it signed (mTLS).
+    #[arg(long, env = "KEYHAVEN_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Serve without TLS. Only allowed on a loopback address.
+    #[arg(long, env = "KEYHAVEN_INSECURE_PLAINTEXT")]
+    pub insecure_plaintext: bool,
+    /// PKCS#11 module.
+    #[arg(
+        long,
+        env = "KEYHAVEN_PKCS11_MODULE",
+        default_value = "/usr/lib/softhsm/libsofthsm2.so"
+    )]
+    pub pkcs11_module: PathBuf,
+    /// HSM token label.
+    #[arg(long, env = "KEYHAVEN_TOKEN_LABEL")]
+    pub token_label: String,
+    /// File holding the HSM user PIN.
+    #[arg(long, env = "KEYHAVEN_PIN_FILE")]
+    pub pin_file: PathBuf,
+    /// Label prefix of the broker's KEKs.
+    #[arg(
+        long,
+        env = "KEYHAVEN_KEK_LABEL_PREFIX",
+        default_value = "keyhaven-broker-"
+    )]
+    pub kek_label_prefix: String,
+    /// Issuer of ServiceAccount tokens (the apiserver's `--service-account-issuer`).
+    #[arg(
+        long,
+        env = "KEYHAVEN_TOKEN_ISSUER",
+        default_value = "https://kubernetes.default.svc.cluster.local"
+    )]
+    pub issuer: String,
+    /// Accepted token audiences.
+    #[arg(
+        long,
+        env = "KEYHAVEN_TOKEN_AUDIENCES",
+        value_delimiter = ',',
+        default_value = "keyhaven"
+    )]
+    pub audience: Vec<String>,
+    /// JWKS file with the apiserver's service-account signing keys (re-read on unknown kid).
+    #[arg(long, env = "KEYHAVEN_JWKS_FILE")]
+    pub jwks_file: Option<PathBuf>,
+    /// Dev mode: also trust tokens minted by `brokerctl dev-token` with this key. Demos and
+    /// tests only.
+    #[arg(long, env = "KEYHAVEN_DEV")]
+    pub dev: bool,
+    /// Dev-mode signing key (created if missing).
+    #[arg(
+        long,
+        env = "KEYHAVEN_DEV_KEY",
+        default_value = ".keyhaven-dev/dev-issuer.pem"
+    )]
+    pub dev_key: PathBuf,
+    /// File holding the bootstrap admin credential.
+    #[arg(long, env = "KEYHAVEN_BOOTSTRAP_FILE")]
+    pub bootstrap_file: Option<PathBuf>,
+    /// Also append audit records to this JSON-lines file.
+    #[arg(long, env = "KEYHAVEN_AUDIT_FILE")]
+    pub audit_file: Option<PathBuf>,
+    /// HTTP address for /healthz, /readyz and /metrics.
+    #[arg(long, env = "KEYHAVEN_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Requests per second allowed per identity (0: unlimited).
+    #[arg(long, env = "KEYHAVEN_RATE_LIMIT", default_value_t = 50.0)]
+    pub rate_limit: f64,
+    /// How often the reaper looks for expired leases.
+    #[arg(long, env = "KEYHAVEN_REAP_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub reap_interval: Duration,
+}
+
+/// Why the broker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Bad flags.
+    #[error("{0}")]
+    Config(String),
+    /// A part failed to start.
+    #[error("{0}")]
+    Start(String),
+}
+
+fn read_secret_file(p: &PathBuf, what: &str) -> Result<SecretString, ServeError> {
+    let s = std::fs::read_to_string(p)
+        .map_err(|e| ServeError::Config(format!("cannot read {what} file {}: {e}", p.display())))?;
+    let t = s.trim_end_matches(['\n', '\r']).to_owned();
+    if t.is_empty() {
+        return Err(ServeError::Config(format!(
+            "{what} file {} is empty",
+            p.display()
+        )));
+    }
+    Ok(SecretString::from(t))
+}
+
+/// Builds the broker from flags.
+pub async fn assemble(args: &ServeArgs) -> Result<Arc<Broker>, ServeError> {
+    use secrecy::ExposeSecret;
+    let url = match (&args.database_url, &args.database_url_file) {
+        (_, Some(f)) => read_secret_file(f, "database URL")?,
+        (Some(u), None) => SecretString::from(u.clone()),
+        (None, None) => {
+            return Err(ServeError::Config(
+                "give --database-url or --database-url-file".into(),
+            ))
+        }
+    };
+    let store = Store::connect(url.expose_secret())
+        .await
+        .map_err(|e| ServeError::Start(format!("database: {e}")))?;
+    let mut cfg = keyhaven_hsm::Config::new(
+        &args.pkcs11_module,
+        keyhaven_hsm::TokenSelector::Label(args.token_label.clone()),
+        keyhaven_hsm::PinSource::File(args.pin_file.clone()),
+    );
+    cfg.kek_label_prefix = args.kek_label_prefix.clone();
+    let ks = keyhaven_hsm::Keystore::open(cfg)
+        .await
+        .map_err(|e| ServeError::Start(format!("HSM: {e}")))?;
+    let envelope = Envelope::new(ks, DekCache::new(10_000, Duration::from_secs(300)));
+
+    let dev = if args.dev {
+        let issuer = DevIssuer::load_or_generate(&args.dev_key)
+            .map_err(|e| ServeError::Start(format!("dev key: {e}")))?;
+        Some(Arc::new(
+            Verifier::new(DevIssuer::verifier_config(), issuer.jwks_source())
+                .map_err(|e| ServeError::Start(format!("dev verifier: {e}")))?,
+        ))
+    } else {
+        None
+    };
+    let verifier = match (&args.jwks_file, &dev) {
+        (Some(f), _) => {
+            let mut vc = VerifierConfig::new(args.issuer.clone());
+            vc.audiences = args.audience.clone();
+            Arc::new(
+                Verifier::new(vc, FileJwks::new(f.clone()))
+                    .map_err(|e| ServeError::Config(format!("token verifier: {e}")))?,
+            )
+        }
+        (None, Some(d)) => d.clone(),
+        (None, None) => return Err(ServeError::Config(
+            "no way to verify tokens: give --jwks-file (the apiserver's JWKS), or --dev for demos"
+                .into(),
+        )),
+    };
+    let mut broker = Broker::new(store, envelope, verifier, BrokerConfig::default())
+        .await
+        .map_err(|e| ServeError::Start(e.to_string()))?;
+    if let (Some(d), Some(_)) = (dev, &args.jwks_file) {
+        broker = broker.with_dev_verifier(d);
+    } else if args.dev {
+        tracing::warn!(
+            "DEV MODE: trusting tokens minted with the dev key — never use this in production"
+        );
+    }
+    if let Some(f) = &args.bootstrap_file {
+        broker = broker.with_bootstrap_admin(read_secret_file(f, "bootstrap credential")?);
+    }
+    if let Some(f) = &args.audit_file {
+        let sink = crate::audit::JsonlSink::open(f)
+            .map_err(|e| ServeError::Start(format!("audit file {}: {e}", f.display())))?;
+        broker = broker.with_audit_file(sink);
+    }
+    Ok(Arc::new(broker))
+}
+
+/// Serves until `shutdown` resolves.
+pub async fn serve(
+    args: ServeArgs,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    if args.insecure_plaintext && !args.listen.ip().is_loopback() {
+        return Err(ServeError::Config(format!(
+            "--insecure-plaintext is only allowed on a loopback address, not {}",
+            args.listen
+        )));
+    }
+    let tls = if args.insecure_plaintext {
+        tracing::warn!(listen = %args.listen, "serving gRPC WITHOUT TLS (loopback only)");
+        None
+    } else {
+        let (Some(c), Some(k)) = (&args.tls_cert, &args.tls_key) else {
+            return Err(ServeError::Config(
+                "TLS needs --tls-cert and --tls-key (or --insecure-plaintext on loopback)".into(),
+            ));
+        };
+        let read = |p: &PathBuf| {
+            std::fs::read(p)
+                .map_err(|e| ServeError::Config(format!("cannot read {}: {e}", p.display())))
+        };
+        let mut t = tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(read(c)?, read(k)?));
+        if let Some(ca) = &args.tls_client_ca {
+            t = t.client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?));
+        }
+        Some(t)
+    };
+    let broker = assemble(&args).await?;
+    let edge = Edge::new(
+        broker.clone(),
+        Arc::new(RateLimiter::new(args.rate_limit, args.rate_limit * 2.0)),
+    );
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!("shutting down");
+        let _ = stop_tx.send(true);
+    });
+    let stop = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+
+    // Reaper and KEK refresh.
+    {
+        let b = Arc::downgrade(&broker);
+        let every = args.reap_interval;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(b) = b.upgrade() else { return };
+                loop {
+                    match b.reap(500).await {
+                        Ok(500) => continue,
+                        Ok(n) => {
+                            if n > 0 {
+                                tracing::info!(expired = n, "reaper ended expired leases");
+                            }
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "reaper pass failed");
+                            break;
+                        }
+                    }
+                }
+                if let Err(e) = b.refresh_kek().await {
+                    tracing::warn!(error = %e, "KEK refresh failed");
+                }
+            }
+        });
+    }
+
+    if let Some(maddr) = args.metrics_addr {
+        let l = tokio::net::TcpListener::bind(maddr)
+            .await
+            .map_err(|e| ServeError::Start(format!("bind {maddr}: {e}")))?;
+        let b = broker.clone();
+        let rx = stop_rx.clone();
+        tokio::spawn(async move {
+            let _ = crate::http::serve_http(l, b, stop(rx)).await;
+        });
+    }
+
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_serving::<LeasesServer<Edge>>().await;
+    reporter.set_serving::<AdminServer<Edge>>().await;
+
+    let mut builder = tonic::transport::Server::builder()
+        .timeout(Duration::from_secs(30))
+        .concurrency_limit_per_connection(256);
+    if let Some(t) = tls {
+        builder = builder
+            .tls_config(t)
+            .map_err(|e| ServeError::Config(format!("TLS: {e}")))?;
+    }
+    tracing::info!(listen = %args.listen, store = broker.store().kind(), tls = !args.insecure_plaintext, "broker serving");
+    builder
+        .add_service(health)
+        .add_service(LeasesServer::new(edge.clone()).max_decoding_message_size(1 << 20))
+        .add_service(AdminServer::new(edge).max_decoding_message_size(4 << 20))
+        .serve_with_shutdown(args.listen, stop(stop_rx))
+        .await
+        .map_err(|e| ServeError::Start(format!("gRPC server: {e}")))
+}

@@ -1,0 +1,400 @@
+//! The `broker` binary as workloads meet it: a real process, gRPC over TLS (rustls) with a
+//! throwaway CA, a real SoftHSM2 KEK, a real SQLite file, dev-mode tokens.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hsm_tests::process::{bin_path, free_port, http_get, runtime};
+use hsm_tests::softhsm::SoftHsm;
+use hsm_tests::tls::DevPki;
+use keyhaven_broker::auth::DevIssuer;
+use keyhaven_proto::broker::v1::admin_client::AdminClient;
+use keyhaven_proto::broker::v1::leases_client::LeasesClient;
+use keyhaven_proto::broker::v1::*;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+use tonic::Code;
+
+const BOOTSTRAP: &str = "test-bootstrap-credential-0123456789";
+
+struct BrokerProc {
+    child: Child,
+    addr: String,
+    metrics: String,
+    log: std::path::PathBuf,
+}
+
+impl Drop for BrokerProc {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn keys_init(hsm: &SoftHsm) {
+    let mut cfg = hsm.config();
+    cfg.kek_label_prefix = "keyhaven-broker-".into();
+    let ks = keyhaven_hsm::BlockingKeystore::open(cfg).unwrap();
+    ks.generate_kek().unwrap();
+}
+
+fn start_broker(hsm: &SoftHsm, pki: &DevPki, extra: &[&str]) -> BrokerProc {
+    let dir = hsm.dir();
+    std::fs::write(dir.join("bootstrap"), BOOTSTRAP).unwrap();
+    let port = free_port();
+    let mport = free_port();
+    let log = dir.join(format!("broker-{port}.log"));
+    let child = Command::new(bin_path("broker"))
+        .env("SOFTHSM2_CONF", &hsm.conf)
+        .env("KEYHAVEN_LOG", "info")
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args([
+            "--database-url",
+            &format!("sqlite://{}", dir.join("broker.db").display()),
+        ])
+        .arg("--tls-cert")
+        .arg(&pki.server_cert)
+        .arg("--tls-key")
+        .arg(&pki.server_key)
+        .arg("--pkcs11-module")
+        .arg(&hsm.module)
+        .args(["--token-label", &hsm.label])
+        .arg("--pin-file")
+        .arg(&hsm.pin_file)
+        .arg("--dev")
+        .arg("--dev-key")
+        .arg(dir.join("dev.pem"))
+        .arg("--bootstrap-file")
+        .arg(dir.join("bootstrap"))
+        .arg("--audit-file")
+        .arg(dir.join("audit.jsonl"))
+        .args(["--metrics-addr", &format!("127.0.0.1:{mport}")])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let b = BrokerProc {
+        child,
+        addr: format!("https://localhost:{port}"),
+        metrics: format!("127.0.0.1:{mport}"),
+        log,
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "broker did not start:\n{}",
+            std::fs::read_to_string(&b.log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    b
+}
+
+async fn channel(addr: &str, ca: &Path) -> Channel {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(std::fs::read(ca).unwrap()))
+        .domain_name("localhost");
+    Channel::from_shared(addr.to_string())
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+fn authed<T>(msg: T, cred: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {cred}").parse().unwrap());
+    r
+}
+
+const POLICY: &str = r#"
+policies:
+- name: app
+  subjects: [{namespace: shop, serviceaccount: web}]
+  paths: ["shop/*"]
+  capabilities: [read]
+  ttl: 30s
+  max_ttl: 2m
+"#;
+
+#[test]
+fn leases_over_tls_with_a_real_broker_process() {
+    let hsm = SoftHsm::new();
+    keys_init(&hsm);
+    let pki = DevPki::write(hsm.dir());
+    let b = start_broker(&hsm, &pki, &[]);
+    let rt = runtime();
+    rt.block_on(async {
+        let ch = channel(&b.addr, &pki.ca).await;
+        let mut admin = AdminClient::new(ch.clone());
+        let mut leases = LeasesClient::new(ch.clone());
+        admin
+            .apply_policies(authed(
+                ApplyPoliciesRequest {
+                    yaml: POLICY.into(),
+                },
+                BOOTSTRAP,
+            ))
+            .await
+            .unwrap();
+        let v = admin
+            .put_secret(authed(
+                PutSecretRequest {
+                    path: "shop/db".into(),
+                    data: [("password".to_string(), b"s3cret-value".to_vec())].into(),
+                },
+                BOOTSTRAP,
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .version;
+        assert_eq!(v, 1);
+
+        let dev = DevIssuer::load_or_generate(&hsm.dir().join("dev.pem")).unwrap();
+        let token = dev
+            .mint("shop", "web", Some("web-0"), Duration::from_secs(300))
+            .unwrap();
+        let l = leases
+            .lease(authed(
+                LeaseRequest {
+                    path: "shop/db".into(),
+                    ttl_seconds: 0,
+                },
+                &token,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(l.data["password"], b"s3cret-value");
+        assert_eq!(l.ttl_seconds, 30);
+        assert!(l.lease_id.starts_with("shop/web/shop/db/"));
+        let r = leases
+            .renew(authed(
+                RenewRequest {
+                    lease_id: l.lease_id.clone(),
+                    increment_seconds: 60,
+                },
+                &token,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!r.newer_version && r.ttl_seconds <= 60);
+
+        // Denied path, other identity, no token, garbage token, bootstrap cannot lease.
+        let e = leases
+            .lease(authed(
+                LeaseRequest {
+                    path: "other/x".into(),
+                    ttl_seconds: 0,
+                },
+                &token,
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied);
+        let other = dev
+            .mint("shop", "batch", None, Duration::from_secs(300))
+            .unwrap();
+        let e = leases
+            .lease(authed(
+                LeaseRequest {
+                    path: "shop/db".into(),
+                    ttl_seconds: 0,
+                },
+                &other,
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied);
+        let e = leases
+            .lease(tonic::Request::new(LeaseRequest {
+                path: "shop/db".into(),
+                ttl_seconds: 0,
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated);
+        let e = leases
+            .lease(authed(
+                LeaseRequest {
+                    path: "shop/db".into(),
+                    ttl_seconds: 0,
+                },
+                "garbage.token.here",
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated);
+        // A workload is no admin.
+        let e = admin
+            .put_secret(authed(
+                PutSecretRequest {
+                    path: "shop/db".into(),
+                    data: Default::default(),
+                },
+                &token,
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied);
+
+        // Operator views and revocation, then the holder cannot renew.
+        let list = admin
+            .list_leases(authed(
+                ListLeasesRequest {
+                    selector: None,
+                    include_ended: false,
+                },
+                BOOTSTRAP,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(list.leases.len(), 1);
+        assert_eq!(list.leases[0].pod, "web-0");
+        let revoked = admin
+            .revoke_leases(authed(
+                RevokeLeasesRequest {
+                    selector: Some(LeaseSelector {
+                        namespace: "shop".into(),
+                        pod: "web-0".into(),
+                        ..Default::default()
+                    }),
+                },
+                BOOTSTRAP,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(revoked.lease_ids, vec![l.lease_id.clone()]);
+        let e = leases
+            .renew(authed(
+                RenewRequest {
+                    lease_id: l.lease_id.clone(),
+                    increment_seconds: 0,
+                },
+                &token,
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition);
+
+        // Audit verifies, in the database and in the JSON-lines file.
+        let v = admin
+            .audit_verify(authed(
+                AuditVerifyRequest {
+                    anchor: String::new(),
+                },
+                BOOTSTRAP,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(v.ok, "{}", v.error);
+        assert!(v.records >= 10);
+        let ks = admin
+            .key_status(authed(KeyStatusRequest {}, BOOTSTRAP))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(ks.keks.len(), 1);
+        assert_eq!((ks.keks[0].role.as_str(), ks.keks[0].deks), ("primary", 1));
+
+        // gRPC health.
+        let mut h = tonic_health::pb::health_client::HealthClient::new(ch);
+        let s = h
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(s.status, 1, "SERVING");
+    });
+    let report = keyhaven_broker::audit::verify_jsonl(hsm.dir().join("audit.jsonl")).unwrap();
+    assert!(report.records >= 10);
+    assert_eq!(http_get(&b.metrics, "/readyz").0, 200);
+    let (_, m) = http_get(&b.metrics, "/metrics");
+    assert!(m.contains("keyhaven_broker_active_leases 0"), "{m}");
+
+    // Nothing secret in the broker's log or the audit file.
+    let log = std::fs::read_to_string(&b.log).unwrap();
+    let audit = std::fs::read_to_string(hsm.dir().join("audit.jsonl")).unwrap();
+    for text in [&log, &audit] {
+        assert!(!text.contains("s3cret-value"));
+        assert!(!text.contains(BOOTSTRAP));
+        assert!(!text.contains("eyJ"), "a JWT leaked");
+        assert!(!text.contains(hsm_tests::softhsm::USER_PIN));
+    }
+}
+
+#[test]
+fn plaintext_is_refused_off_loopback_and_tls_is_required() {
+    let hsm = SoftHsm::new();
+    keys_init(&hsm);
+    let out = Command::new(bin_path("broker"))
+        .env("SOFTHSM2_CONF", &hsm.conf)
+        .args(["--listen", "0.0.0.0:0", "--insecure-plaintext", "--dev"])
+        .args(["--database-url", "sqlite::memory:"])
+        .args(["--token-label", &hsm.label])
+        .arg("--pin-file")
+        .arg(&hsm.pin_file)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("loopback"));
+    // No TLS files and no plaintext flag: refused with a clear message.
+    let out = Command::new(bin_path("broker"))
+        .env("SOFTHSM2_CONF", &hsm.conf)
+        .args(["--listen", "127.0.0.1:0", "--dev"])
+        .args(["--database-url", "sqlite::memory:"])
+        .args(["--token-label", &hsm.label])
+        .arg("--pin-file")
+        .arg(&hsm.pin_file)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--tls-cert"));
+
+    // A plaintext client cannot talk to the TLS port.
+    let pki = DevPki::write(hsm.dir());
+    let b = start_broker(&hsm, &pki, &[]);
+    let rt = runtime();
+    let plain = b.addr.replace("https://", "http://");
+    let r = rt.block_on(async {
+        let ch = Channel::from_shared(plain).unwrap().connect().await;
+        match ch {
+            Err(_) => None,
+            Ok(ch) => Some(
+                LeasesClient::new(ch)
+                    .lease(tonic::Request::new(LeaseRequest {
+                        path: "a".into(),
+                        ttl_seconds: 0,
+                    }))
+                    .await,
+            ),
+        }
+    });
+    if let Some(r) = r {
+        assert!(r.is_err());
+    }
+}
