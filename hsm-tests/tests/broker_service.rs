@@ -369,16 +369,16 @@ async fn operators_revoke_by_identity_pod_and_prefix(env: Env) {
     assert!(report.records > 20);
 }
 
-async fn many_concurrent_clients_stay_consistent(env: Env) {
+async fn two_hundred_concurrent_clients_stay_consistent(env: Env) {
     env.put("shared/hot", &[("k", "v")]).await;
     let broker = Arc::new(env.broker);
     let mut tasks = Vec::new();
-    for i in 0..50 {
+    for i in 0..200 {
         let b = broker.clone();
         let token = env
             .dev
             .mint(
-                &format!("team-{}", i % 5),
+                &format!("team-{}", i % 7),
                 "sa",
                 Some(&format!("pod-{i}")),
                 Duration::from_secs(600),
@@ -387,12 +387,13 @@ async fn many_concurrent_clients_stay_consistent(env: Env) {
         tasks.push(tokio::spawn(async move {
             let c = b.authenticate(&token).await.unwrap();
             let mut mine = Vec::new();
-            for _ in 0..4 {
+            for _ in 0..2 {
                 let g = b.lease(&c, "shared/hot", None).await.unwrap();
-                b.renew(&c, &g.lease_id, None).await.unwrap();
-                mine.push(g.lease_id);
+                assert_eq!(g.data.0["k"].as_slice(), b"v");
+                let r = b.renew(&c, &g.lease_id, None).await.unwrap();
+                mine.push((g.lease_id, r));
             }
-            b.revoke(&c, &mine[0]).await.unwrap();
+            b.revoke(&c, &mine[0].0).await.unwrap();
             mine
         }));
     }
@@ -402,19 +403,29 @@ async fn many_concurrent_clients_stay_consistent(env: Env) {
     }
     let now = keyhaven_broker::audit::now_ms();
     let store = broker.store();
-    assert_eq!(all.len(), 200);
-    assert_eq!(store.count_active_leases(now).await.unwrap(), 150);
-    for id in &all {
+    assert_eq!(all.len(), 400);
+    assert_eq!(store.count_active_leases(now).await.unwrap(), 200);
+    for (i, (id, renewal)) in all.iter().enumerate() {
         let l = store
             .get_lease(id)
             .await
             .unwrap()
             .expect("every granted lease is stored");
-        assert_eq!(l.renewals, 1);
+        assert_eq!(l.renewals, 1, "{id}");
+        assert_eq!(
+            l.max_expires_ms / 1000,
+            renewal.renewable_until_unix,
+            "{id}"
+        );
+        assert_eq!(
+            l.ended_ms.is_some(),
+            i % 2 == 0,
+            "{id}: revoked iff it was the first"
+        );
     }
     let report = store.verify_audit().await.unwrap().unwrap();
-    // policy apply + 3 (auth, put) ... at least one record per call
-    assert!(report.records >= 50 + 200 * 2 + 50);
+    // Every call is recorded: 200 authentications, 400 leases, 400 renewals, 200 revocations.
+    assert!(report.records >= 1200, "{}", report.records);
 }
 
 macro_rules! scenarios {
@@ -433,5 +444,58 @@ scenarios!(
     bad_tokens_are_unauthenticated_and_audited,
     renew_until_max_then_refused_and_revoke,
     operators_revoke_by_identity_pod_and_prefix,
-    many_concurrent_clients_stay_consistent,
+    two_hundred_concurrent_clients_stay_consistent,
 );
+
+#[test]
+fn database_gone_fails_cleanly_and_recovers_without_losing_leases() {
+    run(Db::Postgres, |mut env| async move {
+        env.put("shared/x", &[("k", "v")]).await;
+        let c = env.login("team-q", "sa").await;
+        let before = env.broker.lease(&c, "shared/x", None).await.unwrap();
+        let mut pg = env._pg.take().unwrap();
+        tokio::task::block_in_place(|| pg.stop());
+        for _ in 0..3 {
+            let e = env.broker.lease(&c, "shared/x", None).await.unwrap_err();
+            assert!(matches!(e, BrokerError::Unavailable(_)), "{e:?}");
+            let e = env
+                .broker
+                .renew(&c, &before.lease_id, None)
+                .await
+                .unwrap_err();
+            assert!(matches!(e, BrokerError::Unavailable(_)), "{e:?}");
+        }
+        tokio::task::block_in_place(|| pg.resume());
+        let mut after = None;
+        for _ in 0..50 {
+            match env.broker.lease(&c, "shared/x", None).await {
+                Ok(g) => {
+                    after = Some(g);
+                    break;
+                }
+                Err(BrokerError::Unavailable(_)) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                Err(e) => panic!("{e:?}"),
+            }
+        }
+        let after = after.expect("service came back without a restart");
+        let now = keyhaven_broker::audit::now_ms();
+        let leases = env
+            .broker
+            .store()
+            .list_leases(&LeaseFilter::All, now, true)
+            .await
+            .unwrap();
+        let ids: Vec<_> = leases.iter().map(|l| l.id.clone()).collect();
+        assert_eq!(
+            ids.len(),
+            2,
+            "exactly the two granted leases exist: {ids:?}"
+        );
+        assert!(ids.contains(&before.lease_id) && ids.contains(&after.lease_id));
+        env.broker.renew(&c, &before.lease_id, None).await.unwrap();
+        assert!(env.broker.store().verify_audit().await.unwrap().is_ok());
+        drop(pg);
+    });
+}
