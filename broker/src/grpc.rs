@@ -112,6 +112,23 @@ impl Edge {
     }
 }
 
+impl Edge {
+    async fn timed<T>(
+        &self,
+        method: &'static str,
+        fut: impl std::future::Future<Output = Result<Response<T>, Status>>,
+    ) -> Result<Response<T>, Status> {
+        let t0 = Instant::now();
+        let r = fut.await;
+        let code = match &r {
+            Ok(_) => tonic::Code::Ok,
+            Err(s) => s.code(),
+        };
+        self.broker.metrics().request(method, code, t0.elapsed());
+        r
+    }
+}
+
 fn secs(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
@@ -122,48 +139,57 @@ impl Leases for Edge {
         &self,
         req: Request<pb::LeaseRequest>,
     ) -> Result<Response<pb::LeaseResponse>, Status> {
-        let caller = self.caller(&req).await?;
-        let r = req.into_inner();
-        let ttl = (r.ttl_seconds > 0).then(|| Duration::from_secs(r.ttl_seconds));
-        let g = self.broker.lease(&caller, &r.path, ttl).await?;
-        Ok(Response::new(pb::LeaseResponse {
-            lease_id: g.lease_id.clone(),
-            version: g.version as u64,
-            data: g
-                .data
-                .0
-                .iter()
-                .map(|(k, v)| (k.clone(), v.to_vec()))
-                .collect(),
-            ttl_seconds: secs(g.ttl),
-            renewable_until: g.renewable_until_unix,
-        }))
+        self.timed("Lease", async move {
+            let caller = self.caller(&req).await?;
+            let r = req.into_inner();
+            let ttl = (r.ttl_seconds > 0).then(|| Duration::from_secs(r.ttl_seconds));
+            let g = self.broker.lease(&caller, &r.path, ttl).await?;
+            Ok(Response::new(pb::LeaseResponse {
+                lease_id: g.lease_id.clone(),
+                version: g.version as u64,
+                data: g
+                    .data
+                    .0
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.to_vec()))
+                    .collect(),
+                ttl_seconds: secs(g.ttl),
+                renewable_until: g.renewable_until_unix,
+            }))
+        })
+        .await
     }
 
     async fn renew(
         &self,
         req: Request<pb::RenewRequest>,
     ) -> Result<Response<pb::RenewResponse>, Status> {
-        let caller = self.caller(&req).await?;
-        let r = req.into_inner();
-        let inc = (r.increment_seconds > 0).then(|| Duration::from_secs(r.increment_seconds));
-        let n = self.broker.renew(&caller, &r.lease_id, inc).await?;
-        Ok(Response::new(pb::RenewResponse {
-            ttl_seconds: secs(n.ttl),
-            renewable_until: n.renewable_until_unix,
-            newer_version: n.newer_version,
-        }))
+        self.timed("Renew", async move {
+            let caller = self.caller(&req).await?;
+            let r = req.into_inner();
+            let inc = (r.increment_seconds > 0).then(|| Duration::from_secs(r.increment_seconds));
+            let n = self.broker.renew(&caller, &r.lease_id, inc).await?;
+            Ok(Response::new(pb::RenewResponse {
+                ttl_seconds: secs(n.ttl),
+                renewable_until: n.renewable_until_unix,
+                newer_version: n.newer_version,
+            }))
+        })
+        .await
     }
 
     async fn revoke(
         &self,
         req: Request<pb::RevokeRequest>,
     ) -> Result<Response<pb::RevokeResponse>, Status> {
-        let caller = self.caller(&req).await?;
-        self.broker
-            .revoke(&caller, &req.into_inner().lease_id)
-            .await?;
-        Ok(Response::new(pb::RevokeResponse {}))
+        self.timed("Revoke", async move {
+            let caller = self.caller(&req).await?;
+            self.broker
+                .revoke(&caller, &req.into_inner().lease_id)
+                .await?;
+            Ok(Response::new(pb::RevokeResponse {}))
+        })
+        .await
     }
 }
 
@@ -222,181 +248,214 @@ impl Admin for Edge {
         &self,
         req: Request<pb::PutSecretRequest>,
     ) -> Result<Response<pb::PutSecretResponse>, Status> {
-        let caller = self.caller(&req).await?;
-        let r = req.into_inner();
-        let v = self
-            .broker
-            .put_secret(&caller, &r.path, SecretData::from_pairs(r.data))
-            .await?;
-        Ok(Response::new(pb::PutSecretResponse { version: v as u64 }))
+        self.timed("PutSecret", async move {
+            let caller = self.caller(&req).await?;
+            let r = req.into_inner();
+            let v = self
+                .broker
+                .put_secret(&caller, &r.path, SecretData::from_pairs(r.data))
+                .await?;
+            Ok(Response::new(pb::PutSecretResponse { version: v as u64 }))
+        })
+        .await
     }
 
     async fn list_secrets(
         &self,
         req: Request<pb::ListSecretsRequest>,
     ) -> Result<Response<pb::ListSecretsResponse>, Status> {
-        let caller = self.caller(&req).await?;
-        let paths = self
-            .broker
-            .list_secrets(&caller, &req.into_inner().prefix)
-            .await?;
-        Ok(Response::new(pb::ListSecretsResponse { paths }))
+        self.timed("ListSecrets", async move {
+            let caller = self.caller(&req).await?;
+            let paths = self
+                .broker
+                .list_secrets(&caller, &req.into_inner().prefix)
+                .await?;
+            Ok(Response::new(pb::ListSecretsResponse { paths }))
+        })
+        .await
     }
 
     async fn secret_metadata(
         &self,
         req: Request<pb::SecretMetadataRequest>,
     ) -> Result<Response<pb::SecretMetadataResponse>, Status> {
-        let caller = self.caller(&req).await?;
-        let vs = self
-            .broker
-            .secret_metadata(&caller, &req.into_inner().path)
-            .await?;
-        Ok(Response::new(pb::SecretMetadataResponse {
-            versions: vs
-                .into_iter()
-                .map(|v| pb::SecretVersionMeta {
-                    version: v.version as u64,
-                    created_unix_ms: v.created_ms,
-                    deleted_unix_ms: v.deleted_ms.unwrap_or(0),
-                    destroyed_unix_ms: v.destroyed_ms.unwrap_or(0),
-                    kek_id: v
-                        .sealed
-                        .map(|s| s.dek.kek_id.to_string())
-                        .unwrap_or_default(),
-                })
-                .collect(),
-        }))
+        self.timed("SecretMetadata", async move {
+            let caller = self.caller(&req).await?;
+            let vs = self
+                .broker
+                .secret_metadata(&caller, &req.into_inner().path)
+                .await?;
+            Ok(Response::new(pb::SecretMetadataResponse {
+                versions: vs
+                    .into_iter()
+                    .map(|v| pb::SecretVersionMeta {
+                        version: v.version as u64,
+                        created_unix_ms: v.created_ms,
+                        deleted_unix_ms: v.deleted_ms.unwrap_or(0),
+                        destroyed_unix_ms: v.destroyed_ms.unwrap_or(0),
+                        kek_id: v
+                            .sealed
+                            .map(|s| s.dek.kek_id.to_string())
+                            .unwrap_or_default(),
+                    })
+                    .collect(),
+            }))
+        })
+        .await
     }
 
     async fn delete_secret(
         &self,
         req: Request<pb::DeleteSecretRequest>,
     ) -> Result<Response<pb::DeleteSecretResponse>, Status> {
-        let caller = self.caller(&req).await?;
-        let r = req.into_inner();
-        let n = self
-            .broker
-            .delete_secret(&caller, &r.path, r.destroy)
-            .await?;
-        Ok(Response::new(pb::DeleteSecretResponse { versions: n }))
+        self.timed("DeleteSecret", async move {
+            let caller = self.caller(&req).await?;
+            let r = req.into_inner();
+            let n = self
+                .broker
+                .delete_secret(&caller, &r.path, r.destroy)
+                .await?;
+            Ok(Response::new(pb::DeleteSecretResponse { versions: n }))
+        })
+        .await
     }
 
     async fn apply_policies(
         &self,
         req: Request<pb::ApplyPoliciesRequest>,
     ) -> Result<Response<pb::ApplyPoliciesResponse>, Status> {
-        let caller = self.caller(&req).await?;
-        let n = self
-            .broker
-            .apply_policies(&caller, &req.into_inner().yaml)
-            .await?;
-        Ok(Response::new(pb::ApplyPoliciesResponse {
-            policies: n as u64,
-        }))
+        self.timed("ApplyPolicies", async move {
+            let caller = self.caller(&req).await?;
+            let n = self
+                .broker
+                .apply_policies(&caller, &req.into_inner().yaml)
+                .await?;
+            Ok(Response::new(pb::ApplyPoliciesResponse {
+                policies: n as u64,
+            }))
+        })
+        .await
     }
 
     async fn list_policies(
         &self,
         req: Request<pb::ListPoliciesRequest>,
     ) -> Result<Response<pb::ListPoliciesResponse>, Status> {
-        let caller = self.caller(&req).await?;
-        let yaml = self.broker.list_policies(&caller).await?;
-        Ok(Response::new(pb::ListPoliciesResponse { yaml }))
+        self.timed("ListPolicies", async move {
+            let caller = self.caller(&req).await?;
+            let yaml = self.broker.list_policies(&caller).await?;
+            Ok(Response::new(pb::ListPoliciesResponse { yaml }))
+        })
+        .await
     }
 
     async fn list_leases(
         &self,
         req: Request<pb::ListLeasesRequest>,
     ) -> Result<Response<pb::ListLeasesResponse>, Status> {
-        let caller = self.caller(&req).await?;
-        let r = req.into_inner();
-        let filter = selector_filter(r.selector)?;
-        let leases = self
-            .broker
-            .list_leases(&caller, &filter, r.include_ended)
-            .await?;
-        Ok(Response::new(pb::ListLeasesResponse {
-            leases: leases.into_iter().map(lease_info).collect(),
-        }))
+        self.timed("ListLeases", async move {
+            let caller = self.caller(&req).await?;
+            let r = req.into_inner();
+            let filter = selector_filter(r.selector)?;
+            let leases = self
+                .broker
+                .list_leases(&caller, &filter, r.include_ended)
+                .await?;
+            Ok(Response::new(pb::ListLeasesResponse {
+                leases: leases.into_iter().map(lease_info).collect(),
+            }))
+        })
+        .await
     }
 
     async fn revoke_leases(
         &self,
         req: Request<pb::RevokeLeasesRequest>,
     ) -> Result<Response<pb::RevokeLeasesResponse>, Status> {
-        let caller = self.caller(&req).await?;
-        let filter = selector_filter(req.into_inner().selector)?;
-        let lease_ids = self.broker.revoke_leases(&caller, &filter).await?;
-        Ok(Response::new(pb::RevokeLeasesResponse { lease_ids }))
+        self.timed("RevokeLeases", async move {
+            let caller = self.caller(&req).await?;
+            let filter = selector_filter(req.into_inner().selector)?;
+            let lease_ids = self.broker.revoke_leases(&caller, &filter).await?;
+            Ok(Response::new(pb::RevokeLeasesResponse { lease_ids }))
+        })
+        .await
     }
 
     async fn audit_verify(
         &self,
         req: Request<pb::AuditVerifyRequest>,
     ) -> Result<Response<pb::AuditVerifyResponse>, Status> {
-        let caller = self.caller(&req).await?;
-        let anchor = req.into_inner().anchor;
-        let anchor: Option<Checkpoint> = if anchor.is_empty() {
-            None
-        } else {
-            Some(
-                anchor
-                    .parse()
-                    .map_err(|_| Status::invalid_argument("anchor must be seq:hash"))?,
-            )
-        };
-        let r = self.broker.audit_verify(&caller, anchor.as_ref()).await?;
-        Ok(Response::new(match r {
-            Ok(rep) => pb::AuditVerifyResponse {
-                ok: true,
-                records: rep.records,
-                checkpoint: rep.checkpoint().to_string(),
-                error: String::new(),
-            },
-            Err(e) => pb::AuditVerifyResponse {
-                ok: false,
-                records: 0,
-                checkpoint: String::new(),
-                error: e.to_string(),
-            },
-        }))
+        self.timed("AuditVerify", async move {
+            let caller = self.caller(&req).await?;
+            let anchor = req.into_inner().anchor;
+            let anchor: Option<Checkpoint> = if anchor.is_empty() {
+                None
+            } else {
+                Some(
+                    anchor
+                        .parse()
+                        .map_err(|_| Status::invalid_argument("anchor must be seq:hash"))?,
+                )
+            };
+            let r = self.broker.audit_verify(&caller, anchor.as_ref()).await?;
+            Ok(Response::new(match r {
+                Ok(rep) => pb::AuditVerifyResponse {
+                    ok: true,
+                    records: rep.records,
+                    checkpoint: rep.checkpoint().to_string(),
+                    error: String::new(),
+                },
+                Err(e) => pb::AuditVerifyResponse {
+                    ok: false,
+                    records: 0,
+                    checkpoint: String::new(),
+                    error: e.to_string(),
+                },
+            }))
+        })
+        .await
     }
 
     async fn audit_tail(
         &self,
         req: Request<pb::AuditTailRequest>,
     ) -> Result<Response<pb::AuditTailResponse>, Status> {
-        let caller = self.caller(&req).await?;
-        let r = req.into_inner();
-        let limit = if r.limit == 0 {
-            100
-        } else {
-            i64::from(r.limit)
-        };
-        let recs = self.broker.audit_tail(&caller, r.after_seq, limit).await?;
-        Ok(Response::new(pb::AuditTailResponse {
-            records: recs.iter().map(|r| r.to_json_line()).collect(),
-        }))
+        self.timed("AuditTail", async move {
+            let caller = self.caller(&req).await?;
+            let r = req.into_inner();
+            let limit = if r.limit == 0 {
+                100
+            } else {
+                i64::from(r.limit)
+            };
+            let recs = self.broker.audit_tail(&caller, r.after_seq, limit).await?;
+            Ok(Response::new(pb::AuditTailResponse {
+                records: recs.iter().map(|r| r.to_json_line()).collect(),
+            }))
+        })
+        .await
     }
 
     async fn key_status(
         &self,
         req: Request<pb::KeyStatusRequest>,
     ) -> Result<Response<pb::KeyStatusResponse>, Status> {
-        let caller = self.caller(&req).await?;
-        let keks = self.broker.key_status(&caller).await?;
-        Ok(Response::new(pb::KeyStatusResponse {
-            keks: keks
-                .into_iter()
-                .map(|k| pb::KekStatus {
-                    kek_id: k.kek_id,
-                    label: k.label,
-                    role: k.role.into(),
-                    deks: k.deks.max(0) as u64,
-                })
-                .collect(),
-        }))
+        self.timed("KeyStatus", async move {
+            let caller = self.caller(&req).await?;
+            let keks = self.broker.key_status(&caller).await?;
+            Ok(Response::new(pb::KeyStatusResponse {
+                keks: keks
+                    .into_iter()
+                    .map(|k| pb::KekStatus {
+                        kek_id: k.kek_id,
+                        label: k.label,
+                        role: k.role.into(),
+                        deks: k.deks.max(0) as u64,
+                    })
+                    .collect(),
+            }))
+        })
+        .await
     }
 }
 

@@ -11,6 +11,7 @@ pub mod crypto;
 pub mod grpc;
 pub mod http;
 pub mod identity;
+pub mod metrics;
 pub mod policy;
 pub mod server;
 pub mod service;

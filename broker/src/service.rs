@@ -174,6 +174,7 @@ pub struct Broker {
     audit_file: Option<Mutex<JsonlSink>>,
     kek: RwLock<Option<KekId>>,
     config: BrokerConfig,
+    metrics: crate::metrics::Metrics,
 }
 
 impl std::fmt::Debug for Broker {
@@ -211,6 +212,7 @@ impl Broker {
             audit_file: None,
             kek: RwLock::new(None),
             config,
+            metrics: crate::metrics::Metrics::new(),
         };
         b.reload_policies().await?;
         b.refresh_kek().await?;
@@ -236,6 +238,11 @@ impl Broker {
     pub fn with_audit_file(mut self, sink: JsonlSink) -> Self {
         self.audit_file = Some(Mutex::new(sink));
         self
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.metrics
     }
 
     /// The store.
@@ -337,6 +344,7 @@ impl Broker {
                 Ok(Caller::Workload(id))
             }
             Err(e) => {
+                self.metrics.auth_failure(e.reason());
                 let outcome = if e.is_unavailable() {
                     Outcome::Error
                 } else {
@@ -443,7 +451,10 @@ impl Broker {
         let sealed = row
             .sealed
             .ok_or_else(|| BrokerError::NotFound(format!("secret {path}")))?;
-        let data = self.envelope.open(path, row.version, &sealed).await?;
+        let t0 = std::time::Instant::now();
+        let data = self.envelope.open(path, row.version, &sealed).await;
+        self.metrics.hsm("open", t0.elapsed());
+        let data = data?;
         let ttl = ttl
             .filter(|t| !t.is_zero())
             .unwrap_or(default_ttl)
@@ -616,7 +627,10 @@ impl Broker {
             let kek = self.current_kek()?;
             for _ in 0..5 {
                 let v = self.store.latest_version(path).await? + 1;
-                let sealed = self.envelope.seal(kek, path, v, &data).await?;
+                let t0 = std::time::Instant::now();
+                let sealed = self.envelope.seal(kek, path, v, &data).await;
+                self.metrics.hsm("seal", t0.elapsed());
+                let sealed = sealed?;
                 match self.store.insert_version(path, v, now_ms(), &sealed).await {
                     Ok(()) => return Ok(v),
                     Err(StoreError::Conflict(_)) => continue,
@@ -721,6 +735,7 @@ impl Broker {
     /// One reaper pass: ends expired leases (audited as `expire`); returns how many.
     pub async fn reap(&self, batch: i64) -> Result<usize> {
         let ended = self.store.reap_expired(now_ms(), batch).await?;
+        self.metrics.reaped.inc_by(ended.len() as u64);
         for l in &ended {
             let mut ev = AuditEvent::new(now_ms(), EventKind::Expire, Outcome::Ok)
                 .with_identity(l.identity.subject())
@@ -942,20 +957,20 @@ impl Broker {
         Ok(())
     }
 
-    /// A small Prometheus text exposition: active leases, DEK cache and audit head.
+    /// The Prometheus text exposition (scrape-time figures refreshed first).
     pub async fn metrics_text(&self) -> String {
-        let now = now_ms();
-        let active = self.store.count_active_leases(now).await.unwrap_or(-1);
+        let m = &self.metrics;
+        if let Ok(n) = self.store.count_active_leases(now_ms()).await {
+            m.active_leases.set(n);
+        }
         let c = self.envelope.cache().stats();
-        let head = self.store.audit_head().await.map(|h| h.seq).unwrap_or(-1);
-        format!(
-            "# HELP keyhaven_broker_active_leases Active leases.\n# TYPE keyhaven_broker_active_leases gauge\nkeyhaven_broker_active_leases {active}\n\
-             # HELP keyhaven_broker_dek_cache_hits_total DEK cache hits.\n# TYPE keyhaven_broker_dek_cache_hits_total counter\nkeyhaven_broker_dek_cache_hits_total {}\n\
-             # HELP keyhaven_broker_dek_cache_misses_total DEK cache misses.\n# TYPE keyhaven_broker_dek_cache_misses_total counter\nkeyhaven_broker_dek_cache_misses_total {}\n\
-             # HELP keyhaven_broker_dek_cache_entries DEKs cached.\n# TYPE keyhaven_broker_dek_cache_entries gauge\nkeyhaven_broker_dek_cache_entries {}\n\
-             # HELP keyhaven_broker_audit_records Audit records written.\n# TYPE keyhaven_broker_audit_records gauge\nkeyhaven_broker_audit_records {head}\n",
-            c.hits, c.misses, c.entries
-        )
+        m.dek_cache_hits.set(c.hits);
+        m.dek_cache_misses.set(c.misses);
+        m.dek_cache_entries.set(c.entries as i64);
+        if let Ok(h) = self.store.audit_head().await {
+            m.audit_records.set(h.seq);
+        }
+        m.encode()
     }
 }
 

@@ -334,7 +334,17 @@ fn leases_over_tls_with_a_real_broker_process() {
     assert!(report.records >= 10);
     assert_eq!(http_get(&b.metrics, "/readyz").0, 200);
     let (_, m) = http_get(&b.metrics, "/metrics");
-    assert!(m.contains("keyhaven_broker_active_leases 0"), "{m}");
+    for needle in [
+        "keyhaven_broker_active_leases 0",
+        "keyhaven_broker_requests_total{method=\"Lease\",code=\"Ok\"} 1",
+        "keyhaven_broker_requests_total{method=\"Lease\",code=\"PermissionDenied\"} 2",
+        "keyhaven_broker_request_duration_seconds_bucket",
+        "keyhaven_broker_auth_failures_total{reason=\"malformed\"}",
+        "keyhaven_broker_hsm_operation_duration_seconds_count{op=\"seal\"} 1",
+        "keyhaven_broker_dek_cache_hits",
+    ] {
+        assert!(m.contains(needle), "missing {needle} in:\n{m}");
+    }
 
     // Nothing secret in the broker's log or the audit file.
     let log = std::fs::read_to_string(&b.log).unwrap();

@@ -1,0 +1,526 @@
+//! Reaching the broker: address rules (plaintext only to loopback), the TLS channel, the
+//! bearer credential read from a file at each run, and turning a `tonic::Status` into one
+//! clear line.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use secrecy::{ExposeSecret, SecretString};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Uri};
+use zeroize::Zeroizing;
+
+use keyhaven_proto::broker::v1::admin_client::AdminClient;
+use keyhaven_proto::broker::v1::leases_client::LeasesClient;
+
+use super::cli::ConnArgs;
+use super::Usage;
+
+/// Longest we wait for the TCP + TLS handshake, whatever `--timeout` says.
+const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A checked `--addr`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// The URI to dial.
+    pub uri: Uri,
+    /// `https` (true) or plaintext `http` to a loopback host (false).
+    pub tls: bool,
+    /// The host, without IPv6 brackets.
+    pub host: String,
+}
+
+/// Checks `--addr`: `https://host[:port]`, or `http://` only when the host is loopback
+/// (`localhost`, `127.0.0.0/8`, `::1`). No path, query or user info.
+pub fn parse_addr(addr: &str) -> Result<Target, Usage> {
+    let bad = |why: &str| Usage(format!("--addr {addr:?}: {why}"));
+    let uri: Uri = addr
+        .parse()
+        .map_err(|_| bad("not a URL like https://broker.example:8443"))?;
+    let tls = match uri.scheme_str() {
+        Some("https") => true,
+        Some("http") => false,
+        Some(_) => return Err(bad("the scheme must be https (or http for loopback)")),
+        None => return Err(bad("give a scheme: https://host:port")),
+    };
+    let authority = uri.authority().ok_or_else(|| bad("no host"))?;
+    if authority.as_str().contains('@') {
+        return Err(bad("user info is not allowed"));
+    }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err(bad("no path or query, only scheme, host and port"));
+    }
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    if host.is_empty() {
+        return Err(bad("no host"));
+    }
+    if !tls && !is_loopback(&host) {
+        return Err(bad(
+            "plaintext http:// is only allowed to a loopback host (localhost, 127.0.0.1, ::1); use https://",
+        ));
+    }
+    Ok(Target { uri, tls, host })
+}
+
+/// `localhost` or a loopback IP address.
+fn is_loopback(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<IpAddr>().is_ok_and(|ip| match ip {
+            IpAddr::V4(v4) => v4.is_loopback(),
+            IpAddr::V6(v6) => {
+                v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+            }
+        })
+}
+
+/// Builds and connects the channel `--addr` and the TLS flags describe.
+pub async fn connect(conn: &ConnArgs) -> anyhow::Result<Channel> {
+    let target = parse_addr(&conn.addr)?;
+    let mut endpoint = Endpoint::from(target.uri.clone())
+        .connect_timeout(conn.timeout.min(MAX_CONNECT_TIMEOUT))
+        .timeout(conn.timeout);
+    if target.tls {
+        endpoint = endpoint
+            .tls_config(tls_config(conn)?)
+            .context("TLS configuration")?;
+    } else {
+        let given: Vec<&str> = [
+            ("--ca-file", conn.ca_file.is_some()),
+            ("--client-cert", conn.client_cert.is_some()),
+            ("--tls-server-name", conn.tls_server_name.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(name, set)| set.then_some(name))
+        .collect();
+        if !given.is_empty() {
+            return Err(Usage(format!(
+                "{} only apply to https:// addresses, and --addr is {}",
+                given.join(", "),
+                conn.addr
+            ))
+            .into());
+        }
+    }
+    endpoint
+        .connect()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot connect to {}: {}", conn.addr, causes(&e)))
+}
+
+/// The rustls client configuration: trust exactly `--ca-file`, optional client identity.
+fn tls_config(conn: &ConnArgs) -> anyhow::Result<ClientTlsConfig> {
+    let ca_file = conn.ca_file.as_deref().ok_or_else(|| {
+        Usage(
+            "--ca-file (or KEYHAVEN_BROKER_CA) is required for https: the PEM CA bundle that \
+             signed the broker's certificate"
+                .into(),
+        )
+    })?;
+    let ca = std::fs::read(ca_file)
+        .with_context(|| format!("cannot read CA bundle {}", ca_file.display()))?;
+    if !contains_pem(&ca, "CERTIFICATE") {
+        anyhow::bail!(
+            "CA bundle {} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+            ca_file.display()
+        );
+    }
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+    if let Some(name) = &conn.tls_server_name {
+        tls = tls.domain_name(name.clone());
+    }
+    if let (Some(cert_file), Some(key_file)) = (&conn.client_cert, &conn.client_key) {
+        let cert = std::fs::read(cert_file)
+            .with_context(|| format!("cannot read client certificate {}", cert_file.display()))?;
+        if !contains_pem(&cert, "CERTIFICATE") {
+            anyhow::bail!(
+                "client certificate {} holds no PEM certificate",
+                cert_file.display()
+            );
+        }
+        let key = Zeroizing::new(
+            std::fs::read(key_file)
+                .with_context(|| format!("cannot read client key {}", key_file.display()))?,
+        );
+        if !contains_pem(&key, "PRIVATE KEY") {
+            anyhow::bail!("client key {} holds no PEM private key", key_file.display());
+        }
+        tls = tls.identity(Identity::from_pem(cert, &*key));
+    }
+    Ok(tls)
+}
+
+/// Whether `pem` has a `-----BEGIN ...<label>-----` line (`PRIVATE KEY` also matches
+/// `EC PRIVATE KEY` and `RSA PRIVATE KEY`).
+fn contains_pem(pem: &[u8], label: &str) -> bool {
+    String::from_utf8_lossy(pem)
+        .lines()
+        .any(|l| l.starts_with("-----BEGIN ") && l.trim_end().ends_with(&format!("{label}-----")))
+}
+
+/// Where the credential came from (for messages; never the credential itself).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CredentialKind {
+    /// A ServiceAccount token (`--token-file`).
+    Token,
+    /// The bootstrap admin credential (`--bootstrap-file`).
+    Bootstrap,
+}
+
+/// Reads the credential named by `--token-file` or `--bootstrap-file`: trailing newline
+/// removed, kept as a secret. Errors name the file, never the content.
+pub fn load_credential(conn: &ConnArgs) -> anyhow::Result<(CredentialKind, SecretString)> {
+    let (kind, path) = match (&conn.token_file, &conn.bootstrap_file) {
+        (Some(_), Some(_)) => {
+            return Err(Usage(
+                "give only one of --token-file and --bootstrap-file (check KEYHAVEN_TOKEN_FILE \
+                 and KEYHAVEN_BOOTSTRAP_FILE)"
+                    .into(),
+            )
+            .into())
+        }
+        (Some(p), None) => (CredentialKind::Token, p),
+        (None, Some(p)) => (CredentialKind::Bootstrap, p),
+        (None, None) => {
+            return Err(Usage(
+                "no credential: give --token-file (a ServiceAccount token) or --bootstrap-file \
+                 (the bootstrap admin credential), or set KEYHAVEN_TOKEN_FILE / \
+                 KEYHAVEN_BOOTSTRAP_FILE"
+                    .into(),
+            )
+            .into())
+        }
+    };
+    Ok((kind, read_credential(path)?))
+}
+
+/// Reads one credential file.
+pub fn read_credential(path: &Path) -> anyhow::Result<SecretString> {
+    let raw = SecretString::from(
+        std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read credential file {}", path.display()))?,
+    );
+    let trimmed = raw.expose_secret().trim_end_matches(['\n', '\r']);
+    if trimmed.is_empty() {
+        anyhow::bail!("credential file {} is empty", path.display());
+    }
+    if !trimmed.bytes().all(|b| b.is_ascii_graphic()) {
+        anyhow::bail!(
+            "credential file {} holds more than one line or characters not allowed in a \
+             credential (whitespace, control or non-ASCII)",
+            path.display()
+        );
+    }
+    Ok(SecretString::from(trimmed.to_owned()))
+}
+
+/// Adds `authorization: Bearer <credential>` to every call. `Debug` hides the value, and the
+/// metadata value is marked sensitive.
+#[derive(Clone)]
+pub struct Bearer(MetadataValue<Ascii>);
+
+impl Bearer {
+    /// The header value for `credential` (checked by [`read_credential`]).
+    pub fn new(credential: &SecretString) -> anyhow::Result<Bearer> {
+        let text = Zeroizing::new(format!("Bearer {}", credential.expose_secret()));
+        let mut value = MetadataValue::try_from(text.as_str())
+            .map_err(|_| anyhow::anyhow!("the credential is not a valid header value"))?;
+        value.set_sensitive(true);
+        Ok(Bearer(value))
+    }
+}
+
+impl fmt::Debug for Bearer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Bearer(<redacted>)")
+    }
+}
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+/// Admin client with the bearer credential.
+pub type Admin = AdminClient<InterceptedService<Channel, Bearer>>;
+/// Leases client with the bearer credential.
+pub type Leases = LeasesClient<InterceptedService<Channel, Bearer>>;
+
+/// A connected, authenticated session.
+#[derive(Debug, Clone)]
+pub struct Session {
+    /// Operator API.
+    pub admin: Admin,
+    /// Workload API.
+    pub leases: Leases,
+    /// What kind of credential is used.
+    pub credential: CredentialKind,
+}
+
+impl Session {
+    /// Reads the credential, then connects.
+    pub async fn open(conn: &ConnArgs) -> anyhow::Result<Session> {
+        let (credential, secret) = load_credential(conn)?;
+        let bearer = Bearer::new(&secret)?;
+        drop(secret);
+        let channel = connect(conn).await?;
+        Ok(Session {
+            admin: AdminClient::with_interceptor(channel.clone(), bearer.clone()),
+            leases: LeasesClient::with_interceptor(channel, bearer),
+            credential,
+        })
+    }
+}
+
+/// A call the broker refused or that did not reach it: one line with the method, the gRPC
+/// code and the broker's message.
+#[derive(Debug)]
+pub struct RemoteError {
+    /// The RPC, e.g. `PutSecret`.
+    pub method: &'static str,
+    /// The gRPC status code.
+    pub code: tonic::Code,
+    /// The broker's message (control characters escaped) plus, for transport failures,
+    /// the underlying cause.
+    pub message: String,
+}
+
+impl RemoteError {
+    /// From a failed call's status.
+    pub fn new(method: &'static str, status: &tonic::Status) -> RemoteError {
+        let mut message = one_line(status.message());
+        let cause = causes(status);
+        if !cause.is_empty() && !message.contains(&cause) {
+            if !message.is_empty() {
+                message.push_str(": ");
+            }
+            message.push_str(&cause);
+        }
+        RemoteError {
+            method,
+            code: status.code(),
+            message,
+        }
+    }
+}
+
+impl fmt::Display for RemoteError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} failed: {}", self.method, code_name(self.code))?;
+        if !self.message.is_empty() {
+            write!(f, ": {}", self.message)?;
+        }
+        match self.code {
+            tonic::Code::Unauthenticated => {
+                f.write_str(" (check the --token-file / --bootstrap-file credential)")
+            }
+            tonic::Code::DeadlineExceeded => f.write_str(" (see --timeout)"),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl std::error::Error for RemoteError {}
+
+/// Maps a failed call to a [`RemoteError`] (for `map_err`).
+pub fn remote(method: &'static str) -> impl FnOnce(tonic::Status) -> anyhow::Error {
+    move |s| RemoteError::new(method, &s).into()
+}
+
+/// The canonical name of a gRPC code (`NOT_FOUND`, ...).
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// The `source()` chain of `e` (not `e` itself) on one line, repeated texts dropped.
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = e.source();
+    while let Some(c) = next {
+        let text = one_line(&c.to_string());
+        if !text.is_empty() && !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        next = c.source();
+    }
+    parts.join(": ")
+}
+
+/// `s` with control characters escaped, so a message stays one line.
+pub fn one_line(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            if c.is_control() {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect::<String>()
+        .trim()
+        .to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn https_anywhere_http_only_to_loopback() {
+        for ok in [
+            "https://broker.example:8443",
+            "https://10.0.0.1:8443",
+            "https://[2001:db8::1]:8443/",
+            "http://127.0.0.1:8080",
+            "http://127.8.9.10:1",
+            "http://localhost:8080",
+            "http://LOCALHOST",
+            "http://[::1]:8080",
+            "http://[::ffff:127.0.0.1]:8080",
+        ] {
+            parse_addr(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        let t = parse_addr("http://[::1]:8080").unwrap();
+        assert!(!t.tls);
+        assert_eq!(t.host, "::1");
+        let t = parse_addr("https://[2001:db8::1]:8443").unwrap();
+        assert!(t.tls);
+        assert_eq!(t.host, "2001:db8::1");
+        for bad in [
+            "http://broker.example:8080",
+            "http://10.0.0.1:8080",
+            "http://0.0.0.0:8080",
+            "http://[2001:db8::1]:8080",
+            "http://localhost.evil.example:80",
+            "http://127.0.0.1.nip.io:80",
+            "ftp://127.0.0.1",
+            "127.0.0.1:8443",
+            "https://",
+            "https://broker:8443/v1",
+            "https://broker:8443?x=1",
+            "http://user@127.0.0.1:1",
+            "not a url",
+        ] {
+            let e = parse_addr(bad).unwrap_err();
+            assert!(e.0.contains("--addr"), "{bad}: {e}");
+        }
+        assert!(parse_addr("http://broker.example:1")
+            .unwrap_err()
+            .0
+            .contains("loopback"));
+    }
+
+    fn conn() -> ConnArgs {
+        ConnArgs {
+            addr: "https://127.0.0.1:1".into(),
+            ca_file: None,
+            client_cert: None,
+            client_key: None,
+            token_file: None,
+            bootstrap_file: None,
+            tls_server_name: None,
+            timeout: Duration::from_secs(5),
+        }
+    }
+
+    #[test]
+    fn credential_is_read_trimmed_and_never_shown() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("token");
+        std::fs::write(&f, "eyJhbGciOi.s3cr3t.sig\r\n").unwrap();
+        let mut c = conn();
+        c.token_file = Some(f.clone());
+        let (kind, secret) = load_credential(&c).unwrap();
+        assert_eq!(kind, CredentialKind::Token);
+        assert_eq!(secret.expose_secret(), "eyJhbGciOi.s3cr3t.sig");
+        let bearer = Bearer::new(&secret).unwrap();
+        assert!(!format!("{bearer:?}").contains("s3cr3t"));
+        assert!(!format!("{:?}", bearer.0).contains("s3cr3t"));
+
+        std::fs::write(&f, "two words\n").unwrap();
+        let e = load_credential(&c).unwrap_err().to_string();
+        assert!(!e.contains("words"), "{e}");
+        std::fs::write(&f, "\n").unwrap();
+        assert!(load_credential(&c).unwrap_err().to_string().contains("empty"));
+        c.token_file = Some(dir.path().join("missing"));
+        let e = format!("{:#}", load_credential(&c).unwrap_err());
+        assert!(e.contains("missing"), "{e}");
+
+        c.token_file = None;
+        let e = load_credential(&c).unwrap_err();
+        assert!(e.downcast_ref::<Usage>().is_some());
+        c.bootstrap_file = Some(f.clone());
+        std::fs::write(&f, "bootstrap-s3cr3t\n").unwrap();
+        let (kind, _) = load_credential(&c).unwrap();
+        assert_eq!(kind, CredentialKind::Bootstrap);
+        c.token_file = Some(f);
+        assert!(load_credential(&c)
+            .unwrap_err()
+            .downcast_ref::<Usage>()
+            .is_some());
+    }
+
+    #[tokio::test]
+    async fn tls_needs_a_ca_and_plaintext_refuses_tls_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = conn();
+        let e = connect(&c).await.unwrap_err();
+        assert!(e.downcast_ref::<Usage>().unwrap().0.contains("--ca-file"));
+
+        let mut c = conn();
+        let not_pem = dir.path().join("ca.pem");
+        std::fs::write(&not_pem, "hello").unwrap();
+        c.ca_file = Some(not_pem);
+        let e = connect(&c).await.unwrap_err().to_string();
+        assert!(e.contains("no PEM certificate"), "{e}");
+
+        let mut c = conn();
+        c.addr = "http://127.0.0.1:1".into();
+        c.ca_file = Some(dir.path().join("ca.pem"));
+        let e = connect(&c).await.unwrap_err();
+        assert!(e.downcast_ref::<Usage>().unwrap().0.contains("--ca-file"));
+    }
+
+    #[test]
+    fn remote_errors_are_one_line_with_the_code() {
+        let s = tonic::Status::permission_denied("caller ns/sa may not\nwrite team/app");
+        let e = RemoteError::new("PutSecret", &s);
+        let text = e.to_string();
+        assert_eq!(
+            text,
+            "PutSecret failed: PERMISSION_DENIED: caller ns/sa may not\\nwrite team/app"
+        );
+        let e = RemoteError::new("ListSecrets", &tonic::Status::unauthenticated("token expired"));
+        assert!(e.to_string().starts_with("ListSecrets failed: UNAUTHENTICATED: token expired"));
+        assert_eq!(code_name(tonic::Code::Unavailable), "UNAVAILABLE");
+    }
+}

@@ -1,0 +1,184 @@
+//! Prometheus metrics of the broker (`keyhaven_broker_` prefix).
+
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Request labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodCode {
+    /// RPC method.
+    pub method: &'static str,
+    /// gRPC code name.
+    pub code: String,
+}
+
+/// A single `reason` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    /// Short code.
+    pub reason: String,
+}
+
+/// A single `op` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Op {
+    /// Operation.
+    pub op: &'static str,
+}
+
+fn histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+}
+
+/// Every broker metric.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<MethodCode, Counter>,
+    latency: Family<MethodCode, Histogram, fn() -> Histogram>,
+    auth_failures: Family<Reason, Counter>,
+    hsm: Family<Op, Histogram, fn() -> Histogram>,
+    /// Leases ended by the reaper.
+    pub reaped: Counter,
+    /// Active leases (set at scrape time).
+    pub active_leases: Gauge,
+    /// DEK cache hits (set at scrape time).
+    pub dek_cache_hits: Gauge<u64, AtomicU64>,
+    /// DEK cache misses (set at scrape time).
+    pub dek_cache_misses: Gauge<u64, AtomicU64>,
+    /// DEKs in the cache (set at scrape time).
+    pub dek_cache_entries: Gauge,
+    /// Audit records written (head seq, set at scrape time).
+    pub audit_records: Gauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers everything.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("keyhaven_broker");
+        let requests = Family::<MethodCode, Counter>::default();
+        let latency =
+            Family::<MethodCode, Histogram, fn() -> Histogram>::new_with_constructor(histogram);
+        let auth_failures = Family::<Reason, Counter>::default();
+        let hsm = Family::<Op, Histogram, fn() -> Histogram>::new_with_constructor(histogram);
+        let reaped = Counter::default();
+        let active_leases = Gauge::default();
+        let dek_cache_hits = Gauge::<u64, AtomicU64>::default();
+        let dek_cache_misses = Gauge::<u64, AtomicU64>::default();
+        let dek_cache_entries = Gauge::default();
+        let audit_records = Gauge::default();
+        registry.register(
+            "requests",
+            "gRPC requests by method and code",
+            requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "gRPC latency by method and code",
+            latency.clone(),
+        );
+        registry.register(
+            "auth_failures",
+            "Refused credentials by reason",
+            auth_failures.clone(),
+        );
+        registry.register(
+            "hsm_operation_duration_seconds",
+            "Secret seal/open latency (HSM or DEK cache)",
+            hsm.clone(),
+        );
+        registry.register(
+            "reaped_leases",
+            "Leases ended by the reaper",
+            reaped.clone(),
+        );
+        registry.register("active_leases", "Active leases", active_leases.clone());
+        registry.register(
+            "dek_cache_hits",
+            "DEK cache hits since start",
+            dek_cache_hits.clone(),
+        );
+        registry.register(
+            "dek_cache_misses",
+            "DEK cache misses since start",
+            dek_cache_misses.clone(),
+        );
+        registry.register(
+            "dek_cache_entries",
+            "DEKs in the cache",
+            dek_cache_entries.clone(),
+        );
+        registry.register(
+            "audit_records",
+            "Audit records in the log",
+            audit_records.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            latency,
+            auth_failures,
+            hsm,
+            reaped,
+            active_leases,
+            dek_cache_hits,
+            dek_cache_misses,
+            dek_cache_entries,
+            audit_records,
+        }
+    }
+
+    /// One finished RPC.
+    pub fn request(&self, method: &'static str, code: tonic::Code, elapsed: Duration) {
+        let l = MethodCode {
+            method,
+            code: format!("{code:?}"),
+        };
+        self.requests.get_or_create(&l).inc();
+        self.latency
+            .get_or_create(&l)
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// One refused credential.
+    pub fn auth_failure(&self, reason: &str) {
+        self.auth_failures
+            .get_or_create(&Reason {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// One seal/open.
+    pub fn hsm(&self, op: &'static str, elapsed: Duration) {
+        self.hsm
+            .get_or_create(&Op { op })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// The text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
