@@ -165,6 +165,16 @@ pub async fn assemble(args: &ServeArgs) -> Result<Arc<Broker>, ServeError> {
     let envelope = Envelope::new(ks, DekCache::new(10_000, Duration::from_secs(300)));
 
     let dev = if args.dev {
+        if let Some(dir) = args.dev_key.parent().filter(|d| !d.as_os_str().is_empty()) {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| {
+                    ServeError::Start(format!("dev key directory {}: {e}", dir.display()))
+                })?;
+        }
         let issuer = DevIssuer::load_or_generate(&args.dev_key)
             .map_err(|e| ServeError::Start(format!("dev key: {e}")))?;
         Some(Arc::new(

@@ -624,6 +624,21 @@ impl Broker {
         self.require(caller, path, Capability::Write, "secret_put")
             .await?;
         let r = async {
+            // Keys become file names in the sidecar's volume: no separators, no dot names.
+            for k in data.0.keys() {
+                let ok = !k.is_empty()
+                    && k.len() <= 253
+                    && k != "."
+                    && k != ".."
+                    && k.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+                if !ok {
+                    return Err(BrokerError::InvalidArgument(format!(
+                        "secret key '{}' must be 1-253 characters of [-._A-Za-z0-9] and not . or ..",
+                        k.escape_debug()
+                    )));
+                }
+            }
             let kek = self.current_kek()?;
             for _ in 0..5 {
                 let v = self.store.latest_version(path).await? + 1;

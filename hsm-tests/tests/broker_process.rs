@@ -408,3 +408,156 @@ fn plaintext_is_refused_off_loopback_and_tls_is_required() {
         assert!(r.is_err());
     }
 }
+
+fn ctl(hsm: &SoftHsm, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(bin_path("brokerctl"))
+        .env("SOFTHSM2_CONF", &hsm.conf)
+        .env_remove("KEYHAVEN_BROKER_ADDR")
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn brokerctl_drives_a_real_broker() {
+    let hsm = SoftHsm::new();
+    let dir = hsm.dir().to_path_buf();
+    let d = |p: &str| dir.join(p).display().to_string();
+    let (ok, out, err) = ctl(
+        &hsm,
+        &[
+            "keys",
+            "init",
+            "--pkcs11-module",
+            &hsm.module.display().to_string(),
+            "--token-label",
+            &hsm.label,
+            "--pin-file",
+            &hsm.pin_file.display().to_string(),
+        ],
+    );
+    assert!(ok, "{out}{err}");
+    let (ok, again, _) = ctl(
+        &hsm,
+        &[
+            "keys",
+            "init",
+            "--pkcs11-module",
+            &hsm.module.display().to_string(),
+            "--token-label",
+            &hsm.label,
+            "--pin-file",
+            &hsm.pin_file.display().to_string(),
+        ],
+    );
+    assert!(ok);
+    let kek_line = |s: &str| {
+        s.split_whitespace()
+            .find(|w| w.len() == 32 && w.bytes().all(|b| b.is_ascii_hexdigit()))
+            .map(str::to_owned)
+    };
+    assert_eq!(
+        kek_line(&out),
+        kek_line(&again),
+        "keys init is idempotent: {out} / {again}"
+    );
+
+    let (ok, out, err) = ctl(&hsm, &["dev-ca", "--out", &d("pki")]);
+    assert!(ok, "{out}{err}");
+    let pki = DevPki {
+        ca: dir.join("pki/ca.pem"),
+        server_cert: dir.join("pki/server.pem"),
+        server_key: dir.join("pki/server-key.pem"),
+        client_cert: dir.join("pki/client.pem"),
+        client_key: dir.join("pki/client-key.pem"),
+    };
+    let b = start_broker(&hsm, &pki, &[]);
+    let conn = ["--addr", &b.addr, "--ca-file", &d("pki/ca.pem")];
+    let admin = |extra: &[&str]| {
+        let mut a: Vec<&str> = conn.to_vec();
+        let bf = d("bootstrap");
+        a.extend(["--bootstrap-file", &bf]);
+        a.extend_from_slice(extra);
+        ctl(&hsm, &a)
+    };
+    std::fs::write(dir.join("policies.yaml"), POLICY).unwrap();
+    let (ok, out, err) = admin(&["policy", "apply", "-f", &d("policies.yaml")]);
+    assert!(ok, "{out}{err}");
+    std::fs::write(dir.join("pw"), "from-a-file-value").unwrap();
+    let (ok, out, err) = admin(&[
+        "secrets",
+        "put",
+        "shop/db",
+        "--from-file",
+        &format!("password={}", d("pw")),
+    ]);
+    assert!(ok, "{out}{err}");
+    let (ok, out, _) = admin(&["secrets", "list"]);
+    assert!(ok && out.contains("shop/db"), "{out}");
+    // Keys that would escape the sidecar's directory are refused by the broker.
+    let (ok, _, _) = admin(&["secrets", "put", "shop/db", "--from-literal", "../x=1"]);
+    assert!(!ok);
+
+    let (ok, token, err) = ctl(
+        &hsm,
+        &[
+            "dev-token",
+            "--namespace",
+            "shop",
+            "--serviceaccount",
+            "web",
+            "--pod",
+            "web-7",
+            "--dev-key",
+            &d("dev.pem"),
+        ],
+    );
+    assert!(ok, "{err}");
+    std::fs::write(dir.join("token"), token.trim()).unwrap();
+    let mut w: Vec<&str> = conn.to_vec();
+    let tf = d("token");
+    w.extend(["--token-file", &tf, "lease", "shop/db"]);
+    let (ok, out, err) = ctl(&hsm, &w);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("shop/web/shop/db/"), "{out}");
+    assert!(
+        !out.contains("from-a-file-value"),
+        "values only with --show-values: {out}"
+    );
+
+    let (ok, out, _) = admin(&["leases", "list", "--namespace", "shop", "--pod", "web-7"]);
+    assert!(ok && out.contains("shop/web/shop/db/"), "{out}");
+    let (ok, out, err) = admin(&["leases", "revoke", "--namespace", "shop", "--pod", "web-7"]);
+    assert!(ok, "{out}{err}");
+    let (ok, out, _) = admin(&["leases", "list"]);
+    assert!(ok && !out.contains("shop/web/shop/db/"), "{out}");
+
+    let (ok, out, err) = admin(&["audit", "verify"]);
+    assert!(ok, "{out}{err}");
+    let (ok, out, _) = admin(&["keys", "status"]);
+    assert!(ok && out.contains("primary"), "{out}");
+
+    // Tamper with one audit row behind the broker's back: verify must fail.
+    let rt = runtime();
+    rt.block_on(async {
+        let store = keyhaven_broker::store::Store::connect(&format!("sqlite://{}", d("broker.db")))
+            .await
+            .unwrap();
+        if let keyhaven_broker::store::Store::Sqlite(p) = &store {
+            sqlx::query("UPDATE audit SET path = 'shop/elsewhere' WHERE seq = 3")
+                .execute(p)
+                .await
+                .unwrap();
+        }
+    });
+    let (ok, out, err) = admin(&["audit", "verify"]);
+    assert!(!ok, "tampering went unnoticed: {out}");
+    assert!(format!("{out}{err}").contains("FAILED"), "{out}{err}");
+    // Nothing secret on any output.
+    assert!(!b.log.as_os_str().is_empty());
+}

@@ -37,6 +37,7 @@ pub struct Cli {
     #[arg(
         long,
         global = true,
+        help_heading = "Output",
         env = "KEYHAVEN_OUTPUT",
         value_enum,
         default_value = "text"
@@ -58,6 +59,7 @@ pub enum Output {
 
 /// Connection and credential flags shared by every command that talks to the broker.
 #[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Broker connection (any command that calls the broker)")]
 pub struct ConnArgs {
     /// Broker address: `https://host:port`, or `http://` for a loopback host only.
     #[arg(long, global = true, env = "KEYHAVEN_BROKER_ADDR", default_value = DEFAULT_ADDR)]
@@ -415,8 +417,8 @@ pub enum AuditCommand {
         /// Keep polling for new records until interrupted.
         #[arg(long)]
         follow: bool,
-        /// Poll interval of `--follow`.
-        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        /// Poll interval of `--follow` (each poll is itself an audited call).
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         interval: Duration,
     },
 }
@@ -538,8 +540,15 @@ mod tests {
 
     #[test]
     fn global_flags_go_anywhere_and_have_defaults() {
-        let cli = parse(&["secrets", "list", "--addr", "http://localhost:1", "--output", "json"])
-            .unwrap();
+        let cli = parse(&[
+            "secrets",
+            "list",
+            "--addr",
+            "http://localhost:1",
+            "--output",
+            "json",
+        ])
+        .unwrap();
         assert_eq!(cli.conn.addr, "http://localhost:1");
         assert_eq!(cli.output, Output::Json);
         assert_eq!(cli.conn.timeout, Duration::from_secs(30));
@@ -549,8 +558,15 @@ mod tests {
 
     #[test]
     fn token_and_bootstrap_files_conflict() {
-        let e = parse(&["--token-file", "a", "--bootstrap-file", "b", "policy", "list"])
-            .unwrap_err();
+        let e = parse(&[
+            "--token-file",
+            "a",
+            "--bootstrap-file",
+            "b",
+            "policy",
+            "list",
+        ])
+        .unwrap_err();
         assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict);
         assert_eq!(e.exit_code(), 2);
     }
@@ -560,7 +576,13 @@ mod tests {
         let e = parse(&["secrets", "put", "a/b"]).unwrap_err();
         assert_eq!(e.kind(), clap::error::ErrorKind::MissingRequiredArgument);
         let e = parse(&[
-            "secrets", "put", "a/b", "--from-json", "x.json", "--from-file", "k=f",
+            "secrets",
+            "put",
+            "a/b",
+            "--from-json",
+            "x.json",
+            "--from-file",
+            "k=f",
         ])
         .unwrap_err();
         assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict);
@@ -599,7 +621,10 @@ mod tests {
         assert!(parse_key_file("../x=f").is_err());
         assert!(parse_key_file("a/b=f").is_err());
         assert!(parse_key_file("..=f").is_err());
-        assert_eq!(parse_key_file("tls.crt=a=b").unwrap().path, PathBuf::from("a=b"));
+        assert_eq!(
+            parse_key_file("tls.crt=a=b").unwrap().path,
+            PathBuf::from("a=b")
+        );
         let lit = parse_key_literal("empty=").unwrap();
         assert_eq!(lit.value.as_str(), "");
         let err = parse_key_literal("bad key=hunter2").unwrap_err();
@@ -616,9 +641,27 @@ mod tests {
         assert!(parse(&["leases", "list", "--pod", "p"]).is_err());
         assert!(parse(&["leases", "list", "--serviceaccount", "s"]).is_err());
         assert!(parse(&["leases", "list", "--id", "x", "--prefix", "a"]).is_err());
-        assert!(parse(&["leases", "list", "--namespace", "n", "--pod", "p", "--serviceaccount", "s"]).is_err());
+        assert!(parse(&[
+            "leases",
+            "list",
+            "--namespace",
+            "n",
+            "--pod",
+            "p",
+            "--serviceaccount",
+            "s"
+        ])
+        .is_err());
         assert!(parse(&["leases", "revoke", "--everything", "--prefix", "a"]).is_err());
-        assert!(parse(&["leases", "list", "--namespace", "n", "--service-account", "s"]).is_ok());
+        assert!(parse(&[
+            "leases",
+            "list",
+            "--namespace",
+            "n",
+            "--service-account",
+            "s"
+        ])
+        .is_ok());
         assert!(parse(&["leases", "revoke", "--everything", "--yes"]).is_ok());
     }
 

@@ -178,27 +178,24 @@ pub enum CredentialKind {
 /// Reads the credential named by `--token-file` or `--bootstrap-file`: trailing newline
 /// removed, kept as a secret. Errors name the file, never the content.
 pub fn load_credential(conn: &ConnArgs) -> anyhow::Result<(CredentialKind, SecretString)> {
-    let (kind, path) = match (&conn.token_file, &conn.bootstrap_file) {
-        (Some(_), Some(_)) => {
-            return Err(Usage(
+    let (kind, path) =
+        match (&conn.token_file, &conn.bootstrap_file) {
+            (Some(_), Some(_)) => return Err(Usage(
                 "give only one of --token-file and --bootstrap-file (check KEYHAVEN_TOKEN_FILE \
                  and KEYHAVEN_BOOTSTRAP_FILE)"
                     .into(),
             )
-            .into())
-        }
-        (Some(p), None) => (CredentialKind::Token, p),
-        (None, Some(p)) => (CredentialKind::Bootstrap, p),
-        (None, None) => {
-            return Err(Usage(
+            .into()),
+            (Some(p), None) => (CredentialKind::Token, p),
+            (None, Some(p)) => (CredentialKind::Bootstrap, p),
+            (None, None) => return Err(Usage(
                 "no credential: give --token-file (a ServiceAccount token) or --bootstrap-file \
                  (the bootstrap admin credential), or set KEYHAVEN_TOKEN_FILE / \
                  KEYHAVEN_BOOTSTRAP_FILE"
                     .into(),
             )
-            .into())
-        }
-    };
+            .into()),
+        };
     Ok((kind, read_credential(path)?))
 }
 
@@ -300,10 +297,11 @@ impl RemoteError {
     pub fn new(method: &'static str, status: &tonic::Status) -> RemoteError {
         let mut message = one_line(status.message());
         let cause = causes(status);
-        if !cause.is_empty() && !message.contains(&cause) {
-            if !message.is_empty() {
-                message.push_str(": ");
-            }
+        if cause.starts_with(&message) {
+            // tonic's transport statuses repeat their first cause as the message.
+            message = cause;
+        } else if !message.contains(&cause) {
+            message.push_str(": ");
             message.push_str(&cause);
         }
         RemoteError {
@@ -470,7 +468,10 @@ mod tests {
         let e = load_credential(&c).unwrap_err().to_string();
         assert!(!e.contains("words"), "{e}");
         std::fs::write(&f, "\n").unwrap();
-        assert!(load_credential(&c).unwrap_err().to_string().contains("empty"));
+        assert!(load_credential(&c)
+            .unwrap_err()
+            .to_string()
+            .contains("empty"));
         c.token_file = Some(dir.path().join("missing"));
         let e = format!("{:#}", load_credential(&c).unwrap_err());
         assert!(e.contains("missing"), "{e}");
@@ -519,8 +520,13 @@ mod tests {
             text,
             "PutSecret failed: PERMISSION_DENIED: caller ns/sa may not\\nwrite team/app"
         );
-        let e = RemoteError::new("ListSecrets", &tonic::Status::unauthenticated("token expired"));
-        assert!(e.to_string().starts_with("ListSecrets failed: UNAUTHENTICATED: token expired"));
+        let e = RemoteError::new(
+            "ListSecrets",
+            &tonic::Status::unauthenticated("token expired"),
+        );
+        assert!(e
+            .to_string()
+            .starts_with("ListSecrets failed: UNAUTHENTICATED: token expired"));
         assert_eq!(code_name(tonic::Code::Unavailable), "UNAVAILABLE");
     }
 }

@@ -114,7 +114,10 @@ impl SecretValues {
 
 /// Gathers `--from-file`, `--from-literal` or `--from-json` into one map. Reading stdin for
 /// `--from-json -` uses `stdin`.
-pub fn secret_values(args: &PutArgs, stdin: &mut dyn std::io::Read) -> anyhow::Result<SecretValues> {
+pub fn secret_values(
+    args: &PutArgs,
+    stdin: &mut dyn std::io::Read,
+) -> anyhow::Result<SecretValues> {
     let mut out = SecretValues::default();
     if let Some(json) = &args.from_json {
         return from_json(json, stdin);
@@ -126,7 +129,9 @@ pub fn secret_values(args: &PutArgs, stdin: &mut dyn std::io::Read) -> anyhow::R
         out.insert(key, Zeroizing::new(value.as_bytes().to_vec()))?;
     }
     if out.0.is_empty() {
-        return Err(Usage("no data: give --from-file KEY=PATH (or --from-json FILE)".into()).into());
+        return Err(
+            Usage("no data: give --from-file KEY=PATH (or --from-json FILE)".into()).into(),
+        );
     }
     Ok(out)
 }
@@ -167,14 +172,13 @@ fn from_json(path: &Path, stdin: &mut dyn std::io::Read) -> anyhow::Result<Secre
             .with_context(|| format!("cannot read --from-json {name}"))?;
     }
     // serde_json's messages give line and column only, never the text.
-    let map: BTreeMap<String, serde_json::Value> =
-        serde_json::from_str(&text).map_err(|e| {
-            anyhow::anyhow!(
-                "--from-json {name}: expected a JSON object of string values (line {}, column {})",
-                e.line(),
-                e.column()
-            )
-        })?;
+    let map: BTreeMap<String, serde_json::Value> = serde_json::from_str(&text).map_err(|e| {
+        anyhow::anyhow!(
+            "--from-json {name}: expected a JSON object of string values (line {}, column {})",
+            e.line(),
+            e.column()
+        )
+    })?;
     let mut out = SecretValues::default();
     for (key, value) in map {
         check_data_key(&key).map_err(|e| Usage(format!("--from-json {name}: {e}")))?;
@@ -268,7 +272,9 @@ mod tests {
             }
         );
         assert_eq!(
-            sel(|s| s.prefix = Some("team/app/".into())).unwrap().unwrap(),
+            sel(|s| s.prefix = Some("team/app/".into()))
+                .unwrap()
+                .unwrap(),
             LeaseSelector {
                 path_prefix: "team/app".into(),
                 ..Default::default()
@@ -346,7 +352,10 @@ mod tests {
             &[],
             None,
         );
-        let e = format!("{:#}", secret_values(&missing, &mut std::io::empty()).unwrap_err());
+        let e = format!(
+            "{:#}",
+            secret_values(&missing, &mut std::io::empty()).unwrap_err()
+        );
         assert!(e.contains("nope"), "{e}");
 
         let big = dir.path().join("big");
@@ -410,12 +419,16 @@ mod tests {
         assert_eq!(n, 1);
 
         std::fs::write(&f, good.replace("max_ttl: 1h", "max_ttl: 48h")).unwrap();
-        let e = policy_document(&f, cap, &mut std::io::empty()).unwrap_err().to_string();
+        let e = policy_document(&f, cap, &mut std::io::empty())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("p.yaml") && e.contains("app"), "{e}");
         policy_document(&f, Duration::from_secs(72 * 3600), &mut std::io::empty()).unwrap();
 
         std::fs::write(&f, good.replace("capabilities", "capabilitys")).unwrap();
-        let e = policy_document(&f, cap, &mut std::io::empty()).unwrap_err().to_string();
+        let e = policy_document(&f, cap, &mut std::io::empty())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("capabilitys"), "{e}");
     }
 

@@ -26,7 +26,10 @@ pub fn table(out: &mut dyn Write, headers: &[&str], rows: &[Vec<String>]) -> std
             }
             s.push_str(cell);
             let pad = widths.get(i).copied().unwrap_or(0);
-            s.extend(std::iter::repeat_n(' ', pad.saturating_sub(cell.chars().count())));
+            s.extend(std::iter::repeat_n(
+                ' ',
+                pad.saturating_sub(cell.chars().count()),
+            ));
         }
         writeln!(out, "{}", s.trim_end())
     };
@@ -80,7 +83,9 @@ pub fn secs(s: u64) -> String {
 
 /// `in 5m`, `3m ago` or `now` for a time in ms relative to `now_ms`.
 pub fn relative(at_ms: i64, now_ms: i64) -> String {
-    let diff = at_ms.saturating_sub(now_ms) / 1000;
+    // Nearest second, so that a fresh 1h lease reads `in 1h`, not `in 59m 59s`.
+    let diff_ms = at_ms.saturating_sub(now_ms);
+    let diff = (diff_ms.saturating_add(500 * diff_ms.signum())) / 1000;
     match diff {
         0 => "now".into(),
         d if d > 0 => format!("in {}", secs(d.unsigned_abs())),
@@ -133,6 +138,8 @@ mod tests {
         assert_eq!(secs(0), "0s");
         assert_eq!(relative(10_000 + 300_000, 10_000), "in 5m");
         assert_eq!(relative(10_000, 70_000), "1m ago");
+        assert_eq!(relative(3_600_000, 300), "in 1h");
+        assert_eq!(relative(1_000, 1_400), "now");
         assert_eq!(lease_state(0, "", 2, 1), "active");
         assert_eq!(lease_state(0, "", 1, 1), "expired");
         assert_eq!(lease_state(5, "revoked", 9, 1), "revoked");

@@ -1,0 +1,676 @@
+//! `brokerctl`, the operator CLI of the broker, as a library so that it can be tested: a gRPC
+//! client of the `Admin` and `Leases` services over TLS, plus three local helpers (`keys
+//! init` on the HSM, `dev-token`, `dev-ca`).
+//!
+//! The binary (`src/bin/brokerctl.rs`) only parses [`Cli`], builds a runtime and calls
+//! [`run`]; errors become one line on stderr and exit code 1 ([`Usage`] errors: 2, as clap's
+//! own). Credentials are read from files at each run and held as `SecretString`; they are
+//! never flags, never printed. There is deliberately no `secrets get`: values leave the
+//! broker only through leases.
+//!
+//! Not here: the server side (`grpc`, the `broker` binary).
+
+use std::fmt;
+use std::io::{Read, Write};
+
+mod cli;
+mod conn;
+mod devca;
+mod input;
+mod local;
+mod output;
+mod remote;
+
+pub use cli::{
+    AuditCommand, Cli, Command, ConnArgs, DevCaArgs, DevTokenArgs, HsmArgs, KeysCommand, LeaseArgs,
+    LeasesCommand, Output, PolicyCommand, PutArgs, RenewArgs, RevokeArgs, SecretsCommand,
+    SelectorArgs,
+};
+pub use conn::{connect, parse_addr, RemoteError, Session, Target};
+pub use devca::dev_ca;
+pub use input::lease_selector;
+pub use local::keys_init;
+
+/// A mistake in how the command was called (exit code 2, like clap's parse errors).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Usage(pub String);
+
+impl fmt::Display for Usage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Usage {}
+
+/// Where a command writes and reads: stdout, stderr (warnings, notes), stdin (`-`).
+pub struct Io<'a> {
+    /// Results.
+    pub out: &'a mut dyn Write,
+    /// Warnings and notes.
+    pub err: &'a mut dyn Write,
+    /// Input for `--from-json -` and `policy apply -f -`.
+    pub stdin: &'a mut dyn Read,
+    /// Output format.
+    pub output: Output,
+}
+
+impl fmt::Debug for Io<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Io")
+            .field("output", &self.output)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Io<'_> {
+    /// A `warning: ...` line on stderr.
+    pub fn warn(&mut self, msg: &str) -> std::io::Result<()> {
+        writeln!(self.err, "warning: {msg}")
+    }
+}
+
+/// Runs `cli` against the process's stdout, stderr and stdin.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let stdout = std::io::stdout();
+    let stderr = std::io::stderr();
+    let stdin = std::io::stdin();
+    let (mut out, mut err, mut input) = (stdout.lock(), stderr.lock(), stdin.lock());
+    let mut io = Io {
+        out: &mut out,
+        err: &mut err,
+        stdin: &mut input,
+        output: cli.output,
+    };
+    let r = run_with(&cli, &mut io)
+        .await
+        .and_then(|()| Ok(io.out.flush()?));
+    match r {
+        // The reader went away (`brokerctl ... | head`): not our failure.
+        Err(e) if is_broken_pipe(&e) => Ok(()),
+        other => other,
+    }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// Runs `cli` with the given streams.
+pub async fn run_with(cli: &Cli, io: &mut Io<'_>) -> anyhow::Result<()> {
+    dispatch(cli, io).await.map_err(|e| hint(e, &cli.conn))
+}
+
+/// Adds what the operator can do about a connection that broke during the TLS handshake.
+fn hint(e: anyhow::Error, conn: &ConnArgs) -> anyhow::Error {
+    let transport = e
+        .downcast_ref::<RemoteError>()
+        .is_some_and(|r| r.message.starts_with("transport error"));
+    if transport && conn.client_cert.is_none() {
+        return e.context(
+            "the connection broke; if the broker requires client certificates, give \
+             --client-cert and --client-key",
+        );
+    }
+    e
+}
+
+async fn dispatch(cli: &Cli, io: &mut Io<'_>) -> anyhow::Result<()> {
+    match &cli.command {
+        Command::DevCa(args) => {
+            let files = dev_ca(args)?;
+            match io.output {
+                Output::Json => output::json(io.out, &serde_json::json!(files))?,
+                Output::Text => {
+                    for f in &files {
+                        writeln!(io.out, "{}", f.display())?;
+                    }
+                    io.warn(
+                        "dev-ca certificates and unencrypted keys are for demos and tests only",
+                    )?;
+                }
+            }
+            Ok(())
+        }
+        Command::DevToken(args) => local::dev_token(args, io),
+        Command::Keys {
+            command: KeysCommand::Init(hsm),
+        } => {
+            let hsm = hsm.clone();
+            let r = tokio::task::spawn_blocking(move || local::keys_init(&hsm)).await??;
+            local::print_keys_init(&r, io)
+        }
+        // Each checks its input locally, then connects.
+        Command::Secrets { command } => remote::secrets(&cli.conn, command, io).await,
+        Command::Policy { command } => remote::policy(&cli.conn, command, io).await,
+        Command::Leases { command } => remote::leases(&cli.conn, command, io).await,
+        Command::Lease(args) => remote::lease(&cli.conn, args, io).await,
+        Command::Renew(args) => remote::renew(&cli.conn, args, io).await,
+        Command::Revoke(args) => remote::revoke(&cli.conn, args, io).await,
+        Command::Audit { command } => remote::audit(&cli.conn, command, io).await,
+        Command::Keys {
+            command: KeysCommand::Status,
+        } => remote::key_status(&cli.conn, io).await,
+    }
+}
+
+/// The exit code for an error of [`run`]: 2 for [`Usage`], 1 otherwise.
+pub fn exit_code(e: &anyhow::Error) -> u8 {
+    if e.downcast_ref::<Usage>().is_some() {
+        2
+    } else {
+        1
+    }
+}
+
+/// An error of [`run`] as one line (its causes joined by `: `).
+pub fn describe(e: &anyhow::Error) -> String {
+    conn::one_line(&format!("{e:#}"))
+}
+
+/// Logs (from the libraries, e.g. the HSM layer) go to stderr; `KEYHAVEN_LOG` sets the filter
+/// (default `warn`).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KEYHAVEN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    //! Real TLS (and client-certificate) handshakes with `dev-ca` files, against a fake Admin
+    //! service that records what it is sent.
+
+    use std::net::SocketAddr;
+    use std::path::PathBuf;
+    use std::sync::{Arc, Mutex};
+
+    use clap::Parser as _;
+    use keyhaven_proto::broker::v1 as pb;
+    use pb::admin_server::{Admin, AdminServer};
+    use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+    use tonic::{Request, Response, Status};
+
+    use super::*;
+
+    /// A `PutSecret` as received: path and sorted data.
+    type Put = (String, Vec<(String, Vec<u8>)>);
+
+    #[derive(Debug, Default)]
+    struct Seen {
+        authorization: Vec<String>,
+        put: Vec<Put>,
+        selectors: Vec<Option<pb::LeaseSelector>>,
+    }
+
+    #[derive(Debug, Clone, Default)]
+    struct FakeAdmin(Arc<Mutex<Seen>>);
+
+    impl FakeAdmin {
+        fn saw<T>(&self, req: &Request<T>) {
+            let auth = req
+                .metadata()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned();
+            self.0.lock().unwrap().authorization.push(auth);
+        }
+    }
+
+    type R<T> = Result<Response<T>, Status>;
+
+    #[tonic::async_trait]
+    impl Admin for FakeAdmin {
+        async fn put_secret(&self, r: Request<pb::PutSecretRequest>) -> R<pb::PutSecretResponse> {
+            self.saw(&r);
+            let r = r.into_inner();
+            let mut data: Vec<_> = r.data.into_iter().collect();
+            data.sort();
+            self.0.lock().unwrap().put.push((r.path, data));
+            Ok(Response::new(pb::PutSecretResponse { version: 3 }))
+        }
+        async fn list_secrets(
+            &self,
+            r: Request<pb::ListSecretsRequest>,
+        ) -> R<pb::ListSecretsResponse> {
+            self.saw(&r);
+            Ok(Response::new(pb::ListSecretsResponse {
+                paths: vec!["team/app/db".into(), "team/app/api".into()],
+            }))
+        }
+        async fn secret_metadata(
+            &self,
+            _: Request<pb::SecretMetadataRequest>,
+        ) -> R<pb::SecretMetadataResponse> {
+            Err(Status::unimplemented("fake"))
+        }
+        async fn delete_secret(
+            &self,
+            _: Request<pb::DeleteSecretRequest>,
+        ) -> R<pb::DeleteSecretResponse> {
+            Err(Status::unimplemented("fake"))
+        }
+        async fn apply_policies(
+            &self,
+            _: Request<pb::ApplyPoliciesRequest>,
+        ) -> R<pb::ApplyPoliciesResponse> {
+            Err(Status::unimplemented("fake"))
+        }
+        async fn list_policies(
+            &self,
+            _: Request<pb::ListPoliciesRequest>,
+        ) -> R<pb::ListPoliciesResponse> {
+            Err(Status::unimplemented("fake"))
+        }
+        async fn list_leases(
+            &self,
+            r: Request<pb::ListLeasesRequest>,
+        ) -> R<pb::ListLeasesResponse> {
+            self.saw(&r);
+            self.0
+                .lock()
+                .unwrap()
+                .selectors
+                .push(r.into_inner().selector);
+            Ok(Response::new(pb::ListLeasesResponse { leases: vec![] }))
+        }
+        async fn revoke_leases(
+            &self,
+            r: Request<pb::RevokeLeasesRequest>,
+        ) -> R<pb::RevokeLeasesResponse> {
+            self.saw(&r);
+            self.0
+                .lock()
+                .unwrap()
+                .selectors
+                .push(r.into_inner().selector);
+            Ok(Response::new(pb::RevokeLeasesResponse {
+                lease_ids: vec!["team/app/abc".into()],
+            }))
+        }
+        async fn audit_verify(
+            &self,
+            r: Request<pb::AuditVerifyRequest>,
+        ) -> R<pb::AuditVerifyResponse> {
+            self.saw(&r);
+            Ok(Response::new(pb::AuditVerifyResponse {
+                ok: false,
+                records: 41,
+                checkpoint: String::new(),
+                error: "record 42: hash mismatch".into(),
+            }))
+        }
+        async fn audit_tail(&self, _: Request<pb::AuditTailRequest>) -> R<pb::AuditTailResponse> {
+            Err(Status::unimplemented("fake"))
+        }
+        async fn key_status(&self, r: Request<pb::KeyStatusRequest>) -> R<pb::KeyStatusResponse> {
+            self.saw(&r);
+            Err(Status::permission_denied(
+                "system:serviceaccount:team:app may not use `audit`",
+            ))
+        }
+    }
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+        addr: SocketAddr,
+        seen: Arc<Mutex<Seen>>,
+        server: tokio::task::JoinHandle<()>,
+    }
+
+    impl Drop for Fixture {
+        fn drop(&mut self) {
+            self.server.abort();
+        }
+    }
+
+    impl Fixture {
+        fn pki(&self) -> PathBuf {
+            self.dir.path().join("pki")
+        }
+
+        /// brokerctl arguments reaching this server with the dev-ca files and a token file.
+        fn args(&self, extra: &[&str]) -> Vec<String> {
+            let p = |n: &str| self.pki().join(n).display().to_string();
+            let mut a: Vec<String> = vec![
+                "brokerctl".into(),
+                "--addr".into(),
+                format!("https://127.0.0.1:{}", self.addr.port()),
+                "--ca-file".into(),
+                p(devca::CA_CERT),
+                "--client-cert".into(),
+                p(devca::CLIENT_CERT),
+                "--client-key".into(),
+                p(devca::CLIENT_KEY),
+                "--token-file".into(),
+                self.dir.path().join("token").display().to_string(),
+                "--timeout".into(),
+                "5s".into(),
+            ];
+            a.extend(extra.iter().map(|s| s.to_string()));
+            a
+        }
+    }
+
+    const TOKEN: &str = "eyJ0eXAi.tok-s3cr3t.sig";
+
+    async fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        dev_ca(&DevCaArgs {
+            out: dir.path().join("pki"),
+            hosts: vec!["localhost".into(), "127.0.0.1".into()],
+            force: false,
+        })
+        .unwrap();
+        std::fs::write(dir.path().join("token"), format!("{TOKEN}\n")).unwrap();
+        let read = |n: &str| std::fs::read(dir.path().join("pki").join(n)).unwrap();
+        let tls = ServerTlsConfig::new()
+            .identity(Identity::from_pem(
+                read(devca::SERVER_CERT),
+                read(devca::SERVER_KEY),
+            ))
+            .client_ca_root(Certificate::from_pem(read(devca::CA_CERT)));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let fake = FakeAdmin::default();
+        let seen = fake.0.clone();
+        let router = Server::builder()
+            .tls_config(tls)
+            .unwrap()
+            .add_service(AdminServer::new(fake));
+        let server = tokio::spawn(async move {
+            let _ = router
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+                .await;
+        });
+        Fixture {
+            dir,
+            addr,
+            seen,
+            server,
+        }
+    }
+
+    struct Ran {
+        result: anyhow::Result<()>,
+        out: String,
+        err: String,
+    }
+
+    async fn ctl(args: Vec<String>) -> Ran {
+        ctl_stdin(args, b"").await
+    }
+
+    async fn ctl_stdin(args: Vec<String>, stdin: &[u8]) -> Ran {
+        let cli = Cli::try_parse_from(args).unwrap();
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let mut input = stdin;
+        let mut io = Io {
+            out: &mut out,
+            err: &mut err,
+            stdin: &mut input,
+            output: cli.output,
+        };
+        let result = run_with(&cli, &mut io).await;
+        Ran {
+            result,
+            out: String::from_utf8(out).unwrap(),
+            err: String::from_utf8(err).unwrap(),
+        }
+    }
+
+    fn no_token_in(texts: &[&str]) {
+        for t in texts {
+            assert!(!t.contains("tok-s3cr3t"), "token leaked: {t}");
+        }
+    }
+
+    #[tokio::test]
+    async fn mtls_call_sends_the_bearer_token_and_prints_results() {
+        let f = fixture().await;
+        let r = ctl(f.args(&["secrets", "list"])).await;
+        r.result.unwrap();
+        assert_eq!(r.out, "team/app/db\nteam/app/api\n");
+        assert_eq!(
+            f.seen.lock().unwrap().authorization,
+            vec![format!("Bearer {TOKEN}")]
+        );
+
+        let r = ctl(f.args(&["--output", "json", "secrets", "list"])).await;
+        let v: serde_json::Value = serde_json::from_str(&r.out).unwrap();
+        assert_eq!(v, serde_json::json!(["team/app/db", "team/app/api"]));
+        no_token_in(&[&r.out, &r.err]);
+    }
+
+    #[tokio::test]
+    async fn put_sends_files_and_literals_and_warns_about_literals() {
+        let f = fixture().await;
+        let pw = f.dir.path().join("pw");
+        std::fs::write(&pw, b"p4ss\n").unwrap();
+        let r = ctl(f.args(&[
+            "secrets",
+            "put",
+            "team/app/db",
+            "--from-file",
+            &format!("password={}", pw.display()),
+            "--from-literal",
+            "user=demo",
+        ]))
+        .await;
+        r.result.unwrap();
+        assert!(r.err.contains("warning: --from-literal"), "{}", r.err);
+        assert!(r.out.contains("version 3"), "{}", r.out);
+        assert!(!r.out.contains("p4ss") && !r.err.contains("p4ss"));
+        let put = f.seen.lock().unwrap().put.clone();
+        assert_eq!(
+            put,
+            vec![(
+                "team/app/db".to_owned(),
+                vec![
+                    ("password".to_owned(), b"p4ss\n".to_vec()),
+                    ("user".to_owned(), b"demo".to_vec())
+                ]
+            )]
+        );
+
+        let r = ctl_stdin(
+            f.args(&["secrets", "put", "team/app/db", "--from-json", "-"]),
+            br#"{"k": "from-stdin"}"#,
+        )
+        .await;
+        r.result.unwrap();
+        assert!(r.err.is_empty(), "{}", r.err);
+    }
+
+    #[tokio::test]
+    async fn refusals_are_one_line_with_code_and_exit_1() {
+        let f = fixture().await;
+        let r = ctl(f.args(&["keys", "status"])).await;
+        let e = r.result.unwrap_err();
+        assert_eq!(exit_code(&e), 1);
+        assert!(remote::is_code(&e, tonic::Code::PermissionDenied));
+        let line = describe(&e);
+        assert_eq!(
+            line,
+            "KeyStatus failed: PERMISSION_DENIED: system:serviceaccount:team:app may not use `audit`"
+        );
+        no_token_in(&[&line, &r.out, &r.err]);
+
+        let r = ctl(f.args(&["audit", "verify"])).await;
+        let e = r.result.unwrap_err();
+        assert_eq!(exit_code(&e), 1);
+        assert_eq!(
+            describe(&e),
+            "audit log verification FAILED: record 42: hash mismatch"
+        );
+    }
+
+    #[tokio::test]
+    async fn selectors_reach_the_server_and_bad_ones_never_leave() {
+        let f = fixture().await;
+        ctl(f.args(&["leases", "list", "--namespace", "team", "--pod", "p-1"]))
+            .await
+            .result
+            .unwrap();
+        let r = ctl(f.args(&["leases", "revoke", "--prefix", "team/app/"])).await;
+        r.result.unwrap();
+        assert_eq!(r.out, "team/app/abc\n");
+        let r = ctl(f.args(&["leases", "revoke"])).await;
+        assert_eq!(exit_code(&r.result.unwrap_err()), 2);
+        let r = ctl(f.args(&["leases", "revoke", "--everything"])).await;
+        assert_eq!(exit_code(&r.result.unwrap_err()), 2);
+        let r = ctl(f.args(&["leases", "list", "--namespace", "team"])).await;
+        assert_eq!(exit_code(&r.result.unwrap_err()), 2);
+        ctl(f.args(&["leases", "revoke", "--everything", "--yes"]))
+            .await
+            .result
+            .unwrap();
+        let seen = f.seen.lock().unwrap();
+        assert_eq!(
+            seen.selectors,
+            vec![
+                Some(pb::LeaseSelector {
+                    namespace: "team".into(),
+                    pod: "p-1".into(),
+                    ..Default::default()
+                }),
+                Some(pb::LeaseSelector {
+                    path_prefix: "team/app".into(),
+                    ..Default::default()
+                }),
+                None,
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn tls_failures_are_clear() {
+        let f = fixture().await;
+        let strip = |args: Vec<String>, flags: &[&str]| -> Vec<String> {
+            let mut out = Vec::new();
+            let mut skip = false;
+            for a in args {
+                if skip {
+                    skip = false;
+                    continue;
+                }
+                if flags.contains(&a.as_str()) {
+                    skip = true;
+                    continue;
+                }
+                out.push(a);
+            }
+            out
+        };
+
+        // A CA that did not sign the server's certificate.
+        let other = tempfile::tempdir().unwrap();
+        dev_ca(&DevCaArgs {
+            out: other.path().to_path_buf(),
+            hosts: vec!["localhost".into()],
+            force: true,
+        })
+        .unwrap();
+        let mut args = strip(f.args(&[]), &["--ca-file"]);
+        args.extend([
+            "--ca-file".into(),
+            other.path().join(devca::CA_CERT).display().to_string(),
+            "secrets".into(),
+            "list".into(),
+        ]);
+        let r = ctl(args).await;
+        let line = describe(&r.result.unwrap_err());
+        assert!(line.contains("certificate"), "{line}");
+        assert!(line.contains("UnknownIssuer"), "{line}");
+
+        // The certificate is not for this name.
+        let r = ctl(f.args(&["--tls-server-name", "broker.example", "secrets", "list"])).await;
+        let line = describe(&r.result.unwrap_err());
+        assert!(
+            line.contains("not valid for name \"broker.example\""),
+            "{line}"
+        );
+
+        // "localhost" is in the certificate too.
+        ctl(f.args(&["--tls-server-name", "localhost", "secrets", "list"]))
+            .await
+            .result
+            .unwrap();
+
+        // No client certificate: the server requires one.
+        let args = strip(f.args(&[]), &["--client-cert", "--client-key"]);
+        let args = [args, vec!["secrets".into(), "list".into()]].concat();
+        let r = ctl(args).await;
+        let e = r.result.unwrap_err();
+        assert_eq!(exit_code(&e), 1);
+        let line = describe(&e);
+        assert!(
+            line.starts_with("the connection broke; if the broker requires client certificates, give --client-cert and --client-key: ListSecrets failed: UNKNOWN: transport error"),
+            "{line}"
+        );
+        no_token_in(&[&describe(&e)]);
+
+        assert!(f.seen.lock().unwrap().authorization.len() == 1);
+    }
+
+    #[tokio::test]
+    async fn local_commands_need_no_server_or_credential() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("pki");
+        let r = ctl(vec![
+            "brokerctl".into(),
+            "dev-ca".into(),
+            "--out".into(),
+            out.display().to_string(),
+        ])
+        .await;
+        r.result.unwrap();
+        assert_eq!(r.out.lines().count(), 6);
+        assert!(r.err.contains("demos and tests only"));
+
+        let policy = dir.path().join("p.yaml");
+        std::fs::write(&policy, "policies: []\n").unwrap();
+        let r = ctl(vec![
+            "brokerctl".into(),
+            "policy".into(),
+            "apply".into(),
+            "-f".into(),
+            policy.display().to_string(),
+            "--dry-run".into(),
+        ])
+        .await;
+        r.result.unwrap();
+        assert!(r.out.contains("valid: 0 policies"), "{}", r.out);
+
+        std::fs::write(&policy, "policies:\n  - name: x\n").unwrap();
+        let r = ctl(vec![
+            "brokerctl".into(),
+            "policy".into(),
+            "apply".into(),
+            "-f".into(),
+            policy.display().to_string(),
+        ])
+        .await;
+        let line = describe(&r.result.unwrap_err());
+        assert!(line.contains("not a valid policy document"), "{line}");
+
+        // A remote command without a credential is a usage error, before any connection.
+        let r = ctl(vec![
+            "brokerctl".into(),
+            "--addr".into(),
+            "http://127.0.0.1:9".into(),
+            "secrets".into(),
+            "list".into(),
+        ])
+        .await;
+        let e = r.result.unwrap_err();
+        assert_eq!(exit_code(&e), 2, "{e}");
+    }
+}
