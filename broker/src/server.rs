@@ -12,7 +12,7 @@ use keyhaven_proto::broker::v1::admin_server::AdminServer;
 use keyhaven_proto::broker::v1::leases_server::LeasesServer;
 use secrecy::SecretString;
 
-use crate::auth::{DevIssuer, FileJwks, Verifier, VerifierConfig};
+use crate::auth::{DevIssuer, FileJwks, HttpsJwks, HttpsJwksConfig, Verifier, VerifierConfig};
 use crate::crypto::{DekCache, Envelope};
 use crate::grpc::{Edge, RateLimiter};
 use crate::service::{Broker, BrokerConfig};
@@ -86,6 +86,25 @@ pub struct ServeArgs {
     /// JWKS file with the apiserver's service-account signing keys (re-read on unknown kid).
     #[arg(long, env = "KEYHAVEN_JWKS_FILE")]
     pub jwks_file: Option<PathBuf>,
+    /// URL of the apiserver's JWKS, fetched at startup, every `--jwks-refresh-interval` and on
+    /// an unknown kid; e.g. `https://kubernetes.default.svc/openid/v1/jwks`. `http://` only on
+    /// a loopback host.
+    #[arg(long, env = "KEYHAVEN_JWKS_URL", conflicts_with = "jwks_file")]
+    pub jwks_url: Option<String>,
+    /// PEM CA bundle, the only trust anchors for an `https://` `--jwks-url` (unused for http).
+    #[arg(
+        long,
+        env = "KEYHAVEN_JWKS_CA_FILE",
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+    )]
+    pub jwks_ca_file: PathBuf,
+    /// File holding a bearer token for `--jwks-url`, re-read on every fetch (in a pod:
+    /// `/var/run/secrets/kubernetes.io/serviceaccount/token`).
+    #[arg(long, env = "KEYHAVEN_JWKS_TOKEN_FILE")]
+    pub jwks_token_file: Option<PathBuf>,
+    /// How often the JWKS from `--jwks-url` is fetched again.
+    #[arg(long, env = "KEYHAVEN_JWKS_REFRESH_INTERVAL", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub jwks_refresh_interval: Duration,
     /// Dev mode: also trust tokens minted by `brokerctl dev-token` with this key. Demos and
     /// tests only.
     #[arg(long, env = "KEYHAVEN_DEV")]
@@ -184,25 +203,58 @@ pub async fn assemble(args: &ServeArgs) -> Result<Arc<Broker>, ServeError> {
     } else {
         None
     };
-    let verifier = match (&args.jwks_file, &dev) {
-        (Some(f), _) => {
-            let mut vc = VerifierConfig::new(args.issuer.clone());
-            vc.audiences = args.audience.clone();
-            Arc::new(
-                Verifier::new(vc, FileJwks::new(f.clone()))
-                    .map_err(|e| ServeError::Config(format!("token verifier: {e}")))?,
-            )
+    let cluster_config = || {
+        let mut vc = VerifierConfig::new(args.issuer.clone());
+        vc.audiences = args.audience.clone();
+        vc
+    };
+    let cluster = if let Some(url) = &args.jwks_url {
+        // clap refuses --jwks-url together with --jwks-file.
+        let vc = cluster_config();
+        let mut hc = HttpsJwksConfig::new(url.clone());
+        hc.ca_file = Some(args.jwks_ca_file.clone());
+        hc.token_file = args.jwks_token_file.clone();
+        hc.timeout = vc.jwks_fetch_timeout;
+        let source =
+            HttpsJwks::new(&hc).map_err(|e| ServeError::Config(format!("--jwks-url: {e}")))?;
+        let v = Arc::new(
+            Verifier::new(vc, source)
+                .map_err(|e| ServeError::Config(format!("token verifier: {e}")))?,
+        );
+        // A failed first fetch does not stop the broker: tokens are answered UNAVAILABLE
+        // until the periodic refresh or an unknown-kid refetch succeeds, so the broker can
+        // start while the apiserver is briefly unreachable.
+        match v.refresh().await {
+            Ok(keys) => tracing::info!(url = %url, keys, "JWKS loaded"),
+            Err(e) => tracing::warn!(
+                url = %url,
+                error = %e,
+                "initial JWKS fetch failed; tokens cannot be verified until a later fetch succeeds"
+            ),
         }
+        drop(v.spawn_refresh_task(args.jwks_refresh_interval));
+        Some(v)
+    } else if let Some(f) = &args.jwks_file {
+        Some(Arc::new(
+            Verifier::new(cluster_config(), FileJwks::new(f.clone()))
+                .map_err(|e| ServeError::Config(format!("token verifier: {e}")))?,
+        ))
+    } else {
+        None
+    };
+    let has_cluster = cluster.is_some();
+    let verifier = match (cluster, &dev) {
+        (Some(v), _) => v,
         (None, Some(d)) => d.clone(),
         (None, None) => return Err(ServeError::Config(
-            "no way to verify tokens: give --jwks-file (the apiserver's JWKS), or --dev for demos"
+            "no way to verify tokens: give --jwks-url or --jwks-file (the apiserver's JWKS), or --dev for demos"
                 .into(),
         )),
     };
     let mut broker = Broker::new(store, envelope, verifier, BrokerConfig::default())
         .await
         .map_err(|e| ServeError::Start(e.to_string()))?;
-    if let (Some(d), Some(_)) = (dev, &args.jwks_file) {
+    if let (Some(d), true) = (dev, has_cluster) {
         broker = broker.with_dev_verifier(d);
     } else if args.dev {
         tracing::warn!(

@@ -4,7 +4,8 @@
 //! - [`Verifier`] checks signature, issuer, audience, expiry, age and subject; the algorithm is
 //!   fixed by the key (RSA → RS256, EC P-256 → ES256), never taken from the token.
 //! - [`Jwks`] is the trusted key set; a [`JwksSource`] supplies it ([`FileJwks`],
-//!   [`StaticJwks`]; an HTTPS fetch from the apiserver plugs in behind the same trait).
+//!   [`StaticJwks`], and [`HttpsJwks`], which fetches the apiserver's `/openid/v1/jwks` over
+//!   HTTPS trusting only a given CA bundle).
 //! - [`AuthError::reason`] gives stable labels for metrics and audit.
 //! - [`token_fingerprint`] keys any cache by a hash of the token, never the token.
 //! - [`DevIssuer`] mints dev-mode tokens with its own ES256 key.
@@ -14,6 +15,7 @@
 
 mod dev;
 mod error;
+mod https;
 mod jwks;
 #[cfg(test)]
 mod test_keys;
@@ -21,6 +23,7 @@ mod verifier;
 
 pub use dev::{DevIssuer, DEV_AUDIENCE, DEV_ISSUER, DEV_MAX_TTL};
 pub use error::{AuthError, SetupError};
+pub use https::{HttpsJwks, HttpsJwksConfig};
 pub use jwks::{FetchFuture, FileJwks, Jwks, JwksSource, StaticJwks, MAX_JWKS_BYTES};
 pub use verifier::{VerifiedToken, Verifier, VerifierConfig, MAX_TOKEN_BYTES};
 
