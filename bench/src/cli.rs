@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// Keyhaven load generator; baselines are measured in the same run.
 #[derive(Debug, Parser)]
@@ -20,6 +20,8 @@ pub struct Cli {
 pub enum Command {
     /// kms-plugin Encrypt/Decrypt against a raw-HSM and a bare-gRPC (echo) baseline.
     Kms(KmsArgs),
+    /// broker Lease/Renew over TLS against a raw-database and a raw-JWT baseline, per database.
+    Broker(BrokerArgs),
 }
 
 /// `keyhaven-bench kms`.
@@ -74,6 +76,91 @@ impl KmsArgs {
     }
 }
 
+/// A database the broker can run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Db {
+    /// A SQLite file in the bench's temporary directory (WAL, synchronous=FULL).
+    Sqlite,
+    /// A throwaway PostgreSQL cluster started from the installed server binaries.
+    Postgres,
+}
+
+impl std::fmt::Display for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(match self {
+            Db::Sqlite => "sqlite",
+            Db::Postgres => "postgres",
+        })
+    }
+}
+
+/// `keyhaven-bench broker`.
+#[derive(Debug, Clone, Args)]
+pub struct BrokerArgs {
+    /// Databases to run the broker on, one after the other (comma-separated).
+    #[arg(
+        long,
+        env = "KEYHAVEN_BENCH_DB",
+        value_delimiter = ',',
+        default_value = "sqlite,postgres"
+    )]
+    pub db: Vec<Db>,
+    /// Numbers of concurrent clients to measure at (comma-separated). Each client is its own
+    /// service account with its own token.
+    #[arg(
+        long,
+        env = "KEYHAVEN_BENCH_CLIENTS",
+        value_delimiter = ',',
+        default_value = "1,16,128"
+    )]
+    pub clients: Vec<usize>,
+    /// Measured time of each (database, clients, target) cell.
+    #[arg(long, env = "KEYHAVEN_BENCH_DURATION", default_value = "3s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Unmeasured warm-up before each cell.
+    #[arg(long, env = "KEYHAVEN_BENCH_WARMUP", default_value = "300ms", value_parser = humantime::parse_duration)]
+    pub warmup: Duration,
+    /// The broker binary to run. Default: `broker` beside this binary.
+    #[arg(long, env = "KEYHAVEN_BENCH_BROKER")]
+    pub broker: Option<PathBuf>,
+    /// SoftHSM2 PKCS#11 module (the bench makes its own temporary tokens with it).
+    #[arg(long, env = "KEYHAVEN_PKCS11_MODULE", default_value = kms_plugin::cli::DEFAULT_MODULE)]
+    pub pkcs11_module: PathBuf,
+    /// PostgreSQL server binaries (initdb, postgres, pg_isready). Default: the newest
+    /// `/usr/lib/postgresql/<version>/bin`.
+    #[arg(long, env = "KEYHAVEN_PG_BIN")]
+    pub pg_bin: Option<PathBuf>,
+    /// Active leases to put in the broker's database before reading its memory (0: skip).
+    #[arg(long, env = "KEYHAVEN_BENCH_LEASES", default_value_t = 100_000)]
+    pub leases: usize,
+    /// Clients sharing one gRPC channel (one TLS connection each). 1: every client is a pod
+    /// with its own connection.
+    #[arg(long, env = "KEYHAVEN_BENCH_CLIENTS_PER_CHANNEL", default_value_t = 1)]
+    pub clients_per_channel: usize,
+}
+
+impl BrokerArgs {
+    /// Rejects values that would make a meaningless run.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(!self.db.is_empty(), "--db is empty");
+        anyhow::ensure!(!self.clients.is_empty(), "--clients is empty");
+        anyhow::ensure!(
+            self.clients.iter().all(|&n| (1..=1024).contains(&n)),
+            "--clients values must be between 1 and 1024"
+        );
+        anyhow::ensure!(!self.duration.is_zero(), "--duration must be positive");
+        anyhow::ensure!(
+            self.leases <= 10_000_000,
+            "--leases must be at most 10000000"
+        );
+        anyhow::ensure!(
+            self.clients_per_channel >= 1,
+            "--clients-per-channel must be at least 1"
+        );
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -103,6 +190,45 @@ mod tests {
         assert!(args.validate().is_ok());
         let mut bad = args.clone();
         bad.clients = vec![0];
+        assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn broker_defaults_and_flags_parse() {
+        let parse = |args: &[&str]| match Cli::try_parse_from(args) {
+            Ok(Cli {
+                command: Command::Broker(a),
+            }) => Some(a),
+            _ => None,
+        };
+        let Some(d) = parse(&["keyhaven-bench", "broker"]) else {
+            panic!("defaults do not parse");
+        };
+        assert_eq!(d.db, vec![Db::Sqlite, Db::Postgres]);
+        assert_eq!(d.clients, vec![1, 16, 128]);
+        assert_eq!((d.leases, d.clients_per_channel), (100_000, 1));
+        assert!(d.validate().is_ok());
+        let Some(a) = parse(&[
+            "keyhaven-bench",
+            "broker",
+            "--db",
+            "postgres",
+            "--clients",
+            "4",
+            "--duration",
+            "1s",
+            "--leases",
+            "0",
+        ]) else {
+            panic!("flags do not parse");
+        };
+        assert_eq!(
+            (&a.db, &a.clients, a.leases),
+            (&vec![Db::Postgres], &vec![4], 0)
+        );
+        assert!(parse(&["keyhaven-bench", "broker", "--db", "mysql"]).is_none());
+        let mut bad = a.clone();
+        bad.db.clear();
         assert!(bad.validate().is_err());
     }
 }

@@ -2,17 +2,29 @@
 //! measured in the same run on the same machine, so a result reads as "how far from what
 //! the hardware and the RPC stack allow" rather than as an absolute figure.
 //!
-//! `keyhaven-bench kms` drives a real `kms-plugin serve` process over its Unix socket and
-//! compares it with the raw HSM and with a bare tonic echo service. It is a measuring tool,
-//! not a test: targets are reported, never asserted.
+//! - `keyhaven-bench kms` drives a real `kms-plugin serve` process over its Unix socket and
+//!   compares it with the raw HSM and with a bare tonic echo service.
+//! - `keyhaven-bench broker` drives a real `broker` process over TLS (Lease, Renew) on SQLite
+//!   and on PostgreSQL, beside a raw sqlx insert + select and raw JWT verification on the same
+//!   database, and reads the broker's memory with 100,000 active leases.
+//!
+//! It is a measuring tool, not a test: targets are reported, never asserted.
 #![forbid(unsafe_code)]
 
+mod baseline;
+mod broker;
+mod broker_proc;
+mod broker_report;
 mod cli;
 mod echo;
+mod fill;
 mod grpc;
 mod kms;
+mod leases;
 mod load;
+mod pki;
 mod plugin;
+mod postgres;
 mod raw;
 mod report;
 mod token;
@@ -26,6 +38,7 @@ fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     let result = match &cli.command {
         cli::Command::Kms(args) => kms::run(args),
+        cli::Command::Broker(args) => broker::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,7 +1,12 @@
-//! A throwaway SoftHSM2 token for one bench run: its own `softhsm2.conf` and token directory
-//! in a temporary directory (removed on drop), random PINs in 0600 files, initialised and
-//! given a KEK by the `kms-plugin` binary under test (`token init`, `keys init`). PINs
+//! Throwaway SoftHSM2 tokens for one bench run: their own `softhsm2.conf` and token
+//! directory in a temporary directory (removed on drop), random PINs in 0600 files. PINs
 //! reach child processes only as file paths, never on a command line.
+//!
+//! - [`BenchToken`] (`kms`): initialised and given a KEK by the `kms-plugin` binary under test
+//!   (`token init`, `keys init`).
+//! - [`SoftHsmDir`] (`broker`): tokens initialised in this process (`keyhaven_hsm::init_token`),
+//!   one per database, each with a KEK made through `BlockingKeystore::generate_kek` — the
+//!   broker has no `keys init` of its own.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -9,7 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use anyhow::Context;
-use keyhaven_hsm::{Config, PinSource, TokenSelector};
+use keyhaven_hsm::{BlockingKeystore, Config, KekInfo, PinSource, TokenSelector};
+use secrecy::SecretString;
 use zeroize::Zeroizing;
 
 /// KEK label prefix given to the plugin and to the raw baseline (the plugin's default).
@@ -32,27 +38,7 @@ pub struct BenchToken {
 impl BenchToken {
     /// Makes the token and its first KEK with `plugin` (`kms-plugin token init`, `keys init`).
     pub fn create(plugin: &Path, module: &Path) -> anyhow::Result<BenchToken> {
-        anyhow::ensure!(
-            module.exists(),
-            "PKCS#11 module {} not found: install SoftHSM2 (`apt-get install -y softhsm2`) \
-             or pass --pkcs11-module",
-            module.display()
-        );
-        let dir = tempfile::Builder::new()
-            .prefix("keyhaven-bench-")
-            .tempdir()
-            .context("create a temporary directory")?;
-        let tokens = dir.path().join("tokens");
-        std::fs::create_dir(&tokens).context("create the token directory")?;
-        let conf = dir.path().join("softhsm2.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
-                tokens.display()
-            ),
-        )
-        .context("write softhsm2.conf")?;
+        let (dir, conf) = softhsm_dir(module)?;
         let token = BenchToken {
             conf,
             label: format!("keyhaven-bench-{}", hex::encode(random_bytes::<4>()?)),
@@ -113,6 +99,120 @@ impl BenchToken {
     }
 }
 
+/// A temporary directory with an empty SoftHSM2 token directory and a `softhsm2.conf`
+/// pointing at it; returns the directory and the conf's path.
+fn softhsm_dir(module: &Path) -> anyhow::Result<(tempfile::TempDir, PathBuf)> {
+    anyhow::ensure!(
+        module.exists(),
+        "PKCS#11 module {} not found: install SoftHSM2 (`apt-get install -y softhsm2`) \
+         or pass --pkcs11-module",
+        module.display()
+    );
+    let dir = tempfile::Builder::new()
+        .prefix("keyhaven-bench-")
+        .tempdir()
+        .context("create a temporary directory")?;
+    let tokens = dir.path().join("tokens");
+    std::fs::create_dir(&tokens).context("create the token directory")?;
+    let conf = dir.path().join("softhsm2.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
+            tokens.display()
+        ),
+    )
+    .context("write softhsm2.conf")?;
+    Ok((dir, conf))
+}
+
+/// A SoftHSM2 configuration whose tokens this process initialises itself (the broker
+/// bench). SoftHSM2 reads `SOFTHSM2_CONF` once per process, so one run has one of these and
+/// a token per database inside it.
+#[derive(Debug)]
+pub struct SoftHsmDir {
+    dir: tempfile::TempDir,
+    /// `softhsm2.conf` pointing at the token directory.
+    pub conf: PathBuf,
+    /// PKCS#11 module.
+    pub module: PathBuf,
+}
+
+/// A token initialised by [`SoftHsmDir::new_token`].
+#[derive(Debug)]
+pub struct HsmToken {
+    /// Token label.
+    pub label: String,
+    /// File holding the user PIN (0600).
+    pub pin_file: PathBuf,
+    /// The KEK made on it.
+    pub kek: KekInfo,
+}
+
+impl SoftHsmDir {
+    /// Makes the directory and its `softhsm2.conf`. The caller points this process's
+    /// `SOFTHSM2_CONF` at [`SoftHsmDir::conf`] before the first token is made.
+    pub fn create(module: &Path) -> anyhow::Result<SoftHsmDir> {
+        let (dir, conf) = softhsm_dir(module)?;
+        Ok(SoftHsmDir {
+            dir,
+            conf,
+            module: module.to_path_buf(),
+        })
+    }
+
+    /// The temporary directory (everything else of the run goes here too).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Initialises a new token labelled `keyhaven-bench-<name>-<random>` in this process, with
+    /// random PINs (the user PIN into `pin_file`, mode 0600; the SO PIN only in memory), and
+    /// generates one KEK whose label starts with `kek_label_prefix`. Blocking.
+    pub fn new_token(
+        &self,
+        name: &str,
+        pin_file: PathBuf,
+        kek_label_prefix: &str,
+    ) -> anyhow::Result<HsmToken> {
+        anyhow::ensure!(
+            std::env::var_os("SOFTHSM2_CONF").as_deref() == Some(self.conf.as_os_str()),
+            "SOFTHSM2_CONF must point at {} before a token is made",
+            self.conf.display()
+        );
+        let label = format!(
+            "keyhaven-bench-{name}-{}",
+            hex::encode(random_bytes::<4>()?)
+        );
+        let user_pin = random_pin()?;
+        write_private(&pin_file, &user_pin)?;
+        let so_pin = random_pin()?;
+        keyhaven_hsm::init_token(
+            &self.module,
+            &label,
+            &SecretString::from(so_pin.as_str()),
+            &SecretString::from(user_pin.as_str()),
+        )
+        .with_context(|| format!("initialise SoftHSM2 token {label}"))?;
+        let mut cfg = Config::new(
+            &self.module,
+            TokenSelector::Label(label.clone()),
+            PinSource::File(pin_file.clone()),
+        );
+        cfg.pool_size = 1;
+        cfg.kek_label_prefix = kek_label_prefix.to_owned();
+        let ks = BlockingKeystore::open(cfg).with_context(|| format!("open token {label}"))?;
+        let kek = ks
+            .generate_kek()
+            .with_context(|| format!("generate a KEK on {label}"))?;
+        Ok(HsmToken {
+            label,
+            pin_file,
+            kek,
+        })
+    }
+}
+
 /// `N` bytes from the OS CSPRNG.
 pub fn random_bytes<const N: usize>() -> anyhow::Result<[u8; N]> {
     let mut b = [0u8; N];
@@ -121,13 +221,14 @@ pub fn random_bytes<const N: usize>() -> anyhow::Result<[u8; N]> {
 }
 
 /// 32 hex characters from the OS CSPRNG.
-fn random_pin() -> anyhow::Result<Zeroizing<String>> {
+pub fn random_pin() -> anyhow::Result<Zeroizing<String>> {
     let mut bytes = Zeroizing::new([0u8; 16]);
     getrandom::fill(&mut bytes[..]).map_err(|e| anyhow::anyhow!("OS CSPRNG failed: {e}"))?;
     Ok(Zeroizing::new(hex::encode(&bytes[..])))
 }
 
-fn write_private(path: &Path, content: &str) -> anyhow::Result<()> {
+/// Creates `path` (it must not exist) with mode 0600 and writes `content`.
+pub fn write_private(path: &Path, content: &str) -> anyhow::Result<()> {
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
