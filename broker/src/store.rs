@@ -618,10 +618,18 @@ fn audit_from_row(r: &impl RowExt) -> Result<AuditRecord> {
 static SQLITE_AUDIT_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 impl Store {
-    /// Appends `event` to the hash-chained audit log and returns the stored record. Appends
-    /// are serialised: on PostgreSQL with a transaction-scoped advisory lock (so several
-    /// broker replicas share one chain), on SQLite (one broker per file) with a process lock.
+    /// Appends `event` to the hash-chained audit log and returns the stored record.
     pub async fn append_audit(&self, event: AuditEvent) -> Result<AuditRecord> {
+        let mut v = self.append_audit_batch(vec![event]).await?;
+        v.pop()
+            .ok_or_else(|| StoreError::Other("empty audit batch".into()))
+    }
+
+    /// Appends several events, in order, in ONE transaction (group commit), and returns the
+    /// stored records. Appends are serialised: on PostgreSQL with a transaction-scoped
+    /// advisory lock (so several broker replicas share one chain), on SQLite (one broker per
+    /// file) with a process lock.
+    pub async fn append_audit_batch(&self, events: Vec<AuditEvent>) -> Result<Vec<AuditRecord>> {
         let insert = format!(
             "INSERT INTO audit ({AUDIT_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
         );
@@ -641,19 +649,38 @@ impl Store {
                     .bind(&$rec.hash)
             };
         }
+        fn chain(head: Checkpoint, events: Vec<AuditEvent>) -> Vec<AuditRecord> {
+            let mut head = head;
+            events
+                .into_iter()
+                .map(|e| {
+                    let r = AuditRecord::after(&head, e);
+                    head = r.checkpoint();
+                    r
+                })
+                .collect()
+        }
         match self {
             Store::Sqlite(p) => {
                 let _g = SQLITE_AUDIT_LOCK.lock().await;
-                let head = match sqlx::query(head_sql).fetch_optional(p).await? {
+                // IMMEDIATE takes the write lock up front: a deferred transaction that reads
+                // then writes can fail at once with SQLITE_BUSY under concurrent writers.
+                let mut tx = p.begin_with("BEGIN IMMEDIATE").await?;
+                let head = match sqlx::query(head_sql).fetch_optional(&mut *tx).await? {
                     Some(r) => Checkpoint {
                         seq: r.int("seq")?,
                         hash: r.text("hash")?,
                     },
                     None => Checkpoint::genesis(),
                 };
-                let rec = AuditRecord::after(&head, event);
-                bind_record!(sqlx::query(&insert), rec).execute(p).await?;
-                Ok(rec)
+                let recs = chain(head, events);
+                for rec in &recs {
+                    bind_record!(sqlx::query(&insert), rec)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                tx.commit().await?;
+                Ok(recs)
             }
             Store::Postgres(p) => {
                 let mut tx = p.begin().await?;
@@ -668,12 +695,14 @@ impl Store {
                     },
                     None => Checkpoint::genesis(),
                 };
-                let rec = AuditRecord::after(&head, event);
-                bind_record!(sqlx::query(&insert), rec)
-                    .execute(&mut *tx)
-                    .await?;
+                let recs = chain(head, events);
+                for rec in &recs {
+                    bind_record!(sqlx::query(&insert), rec)
+                        .execute(&mut *tx)
+                        .await?;
+                }
                 tx.commit().await?;
-                Ok(rec)
+                Ok(recs)
             }
         }
     }
