@@ -12,7 +12,10 @@ use keyhaven_proto::broker::v1::admin_server::AdminServer;
 use keyhaven_proto::broker::v1::leases_server::LeasesServer;
 use secrecy::SecretString;
 
-use crate::auth::{DevIssuer, FileJwks, HttpsJwks, HttpsJwksConfig, Verifier, VerifierConfig};
+use crate::auth::{
+    DevIssuer, FileJwks, HttpsJwks, HttpsJwksConfig, TokenReviewConfig, TokenReviewer, Verifier,
+    VerifierConfig,
+};
 use crate::crypto::{DekCache, Envelope};
 use crate::grpc::{Edge, RateLimiter};
 use crate::service::{Broker, BrokerConfig};
@@ -105,6 +108,36 @@ pub struct ServeArgs {
     /// How often the JWKS from `--jwks-url` is fetched again.
     #[arg(long, env = "KEYHAVEN_JWKS_REFRESH_INTERVAL", default_value = "5m", value_parser = humantime::parse_duration)]
     pub jwks_refresh_interval: Duration,
+    /// TokenReview mode: after a token verifies locally, also ask the apiserver's TokenReview
+    /// API, so that tokens whose pod or service account was deleted are refused. The broker's
+    /// service account needs the `system:auth-delegator` cluster role.
+    #[arg(long, env = "KEYHAVEN_TOKEN_REVIEW")]
+    pub token_review: bool,
+    /// The apiserver asked in TokenReview mode. `http://` only on a loopback host.
+    #[arg(
+        long,
+        env = "KEYHAVEN_APISERVER_URL",
+        default_value = "https://kubernetes.default.svc"
+    )]
+    pub apiserver_url: String,
+    /// PEM CA bundle, the only trust anchors for an `https://` `--apiserver-url`.
+    #[arg(
+        long,
+        env = "KEYHAVEN_APISERVER_CA_FILE",
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+    )]
+    pub apiserver_ca_file: PathBuf,
+    /// File holding the broker's own token for TokenReview, re-read on every review.
+    #[arg(
+        long,
+        env = "KEYHAVEN_APISERVER_TOKEN_FILE",
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    )]
+    pub apiserver_token_file: PathBuf,
+    /// How long a TokenReview verdict is cached (by token hash, never past the token's
+    /// expiry; at most 60s; 0s disables the cache).
+    #[arg(long, env = "KEYHAVEN_TOKEN_REVIEW_CACHE_TTL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub token_review_cache_ttl: Duration,
     /// Dev mode: also trust tokens minted by `brokerctl dev-token` with this key. Demos and
     /// tests only.
     #[arg(long, env = "KEYHAVEN_DEV")]
@@ -260,6 +293,30 @@ pub async fn assemble(args: &ServeArgs) -> Result<Arc<Broker>, ServeError> {
         tracing::warn!(
             "DEV MODE: trusting tokens minted with the dev key — never use this in production"
         );
+    }
+    if args.token_review {
+        let mut rc = TokenReviewConfig::new(
+            args.apiserver_url.clone(),
+            Some(args.apiserver_ca_file.clone()),
+            args.apiserver_token_file.clone(),
+        );
+        rc.audiences = args.audience.clone();
+        rc.cache_ttl = args.token_review_cache_ttl;
+        let reviewer = TokenReviewer::new(&rc)
+            .map_err(|e| ServeError::Config(format!("--token-review: {e}")))?;
+        if !args.apiserver_token_file.is_file() {
+            tracing::warn!(
+                token_file = %args.apiserver_token_file.display(),
+                "TokenReview token file does not exist yet; every review fails until it does"
+            );
+        }
+        if args.dev {
+            tracing::warn!(
+                "--dev with --token-review: dev tokens are also sent to TokenReview, which a real apiserver refuses"
+            );
+        }
+        tracing::info!(url = reviewer.url(), cache_ttl = ?args.token_review_cache_ttl, "TokenReview mode on");
+        broker = broker.with_token_review(Arc::new(reviewer));
     }
     if let Some(f) = &args.bootstrap_file {
         broker = broker.with_bootstrap_admin(read_secret_file(f, "bootstrap credential")?);

@@ -11,7 +11,7 @@ use secrecy::{ExposeSecret, SecretString};
 use zeroize::Zeroizing;
 
 use crate::audit::{AuditEvent, AuditRecord, EventKind, JsonlSink, Outcome};
-use crate::auth::{AuthError, Verifier};
+use crate::auth::{AuthError, TokenReviewer, Verifier};
 use crate::crypto::{CryptoError, Envelope, SecretData};
 use crate::identity::Identity;
 use crate::policy::{validate_secret_path, Capability, Decision, PolicySet};
@@ -169,9 +169,12 @@ pub struct Broker {
     envelope: Envelope,
     verifier: Arc<Verifier>,
     dev_verifier: Option<Arc<Verifier>>,
+    /// TokenReview mode: every locally verified workload token is also reviewed here.
+    token_review: Option<Arc<TokenReviewer>>,
     bootstrap: Option<SecretString>,
     policies: RwLock<PolicySet>,
-    audit_file: Option<Mutex<JsonlSink>>,
+    audit_file: Arc<Mutex<Option<JsonlSink>>>,
+    audit_writer: tokio::sync::mpsc::Sender<AuditJob>,
     kek: RwLock<Option<KekId>>,
     config: BrokerConfig,
     metrics: crate::metrics::Metrics,
@@ -202,14 +205,18 @@ impl Broker {
         verifier: Arc<Verifier>,
         config: BrokerConfig,
     ) -> Result<Broker> {
+        let audit_file: Arc<Mutex<Option<JsonlSink>>> = Arc::default();
+        let store_for_audit = store.clone();
         let b = Broker {
             store,
             envelope,
             verifier,
             dev_verifier: None,
+            token_review: None,
             bootstrap: None,
             policies: RwLock::new(PolicySet::default()),
-            audit_file: None,
+            audit_file: audit_file.clone(),
+            audit_writer: spawn_audit_writer(store_for_audit, audit_file),
             kek: RwLock::new(None),
             config,
             metrics: crate::metrics::Metrics::new(),
@@ -228,6 +235,15 @@ impl Broker {
         self
     }
 
+    /// TokenReview mode: after a workload token verifies locally, also ask the apiserver
+    /// (through `reviewer`, which caches verdicts for seconds) and refuse it unless the
+    /// apiserver agrees: `token_review_denied` (UNAUTHENTICATED) or `token_review_unavailable`
+    /// (UNAVAILABLE), audited like other authentication failures.
+    pub fn with_token_review(mut self, reviewer: Arc<TokenReviewer>) -> Self {
+        self.token_review = Some(reviewer);
+        self
+    }
+
     /// Accepts this bootstrap admin credential (read from a file by the binary).
     pub fn with_bootstrap_admin(mut self, credential: SecretString) -> Self {
         self.bootstrap = Some(credential);
@@ -235,8 +251,8 @@ impl Broker {
     }
 
     /// Also writes every audit record to this JSON-lines file.
-    pub fn with_audit_file(mut self, sink: JsonlSink) -> Self {
-        self.audit_file = Some(Mutex::new(sink));
+    pub fn with_audit_file(self, sink: JsonlSink) -> Self {
+        *self.audit_file.lock().unwrap_or_else(|p| p.into_inner()) = Some(sink);
         self
     }
 
@@ -300,18 +316,13 @@ impl Broker {
 
     /// Writes one audit record (database, then the optional file). Failure fails the request.
     pub async fn audit(&self, event: AuditEvent) -> Result<AuditRecord> {
-        let rec = self.store.append_audit(event).await.map_err(|e| {
-            tracing::error!(error = %e, "audit write failed; refusing the request");
-            BrokerError::Unavailable("audit log unavailable".into())
-        })?;
-        if let Some(f) = &self.audit_file {
-            let mut f = f.lock().unwrap_or_else(|p| p.into_inner());
-            f.append(&rec).map_err(|e| {
-                tracing::error!(error = %e, "audit file write failed; refusing the request");
-                BrokerError::Unavailable("audit file unavailable".into())
-            })?;
-        }
-        Ok(rec)
+        let (reply, wait) = tokio::sync::oneshot::channel();
+        let unavailable = || BrokerError::Unavailable("audit log unavailable".into());
+        self.audit_writer
+            .send(AuditJob { event, reply })
+            .await
+            .map_err(|_| unavailable())?;
+        wait.await.map_err(|_| unavailable())?
     }
 
     /// Verifies a bearer credential: a ServiceAccount token (or, in dev mode, a dev token), or
@@ -335,6 +346,30 @@ impl Broker {
         }
         match result {
             Ok(id) => {
+                if let Some(reviewer) = &self.token_review {
+                    if let Err(e) = reviewer.review(credential, &id).await {
+                        self.metrics.auth_failure(e.reason());
+                        let outcome = if e.is_unavailable() {
+                            tracing::warn!(identity = %id, error = %e, "token review failed");
+                            Outcome::Error
+                        } else {
+                            tracing::info!(identity = %id, error = %e, "token refused by TokenReview");
+                            Outcome::Denied
+                        };
+                        let mut ev = AuditEvent::new(now_ms(), EventKind::Authenticate, outcome)
+                            .with_identity(id.subject())
+                            .with_reason(e.reason());
+                        if let Some(p) = &id.pod_name {
+                            ev = ev.with_pod(p.clone());
+                        }
+                        self.audit(ev).await?;
+                        return Err(if e.is_unavailable() {
+                            BrokerError::Unavailable("token review unavailable".into())
+                        } else {
+                            BrokerError::Unauthenticated(e.reason().to_owned())
+                        });
+                    }
+                }
                 let mut ev = AuditEvent::new(now_ms(), EventKind::Authenticate, Outcome::Ok)
                     .with_identity(id.subject());
                 if let Some(p) = &id.pod_name {
@@ -415,8 +450,21 @@ impl Broker {
     ) -> Result<LeaseGrant> {
         let r = self.lease_inner(caller, path, ttl).await;
         let lease_id = r.as_ref().ok().map(|g| g.lease_id.clone());
-        self.audited(caller, EventKind::Lease, Some(path), lease_id.as_deref(), r)
-            .await
+        let out = self
+            .audited(caller, EventKind::Lease, Some(path), lease_id.as_deref(), r)
+            .await;
+        if let (Err(_), Some(id)) = (&out, &lease_id) {
+            // Not audited, so not granted: end the lease we just stored.
+            let _ = self
+                .store
+                .revoke_leases(
+                    &LeaseFilter::Id(id.clone()),
+                    now_ms(),
+                    "revoked:audit_failed",
+                )
+                .await;
+        }
+        out
     }
 
     async fn lease_inner(
@@ -987,6 +1035,68 @@ impl Broker {
         }
         m.encode()
     }
+}
+
+/// One audit record waiting for the writer.
+struct AuditJob {
+    event: AuditEvent,
+    reply: tokio::sync::oneshot::Sender<Result<AuditRecord>>,
+}
+
+/// The audit writer: group commit. Requests queue their events; one task writes everything
+/// waiting (up to 512) in a single transaction, then appends the records to the JSON-lines file
+/// in chain order, then answers each request. A request is answered only after its record is
+/// durable, so "if audit cannot be written, the request fails" holds, while concurrent requests
+/// share one commit instead of queueing on the chain lock one by one.
+fn spawn_audit_writer(
+    store: Store,
+    file: Arc<Mutex<Option<JsonlSink>>>,
+) -> tokio::sync::mpsc::Sender<AuditJob> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<AuditJob>(8192);
+    tokio::spawn(async move {
+        while let Some(first) = rx.recv().await {
+            let mut jobs = vec![first];
+            while jobs.len() < 512 {
+                match rx.try_recv() {
+                    Ok(j) => jobs.push(j),
+                    Err(_) => break,
+                }
+            }
+            let (events, replies): (Vec<_>, Vec<_>) =
+                jobs.into_iter().map(|j| (j.event, j.reply)).unzip();
+            match store.append_audit_batch(events).await {
+                Ok(recs) => {
+                    let file_failed = {
+                        let mut f = file.lock().unwrap_or_else(|p| p.into_inner());
+                        match f.as_mut() {
+                            Some(sink) => recs.iter().find_map(|r| sink.append(r).err()),
+                            None => None,
+                        }
+                    };
+                    if let Some(e) = &file_failed {
+                        tracing::error!(error = %e, "audit file write failed; refusing the requests");
+                    }
+                    for (reply, rec) in replies.into_iter().zip(recs) {
+                        let _ = reply.send(match &file_failed {
+                            Some(_) => {
+                                Err(BrokerError::Unavailable("audit file unavailable".into()))
+                            }
+                            None => Ok(rec),
+                        });
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "audit write failed; refusing the requests");
+                    for reply in replies {
+                        let _ = reply.send(Err(BrokerError::Unavailable(
+                            "audit log unavailable".into(),
+                        )));
+                    }
+                }
+            }
+        }
+    });
+    tx
 }
 
 fn auth_error(e: &AuthError) -> BrokerError {

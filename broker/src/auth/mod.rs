@@ -9,9 +9,12 @@
 //! - [`AuthError::reason`] gives stable labels for metrics and audit.
 //! - [`token_fingerprint`] keys any cache by a hash of the token, never the token.
 //! - [`DevIssuer`] mints dev-mode tokens with its own ES256 key.
+//! - [`TokenReviewer`] (optional TokenReview mode) asks the apiserver about a token already
+//!   verified here, so that tokens whose pod or service account was deleted are refused; its
+//!   verdicts are cached for seconds, by fingerprint.
 //!
-//! Not here: the apiserver TokenReview round trip, policy (see `policy`), and the gRPC edge
-//! that maps [`AuthError`] to a status. No function here logs or returns a token.
+//! Not here: policy (see `policy`), and the gRPC edge that maps [`AuthError`] and
+//! [`TokenReviewError`] to a status. No function here logs or returns a token.
 
 mod dev;
 mod error;
@@ -19,12 +22,17 @@ mod https;
 mod jwks;
 #[cfg(test)]
 mod test_keys;
+mod tokenreview;
 mod verifier;
 
 pub use dev::{DevIssuer, DEV_AUDIENCE, DEV_ISSUER, DEV_MAX_TTL};
 pub use error::{AuthError, SetupError};
 pub use https::{HttpsJwks, HttpsJwksConfig};
 pub use jwks::{FetchFuture, FileJwks, Jwks, JwksSource, StaticJwks, MAX_JWKS_BYTES};
+pub use tokenreview::{
+    TokenReviewConfig, TokenReviewError, TokenReviewer, DEFAULT_REVIEW_CACHE_CAPACITY,
+    DEFAULT_REVIEW_CACHE_TTL, MAX_REVIEW_BYTES, MAX_REVIEW_CACHE_TTL, TOKEN_REVIEW_PATH,
+};
 pub use verifier::{VerifiedToken, Verifier, VerifierConfig, MAX_TOKEN_BYTES};
 
 use sha2::{Digest, Sha256};
