@@ -22,6 +22,21 @@ pub enum Command {
     Kms(KmsArgs),
     /// broker Lease/Renew over TLS against a raw-database and a raw-JWT baseline, per database.
     Broker(BrokerArgs),
+    /// Internal: the bare tonic echo KMS service, run as its own process by `kms` so that the
+    /// baseline pays the same cross-process costs as the plugin.
+    #[command(hide = true)]
+    EchoServer(EchoArgs),
+}
+
+/// `keyhaven-bench echo-server` (internal).
+#[derive(Debug, Clone, Args)]
+pub struct EchoArgs {
+    /// Unix socket to serve on.
+    #[arg(long)]
+    pub socket: PathBuf,
+    /// key_id to answer with.
+    #[arg(long)]
+    pub key_id: String,
 }
 
 /// `keyhaven-bench kms`.

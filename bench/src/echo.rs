@@ -1,6 +1,7 @@
 //! Baseline (b): the RPC stack alone. A bare tonic server implementing the same
-//! `KeyManagementService`, served in this process on its own Unix socket and driven by the
-//! same client code as the plugin. No HSM, no checks beyond parsing; the messages have the
+//! `KeyManagementService`, served by a child process of the bench (like the plugin, so both
+//! pay the same cross-process scheduling) on its own Unix socket and driven by the same client
+//! code as the plugin. No HSM, no checks beyond parsing; the messages have the
 //! plugin's sizes: Encrypt wraps the seed in the plugin's envelope layout (format byte, an
 //! all-zero "IV", the seed, an all-zero "tag") under the plugin's key_id and annotations,
 //! and Decrypt hands back the ciphertext's body bytes, i.e. the seed.
@@ -99,5 +100,62 @@ impl Drop for EchoServer {
             let _ = stop.send(());
         }
         self.task.abort();
+    }
+}
+
+/// `keyhaven-bench echo-server`: serves until SIGTERM/SIGINT (run by [`EchoProcess`]).
+pub fn serve_process(args: &crate::cli::EchoArgs) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the tokio runtime")?;
+    rt.block_on(async {
+        let _server = EchoServer::start(&args.socket, args.key_id.clone())?;
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        Ok(())
+    })
+}
+
+/// The echo server as a child process (this binary, `echo-server`), killed on drop.
+#[derive(Debug)]
+pub struct EchoProcess {
+    child: std::process::Child,
+}
+
+impl EchoProcess {
+    /// Starts it and waits until the socket accepts connections.
+    pub fn start(socket: &Path, key_id: &str) -> anyhow::Result<EchoProcess> {
+        let exe = std::env::current_exe().context("find this binary")?;
+        let child = std::process::Command::new(exe)
+            .arg("echo-server")
+            .arg("--socket")
+            .arg(socket)
+            .args(["--key-id", key_id])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .context("start the echo server process")?;
+        let p = EchoProcess { child };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::os::unix::net::UnixStream::connect(socket).is_err() {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "echo server did not come up"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Ok(p)
+    }
+}
+
+impl Drop for EchoProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::cli::KmsArgs;
-use crate::echo::EchoServer;
+use crate::echo::EchoProcess;
 use crate::load::{Summary, Window};
 use crate::plugin::PluginProcess;
 use crate::raw::{self, RawHsm};
@@ -133,7 +133,7 @@ async fn measure(
     let raw = Arc::new(raw);
 
     let echo_socket = token.dir().join("echo.sock");
-    let _echo = EchoServer::start(&echo_socket, key_id.clone())?;
+    let _echo = EchoProcess::start(&echo_socket, &key_id)?;
     let echo_envs = {
         let mut c = crate::grpc::client(&echo_socket).await?;
         Arc::new(
@@ -200,7 +200,7 @@ async fn measure(
          plugin : {} serve (session pool {}), key_id {key_id}\n\
          raw-HSM: keyhaven_hsm::BlockingKeystore in this process, N OS threads, same token, KEK and AAD, \
          session pool {} (= the plugin's)\n\
-         echo   : bare tonic KeyManagementService in this process, same client code and message sizes\n\
+         echo   : bare tonic KeyManagementService in its own process (like the plugin), same client code and message sizes\n\
          load   : N tokio tasks, {per_channel} per gRPC channel; Encrypt {SEED_LEN}-byte seed -> \
          {ct_len}-byte ciphertext, Decrypt back; {SEEDS} distinct seeds\n\
          ratios : throughput, plugin / baseline (min = the slower baseline)\n",

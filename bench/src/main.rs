@@ -39,6 +39,7 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         cli::Command::Kms(args) => kms::run(args),
         cli::Command::Broker(args) => broker::run(args),
+        cli::Command::EchoServer(args) => echo::serve_process(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
