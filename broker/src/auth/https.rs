@@ -315,23 +315,28 @@ impl JwksSource for HttpsJwks {
 /// refused, unknown issuer, timed out...): the verifier logs the text only. No cause here
 /// holds a header, so the token cannot appear.
 fn with_causes(detail: String, err: &(dyn std::error::Error + 'static)) -> AuthError {
+    AuthError::jwks_unavailable_msg(cause_chain(detail, err))
+}
+
+/// `detail: cause: inner cause...`, skipping a cause whose text the previous one already ends
+/// with (hyper and reqwest often repeat the inner error's text in the outer one).
+pub(crate) fn cause_chain(detail: String, err: &(dyn std::error::Error + 'static)) -> String {
     let mut text = detail;
     let mut cause = Some(err);
     while let Some(e) = cause {
         let part = e.to_string();
-        // hyper and reqwest often repeat the inner error's text in the outer one.
         if !text.ends_with(&part) {
             text.push_str(": ");
             text.push_str(&part);
         }
         cause = e.source();
     }
-    AuthError::jwks_unavailable_msg(text)
+    text
 }
 
 /// Parses `raw` and applies the rules every fetched URL obeys: `https://`, or `http://` on a
 /// loopback host; a host; no credentials in the URL.
-fn parse_url(raw: &str, what: &str) -> Result<Url, SetupError> {
+pub(crate) fn parse_url(raw: &str, what: &str) -> Result<Url, SetupError> {
     let url = Url::parse(raw.trim())
         .map_err(|e| SetupError::InvalidConfig(format!("{what} {raw:?} is not a URL: {e}")))?;
     if url.host_str().is_none_or(str::is_empty) {
@@ -357,7 +362,7 @@ fn parse_url(raw: &str, what: &str) -> Result<Url, SetupError> {
 }
 
 /// True for `localhost` and for loopback IP literals (`127.0.0.0/8`, `[::1]`).
-fn is_loopback_host(url: &Url) -> bool {
+pub(crate) fn is_loopback_host(url: &Url) -> bool {
     match url.host_str() {
         Some("localhost") => true,
         Some(host) => host
@@ -371,18 +376,24 @@ fn is_loopback_host(url: &Url) -> bool {
 
 /// Reads the bearer token file now (it may have been rotated since the last fetch).
 async fn read_bearer_token(path: &Path) -> Result<SecretString, AuthError> {
-    let detail = || format!("cannot read bearer token file {}", path.display());
+    read_token_file(path, "bearer token file")
+        .await
+        .map_err(AuthError::jwks_unavailable_msg)
+}
+
+/// Reads a bearer token from `path` (trimmed, printable ASCII, at most 64 KiB). The error
+/// names the file (as `what`) and the problem, never the content.
+pub(crate) async fn read_token_file(path: &Path, what: &str) -> Result<SecretString, String> {
+    let detail = || format!("cannot read {what} {}", path.display());
     let file = tokio::fs::File::open(path)
         .await
-        .map_err(|e| with_causes(detail(), &e))?;
+        .map_err(|e| cause_chain(detail(), &e))?;
     let mut bytes = Zeroizing::new(Vec::with_capacity(4096));
     file.take(MAX_BEARER_TOKEN_BYTES + 1)
         .read_to_end(&mut bytes)
         .await
-        .map_err(|e| with_causes(detail(), &e))?;
-    let bad = |why: &str| {
-        AuthError::jwks_unavailable_msg(format!("bearer token file {} {why}", path.display()))
-    };
+        .map_err(|e| cause_chain(detail(), &e))?;
+    let bad = |why: &str| format!("{what} {} {why}", path.display());
     if bytes.len() as u64 > MAX_BEARER_TOKEN_BYTES {
         return Err(bad("is too large"));
     }

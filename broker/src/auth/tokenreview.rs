@@ -32,7 +32,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -40,7 +39,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use reqwest::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE};
 use reqwest::{Client, Url};
 use secrecy::{ExposeSecret as _, SecretString};
-use tokio::io::AsyncReadExt as _;
 use zeroize::Zeroizing;
 
 use super::error::SetupError;
@@ -61,9 +59,6 @@ pub const DEFAULT_REVIEW_CACHE_CAPACITY: usize = 10_000;
 
 /// Largest TokenReview answer accepted.
 pub const MAX_REVIEW_BYTES: u64 = 64 * 1024;
-
-/// Largest bearer token file accepted (projected tokens are about 1 KiB).
-const MAX_BEARER_TOKEN_BYTES: u64 = 64 * 1024;
 
 /// Longest piece of apiserver-supplied text kept in an error message.
 const MAX_DETAIL_CHARS: usize = 200;
@@ -639,85 +634,20 @@ fn unavailable(detail: String) -> TokenReviewError {
 /// refused, unknown issuer, timed out...). No cause here holds a header or a body, so no token
 /// can appear.
 fn with_causes(detail: String, err: &(dyn std::error::Error + 'static)) -> TokenReviewError {
-    let mut text = detail;
-    let mut cause = Some(err);
-    while let Some(e) = cause {
-        let part = e.to_string();
-        // hyper and reqwest often repeat the inner error's text in the outer one.
-        if !text.ends_with(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
-        }
-        cause = e.source();
-    }
-    unavailable(text)
+    unavailable(super::https::cause_chain(detail, err))
 }
 
-/// Parses the apiserver URL: `https://`, or `http://` on a loopback host; a host; no
-/// credentials.
+/// Parses the apiserver URL with the rules of every URL we fetch: `https://`, or `http://` on
+/// a loopback host; a host; no credentials.
 fn parse_url(raw: &str) -> Result<Url, SetupError> {
-    let url = Url::parse(raw.trim()).map_err(|e| {
-        SetupError::InvalidConfig(format!("apiserver URL {raw:?} is not a URL: {e}"))
-    })?;
-    if url.host_str().is_none_or(str::is_empty) {
-        return Err(SetupError::InvalidConfig(format!(
-            "apiserver URL {url} has no host"
-        )));
-    }
-    if !url.username().is_empty() || url.password().is_some() {
-        return Err(SetupError::InvalidConfig(
-            "apiserver URL must not carry credentials; use a token file".into(),
-        ));
-    }
-    match url.scheme() {
-        "https" => Ok(url),
-        "http" if is_loopback_host(&url) => Ok(url),
-        "http" => Err(SetupError::InvalidConfig(format!(
-            "apiserver URL {url} is plain http on a host that is not loopback; use https"
-        ))),
-        other => Err(SetupError::InvalidConfig(format!(
-            "apiserver URL {url}: scheme {other:?} is not https"
-        ))),
-    }
-}
-
-/// True for `localhost` and for loopback IP literals (`127.0.0.0/8`, `[::1]`).
-fn is_loopback_host(url: &Url) -> bool {
-    match url.host_str() {
-        Some("localhost") => true,
-        Some(host) => host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback()),
-        None => false,
-    }
+    super::https::parse_url(raw, "apiserver URL")
 }
 
 /// Reads the broker's token file now (the kubelet may have rotated it since the last call).
 async fn read_bearer_token(path: &Path) -> Result<SecretString, TokenReviewError> {
-    let detail = || format!("cannot read token file {}", path.display());
-    let file = tokio::fs::File::open(path)
+    super::https::read_token_file(path, "token file")
         .await
-        .map_err(|e| with_causes(detail(), &e))?;
-    let mut bytes = Zeroizing::new(Vec::with_capacity(4096));
-    file.take(MAX_BEARER_TOKEN_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .await
-        .map_err(|e| with_causes(detail(), &e))?;
-    let bad = |why: &str| unavailable(format!("token file {} {why}", path.display()));
-    if bytes.len() as u64 > MAX_BEARER_TOKEN_BYTES {
-        return Err(bad("is too large"));
-    }
-    let text = std::str::from_utf8(&bytes).map_err(|_| bad("is not UTF-8"))?;
-    let token = text.trim();
-    if token.is_empty() {
-        return Err(bad("is empty"));
-    }
-    if !token.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(bad("holds characters not allowed in a bearer token"));
-    }
-    Ok(SecretString::from(token.to_owned()))
+        .map_err(unavailable)
 }
 
 #[cfg(test)]
