@@ -420,38 +420,13 @@ mod tests {
     use hyper::body::{Bytes, Frame, Incoming};
     use hyper::{Request, Response, StatusCode};
     use hyper_util::rt::TokioIo;
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
     use tokio_rustls::rustls;
 
+    use super::super::test_pki::{pki, Pki};
     use super::super::{DevIssuer, Verifier};
     use super::*;
 
     const JWKS_PATH: &str = "/openid/v1/jwks";
-
-    /// A CA, and a certificate for 127.0.0.1 and localhost that it signed.
-    struct Pki {
-        ca_pem: String,
-        server_cert: rustls::pki_types::CertificateDer<'static>,
-        server_key: Vec<u8>,
-    }
-
-    fn pki(name: &str) -> Pki {
-        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca.distinguished_name
-            .push(rcgen::DnType::CommonName, format!("{name} test CA"));
-        let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
-        let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
-            .unwrap()
-            .signed_by(&key, &ca)
-            .unwrap();
-        Pki {
-            ca_pem: ca.pem(),
-            server_cert: cert.der().clone(),
-            server_key: key.serialize_der(),
-        }
-    }
 
     /// What the test server answers, and what it saw.
     struct State {

@@ -22,6 +22,8 @@ mod https;
 mod jwks;
 #[cfg(test)]
 mod test_keys;
+#[cfg(test)]
+mod test_pki;
 mod tokenreview;
 mod verifier;
 
