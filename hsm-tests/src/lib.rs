@@ -9,6 +9,7 @@
 // Test support: a fixture that cannot set up its token should fail the test loudly.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
+pub mod broker;
 pub mod postgres;
 pub mod process;
 pub mod softhsm;

@@ -2,127 +2,19 @@
 //! throwaway CA, a real SoftHSM2 KEK, a real SQLite file, dev-mode tokens.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-use hsm_tests::process::{bin_path, free_port, http_get, runtime};
+use hsm_tests::broker::{authed, broker_keys_init, tls_channel, BrokerProc, BOOTSTRAP};
+use hsm_tests::process::{bin_path, http_get, runtime};
 use hsm_tests::softhsm::SoftHsm;
 use hsm_tests::tls::DevPki;
 use keyhaven_broker::auth::DevIssuer;
 use keyhaven_proto::broker::v1::admin_client::AdminClient;
 use keyhaven_proto::broker::v1::leases_client::LeasesClient;
 use keyhaven_proto::broker::v1::*;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+use tonic::transport::Channel;
 use tonic::Code;
-
-const BOOTSTRAP: &str = "test-bootstrap-credential-0123456789";
-
-struct BrokerProc {
-    child: Child,
-    addr: String,
-    metrics: String,
-    log: std::path::PathBuf,
-}
-
-impl Drop for BrokerProc {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn keys_init(hsm: &SoftHsm) {
-    let mut cfg = hsm.config();
-    cfg.kek_label_prefix = "keyhaven-broker-".into();
-    let ks = keyhaven_hsm::BlockingKeystore::open(cfg).unwrap();
-    ks.generate_kek().unwrap();
-}
-
-fn start_broker(hsm: &SoftHsm, pki: &DevPki, extra: &[&str]) -> BrokerProc {
-    let dir = hsm.dir();
-    std::fs::write(dir.join("bootstrap"), BOOTSTRAP).unwrap();
-    let port = free_port();
-    let mport = free_port();
-    let log = dir.join(format!("broker-{port}.log"));
-    let child = Command::new(bin_path("broker"))
-        .env("SOFTHSM2_CONF", &hsm.conf)
-        .env("KEYHAVEN_LOG", "info")
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .args([
-            "--database-url",
-            &format!("sqlite://{}", dir.join("broker.db").display()),
-        ])
-        .arg("--tls-cert")
-        .arg(&pki.server_cert)
-        .arg("--tls-key")
-        .arg(&pki.server_key)
-        .arg("--pkcs11-module")
-        .arg(&hsm.module)
-        .args(["--token-label", &hsm.label])
-        .arg("--pin-file")
-        .arg(&hsm.pin_file)
-        .arg("--dev")
-        .arg("--dev-key")
-        .arg(dir.join("dev.pem"))
-        .arg("--bootstrap-file")
-        .arg(dir.join("bootstrap"))
-        .arg("--audit-file")
-        .arg(dir.join("audit.jsonl"))
-        .args(["--metrics-addr", &format!("127.0.0.1:{mport}")])
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let b = BrokerProc {
-        child,
-        addr: format!("https://localhost:{port}"),
-        metrics: format!("127.0.0.1:{mport}"),
-        log,
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "broker did not start:\n{}",
-            std::fs::read_to_string(&b.log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    b
-}
-
-async fn channel(addr: &str, ca: &Path) -> Channel {
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(std::fs::read(ca).unwrap()))
-        .domain_name("localhost");
-    Channel::from_shared(addr.to_string())
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
-}
-
-fn authed<T>(msg: T, cred: &str) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(msg);
-    r.metadata_mut()
-        .insert("authorization", format!("Bearer {cred}").parse().unwrap());
-    r
-}
 
 const POLICY: &str = r#"
 policies:
@@ -137,12 +29,12 @@ policies:
 #[test]
 fn leases_over_tls_with_a_real_broker_process() {
     let hsm = SoftHsm::new();
-    keys_init(&hsm);
+    broker_keys_init(&hsm);
     let pki = DevPki::write(hsm.dir());
-    let b = start_broker(&hsm, &pki, &[]);
+    let b = BrokerProc::start(&hsm, &pki, &[]);
     let rt = runtime();
     rt.block_on(async {
-        let ch = channel(&b.addr, &pki.ca).await;
+        let ch = tls_channel(&b.addr, &pki.ca).await;
         let mut admin = AdminClient::new(ch.clone());
         let mut leases = LeasesClient::new(ch.clone());
         admin
@@ -347,7 +239,7 @@ fn leases_over_tls_with_a_real_broker_process() {
     }
 
     // Nothing secret in the broker's log or the audit file.
-    let log = std::fs::read_to_string(&b.log).unwrap();
+    let log = b.log_text();
     let audit = std::fs::read_to_string(hsm.dir().join("audit.jsonl")).unwrap();
     for text in [&log, &audit] {
         assert!(!text.contains("s3cret-value"));
@@ -360,7 +252,7 @@ fn leases_over_tls_with_a_real_broker_process() {
 #[test]
 fn plaintext_is_refused_off_loopback_and_tls_is_required() {
     let hsm = SoftHsm::new();
-    keys_init(&hsm);
+    broker_keys_init(&hsm);
     let out = Command::new(bin_path("broker"))
         .env("SOFTHSM2_CONF", &hsm.conf)
         .args(["--listen", "0.0.0.0:0", "--insecure-plaintext", "--dev"])
@@ -387,7 +279,7 @@ fn plaintext_is_refused_off_loopback_and_tls_is_required() {
 
     // A plaintext client cannot talk to the TLS port.
     let pki = DevPki::write(hsm.dir());
-    let b = start_broker(&hsm, &pki, &[]);
+    let b = BrokerProc::start(&hsm, &pki, &[]);
     let rt = runtime();
     let plain = b.addr.replace("https://", "http://");
     let r = rt.block_on(async {
@@ -476,7 +368,7 @@ fn brokerctl_drives_a_real_broker() {
         client_cert: dir.join("pki/client.pem"),
         client_key: dir.join("pki/client-key.pem"),
     };
-    let b = start_broker(&hsm, &pki, &[]);
+    let b = BrokerProc::start(&hsm, &pki, &[]);
     let conn = ["--addr", &b.addr, "--ca-file", &d("pki/ca.pem")];
     let admin = |extra: &[&str]| {
         let mut a: Vec<&str> = conn.to_vec();

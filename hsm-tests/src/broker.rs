@@ -1,0 +1,239 @@
+//! A real `broker` process for end-to-end tests: TLS with a throwaway CA ([`DevPki`]), a
+//! SoftHSM2 KEK, SQLite (or any database URL), dev-mode tokens, the bootstrap credential
+//! [`BOOTSTRAP`], an audit file and a metrics listener. It can be killed (`SIGKILL`) and
+//! restarted on the same port and database, and is stopped with `SIGTERM` on drop.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+
+use crate::process::{bin_path, free_port};
+use crate::tls::DevPki;
+use crate::SoftHsm;
+
+/// The bootstrap admin credential every test broker is started with.
+pub const BOOTSTRAP: &str = "test-bootstrap-credential-0123456789";
+
+/// Creates the broker's first KEK on the token (what `brokerctl keys init` does).
+pub fn broker_keys_init(hsm: &SoftHsm) {
+    let mut cfg = hsm.config();
+    cfg.kek_label_prefix = "keyhaven-broker-".into();
+    let ks = keyhaven_hsm::BlockingKeystore::open(cfg).expect("open keystore");
+    ks.generate_kek().expect("generate broker KEK");
+}
+
+/// A running `broker`.
+#[derive(Debug)]
+pub struct BrokerProc {
+    child: Child,
+    args: Vec<OsString>,
+    env: Vec<(String, String)>,
+    /// gRPC port on 127.0.0.1.
+    pub port: u16,
+    /// `https://localhost:<port>` (the dev certificate names `localhost`).
+    pub addr: String,
+    /// `127.0.0.1:<port>` of `/healthz`, `/readyz`, `/metrics`.
+    pub metrics: String,
+    /// The broker's stderr (appended to across restarts).
+    pub log: PathBuf,
+    /// Directory holding `bootstrap`, `dev.pem` (the dev issuer key), `audit.jsonl`.
+    pub dir: PathBuf,
+}
+
+impl BrokerProc {
+    /// Starts a broker on a SQLite file in the token's directory.
+    pub fn start(hsm: &SoftHsm, pki: &DevPki, extra: &[&str]) -> BrokerProc {
+        let url = format!("sqlite://{}", hsm.dir().join("broker.db").display());
+        BrokerProc::start_on(hsm, pki, &url, extra)
+    }
+
+    /// Starts a broker on `database_url` (SQLite or PostgreSQL).
+    pub fn start_on(hsm: &SoftHsm, pki: &DevPki, database_url: &str, extra: &[&str]) -> BrokerProc {
+        let dir = hsm.dir().to_path_buf();
+        std::fs::write(dir.join("bootstrap"), BOOTSTRAP).expect("write bootstrap");
+        let port = free_port();
+        let mport = free_port();
+        let log = dir.join(format!("broker-{port}.log"));
+        let mut args: Vec<OsString> = Vec::new();
+        let mut push = |a: &dyn AsRef<std::ffi::OsStr>| args.push(a.as_ref().to_os_string());
+        push(&"--listen");
+        push(&format!("127.0.0.1:{port}"));
+        push(&"--database-url");
+        push(&database_url);
+        push(&"--tls-cert");
+        push(&pki.server_cert);
+        push(&"--tls-key");
+        push(&pki.server_key);
+        push(&"--pkcs11-module");
+        push(&hsm.module);
+        push(&"--token-label");
+        push(&hsm.label);
+        push(&"--pin-file");
+        push(&hsm.pin_file);
+        push(&"--dev");
+        push(&"--dev-key");
+        push(&dir.join("dev.pem"));
+        push(&"--bootstrap-file");
+        push(&dir.join("bootstrap"));
+        push(&"--audit-file");
+        push(&dir.join("audit.jsonl"));
+        push(&"--metrics-addr");
+        push(&format!("127.0.0.1:{mport}"));
+        for e in extra {
+            push(e);
+        }
+        let env = vec![
+            ("SOFTHSM2_CONF".to_string(), hsm.conf.display().to_string()),
+            ("KEYHAVEN_LOG".to_string(), "info".to_string()),
+        ];
+        let child = spawn(&args, &env, &log);
+        let b = BrokerProc {
+            child,
+            args,
+            env,
+            port,
+            addr: format!("https://localhost:{port}"),
+            metrics: format!("127.0.0.1:{mport}"),
+            log,
+            dir,
+        };
+        b.wait_listening();
+        b
+    }
+
+    fn wait_listening(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "broker did not start:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Process id.
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// The broker's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `SIGKILL`, and waits for the process to be gone.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// `SIGTERM`, waiting up to 10 s for a clean exit; `SIGKILL` after that.
+    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid()),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        None
+    }
+
+    /// Starts the broker again with the same flags (same port, database, audit file), after
+    /// [`BrokerProc::kill`] or [`BrokerProc::terminate`].
+    pub fn restart(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.kill();
+        }
+        self.child = spawn(&self.args, &self.env, &self.log);
+        self.wait_listening();
+    }
+
+    /// A TLS channel to this broker, trusting `ca`.
+    pub async fn channel(&self, ca: &Path) -> Channel {
+        tls_channel(&self.addr, ca).await
+    }
+
+    /// Runs `brokerctl --addr <this broker> --ca-file <ca> --bootstrap-file <bootstrap>
+    /// <args>` to completion.
+    pub fn ctl_admin(&self, hsm: &SoftHsm, ca: &Path, args: &[&str]) -> Output {
+        let mut all: Vec<OsString> = vec![
+            "--addr".into(),
+            self.addr.clone().into(),
+            "--ca-file".into(),
+            ca.into(),
+            "--bootstrap-file".into(),
+            self.dir.join("bootstrap").into(),
+        ];
+        all.extend(args.iter().map(OsString::from));
+        brokerctl(hsm, &all)
+    }
+}
+
+fn spawn(args: &[OsString], env: &[(String, String)], log: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("open broker log");
+    Command::new(bin_path("broker"))
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn broker")
+}
+
+impl Drop for BrokerProc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.terminate();
+        }
+    }
+}
+
+/// Runs `brokerctl <args>` with the token's `SOFTHSM2_CONF`, to completion.
+pub fn brokerctl<S: AsRef<std::ffi::OsStr>>(hsm: &SoftHsm, args: &[S]) -> Output {
+    Command::new(bin_path("brokerctl"))
+        .env("SOFTHSM2_CONF", &hsm.conf)
+        .env_remove("KEYHAVEN_BROKER_ADDR")
+        .args(args)
+        .output()
+        .expect("run brokerctl")
+}
+
+/// A TLS channel to `addr` (`https://localhost:<port>`), trusting `ca`.
+pub async fn tls_channel(addr: &str, ca: &Path) -> Channel {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(std::fs::read(ca).expect("read CA")))
+        .domain_name("localhost");
+    Channel::from_shared(addr.to_string())
+        .expect("address")
+        .tls_config(tls)
+        .expect("tls config")
+        .connect()
+        .await
+        .expect("connect to the broker")
+}
+
+/// `msg` with `authorization: Bearer <cred>`.
+pub fn authed<T>(msg: T, cred: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {cred}").parse().expect("header value"),
+    );
+    r
+}
