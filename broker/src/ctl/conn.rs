@@ -3,16 +3,16 @@
 //! clear line.
 
 use std::fmt;
-use std::net::IpAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use keyhaven_proto::endpoint::{client_tls, TlsFiles};
 use secrecy::{ExposeSecret, SecretString};
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Uri};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use zeroize::Zeroizing;
 
 use keyhaven_proto::broker::v1::admin_client::AdminClient;
@@ -24,62 +24,12 @@ use super::Usage;
 /// Longest we wait for the TCP + TLS handshake, whatever `--timeout` says.
 const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A checked `--addr`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Target {
-    /// The URI to dial.
-    pub uri: Uri,
-    /// `https` (true) or plaintext `http` to a loopback host (false).
-    pub tls: bool,
-    /// The host, without IPv6 brackets.
-    pub host: String,
-}
+pub use keyhaven_proto::endpoint::Target;
 
-/// Checks `--addr`: `https://host[:port]`, or `http://` only when the host is loopback
-/// (`localhost`, `127.0.0.0/8`, `::1`). No path, query or user info.
+/// Checks `--addr` with the rules every broker client shares
+/// ([`keyhaven_proto::endpoint::parse_addr`]).
 pub fn parse_addr(addr: &str) -> Result<Target, Usage> {
-    let bad = |why: &str| Usage(format!("--addr {addr:?}: {why}"));
-    let uri: Uri = addr
-        .parse()
-        .map_err(|_| bad("not a URL like https://broker.example:8443"))?;
-    let tls = match uri.scheme_str() {
-        Some("https") => true,
-        Some("http") => false,
-        Some(_) => return Err(bad("the scheme must be https (or http for loopback)")),
-        None => return Err(bad("give a scheme: https://host:port")),
-    };
-    let authority = uri.authority().ok_or_else(|| bad("no host"))?;
-    if authority.as_str().contains('@') {
-        return Err(bad("user info is not allowed"));
-    }
-    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
-        return Err(bad("no path or query, only scheme, host and port"));
-    }
-    let host = authority
-        .host()
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_owned();
-    if host.is_empty() {
-        return Err(bad("no host"));
-    }
-    if !tls && !is_loopback(&host) {
-        return Err(bad(
-            "plaintext http:// is only allowed to a loopback host (localhost, 127.0.0.1, ::1); use https://",
-        ));
-    }
-    Ok(Target { uri, tls, host })
-}
-
-/// `localhost` or a loopback IP address.
-fn is_loopback(host: &str) -> bool {
-    host.eq_ignore_ascii_case("localhost")
-        || host.parse::<IpAddr>().is_ok_and(|ip| match ip {
-            IpAddr::V4(v4) => v4.is_loopback(),
-            IpAddr::V6(v6) => {
-                v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
-            }
-        })
+    keyhaven_proto::endpoint::parse_addr(addr, "--addr").map_err(Usage)
 }
 
 /// Builds and connects the channel `--addr` and the TLS flags describe.
@@ -118,52 +68,21 @@ pub async fn connect(conn: &ConnArgs) -> anyhow::Result<Channel> {
 
 /// The rustls client configuration: trust exactly `--ca-file`, optional client identity.
 fn tls_config(conn: &ConnArgs) -> anyhow::Result<ClientTlsConfig> {
-    let ca_file = conn.ca_file.as_deref().ok_or_else(|| {
-        Usage(
+    if conn.ca_file.is_none() {
+        return Err(Usage(
             "--ca-file (or KEYHAVEN_BROKER_CA) is required for https: the PEM CA bundle that \
              signed the broker's certificate"
                 .into(),
         )
-    })?;
-    let ca = std::fs::read(ca_file)
-        .with_context(|| format!("cannot read CA bundle {}", ca_file.display()))?;
-    if !contains_pem(&ca, "CERTIFICATE") {
-        anyhow::bail!(
-            "CA bundle {} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
-            ca_file.display()
-        );
+        .into());
     }
-    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
-    if let Some(name) = &conn.tls_server_name {
-        tls = tls.domain_name(name.clone());
-    }
-    if let (Some(cert_file), Some(key_file)) = (&conn.client_cert, &conn.client_key) {
-        let cert = std::fs::read(cert_file)
-            .with_context(|| format!("cannot read client certificate {}", cert_file.display()))?;
-        if !contains_pem(&cert, "CERTIFICATE") {
-            anyhow::bail!(
-                "client certificate {} holds no PEM certificate",
-                cert_file.display()
-            );
-        }
-        let key = Zeroizing::new(
-            std::fs::read(key_file)
-                .with_context(|| format!("cannot read client key {}", key_file.display()))?,
-        );
-        if !contains_pem(&key, "PRIVATE KEY") {
-            anyhow::bail!("client key {} holds no PEM private key", key_file.display());
-        }
-        tls = tls.identity(Identity::from_pem(cert, &*key));
-    }
-    Ok(tls)
-}
-
-/// Whether `pem` has a `-----BEGIN ...<label>-----` line (`PRIVATE KEY` also matches
-/// `EC PRIVATE KEY` and `RSA PRIVATE KEY`).
-fn contains_pem(pem: &[u8], label: &str) -> bool {
-    String::from_utf8_lossy(pem)
-        .lines()
-        .any(|l| l.starts_with("-----BEGIN ") && l.trim_end().ends_with(&format!("{label}-----")))
+    let files = TlsFiles {
+        ca_file: conn.ca_file.as_deref(),
+        client_cert: conn.client_cert.as_deref(),
+        client_key: conn.client_key.as_deref(),
+        server_name: conn.tls_server_name.as_deref(),
+    };
+    client_tls(files, "--ca-file").map_err(anyhow::Error::msg)
 }
 
 /// Where the credential came from (for messages; never the credential itself).
