@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Keyhaven quickstart (the README's first command), on embedded defaults: a dev SoftHSM2 token
-# under .keyhaven-dev/, the KMS v2 plugin on a Unix socket, and a key rotation.
-#   scripts/quickstart.sh        runs the demo, then keeps the plugin up until Ctrl-C
-#   scripts/quickstart.sh --ci   non-interactive: runs the demo and exits 0 if all went well
+# under .keyhaven-dev/, the KMS v2 plugin on a Unix socket, the broker on SQLite with TLS from a
+# generated dev CA, and the broker-agent sidecar writing a leased secret to a file.
+#   scripts/quickstart.sh        runs the demo, then keeps everything up until Ctrl-C
+#   scripts/quickstart.sh --ci   non-interactive: runs the demo, stops everything, exits 0 if all went well
+# Ports (override with the environment): broker 8443, plugin metrics 9464, broker metrics 9465,
+# agent metrics 9466.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/deps.sh
@@ -13,24 +16,62 @@ CI_MODE=0
 [ "${1:-}" = "--ci" ] && CI_MODE=1
 
 DEV="$PWD/.keyhaven-dev"
-PORT="${KEYHAVEN_DEMO_METRICS_PORT:-9464}"
+PLUGIN_METRICS="${KEYHAVEN_DEMO_METRICS_PORT:-9464}"
+BROKER_PORT="${KEYHAVEN_DEMO_BROKER_PORT:-8443}"
+BROKER_METRICS="${KEYHAVEN_DEMO_BROKER_METRICS_PORT:-9465}"
+AGENT_METRICS="${KEYHAVEN_DEMO_AGENT_METRICS_PORT:-9466}"
 SOCK="$DEV/kms.sock"
+OUT="$DEV/secrets"
+
+# Started processes, stopped in reverse order (the agent first, so it can still revoke its
+# leases at the broker).
 PIDS=()
 cleanup() {
-    for p in "${PIDS[@]:-}"; do
-        [ -n "$p" ] && kill -TERM "$p" 2>/dev/null && wait "$p" 2>/dev/null
+    local i
+    for ((i=${#PIDS[@]}-1; i>=0; i--)); do
+        local p="${PIDS[$i]}"
+        if kill -0 "$p" 2>/dev/null; then
+            kill -TERM "$p" 2>/dev/null || true
+            wait "$p" 2>/dev/null || true
+        fi
     done
+    PIDS=()
     return 0
 }
 trap cleanup EXIT
-trap 'echo; kh_say "stopping"; exit 0' INT TERM
+trap 'echo; kh_say "stopping (Ctrl-C): the agent revokes its leases, then the broker and the plugin stop"; cleanup; exit 0' INT TERM
+
+fail() { kh_say "FAILED: $*"; for f in "$DEV"/*.log; do echo "--- $f"; tail -n 20 "$f"; done >&2; exit 1; }
+# GET http://127.0.0.1:$1$2 without curl: prints the body, returns non-zero unless 200.
+http_get() {
+    local resp
+    resp=$( (exec 3<>"/dev/tcp/127.0.0.1/$1" && printf 'GET %s HTTP/1.0\r\nHost: localhost\r\n\r\n' "$2" >&3 && cat <&3) 2>/dev/null) || return 1
+    printf '%s' "${resp#*$'\r\n\r\n'}"
+    [[ "$resp" == "HTTP/1."?" 200"* ]]
+}
+# wait_until <seconds> <description> <command...>
+wait_until() {
+    local limit=$1 what=$2; shift 2
+    local end=$((SECONDS + limit))
+    until "$@" >/dev/null 2>&1; do
+        [ $SECONDS -lt $end ] || fail "timed out waiting for $what"
+        sleep 0.2
+    done
+}
+port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+indent() { sed 's/^/    /'; }
 
 kh_say "building (cargo build --workspace --bins)"
 cargo build -q --workspace --bins
-BIN="$PWD/target/debug"
+BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug"
+
+for p in "$PLUGIN_METRICS" "$BROKER_PORT" "$BROKER_METRICS" "$AGENT_METRICS"; do
+    port_free "$p" || fail "port $p on 127.0.0.1 is in use (another quickstart still running?); set KEYHAVEN_DEMO_*_PORT"
+done
 
 mkdir -p "$DEV/tokens"
 chmod 700 "$DEV"
+rm -rf "$OUT" "$DEV/ready"
 export SOFTHSM2_CONF="$DEV/softhsm2.conf"
 printf 'directories.tokendir = %s/tokens\nobjectstore.backend = file\nlog.level = ERROR\n' "$DEV" > "$SOFTHSM2_CONF"
 export KEYHAVEN_PKCS11_MODULE="$(kh_softhsm_module)"
@@ -38,11 +79,13 @@ export KEYHAVEN_TOKEN_LABEL=keyhaven-dev
 export KEYHAVEN_PIN_FILE="$DEV/user.pin"
 export KEYHAVEN_LOG=warn
 
-if [ ! -s "$DEV/user.pin" ]; then
-    ( umask 077
-      head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$DEV/user.pin"
-      head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$DEV/so.pin" )
-fi
+secret_file() { # secret_file <path>: 32 random hex characters, 0600
+    [ -s "$1" ] || ( umask 077; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$1" )
+}
+secret_file "$DEV/user.pin"
+secret_file "$DEV/so.pin"
+secret_file "$DEV/bootstrap"
+
 if ! "$BIN/kms-plugin" keys list >/dev/null 2>&1; then
     kh_say "1. creating the dev HSM token 'keyhaven-dev' (SoftHSM2, in $DEV/tokens; PINs in 0600 files)"
     "$BIN/kms-plugin" token init --token-label keyhaven-dev \
@@ -51,32 +94,101 @@ else
     kh_say "1. using the dev HSM token 'keyhaven-dev' in $DEV/tokens"
 fi
 
-kh_say "2. the key-encryption key lives inside the HSM and never leaves it"
-"$BIN/kms-plugin" keys init
+kh_say "2. key-encryption keys live inside the HSM and never leave it: one for the KMS plugin, one for the broker"
+"$BIN/kms-plugin" keys init | indent
+"$BIN/brokerctl" keys init 2>&1 | indent
 
-kh_say "3. starting the KMS v2 plugin on unix://$SOCK (metrics on 127.0.0.1:$PORT)"
-"$BIN/kms-plugin" serve --listen "unix://$SOCK" --metrics-addr "127.0.0.1:$PORT" \
+kh_say "3. starting the KMS v2 plugin on unix://$SOCK (metrics on 127.0.0.1:$PLUGIN_METRICS)"
+"$BIN/kms-plugin" serve --listen "unix://$SOCK" --metrics-addr "127.0.0.1:$PLUGIN_METRICS" \
     --rescan-interval 2s --self-test-interval 2s 2> "$DEV/kms-plugin.log" &
-PIDS+=($!)
-for _ in $(seq 1 100); do [ -S "$SOCK" ] && break; sleep 0.1; done
-[ -S "$SOCK" ] || { cat "$DEV/kms-plugin.log" >&2; kh_say "the plugin did not start"; exit 1; }
+PLUGIN_PID=$!
+PIDS+=("$PLUGIN_PID")
+wait_until 20 "the plugin's socket" test -S "$SOCK"
 
 kh_say "4. what the kube-apiserver does: Status, Encrypt a DEK seed, Decrypt it"
-"$BIN/kms-plugin" probe --listen "unix://$SOCK" | sed 's/^/    /'
+"$BIN/kms-plugin" probe --listen "unix://$SOCK" | indent
 
-kh_say "5. rotating the key online (no restart): keys rotate, then SIGHUP so the plugin adopts it now"
-"$BIN/kms-plugin" keys rotate | sed 's/^/    /'
-kill -HUP "${PIDS[0]}"
+kh_say "5. a dev CA and TLS certificates for the broker (demo only), then the broker on SQLite"
+[ -s "$DEV/pki/ca.pem" ] || "$BIN/brokerctl" dev-ca --out "$DEV/pki" 2>/dev/null | indent
+"$BIN/broker" --listen "127.0.0.1:$BROKER_PORT" \
+    --database-url "sqlite://$DEV/broker.db" \
+    --tls-cert "$DEV/pki/server.pem" --tls-key "$DEV/pki/server-key.pem" \
+    --dev --dev-key "$DEV/dev-issuer.pem" \
+    --bootstrap-file "$DEV/bootstrap" --audit-file "$DEV/audit.jsonl" \
+    --metrics-addr "127.0.0.1:$BROKER_METRICS" 2> "$DEV/broker.log" &
+PIDS+=($!)
+wait_until 30 "the broker to be ready" http_get "$BROKER_METRICS" /readyz
+echo "    broker on https://127.0.0.1:$BROKER_PORT (dev mode: it trusts tokens minted by 'brokerctl dev-token')"
+
+# brokerctl as the operator (bootstrap credential) and as the workload (its token).
+export KEYHAVEN_BROKER_ADDR="https://localhost:$BROKER_PORT"
+export KEYHAVEN_BROKER_CA="$DEV/pki/ca.pem"
+admin() { "$BIN/brokerctl" --bootstrap-file "$DEV/bootstrap" "$@"; }
+
+kh_say "6. a policy: service account demo/web may read demo/* in leases of 6s, renewable up to 1h"
+cat > "$DEV/policy.yaml" <<'EOF'
+policies:
+- name: demo-web
+  subjects: [{namespace: demo, serviceaccount: web}]
+  paths: ["demo/*"]
+  capabilities: [read]
+  ttl: 6s
+  max_ttl: 1h
+EOF
+admin policy apply -f "$DEV/policy.yaml" | indent
+echo '{"username": "app", "password": "correct-horse-1"}' | admin secrets put demo/db --from-json - | indent
+
+kh_say "7. the workload's identity: a dev ServiceAccount token for demo/web in pod web-0"
+"$BIN/brokerctl" dev-token --namespace demo --serviceaccount web --pod web-0 --ttl 1h \
+    --dev-key "$DEV/dev-issuer.pem" > "$DEV/token" 2>/dev/null
+chmod 600 "$DEV/token"
+
+kh_say "8. the broker-agent sidecar leases demo/db and writes it to $OUT/db.json"
+KEYHAVEN_LOG=info "$BIN/broker-agent" --broker-addr "https://localhost:$BROKER_PORT" --ca-file "$DEV/pki/ca.pem" \
+    --token-file "$DEV/token" --output-dir "$OUT" --secret demo/db=db.json \
+    --ready-file "$DEV/ready" --metrics-addr "127.0.0.1:$AGENT_METRICS" 2> "$DEV/agent.log" &
+PIDS+=($!)
+wait_until 30 "the agent's ready file" test -e "$DEV/ready"
+echo "    $(stat -c '%A %n' "$OUT/db.json")"
+echo "    $(cat "$OUT/db.json")"
+
+kh_say "9. the agent renews its lease at about two-thirds of the TTL (waiting for one renewal)"
+renewed() { http_get "$AGENT_METRICS" /metrics | grep -Eq '^keyhaven_agent_renewals_total\{outcome="ok"\} [1-9]'; }
+wait_until 30 "a renewal" renewed
+admin leases list --namespace demo --pod web-0 | indent
+
+kh_say "10. an operator updates the secret; the agent sees the new version at its next renewal and rewrites the file"
+echo '{"username": "app", "password": "correct-horse-2"}' | admin secrets put demo/db --from-json - | indent
+wait_until 30 "the updated file" grep -q correct-horse-2 "$OUT/db.json"
+echo "    $(cat "$OUT/db.json")"
+
+kh_say "11. default deny: the same workload asks for a path outside its policy"
+if "$BIN/brokerctl" --token-file "$DEV/token" lease other-team/db > "$DEV/denied.txt" 2>&1; then
+    fail "the broker leased a path outside the policy"
+fi
+indent < "$DEV/denied.txt"
+
+kh_say "12. rotating the KMS key online (no restart): keys rotate, then SIGHUP so the plugin adopts it now"
+"$BIN/kms-plugin" keys rotate | indent
+kill -HUP "$PLUGIN_PID"
 sleep 1
-"$BIN/kms-plugin" probe --listen "unix://$SOCK" | sed 's/^/    /'
-"$BIN/kms-plugin" keys list --plugin-addr "127.0.0.1:$PORT" | sed 's/^/    /'
+"$BIN/kms-plugin" probe --listen "unix://$SOCK" | indent
+"$BIN/kms-plugin" keys list --plugin-addr "127.0.0.1:$PLUGIN_METRICS" | indent
 echo "    (older KEKs stay decrypt-only until you retire them: see docs/kms-plugin.md)"
 
-kh_say "6. health and metrics: curl http://127.0.0.1:$PORT/readyz -> $(curl -fsS "http://127.0.0.1:$PORT/readyz" 2>/dev/null || echo '(curl not installed)')"
+kh_say "13. the audit log is hash-chained; verifying it"
+admin audit verify | indent
+
+kh_say "health and metrics: http://127.0.0.1:$PLUGIN_METRICS/metrics (plugin), :$BROKER_METRICS (broker), :$AGENT_METRICS (agent)"
 
 if [ "$CI_MODE" = 1 ]; then
-    kh_say "quickstart finished (non-interactive)"
+    cleanup
+    grep -q "leases revoked on exit" "$DEV/agent.log" || fail "the agent did not revoke its leases on exit"
+    kh_say "quickstart finished (non-interactive): everything stopped, the agent's leases revoked"
     exit 0
 fi
-kh_say "the plugin keeps running: try '$BIN/kms-plugin probe --listen unix://$SOCK'. Ctrl-C stops everything."
-wait "${PIDS[0]}"
+kh_say "everything keeps running; try:"
+echo "    KEYHAVEN_BROKER_ADDR=$KEYHAVEN_BROKER_ADDR KEYHAVEN_BROKER_CA=$KEYHAVEN_BROKER_CA \\"
+echo "      $BIN/brokerctl --bootstrap-file $DEV/bootstrap secrets put demo/db --from-file password=<file>"
+echo "    then watch $OUT/db.json change.  Ctrl-C stops everything."
+wait "$PLUGIN_PID"

@@ -21,16 +21,16 @@ pub struct Cli {
     #[arg(long, env = "KEYHAVEN_BROKER_ADDR")]
     pub broker_addr: String,
     /// PEM CA bundle to verify the broker's certificate.
-    #[arg(long, env = "KEYHAVEN_BROKER_CA_FILE")]
+    #[arg(long, env = "KEYHAVEN_BROKER_CA")]
     pub ca_file: Option<PathBuf>,
     /// PEM client certificate, when the broker asks for client certificates.
-    #[arg(long, env = "KEYHAVEN_AGENT_CLIENT_CERT", requires = "client_key")]
+    #[arg(long, env = "KEYHAVEN_CLIENT_CERT", requires = "client_key")]
     pub client_cert: Option<PathBuf>,
     /// PEM private key of `--client-cert`.
-    #[arg(long, env = "KEYHAVEN_AGENT_CLIENT_KEY", requires = "client_cert")]
+    #[arg(long, env = "KEYHAVEN_CLIENT_KEY", requires = "client_cert")]
     pub client_key: Option<PathBuf>,
     /// Name to verify the broker's certificate against (default: the host of the address).
-    #[arg(long, env = "KEYHAVEN_BROKER_SERVER_NAME")]
+    #[arg(long, env = "KEYHAVEN_TLS_SERVER_NAME")]
     pub tls_server_name: Option<String>,
     /// The projected ServiceAccount token, read again at every call (the kubelet rotates it).
     #[arg(
@@ -74,7 +74,7 @@ pub struct Cli {
     #[arg(long, env = "KEYHAVEN_BACKOFF_MAX", default_value = "30s", value_parser = humantime::parse_duration)]
     pub backoff_max: Duration,
     /// Deadline of each call to the broker (and of connecting).
-    #[arg(long, env = "KEYHAVEN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "KEYHAVEN_BROKER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
     /// Do not revoke the leases on SIGTERM (they then run until their TTL).
     #[arg(long, env = "KEYHAVEN_KEEP_LEASES_ON_EXIT")]
