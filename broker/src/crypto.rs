@@ -240,6 +240,30 @@ impl DekCache {
         }
     }
 
+    /// The entry for `w`, if fresh, without counting a hit or a miss.
+    fn peek(&self, w: &WrappedDek) -> Option<Zeroizing<[u8; DEK_LEN]>> {
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        g.map
+            .get(&Self::key(w))
+            .filter(|e| e.at.elapsed() <= self.ttl)
+            .map(|e| e.dek.clone())
+    }
+
+    /// After a re-wrap is stored: the DEK cached under its old wrapped form (if any) is now
+    /// cached under the new one, so a hot secret stays a cache hit and no copy of the DEK is
+    /// kept under a form that no longer exists. Nothing is added for a DEK that was not cached.
+    pub fn rekey(&self, old: &WrappedDek, new: &WrappedDek) {
+        let (old_key, new_key) = (Self::key(old), Self::key(new));
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(entry) = g.map.remove(&old_key) else {
+            return;
+        };
+        g.order.retain(|k| *k != old_key);
+        if g.map.insert(new_key.clone(), entry).is_none() {
+            g.order.push_back(new_key);
+        }
+    }
+
     /// Drops every entry (zeroizing them).
     pub fn clear(&self) {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
@@ -388,7 +412,10 @@ impl Envelope {
         data
     }
 
-    /// Re-wraps a DEK under another KEK without touching the data (rotation).
+    /// Re-wraps a DEK under another KEK without touching the data (rotation): unwrapped with
+    /// the old KEK and wrapped with `new_kek`, both inside the HSM. The DEK cache is read but
+    /// not filled (a re-wrap pass must not evict the DEKs leases are using); once the new form
+    /// is stored, [`DekCache::rekey`] moves a cached entry over.
     pub async fn rewrap(
         &self,
         path: &str,
@@ -396,7 +423,29 @@ impl Envelope {
         w: &WrappedDek,
         new_kek: KekId,
     ) -> Result<WrappedDek, CryptoError> {
-        let dek = self.unwrap_dek(path, version, w).await?;
+        let dek = match self.cache.peek(w) {
+            Some(d) => d,
+            None => {
+                let integrity = || CryptoError::Integrity {
+                    path: path.into(),
+                    version,
+                };
+                let plain = self
+                    .keystore
+                    .decrypt(w.kek_id, &dek_aad(path, version), &w.iv, &w.ciphertext)
+                    .await
+                    .map_err(|e| match e.kind() {
+                        keyhaven_hsm::ErrorKind::InvalidCiphertext => integrity(),
+                        _ => CryptoError::Hsm(e),
+                    })?;
+                if plain.len() != DEK_LEN {
+                    return Err(integrity());
+                }
+                let mut dek = Zeroizing::new([0u8; DEK_LEN]);
+                dek.copy_from_slice(&plain);
+                dek
+            }
+        };
         let sealed = self
             .keystore
             .encrypt(new_kek, &dek_aad(path, version), &dek[..])
@@ -443,5 +492,28 @@ mod tests {
         assert!(c.get(&w(3)).is_none(), "expired");
         let s = c.stats();
         assert_eq!((s.hits, s.misses), (1, 2));
+    }
+
+    #[test]
+    fn rekey_moves_a_cached_dek_and_adds_nothing_otherwise() {
+        let c = DekCache::new(4, Duration::from_secs(60));
+        let w = |b: u8| WrappedDek {
+            kek_id: KekId([b; 16]),
+            iv: vec![b; 12],
+            ciphertext: vec![b; 48],
+        };
+        let dek = Zeroizing::new([7u8; DEK_LEN]);
+        c.put(&w(1), &dek);
+        c.rekey(&w(1), &w(2));
+        assert!(c.peek(&w(1)).is_none(), "the old form is gone");
+        assert_eq!(c.peek(&w(2)).unwrap(), dek);
+        c.rekey(&w(3), &w(4));
+        assert!(c.peek(&w(4)).is_none(), "an uncached DEK is not added");
+        assert_eq!(c.stats().entries, 1);
+        assert_eq!(
+            (c.stats().hits, c.stats().misses),
+            (0, 0),
+            "peek counts nothing"
+        );
     }
 }

@@ -442,17 +442,68 @@ impl Admin for Edge {
     ) -> Result<Response<pb::KeyStatusResponse>, Status> {
         self.timed("KeyStatus", async move {
             let caller = self.caller(&req).await?;
-            let keks = self.broker.key_status(&caller).await?;
+            let r = self.broker.key_report(&caller).await?;
+            let w = r.rewrap;
             Ok(Response::new(pb::KeyStatusResponse {
-                keks: keks
+                keks: r
+                    .keks
                     .into_iter()
                     .map(|k| pb::KekStatus {
                         kek_id: k.kek_id,
                         label: k.label,
                         role: k.role.into(),
                         deks: k.deks.max(0) as u64,
+                        created_unix_ms: k.created_ms.unwrap_or(0),
+                        encryptions: k.encryptions.max(0) as u64,
                     })
                     .collect(),
+                rewrap: Some(pb::RewrapProgress {
+                    remaining: w.remaining.max(0) as u64,
+                    moved: w.moved.max(0) as u64,
+                    rate_per_second: w.rate_per_second,
+                    eta_seconds: w
+                        .eta
+                        .map_or(-1, |d| i64::try_from(secs(d)).unwrap_or(i64::MAX)),
+                    replicas: w.replicas.max(0) as u64,
+                    last_batch_unix_ms: w.last_batch_ms,
+                    unknown_kek_deks: w.unknown_kek_deks.max(0) as u64,
+                }),
+                auto_rotation: r.auto_rotation,
+            }))
+        })
+        .await
+    }
+
+    async fn rotate_key(
+        &self,
+        req: Request<pb::RotateKeyRequest>,
+    ) -> Result<Response<pb::RotateKeyResponse>, Status> {
+        self.timed("RotateKey", async move {
+            let caller = self.caller(&req).await?;
+            let r = self.broker.rotate_key(&caller).await?;
+            Ok(Response::new(pb::RotateKeyResponse {
+                kek_id: r.kek.id.to_string(),
+                label: r.kek.label,
+                previous_kek_id: r.previous.map(|p| p.to_string()).unwrap_or_default(),
+                deks_to_rewrap: r.deks_to_rewrap.max(0) as u64,
+            }))
+        })
+        .await
+    }
+
+    async fn retire_key(
+        &self,
+        req: Request<pb::RetireKeyRequest>,
+    ) -> Result<Response<pb::RetireKeyResponse>, Status> {
+        self.timed("RetireKey", async move {
+            let caller = self.caller(&req).await?;
+            let k = self
+                .broker
+                .retire_key(&caller, &req.into_inner().kek_id)
+                .await?;
+            Ok(Response::new(pb::RetireKeyResponse {
+                kek_id: k.id.to_string(),
+                label: k.label,
             }))
         })
         .await

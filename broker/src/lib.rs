@@ -14,6 +14,7 @@ pub mod http;
 pub mod identity;
 pub mod metrics;
 pub mod policy;
+pub mod rotation;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -56,6 +56,12 @@ pub struct Metrics {
     pub dek_cache_entries: Gauge,
     /// Audit records written (head seq, set at scrape time).
     pub audit_records: Gauge,
+    /// DEKs this replica re-wrapped to a newer KEK.
+    pub rewrapped_deks: Counter,
+    /// KEK rotations this replica made (by command or automatically).
+    pub kek_rotations: Counter,
+    /// Live DEKs still wrapped by an older KEK (set at scrape time).
+    pub rewrap_remaining: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -85,6 +91,24 @@ impl Metrics {
         let dek_cache_misses = Gauge::<u64, AtomicU64>::default();
         let dek_cache_entries = Gauge::default();
         let audit_records = Gauge::default();
+        let rewrapped_deks = Counter::default();
+        let kek_rotations = Counter::default();
+        let rewrap_remaining = Gauge::default();
+        registry.register(
+            "rewrapped_deks",
+            "DEKs re-wrapped to a newer KEK by this replica",
+            rewrapped_deks.clone(),
+        );
+        registry.register(
+            "kek_rotations",
+            "KEK rotations made by this replica",
+            kek_rotations.clone(),
+        );
+        registry.register(
+            "rewrap_remaining_deks",
+            "Live DEKs still wrapped by an older KEK",
+            rewrap_remaining.clone(),
+        );
         registry.register(
             "requests",
             "gRPC requests by method and code",
@@ -143,6 +167,9 @@ impl Metrics {
             dek_cache_misses,
             dek_cache_entries,
             audit_records,
+            rewrapped_deks,
+            kek_rotations,
+            rewrap_remaining,
         }
     }
 

@@ -58,13 +58,15 @@ pub enum Capability {
     Revoke,
     /// Manage policies.
     Policy,
-    /// Read and verify the audit log.
+    /// Read and verify the audit log (and read the KEK status).
     Audit,
+    /// Rotate and retire the broker's KEKs.
+    Keys,
 }
 
 impl Capability {
     /// Every capability, in declaration order.
-    pub const ALL: [Capability; 8] = [
+    pub const ALL: [Capability; 9] = [
         Capability::Read,
         Capability::Write,
         Capability::Delete,
@@ -73,6 +75,7 @@ impl Capability {
         Capability::Revoke,
         Capability::Policy,
         Capability::Audit,
+        Capability::Keys,
     ];
 
     /// The lowercase name used in policy files, logs and audit records.
@@ -86,6 +89,7 @@ impl Capability {
             Capability::Revoke => "revoke",
             Capability::Policy => "policy",
             Capability::Audit => "audit",
+            Capability::Keys => "keys",
         }
     }
 
@@ -1589,7 +1593,7 @@ policies:
         let names: Vec<&str> = Capability::ALL.iter().map(|c| c.as_str()).collect();
         assert_eq!(
             names,
-            ["read", "write", "delete", "destroy", "list", "revoke", "policy", "audit"]
+            ["read", "write", "delete", "destroy", "list", "revoke", "policy", "audit", "keys"]
         );
         for cap in Capability::ALL {
             let yaml = match serde_yaml_ng::to_string(&cap) {

@@ -164,6 +164,35 @@ pub struct ServeArgs {
     /// How often the reaper looks for expired leases.
     #[arg(long, env = "KEYHAVEN_REAP_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub reap_interval: Duration,
+    /// How often this replica re-reads the KEK list from the HSM (adopting a new primary made
+    /// by another replica or `keys rotate`), checks the automatic-rotation rule and looks for
+    /// DEKs to re-wrap.
+    #[arg(long, env = "KEYHAVEN_KEK_REFRESH_INTERVAL", default_value = "5s", value_parser = parse_positive_duration)]
+    pub kek_refresh_interval: Duration,
+    /// DEKs re-wrapped per database transaction.
+    #[arg(long, env = "KEYHAVEN_REWRAP_BATCH_SIZE", default_value_t = 100, value_parser = clap::value_parser!(i64).range(1..=10_000))]
+    pub rewrap_batch_size: i64,
+    /// Pause between re-wrap batches, to bound the HSM and database load of a re-wrap
+    /// (0s: none).
+    #[arg(long, env = "KEYHAVEN_REWRAP_PAUSE", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub rewrap_pause: Duration,
+    /// Rotate the KEK automatically when the primary is older than this (e.g. `90d`). Off by
+    /// default. With several replicas one of them rotates.
+    #[arg(long, env = "KEYHAVEN_ROTATE_AFTER", value_parser = parse_positive_duration)]
+    pub rotate_after: Option<Duration>,
+    /// Rotate the KEK automatically once this many encryptions (DEKs sealed plus DEKs
+    /// re-wrapped to it) are recorded under the primary. Off by default. Must stay above the
+    /// number of live DEKs.
+    #[arg(long, env = "KEYHAVEN_ROTATE_AFTER_ENCRYPTIONS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub rotate_after_encryptions: Option<u64>,
+}
+
+fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d.is_zero() {
+        return Err("must be greater than zero".into());
+    }
+    Ok(d)
 }
 
 /// Why the broker could not start.
@@ -284,7 +313,14 @@ pub async fn assemble(args: &ServeArgs) -> Result<Arc<Broker>, ServeError> {
                 .into(),
         )),
     };
-    let mut broker = Broker::new(store, envelope, verifier, BrokerConfig::default())
+    let config = BrokerConfig {
+        auto_rotation: crate::rotation::AutoRotation {
+            after: args.rotate_after,
+            after_encryptions: args.rotate_after_encryptions,
+        },
+        ..BrokerConfig::default()
+    };
+    let mut broker = Broker::new(store, envelope, verifier, config)
         .await
         .map_err(|e| ServeError::Start(e.to_string()))?;
     if let (Some(d), true) = (dev, has_cluster) {
@@ -376,7 +412,31 @@ pub async fn serve(
         let _ = rx.wait_for(|s| *s).await;
     };
 
-    // Reaper and KEK refresh.
+    // KEK refresh, automatic rotation and re-wrap: every replica runs this loop.
+    {
+        let b = Arc::downgrade(&broker);
+        let every = args.kek_refresh_interval;
+        let (batch, pause) = (args.rewrap_batch_size, args.rewrap_pause);
+        if !broker.config_auto_rotation().is_off() {
+            tracing::info!(rule = %broker.config_auto_rotation().describe(), "automatic KEK rotation on");
+        }
+        tokio::spawn(async move {
+            loop {
+                let Some(b) = b.upgrade() else { return };
+                if let Err(e) = b.auto_rotate().await {
+                    tracing::warn!(error = %e, "automatic KEK rotation check failed");
+                }
+                // Re-reads the KEK list (adopting a new primary) before looking for work.
+                if let Err(e) = b.rewrap_pass(batch, pause).await {
+                    tracing::warn!(error = %e, "re-wrap pass failed; it resumes at the next one");
+                }
+                drop(b);
+                tokio::time::sleep(every).await;
+            }
+        });
+    }
+
+    // Reaper.
     {
         let b = Arc::downgrade(&broker);
         let every = args.reap_interval;
@@ -398,9 +458,6 @@ pub async fn serve(
                             break;
                         }
                     }
-                }
-                if let Err(e) = b.refresh_kek().await {
-                    tracing::warn!(error = %e, "KEK refresh failed");
                 }
             }
         });

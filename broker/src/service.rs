@@ -153,12 +153,15 @@ pub struct Renewal {
 pub struct BrokerConfig {
     /// Upper bound on any policy's max TTL.
     pub max_ttl_cap: Duration,
+    /// Automatic KEK rotation (off by default).
+    pub auto_rotation: crate::rotation::AutoRotation,
 }
 
 impl Default for BrokerConfig {
     fn default() -> Self {
         BrokerConfig {
             max_ttl_cap: crate::policy::DEFAULT_MAX_TTL_CAP,
+            auto_rotation: crate::rotation::AutoRotation::default(),
         }
     }
 }
@@ -175,9 +178,11 @@ pub struct Broker {
     policies: RwLock<PolicySet>,
     audit_file: Arc<Mutex<Option<JsonlSink>>>,
     audit_writer: tokio::sync::mpsc::Sender<AuditJob>,
-    kek: RwLock<Option<KekId>>,
-    config: BrokerConfig,
+    pub(crate) kek: RwLock<Option<KekId>>,
+    pub(crate) config: BrokerConfig,
     metrics: crate::metrics::Metrics,
+    /// This replica's name in the re-wrap batch log (host name and process id).
+    pub(crate) replica: String,
 }
 
 impl std::fmt::Debug for Broker {
@@ -220,6 +225,7 @@ impl Broker {
             kek: RwLock::new(None),
             config,
             metrics: crate::metrics::Metrics::new(),
+            replica: crate::rotation::replica_name(),
         };
         b.reload_policies().await?;
         b.refresh_kek().await?;
@@ -256,6 +262,11 @@ impl Broker {
         self
     }
 
+    /// The automatic-rotation rule this broker was configured with.
+    pub fn config_auto_rotation(&self) -> &crate::rotation::AutoRotation {
+        &self.config.auto_rotation
+    }
+
     /// The metrics.
     pub fn metrics(&self) -> &crate::metrics::Metrics {
         &self.metrics
@@ -285,15 +296,11 @@ impl Broker {
         Ok(newest)
     }
 
-    fn current_kek(&self) -> Result<KekId> {
+    pub(crate) fn current_kek(&self) -> Result<KekId> {
         self.kek
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .ok_or_else(|| {
-                BrokerError::Unavailable(
-                    "no broker KEK on the HSM token: run `brokerctl keys init`".into(),
-                )
-            })
+            .ok_or_else(no_kek)
     }
 
     /// Re-reads the policies from the store.
@@ -407,7 +414,7 @@ impl Broker {
         }
     }
 
-    async fn audited<T>(
+    pub(crate) async fn audited<T>(
         &self,
         caller: &Caller,
         kind: EventKind,
@@ -491,18 +498,32 @@ impl Broker {
                 id.subject()
             )));
         };
-        let row = self
-            .store
-            .get_version(path, None)
-            .await?
-            .ok_or_else(|| BrokerError::NotFound(format!("secret {path}")))?;
-        let sealed = row
-            .sealed
-            .ok_or_else(|| BrokerError::NotFound(format!("secret {path}")))?;
-        let t0 = std::time::Instant::now();
-        let data = self.envelope.open(path, row.version, &sealed).await;
-        self.metrics.hsm("open", t0.elapsed());
-        let data = data?;
+        let mut attempts = 0;
+        let (row, data) = loop {
+            attempts += 1;
+            let row = self
+                .store
+                .get_version(path, None)
+                .await?
+                .ok_or_else(|| BrokerError::NotFound(format!("secret {path}")))?;
+            let sealed = row
+                .sealed
+                .as_ref()
+                .ok_or_else(|| BrokerError::NotFound(format!("secret {path}")))?;
+            let t0 = std::time::Instant::now();
+            let data = self.envelope.open(path, row.version, sealed).await;
+            self.metrics.hsm("open", t0.elapsed());
+            match data {
+                // The row was re-wrapped and its old KEK retired between our read and the
+                // unwrap: read it again once.
+                Err(CryptoError::Hsm(e))
+                    if e.kind() == keyhaven_hsm::ErrorKind::KeyNotFound && attempts < 2 =>
+                {
+                    continue
+                }
+                other => break (row, other?),
+            }
+        };
         let ttl = ttl
             .filter(|t| !t.is_zero())
             .unwrap_or(default_ttl)
@@ -631,7 +652,7 @@ impl Broker {
 
     // ---- admin -------------------------------------------------------------------------
 
-    async fn require(
+    pub(crate) async fn require(
         &self,
         caller: &Caller,
         path: &str,
@@ -687,16 +708,33 @@ impl Broker {
                     )));
                 }
             }
-            let kek = self.current_kek()?;
+            let mut kek = self.current_kek()?;
+            let mut refreshed = false;
             for _ in 0..5 {
                 let v = self.store.latest_version(path).await? + 1;
                 let t0 = std::time::Instant::now();
                 let sealed = self.envelope.seal(kek, path, v, &data).await;
                 self.metrics.hsm("seal", t0.elapsed());
-                let sealed = sealed?;
+                let sealed = match sealed {
+                    // Our primary was retired by another replica after a rotation we have not
+                    // seen yet: adopt the newest KEK once and seal again.
+                    Err(CryptoError::Hsm(e))
+                        if e.kind() == keyhaven_hsm::ErrorKind::KeyNotFound && !refreshed =>
+                    {
+                        refreshed = true;
+                        kek = self.refresh_kek().await?.ok_or_else(no_kek)?;
+                        continue;
+                    }
+                    other => other?,
+                };
                 match self.store.insert_version(path, v, now_ms(), &sealed).await {
                     Ok(()) => return Ok(v),
                     Err(StoreError::Conflict(_)) => continue,
+                    Err(StoreError::KekRetired(_)) if !refreshed => {
+                        refreshed = true;
+                        kek = self.refresh_kek().await?.ok_or_else(no_kek)?;
+                        continue;
+                    }
                     Err(e) => return Err(e.into()),
                 }
             }
@@ -822,8 +860,12 @@ pub struct KekStatus {
     pub label: String,
     /// `primary` or `decrypt-only`.
     pub role: &'static str,
-    /// DEKs it still wraps.
+    /// DEKs it still wraps (soft-deleted versions included, destroyed ones not).
     pub deks: i64,
+    /// Creation time from the label (Unix ms), if the label carries one.
+    pub created_ms: Option<i64>,
+    /// Encryptions recorded under it: DEKs sealed plus DEKs re-wrapped to it.
+    pub encryptions: i64,
 }
 
 impl Broker {
@@ -973,39 +1015,10 @@ impl Broker {
             .await?)
     }
 
-    /// Every broker KEK with its role and how many DEKs it still wraps.
+    /// Every broker KEK with its role and how many DEKs it still wraps (the `keks` of
+    /// [`Broker::key_report`]).
     pub async fn key_status(&self, caller: &Caller) -> Result<Vec<KekStatus>> {
-        self.require(caller, "", Capability::Audit, "key_status")
-            .await?;
-        let keks = self
-            .envelope
-            .keystore()
-            .list_keks()
-            .await
-            .map_err(|e| BrokerError::from(CryptoError::Hsm(e)))?;
-        let counts = self.store.deks_per_kek().await?;
-        let n = keks.len();
-        Ok(keks
-            .into_iter()
-            .enumerate()
-            .map(|(i, k)| {
-                let id = k.id.to_string();
-                KekStatus {
-                    deks: counts
-                        .iter()
-                        .find(|(c, _)| *c == id)
-                        .map(|(_, n)| *n)
-                        .unwrap_or(0),
-                    kek_id: id,
-                    label: k.label,
-                    role: if i + 1 == n {
-                        "primary"
-                    } else {
-                        "decrypt-only"
-                    },
-                }
-            })
-            .collect())
+        Ok(self.key_report(caller).await?.keks)
     }
 }
 
@@ -1032,6 +1045,9 @@ impl Broker {
         m.dek_cache_entries.set(c.entries as i64);
         if let Ok(h) = self.store.audit_head().await {
             m.audit_records.set(h.seq);
+        }
+        if let Ok(n) = self.rewrap_remaining().await {
+            m.rewrap_remaining.set(n);
         }
         m.encode()
     }
@@ -1097,6 +1113,10 @@ fn spawn_audit_writer(
         }
     });
     tx
+}
+
+fn no_kek() -> BrokerError {
+    BrokerError::Unavailable("no broker KEK on the HSM token: run `brokerctl keys init`".into())
 }
 
 fn auth_error(e: &AuthError) -> BrokerError {

@@ -35,6 +35,7 @@ pub struct Cli {
     pub conn: ConnArgs,
     /// Output format.
     #[arg(
+        short = 'o',
         long,
         global = true,
         help_heading = "Output",
@@ -431,11 +432,41 @@ pub fn parse_checkpoint(s: &str) -> Result<Checkpoint, String> {
 /// `brokerctl keys ...`
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
-    /// Ask the broker for its KEKs: id, label, role and how many DEKs each wraps.
-    Status,
+    /// Ask the broker for its KEKs (id, label, role, creation time, DEKs each still wraps,
+    /// encryptions) and the progress of the re-wrap (a bar in a terminal), its rate and ETA.
+    Status(KeyStatusArgs),
+    /// Make a new KEK in the HSM: new secret versions use it at once, and every broker
+    /// replica re-wraps the stored DEKs to it in the background (watch `keys status`).
+    Rotate,
+    /// Destroy a KEK in the HSM, once it is not the primary and wraps no DEK any more
+    /// (`keys status` shows 0). Irreversible.
+    Retire(RetireArgs),
     /// On the HSM itself (not through the broker): create the first broker KEK if there is
     /// none (idempotent) and print its id.
     Init(HsmArgs),
+}
+
+/// `brokerctl keys status`.
+#[derive(Debug, Clone, Default, Args)]
+pub struct KeyStatusArgs {
+    /// Keep asking until no DEK is left to re-wrap, showing the progress.
+    #[arg(long)]
+    pub wait: bool,
+    /// How often `--wait` asks (each ask is one KeyStatus call).
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub interval: Duration,
+}
+
+/// `brokerctl keys retire`.
+#[derive(Debug, Clone, Args)]
+pub struct RetireArgs {
+    /// The KEK id (32 hex digits, from `keys status`).
+    #[arg(value_name = "KEK_ID")]
+    pub kek_id: String,
+    /// Confirm: the KEK is destroyed in the HSM, and anything still wrapped by it (e.g. in an
+    /// old database backup) can never be opened again.
+    #[arg(long)]
+    pub yes: bool,
 }
 
 /// How to reach the HSM (`keys init`), as the broker and kms-plugin take it.

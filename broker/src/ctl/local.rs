@@ -140,6 +140,7 @@ mod tests {
             err: &mut err,
             stdin: &mut stdin,
             output: Output::Text,
+            terminal: false,
         };
         dev_token(&args, &mut io).unwrap();
         let token = String::from_utf8(out).unwrap();
@@ -164,6 +165,7 @@ mod tests {
             err: &mut err,
             stdin: &mut stdin,
             output: Output::Text,
+            terminal: false,
         };
         let e = dev_token(&bad, &mut io).unwrap_err();
         assert!(e.downcast_ref::<crate::ctl::Usage>().is_some(), "{e}");

@@ -22,9 +22,9 @@ mod output;
 mod remote;
 
 pub use cli::{
-    AuditCommand, Cli, Command, ConnArgs, DevCaArgs, DevTokenArgs, HsmArgs, KeysCommand, LeaseArgs,
-    LeasesCommand, Output, PolicyCommand, PutArgs, RenewArgs, RevokeArgs, SecretsCommand,
-    SelectorArgs,
+    AuditCommand, Cli, Command, ConnArgs, DevCaArgs, DevTokenArgs, HsmArgs, KeyStatusArgs,
+    KeysCommand, LeaseArgs, LeasesCommand, Output, PolicyCommand, PutArgs, RenewArgs, RetireArgs,
+    RevokeArgs, SecretsCommand, SelectorArgs,
 };
 pub use conn::{connect, parse_addr, RemoteError, Session, Target};
 pub use devca::dev_ca;
@@ -53,6 +53,8 @@ pub struct Io<'a> {
     pub stdin: &'a mut dyn Read,
     /// Output format.
     pub output: Output,
+    /// `out` is a terminal (progress bars are drawn only then).
+    pub terminal: bool,
 }
 
 impl fmt::Debug for Io<'_> {
@@ -76,11 +78,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let stderr = std::io::stderr();
     let stdin = std::io::stdin();
     let (mut out, mut err, mut input) = (stdout.lock(), stderr.lock(), stdin.lock());
+    let terminal = std::io::IsTerminal::is_terminal(&stdout);
     let mut io = Io {
         out: &mut out,
         err: &mut err,
         stdin: &mut input,
         output: cli.output,
+        terminal,
     };
     let r = run_with(&cli, &mut io)
         .await
@@ -152,8 +156,14 @@ async fn dispatch(cli: &Cli, io: &mut Io<'_>) -> anyhow::Result<()> {
         Command::Revoke(args) => remote::revoke(&cli.conn, args, io).await,
         Command::Audit { command } => remote::audit(&cli.conn, command, io).await,
         Command::Keys {
-            command: KeysCommand::Status,
-        } => remote::key_status(&cli.conn, io).await,
+            command: KeysCommand::Status(args),
+        } => remote::key_status(&cli.conn, args, io).await,
+        Command::Keys {
+            command: KeysCommand::Rotate,
+        } => remote::key_rotate(&cli.conn, io).await,
+        Command::Keys {
+            command: KeysCommand::Retire(args),
+        } => remote::key_retire(&cli.conn, args, io).await,
     }
 }
 
@@ -207,6 +217,7 @@ mod tests {
         authorization: Vec<String>,
         put: Vec<Put>,
         selectors: Vec<Option<pb::LeaseSelector>>,
+        retired: Vec<String>,
     }
 
     #[derive(Debug, Clone, Default)]
@@ -316,6 +327,23 @@ mod tests {
                 "system:serviceaccount:team:app may not use `audit`",
             ))
         }
+        async fn rotate_key(&self, r: Request<pb::RotateKeyRequest>) -> R<pb::RotateKeyResponse> {
+            self.saw(&r);
+            Ok(Response::new(pb::RotateKeyResponse {
+                kek_id: "b".repeat(32),
+                label: "keyhaven-broker-2026-01-02T03:04:05.678Z-abcd".into(),
+                previous_kek_id: "a".repeat(32),
+                deks_to_rewrap: 7,
+            }))
+        }
+        async fn retire_key(&self, r: Request<pb::RetireKeyRequest>) -> R<pb::RetireKeyResponse> {
+            self.saw(&r);
+            let id = r.into_inner().kek_id;
+            self.0.lock().unwrap().retired.push(id.clone());
+            Err(Status::failed_precondition(format!(
+                "KEK {id} still wraps 3 DEK(s)"
+            )))
+        }
     }
 
     struct Fixture {
@@ -417,6 +445,7 @@ mod tests {
             err: &mut err,
             stdin: &mut input,
             output: cli.output,
+            terminal: false,
         };
         let result = run_with(&cli, &mut io).await;
         Ran {
@@ -510,6 +539,65 @@ mod tests {
             describe(&e),
             "audit log verification FAILED: record 42: hash mismatch"
         );
+    }
+
+    #[tokio::test]
+    async fn rotate_prints_the_new_kek_and_retire_needs_yes_and_a_kek_id() {
+        let f = fixture().await;
+        let r = ctl(f.args(&["keys", "rotate"])).await;
+        r.result.unwrap();
+        assert_eq!(r.out, format!("{}\n", "b".repeat(32)));
+        assert!(r.err.contains("7 DEK(s)"), "{}", r.err);
+        let r = ctl(f.args(&["-o", "json", "keys", "rotate"])).await;
+        let v: serde_json::Value = serde_json::from_str(&r.out).unwrap();
+        assert_eq!(v["previous_kek_id"], "a".repeat(32));
+        assert_eq!(v["deks_to_rewrap"], 7);
+
+        // Refused locally, nothing sent: no --yes, or not a KEK id.
+        let id = "c".repeat(32);
+        let r = ctl(f.args(&["keys", "retire", &id])).await;
+        let e = r.result.unwrap_err();
+        assert_eq!(exit_code(&e), 2);
+        assert!(describe(&e).contains("--yes"), "{}", describe(&e));
+        let r = ctl(f.args(&["keys", "retire", "not-a-kek", "--yes"])).await;
+        assert_eq!(exit_code(&r.result.unwrap_err()), 2);
+        assert!(f.seen.lock().unwrap().retired.is_empty());
+
+        // Sent with --yes; the broker's refusal comes back as one line.
+        let r = ctl(f.args(&["keys", "retire", &id, "--yes"])).await;
+        let e = r.result.unwrap_err();
+        assert_eq!(exit_code(&e), 1);
+        assert!(remote::is_code(&e, tonic::Code::FailedPrecondition));
+        assert_eq!(f.seen.lock().unwrap().retired, vec![id]);
+    }
+
+    #[test]
+    fn rewrap_progress_lines() {
+        let mut w = pb::RewrapProgress {
+            remaining: 750,
+            moved: 250,
+            rate_per_second: 125.0,
+            eta_seconds: 6,
+            replicas: 2,
+            last_batch_unix_ms: 1,
+            unknown_kek_deks: 0,
+        };
+        assert_eq!(
+            remote::rewrap_line(&w, false),
+            "re-wrap: 250 moved, 750 to go (25.0% done), 125 DEKs/s from 2 replicas, ETA 6s"
+        );
+        let bar = remote::rewrap_line(&w, true);
+        assert!(
+            bar.starts_with("re-wrap: [#######-----------------------]  25.0%  250 moved"),
+            "{bar}"
+        );
+        w.rate_per_second = 0.0;
+        w.eta_seconds = -1;
+        assert!(
+            remote::rewrap_line(&w, false).ends_with("no batch in the last minute, ETA unknown")
+        );
+        w.remaining = 0;
+        assert!(remote::rewrap_line(&w, true).starts_with("re-wrap: done"));
     }
 
     #[tokio::test]

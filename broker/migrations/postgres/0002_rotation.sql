@@ -1,0 +1,30 @@
+-- Keyhaven broker schema v2 (PostgreSQL): KEK rotation. Times are Unix milliseconds.
+
+-- How many times each row's DEK was re-wrapped (a row is moved at most once per rotation).
+ALTER TABLE secret_versions ADD COLUMN rewraps BIGINT NOT NULL DEFAULT 0;
+
+-- Encryptions recorded under each KEK: new DEKs sealed, DEKs re-wrapped to it.
+CREATE TABLE kek_usage (
+    kek_id     TEXT   PRIMARY KEY,
+    seals      BIGINT NOT NULL DEFAULT 0,
+    rewraps_in BIGINT NOT NULL DEFAULT 0
+);
+INSERT INTO kek_usage (kek_id, seals)
+    SELECT kek_id, COUNT(*) FROM secret_versions GROUP BY kek_id;
+
+-- One row per committed re-wrap batch (pruned after an hour): rate, ETA, who did what.
+CREATE TABLE rewrap_batches (
+    id          BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    time_ms     BIGINT NOT NULL,
+    replica     TEXT   NOT NULL,
+    to_kek      TEXT   NOT NULL,
+    rows_moved  BIGINT NOT NULL,
+    duration_ms BIGINT NOT NULL
+);
+CREATE INDEX rewrap_batches_time ON rewrap_batches (time_ms);
+
+-- KEKs retired (or being retired): no DEK may be wrapped by them again.
+CREATE TABLE retired_keks (
+    kek_id     TEXT   PRIMARY KEY,
+    retired_ms BIGINT NOT NULL
+);
