@@ -181,6 +181,45 @@ impl BrokerProc {
     }
 }
 
+impl BrokerProc {
+    /// Like [`BrokerProc::ctl_admin`], with `pki`'s client certificate (for a broker started
+    /// with `--tls-client-ca`) and `stdin` fed to the command.
+    pub fn ctl_admin_mtls(
+        &self,
+        hsm: &SoftHsm,
+        pki: &DevPki,
+        args: &[&str],
+        stdin: &str,
+    ) -> Output {
+        use std::io::Write as _;
+        let mut child = Command::new(bin_path("brokerctl"))
+            .env("SOFTHSM2_CONF", &hsm.conf)
+            .env_remove("KEYHAVEN_BROKER_ADDR")
+            .args(["--addr", &self.addr])
+            .arg("--ca-file")
+            .arg(&pki.ca)
+            .arg("--client-cert")
+            .arg(&pki.client_cert)
+            .arg("--client-key")
+            .arg(&pki.client_key)
+            .arg("--bootstrap-file")
+            .arg(self.dir.join("bootstrap"))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run brokerctl");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(stdin.as_bytes())
+            .expect("write stdin");
+        child.wait_with_output().expect("brokerctl output")
+    }
+}
+
 fn spawn(args: &[OsString], env: &[(String, String)], log: &Path) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)

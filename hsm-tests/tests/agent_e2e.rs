@@ -314,12 +314,28 @@ fn agent_writes_renews_follows_updates_and_revokes_on_sigterm() {
     assert!(after.iter().any(|l| l.renewals >= 1));
     assert!(agent.metric("keyhaven_agent_leases_held ") >= 3.0);
 
-    // A new version reaches the file within a renewal period or two.
-    let v = w.put(
-        "shop/db",
-        &[("user", "shop"), ("password", "rotated-pass-2")],
+    // A new version, put with brokerctl, reaches the file within a renewal period or two.
+    let newpass = dir.join("newpass");
+    std::fs::write(&newpass, "rotated-pass-2").unwrap();
+    let put = w.broker.ctl_admin(
+        &w.hsm,
+        &w.pki.ca,
+        &[
+            "secrets",
+            "put",
+            "shop/db",
+            "--from-literal",
+            "user=shop",
+            "--from-file",
+            &format!("password={}", newpass.display()),
+        ],
     );
-    assert_eq!(v, 2);
+    assert!(
+        put.status.success(),
+        "{}",
+        String::from_utf8_lossy(&put.stderr)
+    );
+    assert!(String::from_utf8_lossy(&put.stdout).contains("version 2"));
     wait_for("the updated file", Duration::from_secs(30), &log, || {
         std::fs::read_to_string(out.join("db.json"))
             .map(|s| s.contains("rotated-pass-2"))
@@ -332,31 +348,63 @@ fn agent_writes_renews_follows_updates_and_revokes_on_sigterm() {
     assert_eq!(db_leases.len(), 1, "{now:?}");
     assert_eq!(db_leases[0].version, 2);
 
-    // SIGTERM: exits 0 and revokes every lease it held.
+    // SIGTERM: exits 0 and revokes every lease it held — as `brokerctl leases list` and
+    // `brokerctl audit tail` show.
     let log_path = agent.log.clone();
     let status = agent.terminate();
     assert!(status.success(), "{status:?}");
-    assert!(w.leases("web-0", false).is_empty());
-    let ended = w.leases("web-0", true);
-    assert!(
-        ended
-            .iter()
-            .filter(|l| l.end_reason.contains("revok"))
-            .count()
-            >= 3,
-        "{ended:?}"
+    let ctl = |args: &[&str]| {
+        let out = w.broker.ctl_admin(&w.hsm, &w.pki.ca, args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let active = ctl(&[
+        "--output",
+        "json",
+        "leases",
+        "list",
+        "--namespace",
+        "shop",
+        "--pod",
+        "web-0",
+    ]);
+    let active: serde_json::Value = serde_json::from_str(&active).unwrap();
+    assert_eq!(active.as_array().map(Vec::len), Some(0), "{active}");
+    let all = ctl(&[
+        "--output",
+        "json",
+        "leases",
+        "list",
+        "--namespace",
+        "shop",
+        "--pod",
+        "web-0",
+        "--all",
+    ]);
+    let all: serde_json::Value = serde_json::from_str(&all).unwrap();
+    let revoked = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l.to_string().contains("revoked"))
+        .count();
+    assert_eq!(
+        revoked, 4,
+        "3 revoked on exit + the replaced shop/db lease: {all}"
     );
-    // ...and the audit log shows the revocations by the workload.
-    let audit = std::fs::read_to_string(dir.join("audit.jsonl")).unwrap();
+    let tail = ctl(&["--output", "json", "audit", "tail", "--limit", "200"]);
+    let by_agent = tail
+        .lines()
+        .filter(|l| l.contains("\"revoke\"") && l.contains("web-0"))
+        .count();
     assert!(
-        audit
-            .lines()
-            .filter(|l| l.contains("revoke") && l.contains("web-0"))
-            .count()
-            >= 3,
-        "no revoke records in the audit file"
+        by_agent >= 4,
+        "revocations by the agent missing from the audit:\n{tail}"
     );
-
     // Nothing secret in the agent's log (debug level), including the token.
     let text = std::fs::read_to_string(log_path).unwrap();
     let token = std::fs::read_to_string(dir.join("token-web-0")).unwrap();
@@ -557,4 +605,73 @@ fn once_mode_for_init_containers() {
         .unwrap();
     assert_eq!(none.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&none.stderr).contains("no secrets"));
+}
+
+#[test]
+fn client_certificates_when_the_broker_asks_for_them() {
+    let hsm = SoftHsm::new();
+    broker_keys_init(&hsm);
+    let pki = DevPki::write(hsm.dir());
+    let ca = pki.ca.display().to_string();
+    let broker = BrokerProc::start(&hsm, &pki, &["--tls-client-ca", &ca]);
+    let put = broker.ctl_admin_mtls(&hsm, &pki, &["policy", "apply", "-f", "-"], POLICY);
+    assert!(
+        put.status.success(),
+        "{}",
+        String::from_utf8_lossy(&put.stderr)
+    );
+    let put = broker.ctl_admin_mtls(
+        &hsm,
+        &pki,
+        &["secrets", "put", "shop/api", "--from-json", "-"],
+        &format!("{{\"token\": \"{API_TOKEN}\"}}"),
+    );
+    assert!(
+        put.status.success(),
+        "{}",
+        String::from_utf8_lossy(&put.stderr)
+    );
+    let dev = DevIssuer::load_or_generate(&hsm.dir().join("dev.pem")).unwrap();
+    let token = hsm.dir().join("token");
+    std::fs::write(
+        &token,
+        dev.mint("shop", "web", Some("m-0"), Duration::from_secs(600))
+            .unwrap(),
+    )
+    .unwrap();
+    let run = |client: bool, out: &str| {
+        let mut c = Command::new(bin_path("broker-agent"));
+        c.args(["--broker-addr", &broker.addr, "--ca-file", &ca])
+            .arg("--token-file")
+            .arg(&token)
+            .arg("--output-dir")
+            .arg(hsm.dir().join(out))
+            .args([
+                "--secret",
+                "shop/api=api",
+                "--once",
+                "--backoff-max",
+                "200ms",
+            ]);
+        if client {
+            c.arg("--client-cert")
+                .arg(&pki.client_cert)
+                .arg("--client-key")
+                .arg(&pki.client_key);
+        }
+        c.output().unwrap()
+    };
+    let without = run(false, "without");
+    assert_eq!(without.status.code(), Some(1));
+    assert!(!hsm.dir().join("without/api").exists());
+    let with = run(true, "with");
+    assert!(
+        with.status.success(),
+        "{}",
+        String::from_utf8_lossy(&with.stderr)
+    );
+    assert_eq!(
+        std::fs::read(hsm.dir().join("with/api")).unwrap(),
+        API_TOKEN.as_bytes()
+    );
 }
