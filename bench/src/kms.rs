@@ -65,6 +65,9 @@ pub fn run(args: &KmsArgs) -> anyhow::Result<()> {
     for v in report::verdicts(&rows) {
         println!("verdict: {v}");
     }
+    if let Some(note) = report::shared_cpu_bound(&rows) {
+        println!("note: {note}");
+    }
     Ok(())
 }
 

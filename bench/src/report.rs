@@ -231,9 +231,44 @@ pub fn verdicts(rows: &[Row]) -> [String; 2] {
     [thr, p99]
 }
 
+/// For information, not a verdict: on a machine where client, plugin and HSM share the same
+/// cores, an ideal plugin that added nothing to the gRPC path (echo) and the HSM operation
+/// (raw) would still need the CPU of both per request, so its throughput is bounded by
+/// `1 / (1/echo + 1/raw)`. Shows that bound at the target concurrency and how close the
+/// plugin comes to it.
+pub fn shared_cpu_bound(rows: &[Row]) -> Option<String> {
+    let row = rows
+        .iter()
+        .find(|r| r.op == Op::Decrypt && r.clients == TARGET_CLIENTS)?;
+    let (e, r) = (row.echo.throughput, row.raw.throughput);
+    if e <= 0.0 || r <= 0.0 {
+        return None;
+    }
+    let bound = 1.0 / (1.0 / e + 1.0 / r);
+    Some(format!(
+        "Decrypt at {TARGET_CLIENTS} clients, shared-CPU bound 1/(1/echo + 1/raw) = {bound:.0} ops/s \
+         (= {:.2}x echo): the plugin reaches {:.2} of it",
+        bound / e,
+        row.plugin.throughput / bound
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shared_cpu_bound_is_the_harmonic_sum() {
+        let dec = row(8, s(20_000.0, 500), s(60_000.0, 20), s(40_000.0, 300));
+        let line = shared_cpu_bound(std::slice::from_ref(&dec)).unwrap_or_default();
+        assert!(line.contains("= 24000 ops/s"), "{line}");
+        assert!(line.contains("(= 0.60x echo)"), "{line}");
+        assert!(line.contains("reaches 0.83 of it"), "{line}");
+        let mut enc = dec.clone();
+        enc.op = Op::Encrypt;
+        assert!(shared_cpu_bound(&[enc]).is_none());
+        assert!(shared_cpu_bound(&[row(64, s(1.0, 1), s(1.0, 1), s(1.0, 1))]).is_none());
+    }
 
     fn s(throughput: f64, p99_us: u64) -> Summary {
         Summary {
