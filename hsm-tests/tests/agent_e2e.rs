@@ -168,6 +168,37 @@ impl World {
     }
 }
 
+impl World {
+    /// Two agents leasing `secret` (`PATH=FILE`): one with the defaults (pod `pod-a`, into
+    /// `out-a`), one with `flag` added (pod `pod-b`, into `out-b`). Returns once both have
+    /// written `file`.
+    fn two_agents(
+        &self,
+        secret: &str,
+        file: &str,
+        flag: [&str; 2],
+    ) -> (Agent, PathBuf, Agent, PathBuf) {
+        let dir = self.hsm.dir();
+        let (out_a, out_b) = (dir.join("out-a"), dir.join("out-b"));
+        let mut a_args = self.agent_args("pod-a", &out_a);
+        a_args.extend(["--secret".into(), secret.into()]);
+        let mut b_args = self.agent_args("pod-b", &out_b);
+        b_args.extend([
+            "--secret".into(),
+            secret.into(),
+            flag[0].into(),
+            flag[1].into(),
+        ]);
+        let a = Agent::start(&a_args, dir.join("a.log"));
+        let b = Agent::start(&b_args, dir.join("b.log"));
+        let logs = || format!("{}\n--- b ---\n{}", a.log_text(), b.log_text());
+        wait_for("both files", Duration::from_secs(30), &logs, || {
+            out_a.join(file).exists() && out_b.join(file).exists()
+        });
+        (a, out_a, b, out_b)
+    }
+}
+
 struct Agent {
     child: Child,
     log: PathBuf,
@@ -417,24 +448,8 @@ fn agent_writes_renews_follows_updates_and_revokes_on_sigterm() {
 #[test]
 fn operator_revocation_leases_again_or_deletes_per_config() {
     let w = World::new();
-    let dir = w.hsm.dir().to_path_buf();
-    let out_a = dir.join("out-a");
-    let out_b = dir.join("out-b");
-    let mut a_args = w.agent_args("pod-a", &out_a);
-    a_args.extend(["--secret".into(), "shop/api=token".into()]);
-    let mut b_args = w.agent_args("pod-b", &out_b);
-    b_args.extend([
-        "--secret".into(),
-        "shop/api=token".into(),
-        "--on-revoked".into(),
-        "delete".into(),
-    ]);
-    let a = Agent::start(&a_args, dir.join("a.log"));
-    let b = Agent::start(&b_args, dir.join("b.log"));
+    let (a, out_a, b, out_b) = w.two_agents("shop/api=token", "token", ["--on-revoked", "delete"]);
     let logs = || format!("{}\n--- b ---\n{}", a.log_text(), b.log_text());
-    wait_for("both files", Duration::from_secs(30), &logs, || {
-        out_a.join("token").exists() && out_b.join("token").exists()
-    });
     let la = w.leases("pod-a", false);
     let lb = w.leases("pod-b", false);
     assert_eq!((la.len(), lb.len()), (1, 1));
@@ -472,24 +487,8 @@ fn operator_revocation_leases_again_or_deletes_per_config() {
 #[test]
 fn broker_down_keeps_files_and_the_agent_recovers_after_restart() {
     let mut w = World::new();
-    let dir = w.hsm.dir().to_path_buf();
-    let keep = dir.join("keep");
-    let del = dir.join("del");
-    let mut k_args = w.agent_args("pod-k", &keep);
-    k_args.extend(["--secret".into(), "shop/db=db.json".into()]);
-    let mut d_args = w.agent_args("pod-d", &del);
-    d_args.extend([
-        "--secret".into(),
-        "shop/db=db.json".into(),
-        "--on-expiry".into(),
-        "delete".into(),
-    ]);
-    let k = Agent::start(&k_args, dir.join("k.log"));
-    let d = Agent::start(&d_args, dir.join("d.log"));
+    let (k, keep, d, del) = w.two_agents("shop/db=db.json", "db.json", ["--on-expiry", "delete"]);
     let logs = || format!("{}\n--- d ---\n{}", k.log_text(), d.log_text());
-    wait_for("both files", Duration::from_secs(30), &logs, || {
-        keep.join("db.json").exists() && del.join("db.json").exists()
-    });
     let before = std::fs::read(keep.join("db.json")).unwrap();
 
     w.broker.kill();
@@ -509,7 +508,7 @@ fn broker_down_keeps_files_and_the_agent_recovers_after_restart() {
         "both agents leasing again",
         Duration::from_secs(60),
         &logs,
-        || w.leases("pod-k", false).len() == 1 && w.leases("pod-d", false).len() == 1,
+        || w.leases("pod-a", false).len() == 1 && w.leases("pod-b", false).len() == 1,
     );
     wait_for(
         "the delete agent's file back",
