@@ -128,7 +128,8 @@ fn data_aad(path: &str, version: i64) -> Vec<u8> {
     format!("keyhaven-secret-v1\0{path}\0{version}").into_bytes()
 }
 
-fn dek_aad(path: &str, version: i64) -> Vec<u8> {
+/// The AAD of a DEK's in-HSM wrapping: binds it to its row (path and version).
+pub fn dek_aad(path: &str, version: i64) -> Vec<u8> {
     format!("keyhaven-dek-v1\0{path}\0{version}").into_bytes()
 }
 
@@ -241,6 +242,7 @@ impl DekCache {
     }
 
     /// The entry for `w`, if fresh, without counting a hit or a miss.
+    #[cfg(test)]
     fn peek(&self, w: &WrappedDek) -> Option<Zeroizing<[u8; DEK_LEN]>> {
         let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         g.map
@@ -412,10 +414,54 @@ impl Envelope {
         data
     }
 
-    /// Re-wraps a DEK under another KEK without touching the data (rotation): unwrapped with
-    /// the old KEK and wrapped with `new_kek`, both inside the HSM. The DEK cache is read but
-    /// not filled (a re-wrap pass must not evict the DEKs leases are using); once the new form
+    /// Re-wraps DEKs under another KEK without touching the data (rotation): each
+    /// `(path, version, wrapped DEK)` is unwrapped with its KEK and wrapped with `new_kek`,
+    /// both inside the HSM, all in one HSM task. One result per item, in order. The DEK cache
+    /// is not filled (a re-wrap pass must not evict the DEKs leases are using); once a new form
     /// is stored, [`DekCache::rekey`] moves a cached entry over.
+    pub async fn rewrap_many(
+        &self,
+        items: &[(&str, i64, &WrappedDek)],
+        new_kek: KekId,
+    ) -> Result<Vec<Result<WrappedDek, CryptoError>>, CryptoError> {
+        let calls = items
+            .iter()
+            .map(|(path, version, w)| {
+                (
+                    w.kek_id,
+                    dek_aad(path, *version),
+                    w.iv.clone(),
+                    w.ciphertext.clone(),
+                )
+            })
+            .collect();
+        let results = self.keystore.reencrypt_many(new_kek, calls).await?;
+        Ok(items
+            .iter()
+            .zip(results)
+            .map(|((path, version, _), r)| {
+                let integrity = || CryptoError::Integrity {
+                    path: (*path).into(),
+                    version: *version,
+                };
+                let sealed = r.map_err(|e| match e.kind() {
+                    keyhaven_hsm::ErrorKind::InvalidCiphertext => integrity(),
+                    _ => CryptoError::Hsm(e),
+                })?;
+                if sealed.ciphertext.len() != DEK_LEN + keyhaven_hsm::GCM_TAG_LEN {
+                    // What the old KEK unwrapped was not a DEK: the row was altered.
+                    return Err(integrity());
+                }
+                Ok(WrappedDek {
+                    kek_id: new_kek,
+                    iv: sealed.iv.to_vec(),
+                    ciphertext: sealed.ciphertext,
+                })
+            })
+            .collect())
+    }
+
+    /// Re-wraps one DEK under another KEK (see [`Envelope::rewrap_many`]).
     pub async fn rewrap(
         &self,
         path: &str,
@@ -423,38 +469,15 @@ impl Envelope {
         w: &WrappedDek,
         new_kek: KekId,
     ) -> Result<WrappedDek, CryptoError> {
-        let dek = match self.cache.peek(w) {
-            Some(d) => d,
-            None => {
-                let integrity = || CryptoError::Integrity {
+        self.rewrap_many(&[(path, version, w)], new_kek)
+            .await?
+            .pop()
+            .unwrap_or_else(|| {
+                Err(CryptoError::Integrity {
                     path: path.into(),
                     version,
-                };
-                let plain = self
-                    .keystore
-                    .decrypt(w.kek_id, &dek_aad(path, version), &w.iv, &w.ciphertext)
-                    .await
-                    .map_err(|e| match e.kind() {
-                        keyhaven_hsm::ErrorKind::InvalidCiphertext => integrity(),
-                        _ => CryptoError::Hsm(e),
-                    })?;
-                if plain.len() != DEK_LEN {
-                    return Err(integrity());
-                }
-                let mut dek = Zeroizing::new([0u8; DEK_LEN]);
-                dek.copy_from_slice(&plain);
-                dek
-            }
-        };
-        let sealed = self
-            .keystore
-            .encrypt(new_kek, &dek_aad(path, version), &dek[..])
-            .await?;
-        Ok(WrappedDek {
-            kek_id: new_kek,
-            iv: sealed.iv.to_vec(),
-            ciphertext: sealed.ciphertext,
-        })
+                })
+            })
     }
 }
 

@@ -15,7 +15,7 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
-use keyhaven_hsm::{ErrorKind, KekId, KekInfo};
+use keyhaven_hsm::{KekId, KekInfo};
 
 use crate::audit::{AuditEvent, EventKind, Outcome};
 use crate::crypto::CryptoError;
@@ -27,6 +27,11 @@ use crate::store::{Rewrapped, StoreError};
 pub const RATE_WINDOW: Duration = Duration::from_secs(60);
 /// A re-wrap pass re-reads the KEK list this often and ends early when the primary changed.
 const RECHECK: Duration = Duration::from_secs(5);
+/// HSM calls a replica's re-wrap keeps in flight (of the keystore's 8 sessions; the others
+/// stay free for leases).
+pub const REWRAP_HSM_CONCURRENCY: usize = 4;
+// The re-wrap joins exactly four lanes (`tokio::join!` takes a fixed number of futures).
+const _: () = assert!(REWRAP_HSM_CONCURRENCY == 4);
 
 /// When to rotate the primary KEK without an operator. Both rules off by default.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -123,7 +128,7 @@ pub struct RewrapPass {
     pub moved: u64,
     /// Batches committed.
     pub batches: u64,
-    /// Rows left where they are because they cannot be opened (altered row, KEK gone).
+    /// Rows left where they are because they do not authenticate (altered rows).
     pub skipped: u64,
 }
 
@@ -369,9 +374,10 @@ impl Broker {
 
     /// One re-wrap pass: re-reads the KEK list (adopting the newest as primary), then moves
     /// batches of up to `batch` live DEKs from older KEKs to the primary until none is left
-    /// (rows that cannot be opened are left and counted as skipped), sleeping `pause` between
+    /// (rows that do not authenticate are left and counted as skipped), sleeping `pause` between
     /// batches. Several replicas may run passes at once. Stops at the first database or HSM
-    /// failure (the batch in flight is rolled back); the next pass picks up what is left.
+    /// failure, or a KEK gone from the token (the batch in flight is rolled back); the next
+    /// pass picks up what is left.
     pub async fn rewrap_pass(&self, batch: i64, pause: Duration) -> Result<RewrapPass> {
         let mut report = RewrapPass::default();
         let keks = self.fresh_keks().await?;
@@ -404,12 +410,33 @@ impl Broker {
             };
             cursor = Some((last.path.clone(), last.version));
             let mut moved = Vec::with_capacity(claim.rows.len());
-            for row in &claim.rows {
-                match self
-                    .envelope()
-                    .rewrap(&row.path, row.version, &row.dek, primary)
-                    .await
-                {
+            // REWRAP_HSM_CONCURRENCY lanes, each re-wrapping every 4th row in one HSM task; the
+            // results are put back in row order.
+            let lane = |k: usize| {
+                let items: Vec<(usize, (&str, i64, &crate::crypto::WrappedDek))> = claim
+                    .rows
+                    .iter()
+                    .enumerate()
+                    .skip(k)
+                    .step_by(REWRAP_HSM_CONCURRENCY)
+                    .map(|(i, r)| (i, (r.path.as_str(), r.version, &r.dek)))
+                    .collect();
+                async move {
+                    let (idx, calls): (Vec<usize>, Vec<_>) = items.into_iter().unzip();
+                    if calls.is_empty() {
+                        return Ok(Vec::new());
+                    }
+                    let out = self.envelope().rewrap_many(&calls, primary).await?;
+                    Ok::<_, CryptoError>(idx.into_iter().zip(out).collect::<Vec<_>>())
+                }
+            };
+            let (l0, l1, l2, l3) = tokio::join!(lane(0), lane(1), lane(2), lane(3));
+            // An HSM failure of a whole lane: dropping the claim rolls the batch back.
+            let mut results: Vec<_> = l0?.into_iter().chain(l1?).chain(l2?).chain(l3?).collect();
+            results.sort_by_key(|(i, _)| *i);
+            for (i, result) in results {
+                let row = &claim.rows[i];
+                match result {
                     Ok(new) => moved.push(Rewrapped {
                         path: row.path.clone(),
                         version: row.version,
@@ -420,11 +447,8 @@ impl Broker {
                         tracing::warn!(path = %path, version, "re-wrap: the stored DEK does not authenticate; left as it is");
                         report.skipped += 1;
                     }
-                    Err(CryptoError::Hsm(e)) if e.kind() == ErrorKind::KeyNotFound => {
-                        tracing::warn!(path = %row.path, version = row.version, kek = %row.dek.kek_id, "re-wrap: the DEK's KEK is not on the HSM token; left as it is");
-                        report.skipped += 1;
-                    }
-                    // Dropping the claim rolls the batch back.
+                    // A KEK of the pass vanished (or the HSM failed): dropping the claim rolls
+                    // the batch back, and the next pass starts from a fresh KEK list.
                     Err(e) => return Err(e.into()),
                 }
             }

@@ -170,7 +170,7 @@ pub struct ServeArgs {
     #[arg(long, env = "KEYHAVEN_KEK_REFRESH_INTERVAL", default_value = "5s", value_parser = parse_positive_duration)]
     pub kek_refresh_interval: Duration,
     /// DEKs re-wrapped per database transaction.
-    #[arg(long, env = "KEYHAVEN_REWRAP_BATCH_SIZE", default_value_t = 100, value_parser = clap::value_parser!(i64).range(1..=10_000))]
+    #[arg(long, env = "KEYHAVEN_REWRAP_BATCH_SIZE", default_value_t = 500, value_parser = clap::value_parser!(i64).range(1..=10_000))]
     pub rewrap_batch_size: i64,
     /// Pause between re-wrap batches, to bound the HSM and database load of a re-wrap
     /// (0s: none).

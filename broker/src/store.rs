@@ -1016,31 +1016,39 @@ impl RewrapClaim {
     /// DEK; the data ciphertext is not touched), counts them under the new KEK, records the
     /// batch for progress, and commits: all or nothing. Returns how many rows moved.
     pub async fn commit(self, moved: &[Rewrapped], replica: &str, now_ms: i64) -> Result<u64> {
-        let update = "UPDATE secret_versions SET kek_id = $1, dek_iv = $2, dek_ct = $3, \
-             rewraps = rewraps + 1 \
-             WHERE path = $4 AND version = $5 AND kek_id = $6 AND dek_ct = $7 \
-             AND destroyed_ms IS NULL";
+        // One statement per chunk: the rows' new wrapped DEKs as a VALUES list, each update
+        // guarded by the row's old KEK id and wrapped DEK (6 parameters a row).
+        const CHUNK: usize = 500;
+        const HEAD: &str = "WITH v (path, version, old_kek, old_ct, new_iv, new_ct) AS (";
+        const SET: &str = ") UPDATE secret_versions SET kek_id = ";
+        const TAIL: &str =
+            ", dek_iv = v.new_iv, dek_ct = v.new_ct, rewraps = secret_versions.rewraps + 1 \
+             FROM v WHERE secret_versions.path = v.path AND secret_versions.version = v.version \
+             AND secret_versions.kek_id = v.old_kek AND secret_versions.dek_ct = v.old_ct \
+             AND secret_versions.destroyed_ms IS NULL";
         let log = "INSERT INTO rewrap_batches (time_ms, replica, to_kek, rows_moved, duration_ms) \
              VALUES ($1, $2, $3, $4, $5)";
         let prune = "DELETE FROM rewrap_batches WHERE time_ms < $1";
         let to = self.to.to_string();
         let elapsed = i64::try_from(self.started.elapsed().as_millis()).unwrap_or(i64::MAX);
         macro_rules! body {
-            ($tx:expr) => {{
+            ($tx:expr, $db:ty) => {{
                 let mut n: u64 = 0;
-                for m in moved {
-                    debug_assert_eq!(m.new.kek_id, self.to);
-                    n += sqlx::query(update)
-                        .bind(&to)
-                        .bind(&m.new.iv)
-                        .bind(&m.new.ciphertext)
-                        .bind(&m.path)
-                        .bind(m.version)
-                        .bind(m.old.kek_id.to_string())
-                        .bind(&m.old.ciphertext)
-                        .execute(&mut *$tx)
-                        .await?
-                        .rows_affected();
+                for chunk in moved.chunks(CHUNK) {
+                    let mut q = sqlx::QueryBuilder::<$db>::new(HEAD);
+                    q.push_values(chunk, |mut b, m| {
+                        debug_assert_eq!(m.new.kek_id, self.to);
+                        b.push_bind(m.path.clone())
+                            .push_bind(m.version)
+                            .push_bind(m.old.kek_id.to_string())
+                            .push_bind(m.old.ciphertext.clone())
+                            .push_bind(m.new.iv.clone())
+                            .push_bind(m.new.ciphertext.clone());
+                    });
+                    q.push(SET);
+                    q.push_bind(to.clone());
+                    q.push(TAIL);
+                    n += q.build().execute(&mut *$tx).await?.rows_affected();
                 }
                 if n > 0 {
                     let rows = i64::try_from(n).unwrap_or(i64::MAX);
@@ -1067,7 +1075,7 @@ impl RewrapClaim {
             }};
         }
         match self.inner {
-            ClaimInner::Postgres(mut tx) => body!(tx),
+            ClaimInner::Postgres(mut tx) => body!(tx, sqlx::Postgres),
             ClaimInner::Sqlite(p) => {
                 if moved.is_empty() {
                     return Ok(0);
@@ -1081,7 +1089,7 @@ impl RewrapClaim {
                 if retired > 0 {
                     return Err(StoreError::KekRetired(to));
                 }
-                body!(tx)
+                body!(tx, sqlx::Sqlite)
             }
         }
     }

@@ -62,6 +62,10 @@ impl std::fmt::Debug for Sealed {
     }
 }
 
+/// One item of [`Keystore::reencrypt_many`]: the KEK it is encrypted with, the AAD, the IV
+/// and `ciphertext ‖ tag`.
+pub type Reencrypt = (KekId, Vec<u8>, Vec<u8>, Vec<u8>);
+
 /// Outcome of a passed [`BlockingKeystore::self_test`].
 #[derive(Debug, Clone)]
 pub struct SelfTestReport {
@@ -974,6 +978,27 @@ impl Keystore {
         let (aad, iv, ct) = (aad.to_vec(), iv.to_vec(), ciphertext.to_vec());
         self.call(Op::Decrypt, move |k| k.decrypt(&kek, &aad, &iv, &ct))
             .await
+    }
+
+    /// Re-encrypts ciphertexts to KEK `to` in one blocking task (for key rotation: re-wrapping
+    /// stored keys): each item `(from, aad, iv, ciphertext)` is [`BlockingKeystore::decrypt`]ed
+    /// with KEK `from` and [`BlockingKeystore::encrypt`]ed with `to` under the same AAD. The
+    /// plaintexts stay inside the task and are zeroized there. One result per item, in order.
+    pub async fn reencrypt_many(
+        &self,
+        to: KekId,
+        items: Vec<Reencrypt>,
+    ) -> Result<Vec<Result<Sealed>>> {
+        self.call(Op::Decrypt, move |k| {
+            Ok(items
+                .iter()
+                .map(|(from, aad, iv, ct)| {
+                    let plain = k.decrypt(from, aad, iv, ct)?;
+                    k.encrypt(&to, aad, &plain)
+                })
+                .collect())
+        })
+        .await
     }
 
     /// See [`BlockingKeystore::random`].

@@ -30,6 +30,6 @@ pub use error::{Error, ErrorKind, Result};
 pub use kek::KEK_ID_LEN;
 pub use kek::{KekId, KekInfo};
 pub use keystore::{
-    process_login_attempts, BlockingKeystore, Keystore, Sealed, SelfTestReport, Stats, GCM_IV_LEN,
-    GCM_TAG_LEN, MAX_AAD_LEN, MAX_PLAINTEXT_LEN,
+    process_login_attempts, BlockingKeystore, Keystore, Reencrypt, Sealed, SelfTestReport, Stats,
+    GCM_IV_LEN, GCM_TAG_LEN, MAX_AAD_LEN, MAX_PLAINTEXT_LEN,
 };
