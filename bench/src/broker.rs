@@ -260,6 +260,7 @@ async fn measure_db(
         dev_key: &dev_key,
         bootstrap_file: &bootstrap_file,
         log: dir.join("broker.log"),
+        extra: Vec::new(),
     })?;
     broker.wait_ready(READY_TIMEOUT).await?;
     let started = Memory::of(broker.pid())?;

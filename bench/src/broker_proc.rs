@@ -45,6 +45,8 @@ pub struct BrokerSetup<'a> {
     pub bootstrap_file: &'a Path,
     /// Where its stderr goes.
     pub log: PathBuf,
+    /// More flags, appended last.
+    pub extra: Vec<String>,
 }
 
 /// A running `broker`.
@@ -91,6 +93,7 @@ impl BrokerProcess {
             // Every client is its own identity; the per-identity limit (default 50/s) would
             // measure the limiter, not the broker.
             .args(["--rate-limit", "0"])
+            .args(&s.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file);

@@ -22,6 +22,9 @@ pub enum Command {
     Kms(KmsArgs),
     /// broker Lease/Renew over TLS against a raw-database and a raw-JWT baseline, per database.
     Broker(BrokerArgs),
+    /// broker KEK rotation: the background re-wrap rate (DEKs/s) against the raw HSM
+    /// unwrap+wrap rate, per database.
+    Rewrap(RewrapArgs),
     /// Internal: the bare tonic echo KMS service, run as its own process by `kms` so that the
     /// baseline pays the same cross-process costs as the plugin.
     #[command(hide = true)]
@@ -176,6 +179,57 @@ impl BrokerArgs {
     }
 }
 
+/// `keyhaven-bench rewrap`.
+#[derive(Debug, Clone, Args)]
+pub struct RewrapArgs {
+    /// Databases to run the broker on, one after the other (comma-separated).
+    #[arg(
+        long,
+        env = "KEYHAVEN_BENCH_DB",
+        value_delimiter = ',',
+        default_value = "sqlite,postgres"
+    )]
+    pub db: Vec<Db>,
+    /// DEKs stored before the rotation (secret versions, one DEK each).
+    #[arg(long, env = "KEYHAVEN_BENCH_DEKS", default_value_t = 20_000)]
+    pub deks: usize,
+    /// The broker's `--rewrap-batch-size`.
+    #[arg(long, env = "KEYHAVEN_BENCH_BATCH_SIZE", default_value_t = 500)]
+    pub batch_size: usize,
+    /// Measured time of each raw-HSM cell.
+    #[arg(long, env = "KEYHAVEN_BENCH_DURATION", default_value = "3s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Unmeasured warm-up before each raw-HSM cell.
+    #[arg(long, env = "KEYHAVEN_BENCH_WARMUP", default_value = "300ms", value_parser = humantime::parse_duration)]
+    pub warmup: Duration,
+    /// The broker binary to run. Default: `broker` beside this binary.
+    #[arg(long, env = "KEYHAVEN_BENCH_BROKER")]
+    pub broker: Option<PathBuf>,
+    /// SoftHSM2 PKCS#11 module (the bench makes its own temporary tokens with it).
+    #[arg(long, env = "KEYHAVEN_PKCS11_MODULE", default_value = kms_plugin::cli::DEFAULT_MODULE)]
+    pub pkcs11_module: PathBuf,
+    /// PostgreSQL server binaries. Default: the newest `/usr/lib/postgresql/<version>/bin`.
+    #[arg(long, env = "KEYHAVEN_PG_BIN")]
+    pub pg_bin: Option<PathBuf>,
+}
+
+impl RewrapArgs {
+    /// Rejects values that would make a meaningless run.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(!self.db.is_empty(), "--db is empty");
+        anyhow::ensure!(
+            (100..=10_000_000).contains(&self.deks),
+            "--deks must be between 100 and 10000000"
+        );
+        anyhow::ensure!(
+            (1..=10_000).contains(&self.batch_size),
+            "--batch-size must be between 1 and 10000"
+        );
+        anyhow::ensure!(!self.duration.is_zero(), "--duration must be positive");
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -244,6 +298,36 @@ mod tests {
         assert!(parse(&["keyhaven-bench", "broker", "--db", "mysql"]).is_none());
         let mut bad = a.clone();
         bad.db.clear();
+        assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn rewrap_defaults_and_flags_parse() {
+        let parse = |args: &[&str]| match Cli::try_parse_from(args) {
+            Ok(Cli {
+                command: Command::Rewrap(a),
+            }) => Some(a),
+            _ => None,
+        };
+        let Some(d) = parse(&["keyhaven-bench", "rewrap"]) else {
+            panic!("defaults do not parse");
+        };
+        assert_eq!(d.db, vec![Db::Sqlite, Db::Postgres]);
+        assert_eq!((d.deks, d.batch_size), (20_000, 500));
+        assert!(d.validate().is_ok());
+        let Some(a) = parse(&[
+            "keyhaven-bench",
+            "rewrap",
+            "--db",
+            "sqlite",
+            "--deks",
+            "1000",
+        ]) else {
+            panic!("flags do not parse");
+        };
+        assert_eq!((a.db, a.deks), (vec![Db::Sqlite], 1000));
+        let mut bad = d.clone();
+        bad.deks = 5;
         assert!(bad.validate().is_err());
     }
 }

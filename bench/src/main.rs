@@ -7,6 +7,8 @@
 //! - `keyhaven-bench broker` drives a real `broker` process over TLS (Lease, Renew) on SQLite
 //!   and on PostgreSQL, beside a raw sqlx insert + select and raw JWT verification on the same
 //!   database, and reads the broker's memory with 100,000 active leases.
+//! - `keyhaven-bench rewrap` stores DEKs in a real `broker`'s database, rotates its KEK and
+//!   measures the background re-wrap (DEKs/s) beside the raw HSM unwrap+wrap rate.
 //!
 //! It is a measuring tool, not a test: targets are reported, never asserted.
 #![forbid(unsafe_code)]
@@ -27,6 +29,7 @@ mod plugin;
 mod postgres;
 mod raw;
 mod report;
+mod rewrap;
 mod token;
 mod workload;
 
@@ -39,6 +42,7 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         cli::Command::Kms(args) => kms::run(args),
         cli::Command::Broker(args) => broker::run(args),
+        cli::Command::Rewrap(args) => rewrap::run(args),
         cli::Command::EchoServer(args) => echo::serve_process(args),
     };
     match result {
