@@ -239,9 +239,10 @@ impl Worker for JwtWorker {
         use secrecy::ExposeSecret;
         let id = self
             .verifier
-            .verify(self.token.expose_secret())
+            .verify_uncached(self.token.expose_secret())
             .await
-            .map_err(|e| format!("verify: {e}"))?;
+            .map_err(|e| format!("verify: {e}"))?
+            .identity;
         if id.service_account != self.sa || id.namespace != crate::leases::NAMESPACE {
             return Err(format!("verified as {}", id.subject()));
         }

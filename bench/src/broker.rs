@@ -157,12 +157,14 @@ async fn measure(
          indexes, own table and database) + SELECT of it by id, N tasks on a pool the broker's \
          size (sqlite {}, postgres {}), same server\n\
          raw-jwt   : keyhaven_broker::auth::Verifier (dev issuer config and JWKS) verifying a \
-         pre-minted ES256 token per task, N tasks in this process\n\
+         pre-minted ES256 token per task without the verdict cache (the full check every \
+         time), N tasks in this process\n\
          memory    : VmRSS of the broker from /proc/<pid>/status; {} active leases INSERTed \
          straight into its leases table while it runs (namespace {}), then {TOUCH_ROUNDS} \
          Lease+Renew and a /metrics scrape, then the reading\n\
-         ratios    : throughput, broker / baseline; Lease and Renew each cost the broker 2 \
-         audit appends (authenticate + operation), serialised\n",
+         ratios    : throughput, broker / baseline; each Lease is one audit transaction \
+         (authentication + lease records and the lease row, group-committed), Renew the \
+         same plus its own row update\n",
         humantime::format_duration(args.duration),
         humantime::format_duration(args.warmup),
         broker_bin.display(),

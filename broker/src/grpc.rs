@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status};
 
 use crate::audit::Checkpoint;
 use crate::crypto::SecretData;
-use crate::service::{Broker, BrokerError, Caller};
+use crate::service::{Authenticated, Broker, BrokerError, Caller};
 use crate::store::{LeaseFilter, LeaseRow};
 
 impl From<BrokerError> for Status {
@@ -88,6 +88,13 @@ impl Edge {
     }
 
     async fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
+        let a = self.authenticated(req).await?;
+        Ok(a.commit(&self.broker).await?)
+    }
+
+    /// Verifies the bearer credential and applies the rate limit. The authentication's audit
+    /// record is deferred: the lease API writes it with the request's own record.
+    async fn authenticated<T>(&self, req: &Request<T>) -> Result<Authenticated, Status> {
         let cred = req
             .metadata()
             .get("authorization")
@@ -98,17 +105,19 @@ impl Edge {
             .ok_or_else(|| {
                 Status::unauthenticated("missing `authorization: Bearer <token>` metadata")
             })?;
-        let caller = self.broker.authenticate(cred).await?;
-        let key = match &caller {
+        let a = self.broker.authenticate_deferred(cred).await?;
+        let key = match &a.caller {
             Caller::Workload(id) => id.subject(),
             Caller::BootstrapAdmin => "bootstrap-admin".into(),
         };
         if !self.limiter.allow(&key) {
+            // Still audit the authentication; then refuse.
+            a.commit(&self.broker).await?;
             return Err(Status::resource_exhausted(format!(
                 "rate limit for {key} exceeded; slow down"
             )));
         }
-        Ok(caller)
+        Ok(a)
     }
 }
 
@@ -140,10 +149,10 @@ impl Leases for Edge {
         req: Request<pb::LeaseRequest>,
     ) -> Result<Response<pb::LeaseResponse>, Status> {
         self.timed("Lease", async move {
-            let caller = self.caller(&req).await?;
+            let auth = self.authenticated(&req).await?;
             let r = req.into_inner();
             let ttl = (r.ttl_seconds > 0).then(|| Duration::from_secs(r.ttl_seconds));
-            let g = self.broker.lease(&caller, &r.path, ttl).await?;
+            let g = self.broker.lease_authenticated(auth, &r.path, ttl).await?;
             Ok(Response::new(pb::LeaseResponse {
                 lease_id: g.lease_id.clone(),
                 version: g.version as u64,
@@ -165,10 +174,13 @@ impl Leases for Edge {
         req: Request<pb::RenewRequest>,
     ) -> Result<Response<pb::RenewResponse>, Status> {
         self.timed("Renew", async move {
-            let caller = self.caller(&req).await?;
+            let auth = self.authenticated(&req).await?;
             let r = req.into_inner();
             let inc = (r.increment_seconds > 0).then(|| Duration::from_secs(r.increment_seconds));
-            let n = self.broker.renew(&caller, &r.lease_id, inc).await?;
+            let n = self
+                .broker
+                .renew_authenticated(auth, &r.lease_id, inc)
+                .await?;
             Ok(Response::new(pb::RenewResponse {
                 ttl_seconds: secs(n.ttl),
                 renewable_until: n.renewable_until_unix,
@@ -183,9 +195,9 @@ impl Leases for Edge {
         req: Request<pb::RevokeRequest>,
     ) -> Result<Response<pb::RevokeResponse>, Status> {
         self.timed("Revoke", async move {
-            let caller = self.caller(&req).await?;
+            let auth = self.authenticated(&req).await?;
             self.broker
-                .revoke(&caller, &req.into_inner().lease_id)
+                .revoke_authenticated(auth, &req.into_inner().lease_id)
                 .await?;
             Ok(Response::new(pb::RevokeResponse {}))
         })

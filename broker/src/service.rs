@@ -96,6 +96,26 @@ pub enum Caller {
     BootstrapAdmin,
 }
 
+/// A verified caller whose authentication record is still to be written — with the
+/// request's own record ([`Broker::authenticate_deferred`]).
+#[derive(Debug)]
+pub struct Authenticated {
+    /// Who is calling.
+    pub caller: Caller,
+    audit: Option<AuditEvent>,
+}
+
+impl Authenticated {
+    /// Writes the authentication record now (for requests that have no record of their own
+    /// or are refused before they get one), returning the caller.
+    pub async fn commit(self, broker: &Broker) -> Result<Caller> {
+        if let Some(ev) = self.audit {
+            broker.audit(ev).await?;
+        }
+        Ok(self.caller)
+    }
+}
+
 impl Caller {
     fn audit_name(&self) -> String {
         match self {
@@ -323,10 +343,25 @@ impl Broker {
 
     /// Writes one audit record (database, then the optional file). Failure fails the request.
     pub async fn audit(&self, event: AuditEvent) -> Result<AuditRecord> {
+        self.submit(vec![event], None).await
+    }
+
+    /// Queues `events` (in order) and, when given, a new lease row for the audit writer, which
+    /// stores them in ONE transaction; returns the last record once it is durable. A lease is
+    /// thereby stored if and only if its audit record is.
+    async fn submit(
+        &self,
+        events: Vec<AuditEvent>,
+        lease: Option<LeaseRow>,
+    ) -> Result<AuditRecord> {
         let (reply, wait) = tokio::sync::oneshot::channel();
         let unavailable = || BrokerError::Unavailable("audit log unavailable".into());
         self.audit_writer
-            .send(AuditJob { event, reply })
+            .send(AuditJob {
+                events,
+                lease,
+                reply,
+            })
             .await
             .map_err(|_| unavailable())?;
         wait.await.map_err(|_| unavailable())?
@@ -335,14 +370,27 @@ impl Broker {
     /// Verifies a bearer credential: a ServiceAccount token (or, in dev mode, a dev token), or
     /// the bootstrap admin credential. Every attempt is audited.
     pub async fn authenticate(&self, credential: &str) -> Result<Caller> {
+        let a = self.authenticate_deferred(credential).await?;
+        if let Some(ev) = a.audit {
+            self.audit(ev).await?;
+        }
+        Ok(a.caller)
+    }
+
+    /// Like [`Broker::authenticate`], but a successful authentication's audit record is not
+    /// written yet: it travels with the request ([`Authenticated`]) and is stored in the same
+    /// transaction as the request's own record (one commit per request instead of two).
+    /// Failed authentications are audited at once, as always.
+    pub async fn authenticate_deferred(&self, credential: &str) -> Result<Authenticated> {
         if let Some(b) = &self.bootstrap {
             if constant_time_eq(credential.as_bytes(), b.expose_secret().as_bytes()) {
-                self.audit(
-                    AuditEvent::new(now_ms(), EventKind::Authenticate, Outcome::Ok)
-                        .with_identity("bootstrap-admin"),
-                )
-                .await?;
-                return Ok(Caller::BootstrapAdmin);
+                return Ok(Authenticated {
+                    caller: Caller::BootstrapAdmin,
+                    audit: Some(
+                        AuditEvent::new(now_ms(), EventKind::Authenticate, Outcome::Ok)
+                            .with_identity("bootstrap-admin"),
+                    ),
+                });
             }
         }
         let mut result = self.verifier.verify(credential).await;
@@ -382,8 +430,10 @@ impl Broker {
                 if let Some(p) = &id.pod_name {
                     ev = ev.with_pod(p.clone());
                 }
-                self.audit(ev).await?;
-                Ok(Caller::Workload(id))
+                Ok(Authenticated {
+                    caller: Caller::Workload(id),
+                    audit: Some(ev),
+                })
             }
             Err(e) => {
                 self.metrics.auth_failure(e.reason());
@@ -422,6 +472,23 @@ impl Broker {
         lease_id: Option<&str>,
         r: Result<T>,
     ) -> Result<T> {
+        self.audited_with(None, None, caller, kind, path, lease_id, r)
+            .await
+    }
+
+    /// [`Broker::audited`], also storing a deferred authentication record (first) and a new
+    /// lease row in the same transaction.
+    #[allow(clippy::too_many_arguments)]
+    async fn audited_with<T>(
+        &self,
+        auth: Option<AuditEvent>,
+        lease: Option<LeaseRow>,
+        caller: &Caller,
+        kind: EventKind,
+        path: Option<&str>,
+        lease_id: Option<&str>,
+        r: Result<T>,
+    ) -> Result<T> {
         let mut ev = AuditEvent::new(
             now_ms(),
             kind,
@@ -443,7 +510,8 @@ impl Broker {
         if let Err(e) = &r {
             ev = ev.with_reason(e.code());
         }
-        self.audit(ev).await?;
+        let events = auth.into_iter().chain(std::iter::once(ev)).collect();
+        self.submit(events, lease).await?;
         r
     }
 
@@ -455,23 +523,42 @@ impl Broker {
         path: &str,
         ttl: Option<Duration>,
     ) -> Result<LeaseGrant> {
-        let r = self.lease_inner(caller, path, ttl).await;
+        self.lease_with(None, caller, path, ttl).await
+    }
+
+    /// [`Broker::lease`] for a request authenticated with [`Broker::authenticate_deferred`].
+    pub async fn lease_authenticated(
+        &self,
+        auth: Authenticated,
+        path: &str,
+        ttl: Option<Duration>,
+    ) -> Result<LeaseGrant> {
+        self.lease_with(auth.audit, &auth.caller, path, ttl).await
+    }
+
+    async fn lease_with(
+        &self,
+        auth: Option<AuditEvent>,
+        caller: &Caller,
+        path: &str,
+        ttl: Option<Duration>,
+    ) -> Result<LeaseGrant> {
+        // Nothing is stored until the audit transaction: the lease row goes in with its record.
+        let (r, row) = match self.lease_inner(caller, path, ttl).await {
+            Ok((grant, row)) => (Ok(grant), Some(row)),
+            Err(e) => (Err(e), None),
+        };
         let lease_id = r.as_ref().ok().map(|g| g.lease_id.clone());
-        let out = self
-            .audited(caller, EventKind::Lease, Some(path), lease_id.as_deref(), r)
-            .await;
-        if let (Err(_), Some(id)) = (&out, &lease_id) {
-            // Not audited, so not granted: end the lease we just stored.
-            let _ = self
-                .store
-                .revoke_leases(
-                    &LeaseFilter::Id(id.clone()),
-                    now_ms(),
-                    "revoked:audit_failed",
-                )
-                .await;
-        }
-        out
+        self.audited_with(
+            auth,
+            row,
+            caller,
+            EventKind::Lease,
+            Some(path),
+            lease_id.as_deref(),
+            r,
+        )
+        .await
     }
 
     async fn lease_inner(
@@ -479,7 +566,7 @@ impl Broker {
         caller: &Caller,
         path: &str,
         ttl: Option<Duration>,
-    ) -> Result<LeaseGrant> {
+    ) -> Result<(LeaseGrant, LeaseRow)> {
         validate_secret_path(path)
             .map_err(|e| BrokerError::InvalidArgument(format!("path '{path}': {e}")))?;
         let Caller::Workload(id) = caller else {
@@ -541,14 +628,16 @@ impl Broker {
             ended_ms: None,
             end_reason: None,
         };
-        self.store.insert_lease(&lease).await?;
-        Ok(LeaseGrant {
-            lease_id: lease.id,
-            version: row.version,
-            data,
-            ttl,
-            renewable_until_unix: to_secs(lease.max_expires_ms),
-        })
+        Ok((
+            LeaseGrant {
+                lease_id: lease.id.clone(),
+                version: row.version,
+                data,
+                ttl,
+                renewable_until_unix: to_secs(lease.max_expires_ms),
+            },
+            lease,
+        ))
     }
 
     /// Extends the caller's own lease by `increment` (the policy default when `None`), never
@@ -559,9 +648,38 @@ impl Broker {
         lease_id: &str,
         increment: Option<Duration>,
     ) -> Result<Renewal> {
-        let r = self.renew_inner(caller, lease_id, increment).await;
-        self.audited(caller, EventKind::Renew, None, Some(lease_id), r)
+        self.renew_with(None, caller, lease_id, increment).await
+    }
+
+    /// [`Broker::renew`] for a request authenticated with [`Broker::authenticate_deferred`].
+    pub async fn renew_authenticated(
+        &self,
+        auth: Authenticated,
+        lease_id: &str,
+        increment: Option<Duration>,
+    ) -> Result<Renewal> {
+        self.renew_with(auth.audit, &auth.caller, lease_id, increment)
             .await
+    }
+
+    async fn renew_with(
+        &self,
+        auth: Option<AuditEvent>,
+        caller: &Caller,
+        lease_id: &str,
+        increment: Option<Duration>,
+    ) -> Result<Renewal> {
+        let r = self.renew_inner(caller, lease_id, increment).await;
+        self.audited_with(
+            auth,
+            None,
+            caller,
+            EventKind::Renew,
+            None,
+            Some(lease_id),
+            r,
+        )
+        .await
     }
 
     async fn own_lease(&self, caller: &Caller, lease_id: &str) -> Result<LeaseRow> {
@@ -634,6 +752,20 @@ impl Broker {
 
     /// Ends the caller's own lease now.
     pub async fn revoke(&self, caller: &Caller, lease_id: &str) -> Result<()> {
+        self.revoke_with(None, caller, lease_id).await
+    }
+
+    /// [`Broker::revoke`] for a request authenticated with [`Broker::authenticate_deferred`].
+    pub async fn revoke_authenticated(&self, auth: Authenticated, lease_id: &str) -> Result<()> {
+        self.revoke_with(auth.audit, &auth.caller, lease_id).await
+    }
+
+    async fn revoke_with(
+        &self,
+        auth: Option<AuditEvent>,
+        caller: &Caller,
+        lease_id: &str,
+    ) -> Result<()> {
         let r = async {
             self.own_lease(caller, lease_id).await?;
             self.store
@@ -646,8 +778,16 @@ impl Broker {
             Ok(())
         }
         .await;
-        self.audited(caller, EventKind::Revoke, None, Some(lease_id), r)
-            .await
+        self.audited_with(
+            auth,
+            None,
+            caller,
+            EventKind::Revoke,
+            None,
+            Some(lease_id),
+            r,
+        )
+        .await
     }
 
     // ---- admin -------------------------------------------------------------------------
@@ -1053,9 +1193,10 @@ impl Broker {
     }
 }
 
-/// One audit record waiting for the writer.
+/// Audit records (and possibly a new lease row) waiting for the writer.
 struct AuditJob {
-    event: AuditEvent,
+    events: Vec<AuditEvent>,
+    lease: Option<LeaseRow>,
     reply: tokio::sync::oneshot::Sender<Result<AuditRecord>>,
 }
 
@@ -1078,9 +1219,16 @@ fn spawn_audit_writer(
                     Err(_) => break,
                 }
             }
-            let (events, replies): (Vec<_>, Vec<_>) =
-                jobs.into_iter().map(|j| (j.event, j.reply)).unzip();
-            match store.append_audit_batch(events).await {
+            let mut events = Vec::with_capacity(jobs.len() * 2);
+            let mut leases = Vec::new();
+            let mut replies = Vec::with_capacity(jobs.len());
+            for j in jobs {
+                events.extend(j.events);
+                // Each job's reply gets the last record of its own events.
+                replies.push((j.reply, events.len().saturating_sub(1)));
+                leases.extend(j.lease);
+            }
+            match store.append_audit_batch_with(events, &leases).await {
                 Ok(recs) => {
                     let file_failed = {
                         let mut f = file.lock().unwrap_or_else(|p| p.into_inner());
@@ -1091,19 +1239,36 @@ fn spawn_audit_writer(
                     };
                     if let Some(e) = &file_failed {
                         tracing::error!(error = %e, "audit file write failed; refusing the requests");
+                        // The leases of this batch are stored, but their requests fail: end
+                        // them, so no lease exists that its holder was told it did not get.
+                        for l in &leases {
+                            if let Err(e) = store
+                                .revoke_leases(
+                                    &LeaseFilter::Id(l.id.clone()),
+                                    now_ms(),
+                                    "revoked:audit_failed",
+                                )
+                                .await
+                            {
+                                tracing::error!(lease_id = %l.id, error = %e, "could not end a lease whose audit failed (it expires by its TTL)");
+                            }
+                        }
                     }
-                    for (reply, rec) in replies.into_iter().zip(recs) {
-                        let _ = reply.send(match &file_failed {
-                            Some(_) => {
+                    for (reply, last) in replies {
+                        let _ = reply.send(match (&file_failed, recs.get(last)) {
+                            (None, Some(rec)) => Ok(rec.clone()),
+                            (None, None) => {
+                                Err(BrokerError::Internal("audit writer lost a record".into()))
+                            }
+                            (Some(_), _) => {
                                 Err(BrokerError::Unavailable("audit file unavailable".into()))
                             }
-                            None => Ok(rec),
                         });
                     }
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "audit write failed; refusing the requests");
-                    for reply in replies {
+                    for (reply, _) in replies {
                         let _ = reply.send(Err(BrokerError::Unavailable(
                             "audit log unavailable".into(),
                         )));

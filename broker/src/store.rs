@@ -1142,6 +1142,36 @@ impl Store {
     /// advisory lock (so several broker replicas share one chain), on SQLite (one broker per
     /// file) with a process lock.
     pub async fn append_audit_batch(&self, events: Vec<AuditEvent>) -> Result<Vec<AuditRecord>> {
+        self.append_audit_batch_with(events, &[]).await
+    }
+
+    /// [`Store::append_audit_batch`], also inserting `leases` in the same transaction: a
+    /// lease exists if and only if the audit record that grants it does.
+    pub async fn append_audit_batch_with(
+        &self,
+        events: Vec<AuditEvent>,
+        leases: &[LeaseRow],
+    ) -> Result<Vec<AuditRecord>> {
+        let insert_lease = format!(
+            "INSERT INTO leases ({LEASE_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+        );
+        macro_rules! bind_lease {
+            ($q:expr, $l:expr) => {
+                $q.bind(&$l.id)
+                    .bind(&$l.identity.namespace)
+                    .bind(&$l.identity.service_account)
+                    .bind(&$l.identity.pod_name)
+                    .bind(&$l.identity.pod_uid)
+                    .bind(&$l.path)
+                    .bind($l.version)
+                    .bind($l.created_ms)
+                    .bind($l.expires_ms)
+                    .bind($l.max_expires_ms)
+                    .bind($l.renewals)
+                    .bind($l.ended_ms)
+                    .bind(&$l.end_reason)
+            };
+        }
         let insert = format!(
             "INSERT INTO audit ({AUDIT_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
         );
@@ -1185,6 +1215,11 @@ impl Store {
                     },
                     None => Checkpoint::genesis(),
                 };
+                for l in leases {
+                    bind_lease!(sqlx::query(&insert_lease), l)
+                        .execute(&mut *tx)
+                        .await?;
+                }
                 let recs = chain(head, events);
                 for rec in &recs {
                     bind_record!(sqlx::query(&insert), rec)
@@ -1207,6 +1242,11 @@ impl Store {
                     },
                     None => Checkpoint::genesis(),
                 };
+                for l in leases {
+                    bind_lease!(sqlx::query(&insert_lease), l)
+                        .execute(&mut *tx)
+                        .await?;
+                }
                 let recs = chain(head, events);
                 for rec in &recs {
                     bind_record!(sqlx::query(&insert), rec)

@@ -448,6 +448,100 @@ scenarios!(
 );
 
 #[test]
+fn a_deferred_authentication_is_audited_with_the_request_in_one_transaction() {
+    run(Db::Sqlite, |env| async move {
+        env.put("shared/x", &[("k", "v")]).await;
+        let token = env.token("team-q", "sa", Some("pod-1"));
+        let head = env.broker.store().audit_head().await.unwrap();
+        let auth = env.broker.authenticate_deferred(&token).await.unwrap();
+        // Nothing written yet for the authentication.
+        assert_eq!(env.broker.store().audit_head().await.unwrap(), head);
+        let g = env
+            .broker
+            .lease_authenticated(auth, "shared/x", None)
+            .await
+            .unwrap();
+        let recs = env
+            .broker
+            .store()
+            .audit_records(head.seq, 10)
+            .await
+            .unwrap();
+        let kinds: Vec<_> = recs
+            .iter()
+            .map(|r| (r.event.kind.clone(), r.event.outcome))
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (EventKind::Authenticate, Outcome::Ok),
+                (EventKind::Lease, Outcome::Ok)
+            ]
+        );
+        assert_eq!(recs[0].event.identity, recs[1].event.identity);
+        assert_eq!(recs[1].event.lease_id.as_deref(), Some(g.lease_id.as_str()));
+        // A refused request carries its authentication record too.
+        let auth = env.broker.authenticate_deferred(&token).await.unwrap();
+        env.broker
+            .lease_authenticated(auth, "payments/db", None)
+            .await
+            .unwrap_err();
+        let recs = env
+            .broker
+            .store()
+            .audit_records(head.seq + 2, 10)
+            .await
+            .unwrap();
+        let kinds: Vec<_> = recs
+            .iter()
+            .map(|r| (r.event.kind.clone(), r.event.outcome))
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (EventKind::Authenticate, Outcome::Ok),
+                (EventKind::Lease, Outcome::Denied)
+            ]
+        );
+        assert!(env.broker.store().verify_audit().await.unwrap().is_ok());
+    });
+}
+
+#[test]
+fn a_lease_whose_audit_cannot_be_written_fails_and_leaves_no_active_lease() {
+    run(Db::Sqlite, |env| async move {
+        env.put("shared/x", &[("k", "v")]).await;
+        let token = env.token("team-q", "sa", Some("pod-1"));
+        // An audit file every write to fails (ENOSPC), as on a full disk.
+        let full = env._hsm.dir().join("audit-on-a-full-disk");
+        std::os::unix::fs::symlink("/dev/full", &full).unwrap();
+        let sink = keyhaven_broker::audit::JsonlSink::open(&full).unwrap();
+        let Env { broker, _hsm, .. } = env;
+        let broker = broker.with_audit_file(sink);
+        let auth = broker.authenticate_deferred(&token).await.unwrap();
+        let e = broker
+            .lease_authenticated(auth, "shared/x", None)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, BrokerError::Unavailable(_)), "{e:?}");
+        let now = keyhaven_broker::audit::now_ms();
+        let active = broker
+            .store()
+            .list_leases(&LeaseFilter::All, now, false)
+            .await
+            .unwrap();
+        assert!(active.is_empty(), "a refused lease is active: {active:?}");
+        let all = broker
+            .store()
+            .list_leases(&LeaseFilter::All, now, true)
+            .await
+            .unwrap();
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].end_reason.as_deref(), Some("revoked:audit_failed"));
+    });
+}
+
+#[test]
 fn database_gone_fails_cleanly_and_recovers_without_losing_leases() {
     run(Db::Postgres, |mut env| async move {
         env.put("shared/x", &[("k", "v")]).await;

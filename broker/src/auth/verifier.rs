@@ -11,6 +11,11 @@
 //! 6. strict presence and type of `iss`/`aud`, which the library skips when they are absent;
 //! 7. `iat` required, not in the future, not older than the maximum age, `exp - iat` within it;
 //! 8. `sub` = `system:serviceaccount:<ns>:<name>`, agreeing with the `kubernetes.io` claim.
+//!
+//! A token that passed is remembered by its SHA-256 (never the token) for at most
+//! [`VERDICT_CACHE_TTL`], so a workload that calls again with the same token skips the
+//! signature check. A remembered verdict is used only while the token is unexpired (no
+//! leeway), within the maximum age, and its signing key is still in the current key set.
 
 use std::fmt;
 use std::sync::{Arc, PoisonError, RwLock};
@@ -26,6 +31,17 @@ use tokio::time::Instant;
 use super::error::{sanitize, AuthError, SetupError};
 use super::jwks::{Jwks, JwksSource, TrustedKey};
 use crate::identity::Identity;
+
+/// How long a successful verification is remembered (bounded further by the token's `exp`).
+pub const VERDICT_CACHE_TTL: Duration = Duration::from_secs(60);
+/// Most verdicts remembered at once.
+const VERDICT_CACHE_MAX: usize = 10_000;
+
+/// Successful verdicts by SHA-256 of the token.
+#[derive(Default)]
+struct VerdictCache {
+    entries: std::collections::HashMap<[u8; 32], (VerifiedToken, Instant)>,
+}
 
 /// Longest token accepted (Kubernetes tokens are about 1 KiB).
 pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
@@ -115,6 +131,7 @@ pub struct Verifier {
     refresh: tokio::sync::Mutex<RefreshState>,
     validation_rs256: Validation,
     validation_es256: Validation,
+    verdicts: std::sync::Mutex<VerdictCache>,
 }
 
 impl fmt::Debug for Verifier {
@@ -153,6 +170,7 @@ impl Verifier {
             source: Arc::new(source),
             keys: RwLock::new(Arc::new(Jwks::default())),
             refresh: tokio::sync::Mutex::new(RefreshState { last_attempt: None }),
+            verdicts: std::sync::Mutex::default(),
         })
     }
 
@@ -173,6 +191,60 @@ impl Verifier {
 
     /// Verifies `token` and returns the identity with the token's lifetime and key id.
     pub async fn verify_token(&self, token: &str) -> Result<VerifiedToken, AuthError> {
+        let digest: [u8; 32] = {
+            use sha2::Digest as _;
+            sha2::Sha256::digest(token.as_bytes()).into()
+        };
+        if let Some(v) = self.remembered(&digest) {
+            return Ok(v);
+        }
+        let v = self.verify_uncached(token).await?;
+        self.remember(digest, &v);
+        Ok(v)
+    }
+
+    /// A remembered verdict still good now (see the module notes).
+    fn remembered(&self, digest: &[u8; 32]) -> Option<VerifiedToken> {
+        let hit = {
+            let cache = self.verdicts.lock().unwrap_or_else(PoisonError::into_inner);
+            cache.entries.get(digest).cloned()
+        }?;
+        let (v, at) = hit;
+        let now = SystemTime::now();
+        let age_ok = now
+            .duration_since(v.issued_at)
+            .map(|age| age <= self.config.max_token_age)
+            .unwrap_or(true);
+        let fresh = at.elapsed() < VERDICT_CACHE_TTL && now < v.expires_at && age_ok;
+        if fresh && self.snapshot().get(&v.key_id).is_some() {
+            Some(v)
+        } else {
+            self.verdicts
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .entries
+                .remove(digest);
+            None
+        }
+    }
+
+    fn remember(&self, digest: [u8; 32], v: &VerifiedToken) {
+        let mut cache = self.verdicts.lock().unwrap_or_else(PoisonError::into_inner);
+        if cache.entries.len() >= VERDICT_CACHE_MAX {
+            let now = SystemTime::now();
+            cache
+                .entries
+                .retain(|_, (v, at)| at.elapsed() < VERDICT_CACHE_TTL && now < v.expires_at);
+            if cache.entries.len() >= VERDICT_CACHE_MAX {
+                cache.entries.clear();
+            }
+        }
+        cache.entries.insert(digest, (v.clone(), Instant::now()));
+    }
+
+    /// [`Verifier::verify_token`] without the verdict cache: every check, every time (for
+    /// benchmarks of the signature check itself).
+    pub async fn verify_uncached(&self, token: &str) -> Result<VerifiedToken, AuthError> {
         let header = parse_header(token)?;
         let kid = header
             .kid
@@ -1042,6 +1114,20 @@ mod tests {
         source.set(jwks_json(&[ec_jwk("ec-1")]));
         assert_eq!(v.refresh().await.unwrap(), 1);
         assert_eq!(v.verify(&token).await.unwrap_err().reason(), "unknown_kid");
+    }
+
+    #[tokio::test]
+    async fn a_remembered_verdict_never_outlives_the_token() {
+        let mut cfg = VerifierConfig::new(ISSUER);
+        cfg.leeway = Duration::ZERO;
+        let (v, _) = verifier_with(cfg);
+        let c = with(claims(ISSUER), "exp", json!(now() + 1));
+        let token = rs(&c);
+        v.verify(&token).await.unwrap();
+        // Remembered: the same token again is fine while it is valid.
+        v.verify(&token).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        assert_eq!(v.verify(&token).await.unwrap_err().reason(), "expired");
     }
 
     #[tokio::test]
