@@ -212,7 +212,7 @@ pub fn selector_filter(s: Option<pb::LeaseSelector>) -> Result<LeaseFilter, Stat
     };
     let bad = || {
         Status::invalid_argument(
-            "selector: give one of lease_id, namespace+service_account, namespace+pod, path_prefix",
+            "selector: give one of lease_id, namespace, namespace+service_account, namespace+pod, path_prefix",
         )
     };
     match (
@@ -224,6 +224,7 @@ pub fn selector_filter(s: Option<pb::LeaseSelector>) -> Result<LeaseFilter, Stat
     ) {
         (true, true, true, true, true) => Ok(LeaseFilter::All),
         (false, true, true, true, true) => Ok(LeaseFilter::Id(s.lease_id)),
+        (true, false, true, true, true) => Ok(LeaseFilter::Namespace(s.namespace)),
         (true, false, false, true, true) => Ok(LeaseFilter::Identity {
             namespace: s.namespace,
             service_account: s.service_account,
@@ -559,7 +560,11 @@ mod tests {
             .unwrap(),
             LeaseFilter::Pod { .. }
         ));
-        assert!(s(|x| x.namespace = "n".into()).is_err());
+        assert_eq!(
+            s(|x| x.namespace = "n".into()).unwrap(),
+            LeaseFilter::Namespace("n".into())
+        );
+        assert!(s(|x| x.service_account = "s".into()).is_err());
         assert!(s(|x| {
             x.lease_id = "l".into();
             x.path_prefix = "p".into();

@@ -139,6 +139,8 @@ pub enum LeaseFilter {
         /// Service account.
         service_account: String,
     },
+    /// Every lease in a namespace.
+    Namespace(String),
     /// Every lease held by a pod (by pod name within a namespace).
     Pod {
         /// Namespace.
@@ -164,6 +166,9 @@ impl LeaseFilter {
                 format!("namespace = ${first} AND service_account = ${}", first + 1),
                 vec![namespace.clone(), service_account.clone()],
             ),
+            LeaseFilter::Namespace(namespace) => {
+                (format!("namespace = ${first}"), vec![namespace.clone()])
+            }
             LeaseFilter::Pod { namespace, pod } => (
                 format!("namespace = ${first} AND pod_name = ${}", first + 1),
                 vec![namespace.clone(), pod.clone()],

@@ -334,6 +334,14 @@ async fn leases_renew_up_to_max_and_revoke_by_id_identity_pod_and_prefix(env: En
         .await
         .unwrap();
     assert_eq!(s.count_active_leases(now).await.unwrap(), 5);
+    let in_ns2: HashSet<String> = s
+        .list_leases(&LeaseFilter::Namespace("ns2".into()), now, false)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| l.id)
+        .collect();
+    assert_eq!(in_ns2, HashSet::from(["l3".into(), "l4".into()]));
 
     // Renew extends, capped at max.
     let r = s
@@ -408,7 +416,11 @@ async fn leases_renew_up_to_max_and_revoke_by_id_identity_pod_and_prefix(env: En
         0
     );
     let ids = s
-        .revoke_leases(&LeaseFilter::Id("l5".into()), now, "revoked:id")
+        .revoke_leases(
+            &LeaseFilter::Namespace("ns3".into()),
+            now,
+            "revoked:namespace",
+        )
         .await
         .unwrap();
     assert_eq!(ids, vec!["l5".to_string()]);

@@ -315,14 +315,14 @@ pub enum PolicyCommand {
     List,
 }
 
-/// Which leases (`leases list` / `leases revoke`): one lease, a service account, a pod, or a
-/// path prefix.
+/// Which leases (`leases list` / `leases revoke`): one lease, a namespace, a service account,
+/// a pod, or a path prefix.
 #[derive(Debug, Clone, Default, Args)]
 pub struct SelectorArgs {
     /// One lease by id.
     #[arg(long, conflicts_with_all = ["namespace", "serviceaccount", "pod", "prefix"])]
     pub id: Option<String>,
-    /// Namespace (with `--serviceaccount` or `--pod`).
+    /// Every lease in this namespace (or, with `--serviceaccount` / `--pod`, theirs).
     #[arg(long, conflicts_with = "prefix")]
     pub namespace: Option<String>,
     /// Service account in `--namespace`.
@@ -694,6 +694,7 @@ mod tests {
         ])
         .is_ok());
         assert!(parse(&["leases", "revoke", "--everything", "--yes"]).is_ok());
+        assert!(parse(&["leases", "revoke", "--namespace", "n"]).is_ok());
     }
 
     #[test]

@@ -19,9 +19,8 @@ use crate::policy::{validate_secret_path, PolicySet};
 /// Largest value read from one `--from-file` (the broker's message limit is the real bound).
 pub const MAX_VALUE_BYTES: u64 = 1024 * 1024;
 
-/// Maps the selector flags to the wire selector: `None` means every lease. A namespace needs
-/// a service account or a pod with it (the broker selects by identity or by pod, never by a
-/// whole namespace).
+/// Maps the selector flags to the wire selector: `None` means every lease; a namespace alone
+/// means every lease in it.
 pub fn lease_selector(s: &SelectorArgs) -> Result<Option<LeaseSelector>, Usage> {
     let nonempty = |flag: &str, v: &Option<String>| -> Result<Option<String>, Usage> {
         match v {
@@ -59,17 +58,14 @@ pub fn lease_selector(s: &SelectorArgs) -> Result<Option<LeaseSelector>, Usage> 
                 ..Default::default()
             }
         }
-        (None, Some(_), None, None, None) => {
-            return Err(Usage(
-                "--namespace selects nothing alone: add --serviceaccount S (that identity's \
-                 leases) or --pod P (that pod's leases)"
-                    .into(),
-            ))
-        }
+        (None, Some(namespace), None, None, None) => LeaseSelector {
+            namespace,
+            ..Default::default()
+        },
         _ => {
             return Err(Usage(
-                "give one selector: --id, --namespace with --serviceaccount, --namespace with \
-                 --pod, or --prefix"
+                "give one selector: --id, --namespace (alone, with --serviceaccount or with \
+                 --pod), or --prefix"
                     .into(),
             ))
         }
@@ -284,8 +280,11 @@ mod tests {
 
     #[test]
     fn bad_selectors_are_usage_errors() {
-        let e = sel(|s| s.namespace = Some("team".into())).unwrap_err();
-        assert!(e.0.contains("--serviceaccount"), "{e}");
+        let ns = sel(|s| s.namespace = Some("team".into())).unwrap().unwrap();
+        assert_eq!(ns.namespace, "team");
+        assert!(ns.service_account.is_empty() && ns.pod.is_empty());
+        let e = sel(|s| s.namespace = Some(String::new())).unwrap_err();
+        assert!(e.0.contains("--namespace"), "{e}");
         assert!(sel(|s| s.id = Some(String::new())).is_err());
         assert!(sel(|s| s.prefix = Some("/abs".into())).is_err());
         assert!(sel(|s| {

@@ -614,8 +614,12 @@ mod tests {
         assert_eq!(exit_code(&r.result.unwrap_err()), 2);
         let r = ctl(f.args(&["leases", "revoke", "--everything"])).await;
         assert_eq!(exit_code(&r.result.unwrap_err()), 2);
-        let r = ctl(f.args(&["leases", "list", "--namespace", "team"])).await;
+        let r = ctl(f.args(&["leases", "list", "--namespace", ""])).await;
         assert_eq!(exit_code(&r.result.unwrap_err()), 2);
+        ctl(f.args(&["leases", "list", "--namespace", "team"]))
+            .await
+            .result
+            .unwrap();
         ctl(f.args(&["leases", "revoke", "--everything", "--yes"]))
             .await
             .result
@@ -631,6 +635,10 @@ mod tests {
                 }),
                 Some(pb::LeaseSelector {
                     path_prefix: "team/app".into(),
+                    ..Default::default()
+                }),
+                Some(pb::LeaseSelector {
+                    namespace: "team".into(),
                     ..Default::default()
                 }),
                 None,
