@@ -5,7 +5,7 @@
 //! off most reads; cached DEKs are zeroized when evicted or dropped.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
@@ -284,17 +284,44 @@ impl DekCache {
     }
 }
 
+/// Told the duration of each HSM call (`wrap`, `unwrap`, `rewrap`), e.g. for a histogram.
+pub type HsmObserver = Arc<dyn Fn(&'static str, std::time::Duration) + Send + Sync>;
+
 /// Seals and opens secret versions with per-version DEKs wrapped by HSM KEKs.
-#[derive(Debug)]
 pub struct Envelope {
     keystore: Keystore,
     cache: DekCache,
+    observer: Option<HsmObserver>,
+}
+
+impl std::fmt::Debug for Envelope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Envelope")
+            .field("keystore", &self.keystore)
+            .field("cache", &self.cache)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Envelope {
     /// An envelope over an open keystore (its KEK prefix is the broker's).
     pub fn new(keystore: Keystore, cache: DekCache) -> Self {
-        Envelope { keystore, cache }
+        Envelope {
+            keystore,
+            cache,
+            observer: None,
+        }
+    }
+
+    /// Reports the duration of every HSM call (not DEK-cache hits) to `observer`.
+    pub fn set_hsm_observer(&mut self, observer: HsmObserver) {
+        self.observer = Some(observer);
+    }
+
+    fn observe(&self, op: &'static str, t0: std::time::Instant) {
+        if let Some(o) = &self.observer {
+            o(op, t0.elapsed());
+        }
     }
 
     /// The keystore.
@@ -336,10 +363,13 @@ impl Envelope {
                 path: path.into(),
                 version,
             })?;
+        let t0 = std::time::Instant::now();
         let sealed = self
             .keystore
             .encrypt(kek, &dek_aad(path, version), &dek[..])
-            .await?;
+            .await;
+        self.observe("wrap", t0);
+        let sealed = sealed?;
         let wrapped = WrappedDek {
             kek_id: kek,
             iv: sealed.iv.to_vec(),
@@ -367,11 +397,13 @@ impl Envelope {
             path: path.into(),
             version,
         };
+        let t0 = std::time::Instant::now();
         let plain = self
             .keystore
             .decrypt(w.kek_id, &dek_aad(path, version), &w.iv, &w.ciphertext)
-            .await
-            .map_err(|e| match e.kind() {
+            .await;
+        self.observe("unwrap", t0);
+        let plain = plain.map_err(|e| match e.kind() {
                 keyhaven_hsm::ErrorKind::InvalidCiphertext => integrity(),
                 _ => CryptoError::Hsm(e),
             })?;
@@ -435,7 +467,10 @@ impl Envelope {
                 )
             })
             .collect();
-        let results = self.keystore.reencrypt_many(new_kek, calls).await?;
+        let t0 = std::time::Instant::now();
+        let results = self.keystore.reencrypt_many(new_kek, calls).await;
+        self.observe("rewrap", t0);
+        let results = results?;
         Ok(items
             .iter()
             .zip(results)

@@ -44,6 +44,7 @@ pub struct Metrics {
     latency: Family<MethodCode, Histogram, fn() -> Histogram>,
     auth_failures: Family<Reason, Counter>,
     hsm: Family<Op, Histogram, fn() -> Histogram>,
+    hsm_calls: Family<Op, Histogram, fn() -> Histogram>,
     /// Leases ended by the reaper.
     pub reaped: Counter,
     /// Active leases (set at scrape time).
@@ -85,6 +86,8 @@ impl Metrics {
             Family::<MethodCode, Histogram, fn() -> Histogram>::new_with_constructor(histogram);
         let auth_failures = Family::<Reason, Counter>::default();
         let hsm = Family::<Op, Histogram, fn() -> Histogram>::new_with_constructor(histogram);
+        let hsm_calls =
+            Family::<Op, Histogram, fn() -> Histogram>::new_with_constructor(histogram);
         let reaped = Counter::default();
         let active_leases = Gauge::default();
         let dek_cache_hits = Gauge::<u64, AtomicU64>::default();
@@ -125,9 +128,14 @@ impl Metrics {
             auth_failures.clone(),
         );
         registry.register(
-            "hsm_operation_duration_seconds",
-            "Secret seal/open latency (HSM or DEK cache)",
+            "envelope_duration_seconds",
+            "Secret seal/open latency (HSM call or DEK-cache hit, plus AES-GCM of the data)",
             hsm.clone(),
+        );
+        registry.register(
+            "hsm_operation_duration_seconds",
+            "HSM call latency: wrap (new DEK), unwrap (DEK-cache miss), rewrap (a re-wrap batch lane)",
+            hsm_calls.clone(),
         );
         registry.register(
             "reaped_leases",
@@ -161,6 +169,7 @@ impl Metrics {
             latency,
             auth_failures,
             hsm,
+            hsm_calls,
             reaped,
             active_leases,
             dek_cache_hits,
@@ -192,6 +201,17 @@ impl Metrics {
                 reason: reason.to_owned(),
             })
             .inc();
+    }
+
+    /// An observer recording each HSM call in `hsm_operation_duration_seconds{op}` (for
+    /// [`crate::crypto::Envelope::set_hsm_observer`]).
+    pub fn hsm_observer(&self) -> crate::crypto::HsmObserver {
+        let family = self.hsm_calls.clone();
+        std::sync::Arc::new(move |op: &'static str, elapsed: Duration| {
+            family
+                .get_or_create(&Op { op })
+                .observe(elapsed.as_secs_f64());
+        })
     }
 
     /// One seal/open.

@@ -226,10 +226,12 @@ impl Broker {
     /// Assembles a broker. Policies are loaded from the store (none: everything is denied).
     pub async fn new(
         store: Store,
-        envelope: Envelope,
+        mut envelope: Envelope,
         verifier: Arc<Verifier>,
         config: BrokerConfig,
     ) -> Result<Broker> {
+        let metrics = crate::metrics::Metrics::new();
+        envelope.set_hsm_observer(metrics.hsm_observer());
         let audit_file: Arc<Mutex<Option<JsonlSink>>> = Arc::default();
         let store_for_audit = store.clone();
         let b = Broker {
@@ -244,7 +246,7 @@ impl Broker {
             audit_writer: spawn_audit_writer(store_for_audit, audit_file),
             kek: RwLock::new(None),
             config,
-            metrics: crate::metrics::Metrics::new(),
+            metrics,
             replica: crate::rotation::replica_name(),
         };
         b.reload_policies().await?;

@@ -232,7 +232,8 @@ fn leases_over_tls_with_a_real_broker_process() {
         "keyhaven_broker_requests_total{method=\"Lease\",code=\"PermissionDenied\"} 2",
         "keyhaven_broker_request_duration_seconds_bucket",
         "keyhaven_broker_auth_failures_total{reason=\"malformed\"}",
-        "keyhaven_broker_hsm_operation_duration_seconds_count{op=\"seal\"} 1",
+        "keyhaven_broker_envelope_duration_seconds_count{op=\"seal\"} 1",
+        "keyhaven_broker_hsm_operation_duration_seconds_count{op=\"wrap\"} 1",
         "keyhaven_broker_dek_cache_hits",
     ] {
         assert!(m.contains(needle), "missing {needle} in:\n{m}");
