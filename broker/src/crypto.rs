@@ -404,9 +404,9 @@ impl Envelope {
             .await;
         self.observe("unwrap", t0);
         let plain = plain.map_err(|e| match e.kind() {
-                keyhaven_hsm::ErrorKind::InvalidCiphertext => integrity(),
-                _ => CryptoError::Hsm(e),
-            })?;
+            keyhaven_hsm::ErrorKind::InvalidCiphertext => integrity(),
+            _ => CryptoError::Hsm(e),
+        })?;
         if plain.len() != DEK_LEN {
             return Err(integrity());
         }

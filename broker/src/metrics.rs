@@ -86,8 +86,7 @@ impl Metrics {
             Family::<MethodCode, Histogram, fn() -> Histogram>::new_with_constructor(histogram);
         let auth_failures = Family::<Reason, Counter>::default();
         let hsm = Family::<Op, Histogram, fn() -> Histogram>::new_with_constructor(histogram);
-        let hsm_calls =
-            Family::<Op, Histogram, fn() -> Histogram>::new_with_constructor(histogram);
+        let hsm_calls = Family::<Op, Histogram, fn() -> Histogram>::new_with_constructor(histogram);
         let reaped = Counter::default();
         let active_leases = Gauge::default();
         let dek_cache_hits = Gauge::<u64, AtomicU64>::default();
