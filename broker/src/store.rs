@@ -1157,45 +1157,52 @@ impl Store {
         events: Vec<AuditEvent>,
         leases: &[LeaseRow],
     ) -> Result<Vec<AuditRecord>> {
-        let insert_lease = format!(
-            "INSERT INTO leases ({LEASE_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
-        );
-        macro_rules! bind_lease {
-            ($q:expr, $l:expr) => {
-                $q.bind(&$l.id)
-                    .bind(&$l.identity.namespace)
-                    .bind(&$l.identity.service_account)
-                    .bind(&$l.identity.pod_name)
-                    .bind(&$l.identity.pod_uid)
-                    .bind(&$l.path)
-                    .bind($l.version)
-                    .bind($l.created_ms)
-                    .bind($l.expires_ms)
-                    .bind($l.max_expires_ms)
-                    .bind($l.renewals)
-                    .bind($l.ended_ms)
-                    .bind(&$l.end_reason)
-            };
+        // Multi-row INSERTs: a batch is a handful of statements, not one per row (each
+        // statement is a round trip to PostgreSQL, or a hop to SQLite's worker thread).
+        const ROWS_PER_INSERT: usize = 500;
+        let insert_lease_head = format!("INSERT INTO leases ({LEASE_COLS}) ");
+        let insert_audit_head = format!("INSERT INTO audit ({AUDIT_COLS}) ");
+        macro_rules! insert_all {
+            ($tx:expr, $db:ty, $recs:expr) => {{
+                for chunk in leases.chunks(ROWS_PER_INSERT) {
+                    let mut q = sqlx::QueryBuilder::<$db>::new(&insert_lease_head);
+                    q.push_values(chunk, |mut b, l| {
+                        b.push_bind(&l.id)
+                            .push_bind(&l.identity.namespace)
+                            .push_bind(&l.identity.service_account)
+                            .push_bind(&l.identity.pod_name)
+                            .push_bind(&l.identity.pod_uid)
+                            .push_bind(&l.path)
+                            .push_bind(l.version)
+                            .push_bind(l.created_ms)
+                            .push_bind(l.expires_ms)
+                            .push_bind(l.max_expires_ms)
+                            .push_bind(l.renewals)
+                            .push_bind(l.ended_ms)
+                            .push_bind(&l.end_reason);
+                    });
+                    q.build().execute(&mut *$tx).await?;
+                }
+                for chunk in $recs.chunks(ROWS_PER_INSERT) {
+                    let mut q = sqlx::QueryBuilder::<$db>::new(&insert_audit_head);
+                    q.push_values(chunk, |mut b, rec| {
+                        b.push_bind(rec.seq)
+                            .push_bind(rec.event.time_ms)
+                            .push_bind(rec.event.kind.as_text().into_owned())
+                            .push_bind(&rec.event.identity)
+                            .push_bind(&rec.event.pod)
+                            .push_bind(&rec.event.path)
+                            .push_bind(&rec.event.lease_id)
+                            .push_bind(rec.event.outcome.as_str())
+                            .push_bind(&rec.event.reason)
+                            .push_bind(&rec.prev_hash)
+                            .push_bind(&rec.hash);
+                    });
+                    q.build().execute(&mut *$tx).await?;
+                }
+            }};
         }
-        let insert = format!(
-            "INSERT INTO audit ({AUDIT_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
-        );
         let head_sql = "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1";
-        macro_rules! bind_record {
-            ($q:expr, $rec:expr) => {
-                $q.bind($rec.seq)
-                    .bind($rec.event.time_ms)
-                    .bind($rec.event.kind.as_text().into_owned())
-                    .bind(&$rec.event.identity)
-                    .bind(&$rec.event.pod)
-                    .bind(&$rec.event.path)
-                    .bind(&$rec.event.lease_id)
-                    .bind($rec.event.outcome.as_str())
-                    .bind(&$rec.event.reason)
-                    .bind(&$rec.prev_hash)
-                    .bind(&$rec.hash)
-            };
-        }
         fn chain(head: Checkpoint, events: Vec<AuditEvent>) -> Vec<AuditRecord> {
             let mut head = head;
             events
@@ -1220,17 +1227,8 @@ impl Store {
                     },
                     None => Checkpoint::genesis(),
                 };
-                for l in leases {
-                    bind_lease!(sqlx::query(&insert_lease), l)
-                        .execute(&mut *tx)
-                        .await?;
-                }
                 let recs = chain(head, events);
-                for rec in &recs {
-                    bind_record!(sqlx::query(&insert), rec)
-                        .execute(&mut *tx)
-                        .await?;
-                }
+                insert_all!(tx, sqlx::Sqlite, recs);
                 tx.commit().await?;
                 Ok(recs)
             }
@@ -1247,17 +1245,8 @@ impl Store {
                     },
                     None => Checkpoint::genesis(),
                 };
-                for l in leases {
-                    bind_lease!(sqlx::query(&insert_lease), l)
-                        .execute(&mut *tx)
-                        .await?;
-                }
                 let recs = chain(head, events);
-                for rec in &recs {
-                    bind_record!(sqlx::query(&insert), rec)
-                        .execute(&mut *tx)
-                        .await?;
-                }
+                insert_all!(tx, sqlx::Postgres, recs);
                 tx.commit().await?;
                 Ok(recs)
             }
