@@ -1181,7 +1181,8 @@ impl Store {
                             .push_bind(l.ended_ms)
                             .push_bind(&l.end_reason);
                     });
-                    q.build().execute(&mut *$tx).await?;
+                    // Not cached: each row count is another statement text.
+                    q.build().persistent(false).execute(&mut *$tx).await?;
                 }
                 for chunk in $recs.chunks(ROWS_PER_INSERT) {
                     let mut q = sqlx::QueryBuilder::<$db>::new(&insert_audit_head);
@@ -1198,7 +1199,8 @@ impl Store {
                             .push_bind(&rec.prev_hash)
                             .push_bind(&rec.hash);
                     });
-                    q.build().execute(&mut *$tx).await?;
+                    // Not cached: each row count is another statement text.
+                    q.build().persistent(false).execute(&mut *$tx).await?;
                 }
             }};
         }
