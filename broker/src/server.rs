@@ -172,6 +172,11 @@ pub struct ServeArgs {
     /// DEKs re-wrapped per database transaction.
     #[arg(long, env = "KEYHAVEN_REWRAP_BATCH_SIZE", default_value_t = 500, value_parser = clap::value_parser!(i64).range(1..=10_000))]
     pub rewrap_batch_size: i64,
+    /// Re-wrap batches in flight at once in this replica on PostgreSQL (each claims its own
+    /// rows with SKIP LOCKED, so one's HSM work overlaps another's commit). SQLite has one
+    /// writer: always 1 there.
+    #[arg(long, env = "KEYHAVEN_REWRAP_WORKERS", default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=16))]
+    pub rewrap_workers: u8,
     /// Pause between re-wrap batches, to bound the HSM and database load of a re-wrap
     /// (0s: none).
     #[arg(long, env = "KEYHAVEN_REWRAP_PAUSE", default_value = "0s", value_parser = humantime::parse_duration)]
@@ -417,6 +422,11 @@ pub async fn serve(
         let b = Arc::downgrade(&broker);
         let every = args.kek_refresh_interval;
         let (batch, pause) = (args.rewrap_batch_size, args.rewrap_pause);
+        let workers = if broker.store().kind() == "postgres" {
+            usize::from(args.rewrap_workers)
+        } else {
+            1
+        };
         if !broker.config_auto_rotation().is_off() {
             tracing::info!(rule = %broker.config_auto_rotation().describe(), "automatic KEK rotation on");
         }
@@ -426,11 +436,19 @@ pub async fn serve(
                 if let Err(e) = b.auto_rotate().await {
                     tracing::warn!(error = %e, "automatic KEK rotation check failed");
                 }
-                // Re-reads the KEK list (adopting a new primary) before looking for work.
-                if let Err(e) = b.rewrap_pass(batch, pause).await {
-                    tracing::warn!(error = %e, "re-wrap pass failed; it resumes at the next one");
+                // Each pass re-reads the KEK list (adopting a new primary) before looking for
+                // work; concurrent passes take disjoint rows (SKIP LOCKED).
+                let mut passes = tokio::task::JoinSet::new();
+                for _ in 0..workers {
+                    let b = b.clone();
+                    passes.spawn(async move { b.rewrap_pass(batch, pause).await });
                 }
                 drop(b);
+                while let Some(r) = passes.join_next().await {
+                    if let Ok(Err(e)) = r {
+                        tracing::warn!(error = %e, "re-wrap pass failed; it resumes at the next one");
+                    }
+                }
                 tokio::time::sleep(every).await;
             }
         });
