@@ -276,3 +276,31 @@ pub fn authed<T>(msg: T, cred: &str) -> tonic::Request<T> {
     );
     r
 }
+
+/// The database URL of an in-process test broker: the PostgreSQL cluster's when given, else a
+/// SQLite file in the token's directory (the same file [`BrokerProc::start`] uses).
+pub fn database_url(hsm: &SoftHsm, pg: Option<&crate::postgres::Postgres>) -> String {
+    match pg {
+        Some(pg) => pg.url.clone(),
+        None => format!("sqlite://{}", hsm.dir().join("broker.db").display()),
+    }
+}
+
+/// The broker's store at [`database_url`] (migrated).
+pub async fn test_store(
+    hsm: &SoftHsm,
+    pg: Option<&crate::postgres::Postgres>,
+) -> keyhaven_broker::store::Store {
+    keyhaven_broker::store::Store::connect(&database_url(hsm, pg))
+        .await
+        .expect("connect the broker database")
+}
+
+/// The broker's keystore on the token (KEK label prefix `keyhaven-broker-`).
+pub async fn broker_keystore(hsm: &SoftHsm) -> keyhaven_hsm::Keystore {
+    let mut cfg = hsm.config();
+    cfg.kek_label_prefix = "keyhaven-broker-".into();
+    keyhaven_hsm::Keystore::open(cfg)
+        .await
+        .expect("open the broker keystore")
+}

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hsm_tests::broker::{authed, broker_keys_init, tls_channel, BrokerProc, BOOTSTRAP};
+use hsm_tests::broker::{authed, broker_keys_init, test_store, tls_channel, BrokerProc, BOOTSTRAP};
 use hsm_tests::postgres::Postgres;
 use hsm_tests::process::runtime;
 use hsm_tests::softhsm::SoftHsm;
@@ -172,11 +172,7 @@ where
     let pg = matches!(db, Db::Postgres).then(Postgres::start);
     let rt = runtime();
     rt.block_on(async {
-        let url = match &pg {
-            Some(pg) => pg.url.clone(),
-            None => format!("sqlite://{}", hsm.dir().join("broker.db").display()),
-        };
-        let store = Store::connect(&url).await.unwrap();
+        let store = test_store(&hsm, pg.as_ref()).await;
         let mut cfg = hsm.config();
         cfg.kek_label_prefix = PREFIX.into();
         let ks = Keystore::open(cfg).await.unwrap();
@@ -788,12 +784,7 @@ fn rotation_under_a_100_client_lease_load_fails_no_lease() {
     });
     // Each row moved once; version 2 of s-0 was born under the new KEK.
     rt.block_on(async {
-        let store = Store::connect(&format!(
-            "sqlite://{}",
-            hsm.dir().join("broker.db").display()
-        ))
-        .await
-        .unwrap();
+        let store = test_store(&hsm, None).await;
         for (p, v, n) in store.rewrap_counts().await.unwrap() {
             let want = if p == path(0) && v == 2 { 0 } else { 1 };
             assert_eq!(n, want, "{p}#{v} re-wrapped {n} times");

@@ -7,14 +7,14 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hsm_tests::broker::{broker_keystore, test_store};
 use hsm_tests::postgres::Postgres;
 use hsm_tests::softhsm::SoftHsm;
 use keyhaven_broker::audit::{EventKind, Outcome};
 use keyhaven_broker::auth::{DevIssuer, Verifier};
 use keyhaven_broker::crypto::{DekCache, Envelope, SecretData};
 use keyhaven_broker::service::{Broker, BrokerConfig, BrokerError, Caller};
-use keyhaven_broker::store::{LeaseFilter, Store};
-use keyhaven_hsm::Keystore;
+use keyhaven_broker::store::LeaseFilter;
 use secrecy::SecretString;
 
 const POLICIES: &str = r#"
@@ -90,14 +90,8 @@ where
         .build()
         .unwrap();
     rt.block_on(async {
-        let url = match &pg {
-            Some(pg) => pg.url.clone(),
-            None => format!("sqlite://{}", hsm.dir().join("broker.db").display()),
-        };
-        let store = Store::connect(&url).await.unwrap();
-        let mut cfg = hsm.config();
-        cfg.kek_label_prefix = "keyhaven-broker-".into();
-        let ks = Keystore::open(cfg).await.unwrap();
+        let store = test_store(&hsm, pg.as_ref()).await;
+        let ks = broker_keystore(&hsm).await;
         ks.generate_kek().await.unwrap();
         let envelope = Envelope::new(ks, DekCache::new(1000, Duration::from_secs(60)));
         // The "cluster" issuer the broker trusts in production mode, and the dev issuer.

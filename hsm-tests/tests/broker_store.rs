@@ -6,12 +6,13 @@ use std::collections::HashSet;
 use std::future::Future;
 use std::time::Duration;
 
+use hsm_tests::broker::{broker_keystore, test_store};
 use hsm_tests::postgres::Postgres;
 use hsm_tests::softhsm::SoftHsm;
 use keyhaven_broker::crypto::{CryptoError, DekCache, Envelope, SecretData};
 use keyhaven_broker::identity::Identity;
 use keyhaven_broker::store::{LeaseFilter, LeaseRow, Store, StoreError};
-use keyhaven_hsm::{KekId, Keystore};
+use keyhaven_hsm::KekId;
 
 struct Env {
     store: Store,
@@ -42,14 +43,8 @@ where
         .build()
         .unwrap();
     rt.block_on(async {
-        let url = match &pg {
-            Some(pg) => pg.url.clone(),
-            None => format!("sqlite://{}", hsm.dir().join("broker.db").display()),
-        };
-        let store = Store::connect(&url).await.unwrap();
-        let mut cfg = hsm.config();
-        cfg.kek_label_prefix = "keyhaven-broker-".into();
-        let ks = Keystore::open(cfg).await.unwrap();
+        let store = test_store(&hsm, pg.as_ref()).await;
+        let ks = broker_keystore(&hsm).await;
         let kek = ks.generate_kek().await.unwrap().id;
         let envelope = Envelope::new(ks, DekCache::new(1000, Duration::from_secs(60)));
         f(Env {

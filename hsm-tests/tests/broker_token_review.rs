@@ -5,6 +5,7 @@ use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use hsm_tests::broker::{broker_keystore, test_store};
 use hsm_tests::softhsm::SoftHsm;
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::{Bytes, Incoming};
@@ -14,8 +15,6 @@ use keyhaven_broker::audit::{EventKind, Outcome};
 use keyhaven_broker::auth::{DevIssuer, TokenReviewConfig, TokenReviewer, Verifier};
 use keyhaven_broker::crypto::{DekCache, Envelope};
 use keyhaven_broker::service::{Broker, BrokerConfig, BrokerError, Caller};
-use keyhaven_broker::store::Store;
-use keyhaven_hsm::Keystore;
 
 /// Fake apiserver (plain http on loopback): authenticates only tokens in `good`; `broken`
 /// answers 500; everything else "not authenticated, pod not found".
@@ -69,15 +68,8 @@ fn authenticate_with_token_review() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let store = Store::connect(&format!(
-            "sqlite://{}",
-            hsm.dir().join("broker.db").display()
-        ))
-        .await
-        .unwrap();
-        let mut cfg = hsm.config();
-        cfg.kek_label_prefix = "keyhaven-broker-".into();
-        let ks = Keystore::open(cfg).await.unwrap();
+        let store = test_store(&hsm, None).await;
+        let ks = broker_keystore(&hsm).await;
         ks.generate_kek().await.unwrap();
         let envelope = Envelope::new(ks, DekCache::new(1000, Duration::from_secs(60)));
         let dev = DevIssuer::generate().unwrap();
