@@ -372,11 +372,10 @@ impl Broker {
     /// Verifies a bearer credential: a ServiceAccount token (or, in dev mode, a dev token), or
     /// the bootstrap admin credential. Every attempt is audited.
     pub async fn authenticate(&self, credential: &str) -> Result<Caller> {
-        let a = self.authenticate_deferred(credential).await?;
-        if let Some(ev) = a.audit {
-            self.audit(ev).await?;
-        }
-        Ok(a.caller)
+        self.authenticate_deferred(credential)
+            .await?
+            .commit(self)
+            .await
     }
 
     /// Like [`Broker::authenticate`], but a successful authentication's audit record is not

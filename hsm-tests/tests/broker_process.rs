@@ -321,33 +321,23 @@ fn brokerctl_drives_a_real_broker() {
     let hsm = SoftHsm::new();
     let dir = hsm.dir().to_path_buf();
     let d = |p: &str| dir.join(p).display().to_string();
-    let (ok, out, err) = ctl(
-        &hsm,
-        &[
-            "keys",
-            "init",
-            "--pkcs11-module",
-            &hsm.module.display().to_string(),
-            "--token-label",
-            &hsm.label,
-            "--pin-file",
-            &hsm.pin_file.display().to_string(),
-        ],
+    let (module, pin_file) = (
+        hsm.module.display().to_string(),
+        hsm.pin_file.display().to_string(),
     );
+    let keys_init = [
+        "keys",
+        "init",
+        "--pkcs11-module",
+        &module,
+        "--token-label",
+        &hsm.label,
+        "--pin-file",
+        &pin_file,
+    ];
+    let (ok, out, err) = ctl(&hsm, &keys_init);
     assert!(ok, "{out}{err}");
-    let (ok, again, _) = ctl(
-        &hsm,
-        &[
-            "keys",
-            "init",
-            "--pkcs11-module",
-            &hsm.module.display().to_string(),
-            "--token-label",
-            &hsm.label,
-            "--pin-file",
-            &hsm.pin_file.display().to_string(),
-        ],
-    );
+    let (ok, again, _) = ctl(&hsm, &keys_init);
     assert!(ok);
     let kek_line = |s: &str| {
         s.split_whitespace()

@@ -140,40 +140,8 @@ impl HttpsJwks {
         let url = match &target {
             Target::Jwks(url) | Target::Discovery { issuer: url, .. } => url,
         };
-        let mut builder = Client::builder()
-            .use_rustls_tls()
-            .tls_built_in_root_certs(false)
-            .min_tls_version(reqwest::tls::Version::TLS_1_2)
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .timeout(config.timeout)
-            .connect_timeout(config.timeout)
-            .user_agent(concat!("keyhaven-broker/", env!("CARGO_PKG_VERSION")));
-        let mut ca_file = None;
-        if url.scheme() == "https" {
-            let path = config.ca_file.as_ref().ok_or_else(|| {
-                SetupError::InvalidConfig(format!("{url} is https but no CA bundle was given"))
-            })?;
-            let pem = std::fs::read(path).map_err(|e| {
-                SetupError::InvalidConfig(format!("cannot read CA bundle {}: {e}", path.display()))
-            })?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
-                SetupError::InvalidConfig(format!("CA bundle {}: {e}", path.display()))
-            })?;
-            if certs.is_empty() {
-                return Err(SetupError::InvalidConfig(format!(
-                    "CA bundle {} holds no PEM certificate",
-                    path.display()
-                )));
-            }
-            for cert in certs {
-                builder = builder.add_root_certificate(cert);
-            }
-            ca_file = Some(path.clone());
-        }
-        let client = builder.build().map_err(|e| {
-            SetupError::InvalidConfig(format!("cannot build the JWKS HTTPS client: {e}"))
-        })?;
+        let (client, ca_file) =
+            apiserver_client(url, config.ca_file.as_ref(), config.timeout, "JWKS")?;
         Ok(HttpsJwks {
             target,
             client,
@@ -320,6 +288,52 @@ fn with_causes(detail: String, err: &(dyn std::error::Error + 'static)) -> AuthE
 
 /// `detail: cause: inner cause...`, skipping a cause whose text the previous one already ends
 /// with (hyper and reqwest often repeat the inner error's text in the outer one).
+/// The HTTPS client every apiserver call uses (JWKS, TokenReview): rustls trusting exactly
+/// `ca_file` (required for https), TLS 1.2+, no redirects, no proxy, `timeout` for connect and
+/// for the whole request. Returns the client and the CA file it trusts. `what` names the
+/// client in errors.
+pub(crate) fn apiserver_client(
+    url: &Url,
+    ca_file: Option<&PathBuf>,
+    timeout: Duration,
+    what: &str,
+) -> Result<(Client, Option<PathBuf>), SetupError> {
+    let mut builder = Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .min_tls_version(reqwest::tls::Version::TLS_1_2)
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .timeout(timeout)
+        .connect_timeout(timeout)
+        .user_agent(concat!("keyhaven-broker/", env!("CARGO_PKG_VERSION")));
+    let mut trusted = None;
+    if url.scheme() == "https" {
+        let path = ca_file.ok_or_else(|| {
+            SetupError::InvalidConfig(format!("{url} is https but no CA bundle was given"))
+        })?;
+        let pem = std::fs::read(path).map_err(|e| {
+            SetupError::InvalidConfig(format!("cannot read CA bundle {}: {e}", path.display()))
+        })?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| SetupError::InvalidConfig(format!("CA bundle {}: {e}", path.display())))?;
+        if certs.is_empty() {
+            return Err(SetupError::InvalidConfig(format!(
+                "CA bundle {} holds no PEM certificate",
+                path.display()
+            )));
+        }
+        for cert in certs {
+            builder = builder.add_root_certificate(cert);
+        }
+        trusted = Some(path.clone());
+    }
+    let client = builder.build().map_err(|e| {
+        SetupError::InvalidConfig(format!("cannot build the {what} HTTPS client: {e}"))
+    })?;
+    Ok((client, trusted))
+}
+
 pub(crate) fn cause_chain(detail: String, err: &(dyn std::error::Error + 'static)) -> String {
     let mut text = detail;
     let mut cause = Some(err);

@@ -42,6 +42,7 @@ use secrecy::{ExposeSecret as _, SecretString};
 use zeroize::Zeroizing;
 
 use super::error::SetupError;
+use super::https::apiserver_client;
 use super::token_fingerprint;
 use crate::identity::Identity;
 
@@ -222,40 +223,8 @@ impl TokenReviewer {
                 "TokenReview needs at least one non-empty audience".into(),
             ));
         }
-        let mut builder = Client::builder()
-            .use_rustls_tls()
-            .tls_built_in_root_certs(false)
-            .min_tls_version(reqwest::tls::Version::TLS_1_2)
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .timeout(config.timeout)
-            .connect_timeout(config.timeout)
-            .user_agent(concat!("keyhaven-broker/", env!("CARGO_PKG_VERSION")));
-        let mut ca_file = None;
-        if url.scheme() == "https" {
-            let path = config.ca_file.as_ref().ok_or_else(|| {
-                SetupError::InvalidConfig(format!("{url} is https but no CA bundle was given"))
-            })?;
-            let pem = std::fs::read(path).map_err(|e| {
-                SetupError::InvalidConfig(format!("cannot read CA bundle {}: {e}", path.display()))
-            })?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
-                SetupError::InvalidConfig(format!("CA bundle {}: {e}", path.display()))
-            })?;
-            if certs.is_empty() {
-                return Err(SetupError::InvalidConfig(format!(
-                    "CA bundle {} holds no PEM certificate",
-                    path.display()
-                )));
-            }
-            for cert in certs {
-                builder = builder.add_root_certificate(cert);
-            }
-            ca_file = Some(path.clone());
-        }
-        let client = builder.build().map_err(|e| {
-            SetupError::InvalidConfig(format!("cannot build the TokenReview HTTPS client: {e}"))
-        })?;
+        let (client, ca_file) =
+            apiserver_client(&url, config.ca_file.as_ref(), config.timeout, "TokenReview")?;
         Ok(TokenReviewer {
             url,
             client,
