@@ -1132,6 +1132,70 @@ fn audit_from_row(r: &impl RowExt) -> Result<AuditRecord> {
     })
 }
 
+/// Rows per multi-row INSERT: a batch is a handful of statements, not one per row (each
+/// statement is a round trip to PostgreSQL, or a hop to SQLite's worker thread).
+const ROWS_PER_INSERT: usize = 500;
+const INSERT_LEASES: &str = concat!(
+    "INSERT INTO leases (id, namespace, service_account, pod_name, pod_uid, path, version, ",
+    "created_ms, expires_ms, max_expires_ms, renewals, ended_ms, end_reason) "
+);
+const INSERT_AUDIT: &str = concat!(
+    "INSERT INTO audit (seq, time_ms, kind, identity, pod, path, lease_id, outcome, reason, ",
+    "prev_hash, hash) "
+);
+
+/// `VALUES (...), (...)` of lease rows, in [`LEASE_COLS`] order.
+macro_rules! push_lease_values {
+    ($q:expr, $rows:expr) => {
+        $q.push_values($rows, |mut b, l| {
+            b.push_bind(&l.id)
+                .push_bind(&l.identity.namespace)
+                .push_bind(&l.identity.service_account)
+                .push_bind(&l.identity.pod_name)
+                .push_bind(&l.identity.pod_uid)
+                .push_bind(&l.path)
+                .push_bind(l.version)
+                .push_bind(l.created_ms)
+                .push_bind(l.expires_ms)
+                .push_bind(l.max_expires_ms)
+                .push_bind(l.renewals)
+                .push_bind(l.ended_ms)
+                .push_bind(&l.end_reason);
+        })
+    };
+}
+
+/// `VALUES (...), (...)` of audit records, in [`AUDIT_COLS`] order.
+macro_rules! push_audit_values {
+    ($q:expr, $recs:expr) => {
+        $q.push_values($recs, |mut b, rec| {
+            b.push_bind(rec.seq)
+                .push_bind(rec.event.time_ms)
+                .push_bind(rec.event.kind.as_text().into_owned())
+                .push_bind(&rec.event.identity)
+                .push_bind(&rec.event.pod)
+                .push_bind(&rec.event.path)
+                .push_bind(&rec.event.lease_id)
+                .push_bind(rec.event.outcome.as_str())
+                .push_bind(&rec.event.reason)
+                .push_bind(&rec.prev_hash)
+                .push_bind(&rec.hash);
+        })
+    };
+}
+
+/// `events` as the records that follow `head`, in order.
+fn chain_after(mut head: Checkpoint, events: Vec<AuditEvent>) -> Vec<AuditRecord> {
+    events
+        .into_iter()
+        .map(|e| {
+            let r = AuditRecord::after(&head, e);
+            head = r.checkpoint();
+            r
+        })
+        .collect()
+}
+
 static SQLITE_AUDIT_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 impl Store {
@@ -1157,65 +1221,7 @@ impl Store {
         events: Vec<AuditEvent>,
         leases: &[LeaseRow],
     ) -> Result<Vec<AuditRecord>> {
-        // Multi-row INSERTs: a batch is a handful of statements, not one per row (each
-        // statement is a round trip to PostgreSQL, or a hop to SQLite's worker thread).
-        const ROWS_PER_INSERT: usize = 500;
-        let insert_lease_head = format!("INSERT INTO leases ({LEASE_COLS}) ");
-        let insert_audit_head = format!("INSERT INTO audit ({AUDIT_COLS}) ");
-        macro_rules! insert_all {
-            ($tx:expr, $db:ty, $recs:expr) => {{
-                for chunk in leases.chunks(ROWS_PER_INSERT) {
-                    let mut q = sqlx::QueryBuilder::<$db>::new(&insert_lease_head);
-                    q.push_values(chunk, |mut b, l| {
-                        b.push_bind(&l.id)
-                            .push_bind(&l.identity.namespace)
-                            .push_bind(&l.identity.service_account)
-                            .push_bind(&l.identity.pod_name)
-                            .push_bind(&l.identity.pod_uid)
-                            .push_bind(&l.path)
-                            .push_bind(l.version)
-                            .push_bind(l.created_ms)
-                            .push_bind(l.expires_ms)
-                            .push_bind(l.max_expires_ms)
-                            .push_bind(l.renewals)
-                            .push_bind(l.ended_ms)
-                            .push_bind(&l.end_reason);
-                    });
-                    // Not cached: each row count is another statement text.
-                    q.build().persistent(false).execute(&mut *$tx).await?;
-                }
-                for chunk in $recs.chunks(ROWS_PER_INSERT) {
-                    let mut q = sqlx::QueryBuilder::<$db>::new(&insert_audit_head);
-                    q.push_values(chunk, |mut b, rec| {
-                        b.push_bind(rec.seq)
-                            .push_bind(rec.event.time_ms)
-                            .push_bind(rec.event.kind.as_text().into_owned())
-                            .push_bind(&rec.event.identity)
-                            .push_bind(&rec.event.pod)
-                            .push_bind(&rec.event.path)
-                            .push_bind(&rec.event.lease_id)
-                            .push_bind(rec.event.outcome.as_str())
-                            .push_bind(&rec.event.reason)
-                            .push_bind(&rec.prev_hash)
-                            .push_bind(&rec.hash);
-                    });
-                    // Not cached: each row count is another statement text.
-                    q.build().persistent(false).execute(&mut *$tx).await?;
-                }
-            }};
-        }
         let head_sql = "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1";
-        fn chain(head: Checkpoint, events: Vec<AuditEvent>) -> Vec<AuditRecord> {
-            let mut head = head;
-            events
-                .into_iter()
-                .map(|e| {
-                    let r = AuditRecord::after(&head, e);
-                    head = r.checkpoint();
-                    r
-                })
-                .collect()
-        }
         match self {
             Store::Sqlite(p) => {
                 let _g = SQLITE_AUDIT_LOCK.lock().await;
@@ -1229,8 +1235,18 @@ impl Store {
                     },
                     None => Checkpoint::genesis(),
                 };
-                let recs = chain(head, events);
-                insert_all!(tx, sqlx::Sqlite, recs);
+                let recs = chain_after(head, events);
+                for chunk in leases.chunks(ROWS_PER_INSERT) {
+                    let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(INSERT_LEASES);
+                    push_lease_values!(q, chunk);
+                    // Not cached: each row count is another statement text.
+                    q.build().persistent(false).execute(&mut *tx).await?;
+                }
+                for chunk in recs.chunks(ROWS_PER_INSERT) {
+                    let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(INSERT_AUDIT);
+                    push_audit_values!(q, chunk);
+                    q.build().persistent(false).execute(&mut *tx).await?;
+                }
                 tx.commit().await?;
                 Ok(recs)
             }
@@ -1247,11 +1263,117 @@ impl Store {
                     },
                     None => Checkpoint::genesis(),
                 };
-                let recs = chain(head, events);
-                insert_all!(tx, sqlx::Postgres, recs);
+                let recs = chain_after(head, events);
+                for chunk in leases.chunks(ROWS_PER_INSERT) {
+                    let mut q = sqlx::QueryBuilder::<sqlx::Postgres>::new(INSERT_LEASES);
+                    push_lease_values!(q, chunk);
+                    q.build().persistent(false).execute(&mut *tx).await?;
+                }
+                for chunk in recs.chunks(ROWS_PER_INSERT) {
+                    let mut q = sqlx::QueryBuilder::<sqlx::Postgres>::new(INSERT_AUDIT);
+                    push_audit_values!(q, chunk);
+                    q.build().persistent(false).execute(&mut *tx).await?;
+                }
                 tx.commit().await?;
                 Ok(recs)
             }
+        }
+    }
+
+    /// [`Store::append_audit_batch_with`] for a writer that knows where the chain ends: `head`
+    /// is the last record of its own previous append. Neither the append lock nor the head
+    /// is read; the batch goes in as ONE statement on PostgreSQL (autocommit) and as one call
+    /// to SQLite's worker thread (`BEGIN IMMEDIATE; inserts; COMMIT`), which is what a lone
+    /// writer's latency is made of.
+    ///
+    /// Every insert is guarded by `head` still being in the log, and `seq` is the primary key,
+    /// so when the chain has moved on (another replica appended, or the log is not the one the
+    /// writer saw) nothing is written and the result is [`StoreError::Conflict`]: the caller
+    /// appends with [`Store::append_audit_batch_with`] instead, which reads the head under
+    /// the lock.
+    pub async fn append_audit_batch_after(
+        &self,
+        head: &Checkpoint,
+        events: Vec<AuditEvent>,
+        leases: &[LeaseRow],
+    ) -> Result<Vec<AuditRecord>> {
+        if head.seq < 1 {
+            return Err(StoreError::Conflict("no audit head known yet".into()));
+        }
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let recs = chain_after(head.clone(), events);
+        // Small batches (one or two requests: the latency-bound case) keep their prepared
+        // statement; larger ones vary in row count and would fill the statement cache.
+        let cached = leases.len() <= 2 && recs.len() <= 6;
+        let guard = " WHERE EXISTS (SELECT 1 FROM audit WHERE seq = ";
+        let inserted = match self {
+            Store::Sqlite(p) => {
+                let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new("BEGIN IMMEDIATE; ");
+                for chunk in leases.chunks(ROWS_PER_INSERT) {
+                    q.push(INSERT_LEASES).push("SELECT * FROM (");
+                    push_lease_values!(q, chunk);
+                    q.push(")").push(guard).push_bind(head.seq);
+                    q.push(" AND hash = ").push_bind(&head.hash).push("); ");
+                }
+                for chunk in recs.chunks(ROWS_PER_INSERT) {
+                    q.push(INSERT_AUDIT).push("SELECT * FROM (");
+                    push_audit_values!(q, chunk);
+                    q.push(")").push(guard).push_bind(head.seq);
+                    q.push(" AND hash = ").push_bind(&head.hash);
+                    q.push(") RETURNING seq; ");
+                }
+                q.push("COMMIT");
+                let _g = SQLITE_AUDIT_LOCK.lock().await;
+                let mut conn = p.acquire().await?;
+                match q.build().persistent(cached).fetch_all(&mut *conn).await {
+                    Ok(rows) => rows.len(),
+                    Err(e) => {
+                        // A statement failed between BEGIN and COMMIT: the transaction is
+                        // still open on this connection. Closing it rolls it back.
+                        conn.close_on_drop();
+                        return Err(e.into());
+                    }
+                }
+            }
+            Store::Postgres(p) => {
+                if (leases.len() * 13 + recs.len() * 11 + 2) > 60_000 {
+                    // Beyond one statement's bind limit: take the locked path.
+                    return Err(StoreError::Conflict(
+                        "batch too large for one statement".into(),
+                    ));
+                }
+                let mut q = sqlx::QueryBuilder::<sqlx::Postgres>::new(
+                    "WITH ok AS (SELECT 1 FROM audit WHERE seq = ",
+                );
+                q.push_bind(head.seq)
+                    .push(" AND hash = ")
+                    .push_bind(&head.hash)
+                    .push(")");
+                if !leases.is_empty() {
+                    q.push(", l AS (")
+                        .push(INSERT_LEASES)
+                        .push("SELECT * FROM (");
+                    push_lease_values!(q, leases);
+                    q.push(") v WHERE EXISTS (SELECT 1 FROM ok))");
+                }
+                q.push(" ").push(INSERT_AUDIT).push("SELECT * FROM (");
+                push_audit_values!(q, &recs);
+                q.push(") v WHERE EXISTS (SELECT 1 FROM ok) RETURNING seq");
+                q.build().persistent(cached).fetch_all(p).await?.len()
+            }
+        };
+        match inserted {
+            n if n == recs.len() => Ok(recs),
+            0 => Err(StoreError::Conflict(format!(
+                "audit head {} is no longer the end of the log",
+                head.seq
+            ))),
+            n => Err(StoreError::Other(format!(
+                "audit append wrote {n} of {} records",
+                recs.len()
+            ))),
         }
     }
 
@@ -1310,6 +1432,12 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn insert_heads_name_the_same_columns_as_the_selects() {
+        assert_eq!(INSERT_LEASES, format!("INSERT INTO leases ({LEASE_COLS}) "));
+        assert_eq!(INSERT_AUDIT, format!("INSERT INTO audit ({AUDIT_COLS}) "));
+    }
 
     #[test]
     fn prefix_filter_binds_whole_segments() {

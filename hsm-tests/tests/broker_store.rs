@@ -520,6 +520,95 @@ async fn the_audit_chain_survives_concurrent_appends_and_shows_edits_and_deletio
     assert!(matches!(e, VerifyError::Gap { .. }), "{e}");
 }
 
+async fn an_append_after_a_stale_or_unknown_head_writes_nothing(env: Env) {
+    use keyhaven_broker::audit::{AuditEvent, Checkpoint, EventKind, Outcome};
+    let s = &env.store;
+    let ev = |i: i64| {
+        AuditEvent::new(now_ms(), EventKind::Lease, Outcome::Ok)
+            .with_identity("ns/sa")
+            .with_lease_id(format!("l{i}"))
+    };
+    let now = now_ms();
+    let row = move |i: i64| {
+        lease(
+            &format!("l{i}"),
+            "ns",
+            "sa",
+            "p",
+            "team/app",
+            now,
+            60_000,
+            60_000,
+        )
+    };
+
+    // No head known yet (genesis): refused, the locked append is the way in.
+    let e = s
+        .append_audit_batch_after(&Checkpoint::genesis(), vec![ev(0)], &[row(0)])
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::Conflict(_)), "{e:?}");
+    let first = s
+        .append_audit_batch_with(vec![ev(1)], &[row(1)])
+        .await
+        .unwrap();
+    let head = first[0].checkpoint();
+
+    // After the true head: both records and the lease row land, chained after it.
+    let recs = s
+        .append_audit_batch_after(&head, vec![ev(2), ev(3)], &[row(2)])
+        .await
+        .unwrap();
+    assert_eq!(recs.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![2, 3]);
+    assert_eq!(recs[0].prev_hash, head.hash);
+    assert!(s.get_lease("l2").await.unwrap().is_some());
+    let stored_head = s.audit_head().await.unwrap();
+    assert_eq!(stored_head, recs[1].checkpoint());
+
+    // A stale head (the chain moved on: seq 2 and 3 exist) and a head that is not in the log
+    // at all (same seq, other hash): nothing is written, neither records nor the lease row.
+    let forged = Checkpoint {
+        seq: 3,
+        hash: "0".repeat(64),
+    };
+    for (i, h) in [(4, &head), (5, &forged)] {
+        let e = s
+            .append_audit_batch_after(h, vec![ev(i)], &[row(i)])
+            .await
+            .unwrap_err();
+        assert!(matches!(e, StoreError::Conflict(_)), "{e:?}");
+        assert!(s.get_lease(&format!("l{i}")).await.unwrap().is_none());
+        assert_eq!(s.audit_head().await.unwrap(), stored_head);
+    }
+
+    // Many appends in a row, each after the last (the writer's steady state), then the whole
+    // chain verifies and the failed attempts left no transaction open on any connection.
+    let mut h = stored_head;
+    for i in 10..40 {
+        let recs = s
+            .append_audit_batch_after(&h, vec![ev(i)], &[row(i)])
+            .await
+            .unwrap();
+        h = recs[0].checkpoint();
+    }
+    let report = s.verify_audit().await.unwrap().unwrap();
+    assert_eq!(report.records, 33);
+    assert_eq!(report.checkpoint(), h);
+    let mut waiters = Vec::new();
+    for i in 100..116 {
+        let s = s.clone();
+        waiters.push(tokio::spawn(async move {
+            s.append_audit_batch_with(vec![ev(i)], &[row(i)])
+                .await
+                .unwrap();
+        }));
+    }
+    for w in waiters {
+        w.await.unwrap();
+    }
+    assert_eq!(s.verify_audit().await.unwrap().unwrap().records, 49);
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -538,6 +627,7 @@ conformance!(
     leases_renew_up_to_max_and_revoke_by_id_identity_pod_and_prefix,
     the_reaper_ends_each_expired_lease_exactly_once_even_when_racing,
     the_audit_chain_survives_concurrent_appends_and_shows_edits_and_deletions,
+    an_append_after_a_stale_or_unknown_head_writes_nothing,
 );
 
 #[test]
