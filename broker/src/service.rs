@@ -1212,9 +1212,9 @@ fn spawn_audit_writer(
 ) -> tokio::sync::mpsc::Sender<AuditJob> {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<AuditJob>(8192);
     tokio::spawn(async move {
-        // Where this writer's last append left the chain. While nobody else appends (one
-        // replica), each batch goes in without the lock or a head read.
-        let mut head: Option<crate::audit::Checkpoint> = None;
+        // Its own connection, and where its last append left the chain: while nobody else
+        // appends (one replica), each batch goes in without the lock or a head read.
+        let mut appender = store.audit_appender();
         while let Some(first) = rx.recv().await {
             let mut jobs = vec![first];
             while jobs.len() < 512 {
@@ -1232,8 +1232,7 @@ fn spawn_audit_writer(
                 replies.push((j.reply, events.len().saturating_sub(1)));
                 leases.extend(j.lease);
             }
-            let appended = append_audit(&store, &mut head, events, &leases).await;
-            match appended {
+            match appender.append(events, &leases).await {
                 Ok(recs) => {
                     let file_failed = {
                         let mut f = file.lock().unwrap_or_else(|p| p.into_inner());
@@ -1283,41 +1282,6 @@ fn spawn_audit_writer(
         }
     });
     tx
-}
-
-/// Appends a batch: after `head` when known (no lock, no head read), else — or when another
-/// writer moved the chain on — under the append lock. `head` follows the log.
-async fn append_audit(
-    store: &Store,
-    head: &mut Option<crate::audit::Checkpoint>,
-    events: Vec<AuditEvent>,
-    leases: &[LeaseRow],
-) -> std::result::Result<Vec<AuditRecord>, StoreError> {
-    // Each conflict means another writer appended; the locked append reads the head afresh,
-    // but an unlocked writer elsewhere may still slip in between, hence a few attempts.
-    const ATTEMPTS: usize = 8;
-    let mut attempt = 0;
-    let r = loop {
-        attempt += 1;
-        let r = match head.take() {
-            Some(h) => {
-                store
-                    .append_audit_batch_after(&h, events.clone(), leases)
-                    .await
-            }
-            None => store.append_audit_batch_with(events.clone(), leases).await,
-        };
-        match r {
-            Err(StoreError::Conflict(e)) if attempt < ATTEMPTS => {
-                tracing::debug!(attempt, error = %e, "audit chain moved on; appending under the lock");
-            }
-            other => break other,
-        }
-    };
-    if let Ok(recs) = &r {
-        *head = recs.last().map(AuditRecord::checkpoint);
-    }
-    r
 }
 
 fn no_kek() -> BrokerError {

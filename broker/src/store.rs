@@ -1196,6 +1196,183 @@ fn chain_after(mut head: Checkpoint, events: Vec<AuditEvent>) -> Vec<AuditRecord
         .collect()
 }
 
+/// Appends batches to the audit log for its one owner (the broker's audit task): on a
+/// connection it keeps (no pool checkout, and so no liveness ping, per batch), after the head
+/// its previous append left ([`Store::append_audit_batch_after`]), and under the lock
+/// ([`Store::append_audit_batch_with`]) when it knows no head yet or another writer (a
+/// replica on the same PostgreSQL) moved the chain on. After any error the connection is
+/// closed (rolling back whatever it had open) and the head forgotten.
+pub struct AuditAppender {
+    store: Store,
+    conn: Option<AppenderConn>,
+    head: Option<Checkpoint>,
+}
+
+impl std::fmt::Debug for AuditAppender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditAppender")
+            .field("head", &self.head)
+            .field("connected", &self.conn.is_some())
+            .finish()
+    }
+}
+
+impl AuditAppender {
+    /// Appends `events` (in order) and `leases` in one transaction; returns the records.
+    pub async fn append(
+        &mut self,
+        events: Vec<AuditEvent>,
+        leases: &[LeaseRow],
+    ) -> Result<Vec<AuditRecord>> {
+        // Each conflict means another writer appended. The locked append reads the head
+        // afresh, but an unlocked writer elsewhere may still slip in first: a few attempts.
+        const ATTEMPTS: usize = 8;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let r = match self.head.take() {
+                Some(h) => {
+                    let conn = match self.conn.take() {
+                        Some(c) => c,
+                        None => AppenderConn::acquire(&self.store).await?,
+                    };
+                    let mut conn = conn;
+                    let r = conn.append_after(&h, events.clone(), leases).await;
+                    match &r {
+                        Ok(_) => self.conn = Some(conn),
+                        Err(_) => conn.discard(),
+                    }
+                    r
+                }
+                None => {
+                    self.store
+                        .append_audit_batch_with(events.clone(), leases)
+                        .await
+                }
+            };
+            match r {
+                Ok(recs) => {
+                    self.head = recs.last().map(AuditRecord::checkpoint);
+                    return Ok(recs);
+                }
+                Err(StoreError::Conflict(e)) if attempt < ATTEMPTS => {
+                    tracing::debug!(attempt, error = %e, "audit chain moved on; appending under the lock");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// A pooled connection held for appends.
+enum AppenderConn {
+    Sqlite(sqlx::pool::PoolConnection<sqlx::Sqlite>),
+    Postgres(sqlx::pool::PoolConnection<sqlx::Postgres>),
+}
+
+impl AppenderConn {
+    async fn acquire(store: &Store) -> Result<AppenderConn> {
+        Ok(match store {
+            Store::Sqlite(p) => AppenderConn::Sqlite(p.acquire().await?),
+            Store::Postgres(p) => AppenderConn::Postgres(p.acquire().await?),
+        })
+    }
+
+    /// Closes the connection instead of returning it to the pool: a statement may have failed
+    /// between `BEGIN` and `COMMIT`, and closing rolls that transaction back.
+    fn discard(self) {
+        match self {
+            AppenderConn::Sqlite(mut c) => c.close_on_drop(),
+            AppenderConn::Postgres(mut c) => c.close_on_drop(),
+        }
+    }
+
+    async fn append_after(
+        &mut self,
+        head: &Checkpoint,
+        events: Vec<AuditEvent>,
+        leases: &[LeaseRow],
+    ) -> Result<Vec<AuditRecord>> {
+        if head.seq < 1 {
+            return Err(StoreError::Conflict("no audit head known yet".into()));
+        }
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let recs = chain_after(head.clone(), events);
+        // Small batches (one or two requests: the latency-bound case) keep their prepared
+        // statement; larger ones vary in row count and would fill the statement cache.
+        let cached = leases.len() <= 2 && recs.len() <= 6;
+        let guard = " WHERE EXISTS (SELECT 1 FROM audit WHERE seq = ";
+        let inserted = match self {
+            AppenderConn::Sqlite(conn) => {
+                let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new("BEGIN IMMEDIATE; ");
+                for chunk in leases.chunks(ROWS_PER_INSERT) {
+                    q.push(INSERT_LEASES).push("SELECT * FROM (");
+                    push_lease_values!(q, chunk);
+                    q.push(")").push(guard).push_bind(head.seq);
+                    q.push(" AND hash = ").push_bind(&head.hash).push("); ");
+                }
+                for chunk in recs.chunks(ROWS_PER_INSERT) {
+                    q.push(INSERT_AUDIT).push("SELECT * FROM (");
+                    push_audit_values!(q, chunk);
+                    q.push(")").push(guard).push_bind(head.seq);
+                    q.push(" AND hash = ").push_bind(&head.hash);
+                    q.push(") RETURNING seq; ");
+                }
+                q.push("COMMIT");
+                let _g = SQLITE_AUDIT_LOCK.lock().await;
+                q.build()
+                    .persistent(cached)
+                    .fetch_all(&mut **conn)
+                    .await?
+                    .len()
+            }
+            AppenderConn::Postgres(conn) => {
+                if (leases.len() * 13 + recs.len() * 11 + 2) > 60_000 {
+                    // Beyond one statement's bind limit: take the locked path.
+                    return Err(StoreError::Conflict(
+                        "batch too large for one statement".into(),
+                    ));
+                }
+                let mut q = sqlx::QueryBuilder::<sqlx::Postgres>::new(
+                    "WITH ok AS (SELECT 1 FROM audit WHERE seq = ",
+                );
+                q.push_bind(head.seq)
+                    .push(" AND hash = ")
+                    .push_bind(&head.hash)
+                    .push(")");
+                if !leases.is_empty() {
+                    q.push(", l AS (")
+                        .push(INSERT_LEASES)
+                        .push("SELECT * FROM (");
+                    push_lease_values!(q, leases);
+                    q.push(") v WHERE EXISTS (SELECT 1 FROM ok))");
+                }
+                q.push(" ").push(INSERT_AUDIT).push("SELECT * FROM (");
+                push_audit_values!(q, &recs);
+                q.push(") v WHERE EXISTS (SELECT 1 FROM ok) RETURNING seq");
+                q.build()
+                    .persistent(cached)
+                    .fetch_all(&mut **conn)
+                    .await?
+                    .len()
+            }
+        };
+        match inserted {
+            n if n == recs.len() => Ok(recs),
+            0 => Err(StoreError::Conflict(format!(
+                "audit head {} is no longer the end of the log",
+                head.seq
+            ))),
+            n => Err(StoreError::Other(format!(
+                "audit append wrote {n} of {} records",
+                recs.len()
+            ))),
+        }
+    }
+}
+
 static SQLITE_AUDIT_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 impl Store {
@@ -1284,7 +1461,7 @@ impl Store {
     /// is the last record of its own previous append. Neither the append lock nor the head
     /// is read; the batch goes in as ONE statement on PostgreSQL (autocommit) and as one call
     /// to SQLite's worker thread (`BEGIN IMMEDIATE; inserts; COMMIT`), which is what a lone
-    /// writer's latency is made of.
+    /// writer's latency is made of. [`AuditAppender`] does this on a connection of its own.
     ///
     /// Every insert is guarded by `head` still being in the log, and `seq` is the primary key,
     /// so when the chain has moved on (another replica appended, or the log is not the one the
@@ -1297,83 +1474,20 @@ impl Store {
         events: Vec<AuditEvent>,
         leases: &[LeaseRow],
     ) -> Result<Vec<AuditRecord>> {
-        if head.seq < 1 {
-            return Err(StoreError::Conflict("no audit head known yet".into()));
+        let mut conn = AppenderConn::acquire(self).await?;
+        let r = conn.append_after(head, events, leases).await;
+        if r.is_err() {
+            conn.discard();
         }
-        if events.is_empty() {
-            return Ok(Vec::new());
-        }
-        let recs = chain_after(head.clone(), events);
-        // Small batches (one or two requests: the latency-bound case) keep their prepared
-        // statement; larger ones vary in row count and would fill the statement cache.
-        let cached = leases.len() <= 2 && recs.len() <= 6;
-        let guard = " WHERE EXISTS (SELECT 1 FROM audit WHERE seq = ";
-        let inserted = match self {
-            Store::Sqlite(p) => {
-                let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new("BEGIN IMMEDIATE; ");
-                for chunk in leases.chunks(ROWS_PER_INSERT) {
-                    q.push(INSERT_LEASES).push("SELECT * FROM (");
-                    push_lease_values!(q, chunk);
-                    q.push(")").push(guard).push_bind(head.seq);
-                    q.push(" AND hash = ").push_bind(&head.hash).push("); ");
-                }
-                for chunk in recs.chunks(ROWS_PER_INSERT) {
-                    q.push(INSERT_AUDIT).push("SELECT * FROM (");
-                    push_audit_values!(q, chunk);
-                    q.push(")").push(guard).push_bind(head.seq);
-                    q.push(" AND hash = ").push_bind(&head.hash);
-                    q.push(") RETURNING seq; ");
-                }
-                q.push("COMMIT");
-                let _g = SQLITE_AUDIT_LOCK.lock().await;
-                let mut conn = p.acquire().await?;
-                match q.build().persistent(cached).fetch_all(&mut *conn).await {
-                    Ok(rows) => rows.len(),
-                    Err(e) => {
-                        // A statement failed between BEGIN and COMMIT: the transaction is
-                        // still open on this connection. Closing it rolls it back.
-                        conn.close_on_drop();
-                        return Err(e.into());
-                    }
-                }
-            }
-            Store::Postgres(p) => {
-                if (leases.len() * 13 + recs.len() * 11 + 2) > 60_000 {
-                    // Beyond one statement's bind limit: take the locked path.
-                    return Err(StoreError::Conflict(
-                        "batch too large for one statement".into(),
-                    ));
-                }
-                let mut q = sqlx::QueryBuilder::<sqlx::Postgres>::new(
-                    "WITH ok AS (SELECT 1 FROM audit WHERE seq = ",
-                );
-                q.push_bind(head.seq)
-                    .push(" AND hash = ")
-                    .push_bind(&head.hash)
-                    .push(")");
-                if !leases.is_empty() {
-                    q.push(", l AS (")
-                        .push(INSERT_LEASES)
-                        .push("SELECT * FROM (");
-                    push_lease_values!(q, leases);
-                    q.push(") v WHERE EXISTS (SELECT 1 FROM ok))");
-                }
-                q.push(" ").push(INSERT_AUDIT).push("SELECT * FROM (");
-                push_audit_values!(q, &recs);
-                q.push(") v WHERE EXISTS (SELECT 1 FROM ok) RETURNING seq");
-                q.build().persistent(cached).fetch_all(p).await?.len()
-            }
-        };
-        match inserted {
-            n if n == recs.len() => Ok(recs),
-            0 => Err(StoreError::Conflict(format!(
-                "audit head {} is no longer the end of the log",
-                head.seq
-            ))),
-            n => Err(StoreError::Other(format!(
-                "audit append wrote {n} of {} records",
-                recs.len()
-            ))),
+        r
+    }
+
+    /// The audit log's single writer in this process (the broker's audit task).
+    pub fn audit_appender(&self) -> AuditAppender {
+        AuditAppender {
+            store: self.clone(),
+            conn: None,
+            head: None,
         }
     }
 
