@@ -189,6 +189,8 @@ impl Default for BrokerConfig {
 /// The broker.
 pub struct Broker {
     store: Store,
+    /// The store's reads on the Lease/Renew/Revoke path, on kept connections.
+    reads: crate::store::HotReads,
     envelope: Envelope,
     verifier: Arc<Verifier>,
     dev_verifier: Option<Arc<Verifier>>,
@@ -234,8 +236,11 @@ impl Broker {
         envelope.set_hsm_observer(metrics.hsm_observer());
         let audit_file: Arc<Mutex<Option<JsonlSink>>> = Arc::default();
         let store_for_audit = store.clone();
+        // Half the pool: the rest serves the audit writer, admin calls, reaper and re-wrap.
+        let reads = store.hot_reads((store.max_connections() / 2).max(1) as usize);
         let b = Broker {
             store,
+            reads,
             envelope,
             verifier,
             dev_verifier: None,
@@ -590,8 +595,8 @@ impl Broker {
         let (row, data) = loop {
             attempts += 1;
             let row = self
-                .store
-                .get_version(path, None)
+                .reads
+                .latest_version(path)
                 .await?
                 .ok_or_else(|| BrokerError::NotFound(format!("secret {path}")))?;
             let sealed = row
@@ -689,7 +694,7 @@ impl Broker {
             return Err(not_found());
         };
         let lease = self
-            .store
+            .reads
             .get_lease(lease_id)
             .await?
             .ok_or_else(not_found)?;
@@ -740,8 +745,8 @@ impl Broker {
                 ))
             })?;
         let latest = self
-            .store
-            .get_version(&updated.path, None)
+            .reads
+            .latest_version(&updated.path)
             .await?
             .map(|v| v.version);
         Ok(Renewal {

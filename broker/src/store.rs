@@ -300,6 +300,10 @@ fn lease_from_row(r: &impl RowExt) -> Result<LeaseRow> {
     })
 }
 
+/// SQLite's own checkpoint threshold, in pages: far above what the broker's background
+/// checkpoint lets the log reach, it only acts if that stops.
+const SQLITE_WAL_BACKSTOP_PAGES: u32 = 10_000;
+
 const VERSION_COLS: &str =
     "path, version, created_ms, deleted_ms, destroyed_ms, kek_id, dek_iv, dek_ct, nonce, ciphertext";
 const LEASE_COLS: &str = "id, namespace, service_account, pod_name, pod_uid, path, version, \
@@ -316,7 +320,10 @@ impl Store {
                 .journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Full)
                 .busy_timeout(Duration::from_secs(5))
-                .foreign_keys(true);
+                .foreign_keys(true)
+                // The broker checkpoints the WAL in the background (`checkpoint_wal`), so the
+                // committing connection (the audit writer) need not; this is the backstop.
+                .pragma("wal_autocheckpoint", SQLITE_WAL_BACKSTOP_PAGES.to_string());
             let pool = SqlitePoolOptions::new()
                 .max_connections(8)
                 .acquire_timeout(Duration::from_secs(3))
@@ -337,6 +344,24 @@ impl Store {
         };
         store.migrate().await?;
         Ok(store)
+    }
+
+    /// SQLite: copies the write-ahead log into the database file without waiting for readers
+    /// or the writer (`PRAGMA wal_checkpoint(PASSIVE)`), so that the connection that commits
+    /// past the auto-checkpoint threshold (in the broker, the audit writer, on every request's
+    /// path) does not do it inline. Returns the frames in the log and those now in the
+    /// database; `None` on PostgreSQL.
+    pub async fn checkpoint_wal(&self) -> Result<Option<(i64, i64)>> {
+        match self {
+            Store::Sqlite(p) => {
+                let r = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+                    .fetch_one(p)
+                    .await?;
+                let (log, done): (i64, i64) = (r.try_get(1)?, r.try_get(2)?);
+                Ok(Some((log, done)))
+            }
+            Store::Postgres(_) => Ok(None),
+        }
     }
 
     /// Applies pending migrations.
@@ -447,11 +472,7 @@ impl Store {
                 })
             }
             None => {
-                let sql = format!(
-                    "SELECT {VERSION_COLS} FROM secret_versions WHERE path = $1 \
-                     AND deleted_ms IS NULL AND destroyed_ms IS NULL ORDER BY version DESC LIMIT 1"
-                );
-                on_pool!(self, p => match sqlx::query(&sql).bind(path).fetch_optional(p).await? {
+                on_pool!(self, p => match sqlx::query(LATEST_VERSION_SQL).bind(path).fetch_optional(p).await? {
                     Some(r) => Some(version_from_row(&r)?),
                     None => None,
                 })
@@ -535,8 +556,7 @@ impl Store {
 
     /// One lease by id.
     pub async fn get_lease(&self, id: &str) -> Result<Option<LeaseRow>> {
-        let sql = format!("SELECT {LEASE_COLS} FROM leases WHERE id = $1");
-        on_pool!(self, p => match sqlx::query(&sql).bind(id).fetch_optional(p).await? {
+        on_pool!(self, p => match sqlx::query(GET_LEASE_SQL).bind(id).fetch_optional(p).await? {
             Some(r) => Ok(Some(lease_from_row(&r)?)),
             None => Ok(None),
         })
@@ -1204,7 +1224,7 @@ fn chain_after(mut head: Checkpoint, events: Vec<AuditEvent>) -> Vec<AuditRecord
 /// closed (rolling back whatever it had open) and the head forgotten.
 pub struct AuditAppender {
     store: Store,
-    conn: Option<AppenderConn>,
+    conn: Option<HeldConn>,
     head: Option<Checkpoint>,
 }
 
@@ -1234,7 +1254,7 @@ impl AuditAppender {
                 Some(h) => {
                     let conn = match self.conn.take() {
                         Some(c) => c,
-                        None => AppenderConn::acquire(&self.store).await?,
+                        None => HeldConn::acquire(&self.store).await?,
                     };
                     let mut conn = conn;
                     let r = conn.append_after(&h, events.clone(), leases).await;
@@ -1264,17 +1284,17 @@ impl AuditAppender {
     }
 }
 
-/// A pooled connection held for appends.
-enum AppenderConn {
+/// A pooled connection kept out of the pool ([`AuditAppender`], [`HotReads`]).
+enum HeldConn {
     Sqlite(sqlx::pool::PoolConnection<sqlx::Sqlite>),
     Postgres(sqlx::pool::PoolConnection<sqlx::Postgres>),
 }
 
-impl AppenderConn {
-    async fn acquire(store: &Store) -> Result<AppenderConn> {
+impl HeldConn {
+    async fn acquire(store: &Store) -> Result<HeldConn> {
         Ok(match store {
-            Store::Sqlite(p) => AppenderConn::Sqlite(p.acquire().await?),
-            Store::Postgres(p) => AppenderConn::Postgres(p.acquire().await?),
+            Store::Sqlite(p) => HeldConn::Sqlite(p.acquire().await?),
+            Store::Postgres(p) => HeldConn::Postgres(p.acquire().await?),
         })
     }
 
@@ -1282,8 +1302,8 @@ impl AppenderConn {
     /// between `BEGIN` and `COMMIT`, and closing rolls that transaction back.
     fn discard(self) {
         match self {
-            AppenderConn::Sqlite(mut c) => c.close_on_drop(),
-            AppenderConn::Postgres(mut c) => c.close_on_drop(),
+            HeldConn::Sqlite(mut c) => c.close_on_drop(),
+            HeldConn::Postgres(mut c) => c.close_on_drop(),
         }
     }
 
@@ -1305,7 +1325,7 @@ impl AppenderConn {
         let cached = leases.len() <= 2 && recs.len() <= 6;
         let guard = " WHERE EXISTS (SELECT 1 FROM audit WHERE seq = ";
         let inserted = match self {
-            AppenderConn::Sqlite(conn) => {
+            HeldConn::Sqlite(conn) => {
                 let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new("BEGIN IMMEDIATE; ");
                 for chunk in leases.chunks(ROWS_PER_INSERT) {
                     q.push(INSERT_LEASES).push("SELECT * FROM (");
@@ -1328,7 +1348,7 @@ impl AppenderConn {
                     .await?
                     .len()
             }
-            AppenderConn::Postgres(conn) => {
+            HeldConn::Postgres(conn) => {
                 if (leases.len() * 13 + recs.len() * 11 + 2) > 60_000 {
                     // Beyond one statement's bind limit: take the locked path.
                     return Err(StoreError::Conflict(
@@ -1372,6 +1392,129 @@ impl AppenderConn {
         }
     }
 }
+
+/// The reads on the lease hot path (the version a Lease hands out, the lease a Renew or Revoke
+/// names) on connections kept out of the pool. sqlx's pool checks a connection with a ping
+/// when it is taken and again when it is given back: a round trip to PostgreSQL or a hop to
+/// SQLite's worker thread each, as much as the one-row read itself. Up to `keep` connections
+/// are kept; more concurrent reads use the pool as usual. A connection whose query fails is
+/// closed, and a read that failed as unavailable on a kept connection closes the other kept
+/// ones and is tried once more on a fresh one from the pool (which pings it): a database
+/// restart fails no request once the database is back.
+pub struct HotReads {
+    store: Store,
+    idle: std::sync::Mutex<Vec<HeldConn>>,
+    keep: usize,
+}
+
+impl std::fmt::Debug for HotReads {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HotReads")
+            .field("keep", &self.keep)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One hot read: `$q` is a `sqlx::query(...)` with its binds, `$conv` turns the optional row.
+macro_rules! hot_read {
+    ($self:expr, $q:expr, $conv:expr) => {{
+        let mut retried = false;
+        loop {
+            let kept = if retried { None } else { $self.take() };
+            let (mut conn, kept) = match kept {
+                Some(c) => (c, true),
+                None => (HeldConn::acquire(&$self.store).await?, false),
+            };
+            let r: std::result::Result<_, sqlx::Error> = match &mut conn {
+                HeldConn::Sqlite(c) => match $q.fetch_optional(&mut **c).await {
+                    Ok(row) => Ok(row.as_ref().map($conv).transpose()),
+                    Err(e) => Err(e),
+                },
+                HeldConn::Postgres(c) => match $q.fetch_optional(&mut **c).await {
+                    Ok(row) => Ok(row.as_ref().map($conv).transpose()),
+                    Err(e) => Err(e),
+                },
+            };
+            match r {
+                Ok(v) => {
+                    $self.give_back(conn);
+                    break v;
+                }
+                Err(e) => {
+                    conn.discard();
+                    let e = StoreError::from(e);
+                    if kept && !retried && e.is_unavailable() {
+                        // The others were idle as long as this one: likely stale too.
+                        $self.discard_idle();
+                        retried = true;
+                        continue;
+                    }
+                    break Err(e);
+                }
+            }
+        }
+    }};
+}
+
+impl Drop for HotReads {
+    fn drop(&mut self) {
+        // Returning a connection to the pool spawns a task; outside a runtime, close them
+        // here instead.
+        if tokio::runtime::Handle::try_current().is_err() {
+            let idle = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|p| p.into_inner()));
+            for c in idle {
+                match c {
+                    HeldConn::Sqlite(c) => drop(c.detach()),
+                    HeldConn::Postgres(c) => drop(c.detach()),
+                }
+            }
+        }
+    }
+}
+
+impl HotReads {
+    fn take(&self) -> Option<HeldConn> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop()
+    }
+
+    fn discard_idle(&self) {
+        let idle = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|p| p.into_inner()));
+        idle.into_iter().for_each(HeldConn::discard);
+    }
+
+    fn give_back(&self, conn: HeldConn) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < self.keep {
+            idle.push(conn);
+        }
+        // else: dropped, back to the pool.
+    }
+
+    /// [`Store::get_version`] of the newest live version.
+    pub async fn latest_version(&self, path: &str) -> Result<Option<StoredVersion>> {
+        hot_read!(
+            self,
+            sqlx::query(LATEST_VERSION_SQL).bind(path),
+            version_from_row
+        )
+    }
+
+    /// [`Store::get_lease`].
+    pub async fn get_lease(&self, id: &str) -> Result<Option<LeaseRow>> {
+        hot_read!(self, sqlx::query(GET_LEASE_SQL).bind(id), lease_from_row)
+    }
+}
+
+const LATEST_VERSION_SQL: &str = concat!(
+    "SELECT path, version, created_ms, deleted_ms, destroyed_ms, kek_id, dek_iv, dek_ct, ",
+    "nonce, ciphertext FROM secret_versions WHERE path = $1 ",
+    "AND deleted_ms IS NULL AND destroyed_ms IS NULL ORDER BY version DESC LIMIT 1"
+);
+const GET_LEASE_SQL: &str = concat!(
+    "SELECT id, namespace, service_account, pod_name, pod_uid, path, version, ",
+    "created_ms, expires_ms, max_expires_ms, renewals, ended_ms, end_reason ",
+    "FROM leases WHERE id = $1"
+);
 
 static SQLITE_AUDIT_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -1474,12 +1617,26 @@ impl Store {
         events: Vec<AuditEvent>,
         leases: &[LeaseRow],
     ) -> Result<Vec<AuditRecord>> {
-        let mut conn = AppenderConn::acquire(self).await?;
+        let mut conn = HeldConn::acquire(self).await?;
         let r = conn.append_after(head, events, leases).await;
         if r.is_err() {
             conn.discard();
         }
         r
+    }
+
+    /// Hot-path reads on up to `keep` connections kept out of the pool.
+    pub fn hot_reads(&self, keep: usize) -> HotReads {
+        HotReads {
+            store: self.clone(),
+            idle: std::sync::Mutex::new(Vec::new()),
+            keep,
+        }
+    }
+
+    /// The pool's size.
+    pub fn max_connections(&self) -> u32 {
+        on_pool!(self, p => p.options().get_max_connections())
     }
 
     /// The audit log's single writer in this process (the broker's audit task).
@@ -1551,6 +1708,8 @@ mod tests {
     fn insert_heads_name_the_same_columns_as_the_selects() {
         assert_eq!(INSERT_LEASES, format!("INSERT INTO leases ({LEASE_COLS}) "));
         assert_eq!(INSERT_AUDIT, format!("INSERT INTO audit ({AUDIT_COLS}) "));
+        assert!(LATEST_VERSION_SQL.starts_with(&format!("SELECT {VERSION_COLS} FROM ")));
+        assert!(GET_LEASE_SQL.starts_with(&format!("SELECT {LEASE_COLS} FROM ")));
     }
 
     #[test]

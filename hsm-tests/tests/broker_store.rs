@@ -630,6 +630,51 @@ conformance!(
     an_append_after_a_stale_or_unknown_head_writes_nothing,
 );
 
+/// The broker checkpoints SQLite's write-ahead log itself, off the request path; SQLite's own
+/// checkpoint stays as a far-off backstop.
+#[test]
+fn the_sqlite_wal_is_checkpointed_on_demand_with_the_automatic_one_as_backstop() {
+    run(Db::Sqlite, |env| async move {
+        let env = env; // the whole Env (its temporary directory), not just the fields used
+        let Store::Sqlite(p) = &env.store else {
+            unreachable!()
+        };
+        let backstop: i64 = sqlx::query_scalar("PRAGMA wal_autocheckpoint")
+            .fetch_one(p)
+            .await
+            .unwrap();
+        assert_eq!(backstop, 10_000);
+        let now = now_ms();
+        for i in 0..50 {
+            let l = lease(
+                &format!("w{i}"),
+                "ns",
+                "sa",
+                "p",
+                "team/app",
+                now,
+                60_000,
+                60_000,
+            );
+            env.store.insert_lease(&l).await.unwrap();
+        }
+        let (log, done) = env.store.checkpoint_wal().await.unwrap().expect("sqlite");
+        assert!(log > 0, "50 commits left frames in the log");
+        assert_eq!(
+            done, log,
+            "no reader holds the log: all of it is in the database"
+        );
+        // Nothing new since: the log is empty or fully copied, and the rows are all there.
+        let (log2, done2) = env.store.checkpoint_wal().await.unwrap().expect("sqlite");
+        assert_eq!(log2, done2);
+        assert!(env.store.get_lease("w49").await.unwrap().is_some());
+    });
+    run(Db::Postgres, |env| async move {
+        let env = env;
+        assert_eq!(env.store.checkpoint_wal().await.unwrap(), None);
+    });
+}
+
 #[test]
 fn postgres_gone_is_unavailable_and_service_resumes_when_it_returns() {
     let hsm = SoftHsm::new();
@@ -643,7 +688,24 @@ fn postgres_gone_is_unavailable_and_service_resumes_when_it_returns() {
     let now = now_ms();
     rt.block_on(store.insert_lease(&lease("keep", "ns", "sa", "p", "a", now, 600_000, 600_000)))
         .unwrap();
+    // The broker's hot-path reads keep connections out of the pool: fill it with four.
+    let reads = store.hot_reads(4);
+    rt.block_on(async {
+        let r = &reads;
+        let k = "keep";
+        let all = tokio::join!(
+            r.get_lease(k),
+            r.get_lease(k),
+            r.get_lease(k),
+            r.get_lease(k)
+        );
+        for l in [all.0, all.1, all.2, all.3] {
+            assert!(l.unwrap().is_some());
+        }
+    });
     pg.stop();
+    let e = rt.block_on(reads.get_lease("keep")).unwrap_err();
+    assert!(e.is_unavailable(), "{e:?}");
     let e = rt.block_on(store.get_lease("keep")).unwrap_err();
     assert!(e.is_unavailable(), "{e:?}");
     let e = rt
@@ -665,6 +727,12 @@ fn postgres_gone_is_unavailable_and_service_resumes_when_it_returns() {
         }
     }
     assert_eq!(back.expect("lease survived").id, "keep");
+    // Its kept connections died with the server; each read finds one stale, closes it and
+    // succeeds on a fresh one: no request fails once the database is back.
+    for _ in 0..5 {
+        let l = rt.block_on(reads.get_lease("keep")).unwrap();
+        assert_eq!(l.expect("lease").id, "keep");
+    }
     assert!(
         rt.block_on(store.get_lease("lost?")).unwrap().is_none(),
         "failed write left nothing"
