@@ -63,6 +63,12 @@ pub struct Metrics {
     pub kek_rotations: Counter,
     /// Live DEKs still wrapped by an older KEK (set at scrape time).
     pub rewrap_remaining: Gauge,
+    /// Seconds per audit append (one durable commit of a group of requests).
+    pub audit_commit: Histogram,
+    /// Records per audit append (how many requests share a commit).
+    pub audit_batch: Histogram,
+    /// Seconds a request's records waited for the audit writer, then for their commit.
+    pub audit_wait: Histogram,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -96,6 +102,24 @@ impl Metrics {
         let rewrapped_deks = Counter::default();
         let kek_rotations = Counter::default();
         let rewrap_remaining = Gauge::default();
+        let audit_commit = histogram();
+        let audit_batch = Histogram::new(exponential_buckets(1.0, 2.0, 12));
+        let audit_wait = histogram();
+        registry.register(
+            "audit_commit_duration_seconds",
+            "Audit append latency: one transaction with the records (and new lease rows) of every request waiting",
+            audit_commit.clone(),
+        );
+        registry.register(
+            "audit_batch_records",
+            "Audit records per append (group commit)",
+            audit_batch.clone(),
+        );
+        registry.register(
+            "audit_wait_duration_seconds",
+            "From a request handing its records to the audit writer to their commit",
+            audit_wait.clone(),
+        );
         registry.register(
             "rewrapped_deks",
             "DEKs re-wrapped to a newer KEK by this replica",
@@ -178,6 +202,9 @@ impl Metrics {
             rewrapped_deks,
             kek_rotations,
             rewrap_remaining,
+            audit_commit,
+            audit_batch,
+            audit_wait,
         }
     }
 

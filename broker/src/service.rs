@@ -248,7 +248,7 @@ impl Broker {
             bootstrap: None,
             policies: RwLock::new(PolicySet::default()),
             audit_file: audit_file.clone(),
-            audit_writer: spawn_audit_writer(store_for_audit, audit_file),
+            audit_writer: spawn_audit_writer(store_for_audit, audit_file, &metrics),
             kek: RwLock::new(None),
             config,
             metrics,
@@ -362,6 +362,7 @@ impl Broker {
         lease: Option<LeaseRow>,
     ) -> Result<AuditRecord> {
         let (reply, wait) = tokio::sync::oneshot::channel();
+        let t0 = std::time::Instant::now();
         let unavailable = || BrokerError::Unavailable("audit log unavailable".into());
         self.audit_writer
             .send(AuditJob {
@@ -371,7 +372,9 @@ impl Broker {
             })
             .await
             .map_err(|_| unavailable())?;
-        wait.await.map_err(|_| unavailable())?
+        let r = wait.await.map_err(|_| unavailable())?;
+        self.metrics.audit_wait.observe(t0.elapsed().as_secs_f64());
+        r
     }
 
     /// Verifies a bearer credential: a ServiceAccount token (or, in dev mode, a dev token), or
@@ -1214,7 +1217,9 @@ struct AuditJob {
 fn spawn_audit_writer(
     store: Store,
     file: Arc<Mutex<Option<JsonlSink>>>,
+    metrics: &crate::metrics::Metrics,
 ) -> tokio::sync::mpsc::Sender<AuditJob> {
+    let (commit_secs, batch_records) = (metrics.audit_commit.clone(), metrics.audit_batch.clone());
     let (tx, mut rx) = tokio::sync::mpsc::channel::<AuditJob>(8192);
     tokio::spawn(async move {
         // Its own connection, and where its last append left the chain: while nobody else
@@ -1237,7 +1242,11 @@ fn spawn_audit_writer(
                 replies.push((j.reply, events.len().saturating_sub(1)));
                 leases.extend(j.lease);
             }
-            match appender.append(events, &leases).await {
+            batch_records.observe(events.len() as f64);
+            let t0 = std::time::Instant::now();
+            let appended = appender.append(events, &leases).await;
+            commit_secs.observe(t0.elapsed().as_secs_f64());
+            match appended {
                 Ok(recs) => {
                     let file_failed = {
                         let mut f = file.lock().unwrap_or_else(|p| p.into_inner());

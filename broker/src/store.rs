@@ -1326,7 +1326,12 @@ impl HeldConn {
         let guard = " WHERE EXISTS (SELECT 1 FROM audit WHERE seq = ";
         let inserted = match self {
             HeldConn::Sqlite(conn) => {
-                let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new("BEGIN IMMEDIATE; ");
+                // The rows written are counted with total_changes() around the inserts (one
+                // row back each), not with RETURNING: every row the worker thread returns is a
+                // message to this task.
+                let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                    "BEGIN IMMEDIATE; SELECT total_changes(); ",
+                );
                 for chunk in leases.chunks(ROWS_PER_INSERT) {
                     q.push(INSERT_LEASES).push("SELECT * FROM (");
                     push_lease_values!(q, chunk);
@@ -1337,16 +1342,27 @@ impl HeldConn {
                     q.push(INSERT_AUDIT).push("SELECT * FROM (");
                     push_audit_values!(q, chunk);
                     q.push(")").push(guard).push_bind(head.seq);
-                    q.push(" AND hash = ").push_bind(&head.hash);
-                    q.push(") RETURNING seq; ");
+                    q.push(" AND hash = ").push_bind(&head.hash).push("); ");
                 }
-                q.push("COMMIT");
+                q.push("SELECT total_changes(); COMMIT");
                 let _g = SQLITE_AUDIT_LOCK.lock().await;
-                q.build()
-                    .persistent(cached)
-                    .fetch_all(&mut **conn)
-                    .await?
-                    .len()
+                let rows = q.build().persistent(cached).fetch_all(&mut **conn).await?;
+                let count = |i: usize| -> Result<i64> {
+                    rows.get(i)
+                        .ok_or_else(|| StoreError::Other("audit append: no change count".into()))
+                        .and_then(|r| Ok(r.try_get::<i64, _>(0)?))
+                };
+                match count(1)? - count(0)? {
+                    0 => 0,
+                    n if n as usize == leases.len() + recs.len() => recs.len(),
+                    n => {
+                        return Err(StoreError::Other(format!(
+                            "audit append changed {n} rows for {} records and {} leases",
+                            recs.len(),
+                            leases.len()
+                        )))
+                    }
+                }
             }
             HeldConn::Postgres(conn) => {
                 if (leases.len() * 13 + recs.len() * 11 + 2) > 60_000 {

@@ -235,9 +235,27 @@ fn leases_over_tls_with_a_real_broker_process() {
         "keyhaven_broker_envelope_duration_seconds_count{op=\"seal\"} 1",
         "keyhaven_broker_hsm_operation_duration_seconds_count{op=\"wrap\"} 1",
         "keyhaven_broker_dek_cache_hits",
+        "keyhaven_broker_audit_commit_duration_seconds_bucket",
+        "keyhaven_broker_audit_wait_duration_seconds_bucket",
     ] {
         assert!(m.contains(needle), "missing {needle} in:\n{m}");
     }
+    // Every record this broker wrote went through a group commit, counted once.
+    let metric = |name: &str| -> f64 {
+        m.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in:\n{m}"))
+    };
+    let batched = metric("keyhaven_broker_audit_batch_records_sum");
+    let commits = metric("keyhaven_broker_audit_commit_duration_seconds_count");
+    assert!(
+        batched >= 10.0 && commits >= 1.0 && commits <= batched,
+        "{batched} records in {commits} commits"
+    );
+    assert!(
+        batched <= metric("keyhaven_broker_audit_records"),
+        "more records batched than in the log"
+    );
 
     // Nothing secret in the broker's log or the audit file.
     let log = b.log_text();
