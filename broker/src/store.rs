@@ -1371,10 +1371,15 @@ impl HeldConn {
                         "batch too large for one statement".into(),
                     ));
                 }
+                // The append lock is still taken (inside the statement, before the inserts,
+                // which depend on `ok`): without it, a replica appending under the lock (after
+                // a conflict) could lose every race to unlocked appends.
                 let mut q = sqlx::QueryBuilder::<sqlx::Postgres>::new(
-                    "WITH ok AS (SELECT 1 FROM audit WHERE seq = ",
+                    "WITH ok AS (SELECT 1 FROM (SELECT pg_advisory_xact_lock(",
                 );
-                q.push_bind(head.seq)
+                q.push_bind(AUDIT_LOCK_KEY)
+                    .push(")) lk, audit WHERE audit.seq = ")
+                    .push_bind(head.seq)
                     .push(" AND hash = ")
                     .push_bind(&head.hash)
                     .push(")");
@@ -1617,10 +1622,10 @@ impl Store {
     }
 
     /// [`Store::append_audit_batch_with`] for a writer that knows where the chain ends: `head`
-    /// is the last record of its own previous append. Neither the append lock nor the head
-    /// is read; the batch goes in as ONE statement on PostgreSQL (autocommit) and as one call
-    /// to SQLite's worker thread (`BEGIN IMMEDIATE; inserts; COMMIT`), which is what a lone
-    /// writer's latency is made of. [`AuditAppender`] does this on a connection of its own.
+    /// is the last record of its own previous append. The head is not read; the batch goes in
+    /// as ONE statement on PostgreSQL (autocommit, the append lock taken inside it) and as one
+    /// call to SQLite's worker thread (`BEGIN IMMEDIATE; inserts; COMMIT`), which is what a
+    /// lone writer's latency is made of. [`AuditAppender`] does this on a connection of its own.
     ///
     /// Every insert is guarded by `head` still being in the log, and `seq` is the primary key,
     /// so when the chain has moved on (another replica appended, or the log is not the one the

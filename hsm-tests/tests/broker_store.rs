@@ -609,6 +609,78 @@ async fn an_append_after_a_stale_or_unknown_head_writes_nothing(env: Env) {
     assert_eq!(s.verify_audit().await.unwrap().unwrap().records, 49);
 }
 
+/// Two writers on one database (two broker replicas on PostgreSQL; on SQLite, two stores on
+/// one file): each appends after the head it last wrote, so nearly every batch finds the chain
+/// moved on and falls back to the locked append. Nothing is lost, duplicated or misordered.
+async fn two_appenders_on_one_database_keep_one_unbroken_chain(env: Env) {
+    use keyhaven_broker::audit::{AuditEvent, EventKind, Outcome};
+    // A second connection pool to the same database, as another replica would have.
+    let url = match (&env.store, &env._pg) {
+        (Store::Sqlite(p), _) => {
+            format!("sqlite://{}", p.connect_options().get_filename().display())
+        }
+        (Store::Postgres(_), Some(pg)) => pg.url.clone(),
+        (Store::Postgres(_), None) => unreachable!(),
+    };
+    let second = Store::connect(&url).await.unwrap();
+    let now = now_ms();
+    let mut tasks = Vec::new();
+    for (w, store) in [(0, env.store.clone()), (1, second)] {
+        tasks.push(tokio::spawn(async move {
+            let mut appender = store.audit_appender();
+            for i in 0..100 {
+                let id = format!("r{w}-{i}");
+                let evs = vec![
+                    AuditEvent::new(now, EventKind::Authenticate, Outcome::Ok)
+                        .with_identity(format!("ns/sa{w}")),
+                    AuditEvent::new(now, EventKind::Lease, Outcome::Ok)
+                        .with_identity(format!("ns/sa{w}"))
+                        .with_lease_id(id.clone()),
+                ];
+                let l = lease(
+                    &id,
+                    "ns",
+                    &format!("sa{w}"),
+                    "p",
+                    "team/app",
+                    now,
+                    60_000,
+                    60_000,
+                );
+                let recs = appender.append(evs, &[l]).await.unwrap();
+                assert_eq!(recs.len(), 2);
+                assert_eq!(
+                    recs[1].seq,
+                    recs[0].seq + 1,
+                    "a request's records are adjacent"
+                );
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let report = env.store.verify_audit().await.unwrap().unwrap();
+    assert_eq!(report.records, 400);
+    for w in 0..2 {
+        for i in 0..100 {
+            assert!(env
+                .store
+                .get_lease(&format!("r{w}-{i}"))
+                .await
+                .unwrap()
+                .is_some());
+        }
+    }
+    // Each lease's record is in the log exactly once.
+    let recs = env.store.audit_records(0, 1000).await.unwrap();
+    let ids: HashSet<_> = recs
+        .iter()
+        .filter_map(|r| r.event.lease_id.clone())
+        .collect();
+    assert_eq!(ids.len(), 200);
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -628,6 +700,7 @@ conformance!(
     the_reaper_ends_each_expired_lease_exactly_once_even_when_racing,
     the_audit_chain_survives_concurrent_appends_and_shows_edits_and_deletions,
     an_append_after_a_stale_or_unknown_head_writes_nothing,
+    two_appenders_on_one_database_keep_one_unbroken_chain,
 );
 
 /// The broker checkpoints SQLite's write-ahead log itself, off the request path; SQLite's own
