@@ -575,11 +575,23 @@ impl Store {
              renewals = renewals + 1 \
              WHERE id = $1 AND ended_ms IS NULL AND expires_ms > $2 RETURNING {LEASE_COLS}"
         );
+        let _g = self.sqlite_write_lock().await;
         on_pool!(self, p => match sqlx::query(&sql).bind(id).bind(now_ms).bind(new_expires_ms)
             .fetch_optional(p).await? {
             Some(r) => Ok(Some(lease_from_row(&r)?)),
             None => Ok(None),
         })
+    }
+
+    /// SQLite: the process's write lock, held by the audit appends and the lease updates on
+    /// the request path. SQLite admits one writer; a writer that finds the database locked
+    /// polls with sleeps of up to 100 ms (the busy handler), which queueing on this lock (fair,
+    /// woken at once) avoids. `None` on PostgreSQL.
+    async fn sqlite_write_lock(&self) -> Option<tokio::sync::MutexGuard<'static, ()>> {
+        match self {
+            Store::Sqlite(_) => Some(SQLITE_AUDIT_LOCK.lock().await),
+            Store::Postgres(_) => None,
+        }
     }
 
     /// Ends every active lease matching `filter`; returns their ids.
@@ -594,6 +606,7 @@ impl Store {
             "UPDATE leases SET ended_ms = $1, end_reason = $2 \
              WHERE ended_ms IS NULL AND expires_ms > $1 AND {cond} RETURNING id"
         );
+        let _g = self.sqlite_write_lock().await;
         on_pool!(self, p => {
             let mut q = sqlx::query_scalar::<_, String>(&sql).bind(now_ms).bind(reason);
             for v in &params {
