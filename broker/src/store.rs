@@ -1133,6 +1133,7 @@ impl RewrapClaim {
     }
 }
 
+const AUDIT_HEAD_SQL: &str = "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1";
 const AUDIT_COLS: &str =
     "seq, time_ms, kind, identity, pod, path, lease_id, outcome, reason, prev_hash, hash";
 
@@ -1575,14 +1576,13 @@ impl Store {
         events: Vec<AuditEvent>,
         leases: &[LeaseRow],
     ) -> Result<Vec<AuditRecord>> {
-        let head_sql = "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1";
-        match self {
-            Store::Sqlite(p) => {
-                let _g = SQLITE_AUDIT_LOCK.lock().await;
-                // IMMEDIATE takes the write lock up front: a deferred transaction that reads
-                // then writes can fail at once with SQLITE_BUSY under concurrent writers.
-                let mut tx = p.begin_with("BEGIN IMMEDIATE").await?;
-                let head = match sqlx::query(head_sql).fetch_optional(&mut *tx).await? {
+        // Reads the head inside the (already locked) transaction, chains after it, inserts.
+        macro_rules! append_in {
+            ($tx:ident, $db:ty) => {{
+                let head = match sqlx::query(AUDIT_HEAD_SQL)
+                    .fetch_optional(&mut *$tx)
+                    .await?
+                {
                     Some(r) => Checkpoint {
                         seq: r.int("seq")?,
                         hash: r.text("hash")?,
@@ -1591,18 +1591,27 @@ impl Store {
                 };
                 let recs = chain_after(head, events);
                 for chunk in leases.chunks(ROWS_PER_INSERT) {
-                    let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(INSERT_LEASES);
+                    let mut q = sqlx::QueryBuilder::<$db>::new(INSERT_LEASES);
                     push_lease_values!(q, chunk);
                     // Not cached: each row count is another statement text.
-                    q.build().persistent(false).execute(&mut *tx).await?;
+                    q.build().persistent(false).execute(&mut *$tx).await?;
                 }
                 for chunk in recs.chunks(ROWS_PER_INSERT) {
-                    let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(INSERT_AUDIT);
+                    let mut q = sqlx::QueryBuilder::<$db>::new(INSERT_AUDIT);
                     push_audit_values!(q, chunk);
-                    q.build().persistent(false).execute(&mut *tx).await?;
+                    q.build().persistent(false).execute(&mut *$tx).await?;
                 }
-                tx.commit().await?;
+                $tx.commit().await?;
                 Ok(recs)
+            }};
+        }
+        match self {
+            Store::Sqlite(p) => {
+                let _g = SQLITE_AUDIT_LOCK.lock().await;
+                // IMMEDIATE takes the write lock up front: a deferred transaction that reads
+                // then writes can fail at once with SQLITE_BUSY under concurrent writers.
+                let mut tx = p.begin_with("BEGIN IMMEDIATE").await?;
+                append_in!(tx, sqlx::Sqlite)
             }
             Store::Postgres(p) => {
                 let mut tx = p.begin().await?;
@@ -1610,26 +1619,7 @@ impl Store {
                     .bind(AUDIT_LOCK_KEY)
                     .execute(&mut *tx)
                     .await?;
-                let head = match sqlx::query(head_sql).fetch_optional(&mut *tx).await? {
-                    Some(r) => Checkpoint {
-                        seq: r.int("seq")?,
-                        hash: r.text("hash")?,
-                    },
-                    None => Checkpoint::genesis(),
-                };
-                let recs = chain_after(head, events);
-                for chunk in leases.chunks(ROWS_PER_INSERT) {
-                    let mut q = sqlx::QueryBuilder::<sqlx::Postgres>::new(INSERT_LEASES);
-                    push_lease_values!(q, chunk);
-                    q.build().persistent(false).execute(&mut *tx).await?;
-                }
-                for chunk in recs.chunks(ROWS_PER_INSERT) {
-                    let mut q = sqlx::QueryBuilder::<sqlx::Postgres>::new(INSERT_AUDIT);
-                    push_audit_values!(q, chunk);
-                    q.build().persistent(false).execute(&mut *tx).await?;
-                }
-                tx.commit().await?;
-                Ok(recs)
+                append_in!(tx, sqlx::Postgres)
             }
         }
     }
@@ -1684,8 +1674,7 @@ impl Store {
 
     /// The last record's position ([`Checkpoint::genesis`] when the log is empty).
     pub async fn audit_head(&self) -> Result<Checkpoint> {
-        let sql = "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1";
-        on_pool!(self, p => match sqlx::query(sql).fetch_optional(p).await? {
+        on_pool!(self, p => match sqlx::query(AUDIT_HEAD_SQL).fetch_optional(p).await? {
             Some(r) => Ok(Checkpoint { seq: r.int("seq")?, hash: r.text("hash")? }),
             None => Ok(Checkpoint::genesis()),
         })

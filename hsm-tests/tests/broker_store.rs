@@ -281,6 +281,11 @@ fn lease(
     }
 }
 
+/// An active lease `id` of `ns/sa` (pod `p`) on `team/app`, one minute long.
+fn lease_at(id: &str, now: i64) -> LeaseRow {
+    lease(id, "ns", "sa", "p", "team/app", now, 60_000, 60_000)
+}
+
 async fn leases_renew_up_to_max_and_revoke_by_id_identity_pod_and_prefix(env: Env) {
     let s = &env.store;
     let now = now_ms();
@@ -529,18 +534,7 @@ async fn an_append_after_a_stale_or_unknown_head_writes_nothing(env: Env) {
             .with_lease_id(format!("l{i}"))
     };
     let now = now_ms();
-    let row = move |i: i64| {
-        lease(
-            &format!("l{i}"),
-            "ns",
-            "sa",
-            "p",
-            "team/app",
-            now,
-            60_000,
-            60_000,
-        )
-    };
+    let row = move |i: i64| lease_at(&format!("l{i}"), now);
 
     // No head known yet (genesis): refused, the locked append is the way in.
     let e = s
@@ -719,16 +713,7 @@ fn the_sqlite_wal_is_checkpointed_on_demand_with_the_automatic_one_as_backstop()
         assert_eq!(backstop, 10_000);
         let now = now_ms();
         for i in 0..50 {
-            let l = lease(
-                &format!("w{i}"),
-                "ns",
-                "sa",
-                "p",
-                "team/app",
-                now,
-                60_000,
-                60_000,
-            );
+            let l = lease_at(&format!("w{i}"), now);
             env.store.insert_lease(&l).await.unwrap();
         }
         let (log, done) = env.store.checkpoint_wal().await.unwrap().expect("sqlite");
