@@ -1379,39 +1379,48 @@ impl HeldConn {
                 }
             }
             HeldConn::Postgres(conn) => {
-                if (leases.len() * 13 + recs.len() * 11 + 2) > 60_000 {
-                    // Beyond one statement's bind limit: take the locked path.
-                    return Err(StoreError::Conflict(
-                        "batch too large for one statement".into(),
-                    ));
-                }
-                // The append lock is still taken (inside the statement, before the inserts,
-                // which depend on `ok`): without it, a replica appending under the lock (after
-                // a conflict) could lose every race to unlocked appends.
-                let mut q = sqlx::QueryBuilder::<sqlx::Postgres>::new(
-                    "WITH ok AS (SELECT 1 FROM (SELECT pg_advisory_xact_lock(",
-                );
-                q.push_bind(AUDIT_LOCK_KEY)
-                    .push(")) lk, audit WHERE audit.seq = ")
-                    .push_bind(head.seq)
-                    .push(" AND hash = ")
-                    .push_bind(&head.hash)
-                    .push(")");
-                if !leases.is_empty() {
-                    q.push(", l AS (")
-                        .push(INSERT_LEASES)
-                        .push("SELECT * FROM (");
-                    push_lease_values!(q, leases);
-                    q.push(") v WHERE EXISTS (SELECT 1 FROM ok))");
-                }
-                q.push(" ").push(INSERT_AUDIT).push("SELECT * FROM (");
-                push_audit_values!(q, &recs);
-                q.push(") v WHERE EXISTS (SELECT 1 FROM ok) RETURNING seq");
-                q.build()
-                    .persistent(cached)
-                    .fetch_all(&mut **conn)
+                // One prepared statement for every batch size: the rows travel as one array
+                // per column (UNNEST), so PostgreSQL neither parses nor plans per batch.
+                let col = |f: &dyn Fn(&LeaseRow) -> Option<String>| -> Vec<Option<String>> {
+                    leases.iter().map(f).collect()
+                };
+                let num = |f: &dyn Fn(&LeaseRow) -> Option<i64>| -> Vec<Option<i64>> {
+                    leases.iter().map(f).collect()
+                };
+                let atext = |f: &dyn Fn(&AuditRecord) -> Option<String>| -> Vec<Option<String>> {
+                    recs.iter().map(f).collect()
+                };
+                sqlx::query(PG_APPEND_AFTER_SQL)
+                    .bind(AUDIT_LOCK_KEY)
+                    .bind(head.seq)
+                    .bind(&head.hash)
+                    .bind(col(&|l| Some(l.id.clone())))
+                    .bind(col(&|l| Some(l.identity.namespace.clone())))
+                    .bind(col(&|l| Some(l.identity.service_account.clone())))
+                    .bind(col(&|l| l.identity.pod_name.clone()))
+                    .bind(col(&|l| l.identity.pod_uid.clone()))
+                    .bind(col(&|l| Some(l.path.clone())))
+                    .bind(num(&|l| Some(l.version)))
+                    .bind(num(&|l| Some(l.created_ms)))
+                    .bind(num(&|l| Some(l.expires_ms)))
+                    .bind(num(&|l| Some(l.max_expires_ms)))
+                    .bind(num(&|l| Some(l.renewals)))
+                    .bind(num(&|l| l.ended_ms))
+                    .bind(col(&|l| l.end_reason.clone()))
+                    .bind(recs.iter().map(|r| r.seq).collect::<Vec<i64>>())
+                    .bind(recs.iter().map(|r| r.event.time_ms).collect::<Vec<i64>>())
+                    .bind(atext(&|r| Some(r.event.kind.as_text().into_owned())))
+                    .bind(atext(&|r| r.event.identity.clone()))
+                    .bind(atext(&|r| r.event.pod.clone()))
+                    .bind(atext(&|r| r.event.path.clone()))
+                    .bind(atext(&|r| r.event.lease_id.clone()))
+                    .bind(atext(&|r| Some(r.event.outcome.as_str().to_owned())))
+                    .bind(atext(&|r| r.event.reason.clone()))
+                    .bind(atext(&|r| Some(r.prev_hash.clone())))
+                    .bind(atext(&|r| Some(r.hash.clone())))
+                    .fetch_one(&mut **conn)
                     .await?
-                    .len()
+                    .try_get::<i64, _>(0)? as usize
             }
         };
         match inserted {
@@ -1539,6 +1548,26 @@ impl HotReads {
         hot_read!(self, sqlx::query(GET_LEASE_SQL).bind(id), lease_from_row)
     }
 }
+
+/// The unlocked PostgreSQL append ([`Store::append_audit_batch_after`]): the append lock is
+/// still taken (inside the statement, before the inserts, which depend on `ok`) — without it,
+/// a replica appending under the lock after a conflict could lose every race to unlocked
+/// appends. Returns the number of audit rows written (0: the head is gone or moved on).
+const PG_APPEND_AFTER_SQL: &str = concat!(
+    "WITH ok AS (SELECT 1 FROM (SELECT pg_advisory_xact_lock($1)) lk, audit ",
+    "WHERE audit.seq = $2 AND audit.hash = $3), ",
+    "l AS (INSERT INTO leases (id, namespace, service_account, pod_name, pod_uid, path, ",
+    "version, created_ms, expires_ms, max_expires_ms, renewals, ended_ms, end_reason) ",
+    "SELECT * FROM UNNEST($4::text[], $5::text[], $6::text[], $7::text[], $8::text[], ",
+    "$9::text[], $10::int8[], $11::int8[], $12::int8[], $13::int8[], $14::int8[], ",
+    "$15::int8[], $16::text[]) WHERE EXISTS (SELECT 1 FROM ok)), ",
+    "a AS (INSERT INTO audit (seq, time_ms, kind, identity, pod, path, lease_id, outcome, ",
+    "reason, prev_hash, hash) ",
+    "SELECT * FROM UNNEST($17::int8[], $18::int8[], $19::text[], $20::text[], $21::text[], ",
+    "$22::text[], $23::text[], $24::text[], $25::text[], $26::text[], $27::text[]) ",
+    "WHERE EXISTS (SELECT 1 FROM ok) RETURNING 1) ",
+    "SELECT count(*) FROM a"
+);
 
 const LATEST_VERSION_SQL: &str = concat!(
     "SELECT path, version, created_ms, deleted_ms, destroyed_ms, kek_id, dek_iv, dek_ct, ",
@@ -1731,6 +1760,8 @@ mod tests {
     fn insert_heads_name_the_same_columns_as_the_selects() {
         assert_eq!(INSERT_LEASES, format!("INSERT INTO leases ({LEASE_COLS}) "));
         assert_eq!(INSERT_AUDIT, format!("INSERT INTO audit ({AUDIT_COLS}) "));
+        assert!(PG_APPEND_AFTER_SQL.contains(INSERT_LEASES));
+        assert!(PG_APPEND_AFTER_SQL.contains(INSERT_AUDIT));
         assert!(LATEST_VERSION_SQL.starts_with(&format!("SELECT {VERSION_COLS} FROM ")));
         assert!(GET_LEASE_SQL.starts_with(&format!("SELECT {LEASE_COLS} FROM ")));
     }
