@@ -341,11 +341,9 @@ impl Broker {
         Ok(())
     }
 
-    fn policies(&self) -> PolicySet {
-        self.policies
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+    /// The current policies, read-locked (evaluated in place: no copy per request).
+    fn policies(&self) -> std::sync::RwLockReadGuard<'_, PolicySet> {
+        self.policies.read().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Writes one audit record (database, then the optional file). Failure fails the request.
