@@ -1221,7 +1221,7 @@ fn spawn_audit_writer(
     let (tx, mut rx) = tokio::sync::mpsc::channel::<AuditJob>(8192);
     tokio::spawn(async move {
         // Its own connection, and where its last append left the chain: while nobody else
-        // appends (one replica), each batch goes in without the lock or a head read.
+        // appends (one replica), each batch goes in as one statement, without a head read.
         let mut appender = store.audit_appender();
         while let Some(first) = rx.recv().await {
             let mut jobs = vec![first];

@@ -304,10 +304,25 @@ fn lease_from_row(r: &impl RowExt) -> Result<LeaseRow> {
 /// checkpoint lets the log reach, it only acts if that stops.
 const SQLITE_WAL_BACKSTOP_PAGES: u32 = 10_000;
 
-const VERSION_COLS: &str =
-    "path, version, created_ms, deleted_ms, destroyed_ms, kek_id, dek_iv, dek_ct, nonce, ciphertext";
-const LEASE_COLS: &str = "id, namespace, service_account, pod_name, pod_uid, path, version, \
-     created_ms, expires_ms, max_expires_ms, renewals, ended_ms, end_reason";
+// Column lists as literal-producing macros, so `concat!` can build whole statements from them.
+macro_rules! version_cols {
+    () => {
+        "path, version, created_ms, deleted_ms, destroyed_ms, kek_id, dek_iv, dek_ct, nonce, ciphertext"
+    };
+}
+macro_rules! lease_cols {
+    () => {
+        "id, namespace, service_account, pod_name, pod_uid, path, version, \
+         created_ms, expires_ms, max_expires_ms, renewals, ended_ms, end_reason"
+    };
+}
+macro_rules! audit_cols {
+    () => {
+        "seq, time_ms, kind, identity, pod, path, lease_id, outcome, reason, prev_hash, hash"
+    };
+}
+const VERSION_COLS: &str = version_cols!();
+const LEASE_COLS: &str = lease_cols!();
 
 impl Store {
     /// Opens `sqlite:///path/to/broker.db` (created if missing; WAL, synchronous=FULL) or
@@ -589,7 +604,7 @@ impl Store {
     /// woken at once) avoids. `None` on PostgreSQL.
     async fn sqlite_write_lock(&self) -> Option<tokio::sync::MutexGuard<'static, ()>> {
         match self {
-            Store::Sqlite(_) => Some(SQLITE_AUDIT_LOCK.lock().await),
+            Store::Sqlite(_) => Some(SQLITE_WRITE_LOCK.lock().await),
             Store::Postgres(_) => None,
         }
     }
@@ -1134,8 +1149,7 @@ impl RewrapClaim {
 }
 
 const AUDIT_HEAD_SQL: &str = "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1";
-const AUDIT_COLS: &str =
-    "seq, time_ms, kind, identity, pod, path, lease_id, outcome, reason, prev_hash, hash";
+const AUDIT_COLS: &str = audit_cols!();
 
 /// Arbitrary constant naming the audit append lock (`pg_advisory_xact_lock`).
 const AUDIT_LOCK_KEY: i64 = 0x6b68_6175_6469_7431; // "khaudit1"
@@ -1169,14 +1183,8 @@ fn audit_from_row(r: &impl RowExt) -> Result<AuditRecord> {
 /// Rows per multi-row INSERT: a batch is a handful of statements, not one per row (each
 /// statement is a round trip to PostgreSQL, or a hop to SQLite's worker thread).
 const ROWS_PER_INSERT: usize = 500;
-const INSERT_LEASES: &str = concat!(
-    "INSERT INTO leases (id, namespace, service_account, pod_name, pod_uid, path, version, ",
-    "created_ms, expires_ms, max_expires_ms, renewals, ended_ms, end_reason) "
-);
-const INSERT_AUDIT: &str = concat!(
-    "INSERT INTO audit (seq, time_ms, kind, identity, pod, path, lease_id, outcome, reason, ",
-    "prev_hash, hash) "
-);
+const INSERT_LEASES: &str = concat!("INSERT INTO leases (", lease_cols!(), ") ");
+const INSERT_AUDIT: &str = concat!("INSERT INTO audit (", audit_cols!(), ") ");
 
 /// `VALUES (...), (...)` of lease rows, in [`LEASE_COLS`] order.
 macro_rules! push_lease_values {
@@ -1258,19 +1266,19 @@ impl AuditAppender {
         events: Vec<AuditEvent>,
         leases: &[LeaseRow],
     ) -> Result<Vec<AuditRecord>> {
-        // Each conflict means another writer appended. The locked append reads the head
-        // afresh, but an unlocked writer elsewhere may still slip in first: a few attempts.
+        // A conflict means another writer appended; the locked append that follows reads the
+        // head afresh. Every append takes the same lock, so one retry normally suffices; the
+        // bound only guards against a log that keeps changing under us.
         const ATTEMPTS: usize = 8;
         let mut attempt = 0;
         loop {
             attempt += 1;
             let r = match self.head.take() {
                 Some(h) => {
-                    let conn = match self.conn.take() {
+                    let mut conn = match self.conn.take() {
                         Some(c) => c,
                         None => HeldConn::acquire(&self.store).await?,
                     };
-                    let mut conn = conn;
                     let r = conn.append_after(&h, events.clone(), leases).await;
                     match &r {
                         Ok(_) => self.conn = Some(conn),
@@ -1312,6 +1320,15 @@ impl HeldConn {
         })
     }
 
+    /// Takes the connection off the pool for good (dropping it closes it, with no task to
+    /// spawn: usable outside a runtime).
+    fn detach(self) {
+        match self {
+            HeldConn::Sqlite(c) => drop(c.detach()),
+            HeldConn::Postgres(c) => drop(c.detach()),
+        }
+    }
+
     /// Closes the connection instead of returning it to the pool: a statement may have failed
     /// between `BEGIN` and `COMMIT`, and closing rolls that transaction back.
     fn discard(self) {
@@ -1334,12 +1351,12 @@ impl HeldConn {
             return Ok(Vec::new());
         }
         let recs = chain_after(head.clone(), events);
-        // Small batches (one or two requests: the latency-bound case) keep their prepared
-        // statement; larger ones vary in row count and would fill the statement cache.
-        let cached = leases.len() <= 2 && recs.len() <= 6;
-        let guard = " WHERE EXISTS (SELECT 1 FROM audit WHERE seq = ";
         let inserted = match self {
             HeldConn::Sqlite(conn) => {
+                // Small batches (one or two requests: the latency-bound case) keep their
+                // prepared statement; larger ones vary in row count and would fill the cache.
+                let cached = leases.len() <= 2 && recs.len() <= 6;
+                let guard = " WHERE EXISTS (SELECT 1 FROM audit WHERE seq = ";
                 // The rows written are counted with total_changes() around the inserts (one
                 // row back each), not with RETURNING: every row the worker thread returns is a
                 // message to this task.
@@ -1359,7 +1376,7 @@ impl HeldConn {
                     q.push(" AND hash = ").push_bind(&head.hash).push("); ");
                 }
                 q.push("SELECT total_changes(); COMMIT");
-                let _g = SQLITE_AUDIT_LOCK.lock().await;
+                let _g = SQLITE_WRITE_LOCK.lock().await;
                 let rows = q.build().persistent(cached).fetch_all(&mut **conn).await?;
                 let count = |i: usize| -> Result<i64> {
                     rows.get(i)
@@ -1506,12 +1523,7 @@ impl Drop for HotReads {
         // here instead.
         if tokio::runtime::Handle::try_current().is_err() {
             let idle = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|p| p.into_inner()));
-            for c in idle {
-                match c {
-                    HeldConn::Sqlite(c) => drop(c.detach()),
-                    HeldConn::Postgres(c) => drop(c.detach()),
-                }
-            }
+            idle.into_iter().for_each(HeldConn::detach);
         }
     }
 }
@@ -1556,31 +1568,29 @@ impl HotReads {
 const PG_APPEND_AFTER_SQL: &str = concat!(
     "WITH ok AS (SELECT 1 FROM (SELECT pg_advisory_xact_lock($1)) lk, audit ",
     "WHERE audit.seq = $2 AND audit.hash = $3), ",
-    "l AS (INSERT INTO leases (id, namespace, service_account, pod_name, pod_uid, path, ",
-    "version, created_ms, expires_ms, max_expires_ms, renewals, ended_ms, end_reason) ",
-    "SELECT * FROM UNNEST($4::text[], $5::text[], $6::text[], $7::text[], $8::text[], ",
+    "l AS (INSERT INTO leases (",
+    lease_cols!(),
+    ") SELECT * FROM UNNEST($4::text[], $5::text[], $6::text[], $7::text[], $8::text[], ",
     "$9::text[], $10::int8[], $11::int8[], $12::int8[], $13::int8[], $14::int8[], ",
     "$15::int8[], $16::text[]) WHERE EXISTS (SELECT 1 FROM ok)), ",
-    "a AS (INSERT INTO audit (seq, time_ms, kind, identity, pod, path, lease_id, outcome, ",
-    "reason, prev_hash, hash) ",
-    "SELECT * FROM UNNEST($17::int8[], $18::int8[], $19::text[], $20::text[], $21::text[], ",
+    "a AS (INSERT INTO audit (",
+    audit_cols!(),
+    ") SELECT * FROM UNNEST($17::int8[], $18::int8[], $19::text[], $20::text[], $21::text[], ",
     "$22::text[], $23::text[], $24::text[], $25::text[], $26::text[], $27::text[]) ",
     "WHERE EXISTS (SELECT 1 FROM ok) RETURNING 1) ",
     "SELECT count(*) FROM a"
 );
 
 const LATEST_VERSION_SQL: &str = concat!(
-    "SELECT path, version, created_ms, deleted_ms, destroyed_ms, kek_id, dek_iv, dek_ct, ",
-    "nonce, ciphertext FROM secret_versions WHERE path = $1 ",
+    "SELECT ",
+    version_cols!(),
+    " FROM secret_versions WHERE path = $1 ",
     "AND deleted_ms IS NULL AND destroyed_ms IS NULL ORDER BY version DESC LIMIT 1"
 );
-const GET_LEASE_SQL: &str = concat!(
-    "SELECT id, namespace, service_account, pod_name, pod_uid, path, version, ",
-    "created_ms, expires_ms, max_expires_ms, renewals, ended_ms, end_reason ",
-    "FROM leases WHERE id = $1"
-);
+const GET_LEASE_SQL: &str = concat!("SELECT ", lease_cols!(), " FROM leases WHERE id = $1");
 
-static SQLITE_AUDIT_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+/// One writer at a time on SQLite, in this process: see [`Store::sqlite_write_lock`].
+static SQLITE_WRITE_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 impl Store {
     /// Appends `event` to the hash-chained audit log and returns the stored record.
@@ -1636,7 +1646,7 @@ impl Store {
         }
         match self {
             Store::Sqlite(p) => {
-                let _g = SQLITE_AUDIT_LOCK.lock().await;
+                let _g = SQLITE_WRITE_LOCK.lock().await;
                 // IMMEDIATE takes the write lock up front: a deferred transaction that reads
                 // then writes can fail at once with SQLITE_BUSY under concurrent writers.
                 let mut tx = p.begin_with("BEGIN IMMEDIATE").await?;
