@@ -42,7 +42,7 @@ struct Outcome {
 /// Runs the broker benchmark and prints the result on stdout (progress on stderr).
 pub fn run(args: &BrokerArgs) -> anyhow::Result<()> {
     args.validate()?;
-    let broker_bin = broker_path(args)?;
+    let broker_bin = broker_path(args.broker.as_deref())?;
     let pg_bin = if args.db.contains(&Db::Postgres) {
         Some(postgres::pg_bin(args.pg_bin.as_deref())?)
     } else {
@@ -107,9 +107,10 @@ async fn interrupted() -> anyhow::Error {
     anyhow::anyhow!("interrupted")
 }
 
-fn broker_path(args: &BrokerArgs) -> anyhow::Result<PathBuf> {
-    let p = match &args.broker {
-        Some(p) => p.clone(),
+/// The broker binary: `given` (`--broker`), else `broker` beside this binary; it must exist.
+pub(crate) fn broker_path(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+    let p = match given {
+        Some(p) => p.to_path_buf(),
         None => std::env::current_exe()
             .context("find this binary")?
             .parent()

@@ -53,20 +53,7 @@ struct Row {
 /// Runs the re-wrap benchmark and prints the result on stdout (progress on stderr).
 pub fn run(args: &RewrapArgs) -> anyhow::Result<()> {
     args.validate()?;
-    let broker_bin = match &args.broker {
-        Some(p) => p.clone(),
-        None => std::env::current_exe()
-            .context("find this binary")?
-            .parent()
-            .context("find this binary's directory")?
-            .join("broker"),
-    };
-    anyhow::ensure!(
-        broker_bin.is_file(),
-        "{} not found: build it (`cargo build --release -p keyhaven-broker -p keyhaven-bench`) \
-         or pass --broker",
-        broker_bin.display()
-    );
+    let broker_bin = crate::broker::broker_path(args.broker.as_deref())?;
     let pg_bin = if args.db.contains(&Db::Postgres) {
         Some(postgres::pg_bin(args.pg_bin.as_deref())?)
     } else {

@@ -441,6 +441,13 @@ scenarios!(
     two_hundred_concurrent_clients_stay_consistent,
 );
 
+/// Each record's (kind, outcome), in order.
+fn kinds(recs: &[keyhaven_broker::audit::AuditRecord]) -> Vec<(EventKind, Outcome)> {
+    recs.iter()
+        .map(|r| (r.event.kind.clone(), r.event.outcome))
+        .collect()
+}
+
 #[test]
 fn a_deferred_authentication_is_audited_with_the_request_in_one_transaction() {
     run(Db::Sqlite, |env| async move {
@@ -461,12 +468,8 @@ fn a_deferred_authentication_is_audited_with_the_request_in_one_transaction() {
             .audit_records(head.seq, 10)
             .await
             .unwrap();
-        let kinds: Vec<_> = recs
-            .iter()
-            .map(|r| (r.event.kind.clone(), r.event.outcome))
-            .collect();
         assert_eq!(
-            kinds,
+            kinds(&recs),
             vec![
                 (EventKind::Authenticate, Outcome::Ok),
                 (EventKind::Lease, Outcome::Ok)
@@ -486,12 +489,8 @@ fn a_deferred_authentication_is_audited_with_the_request_in_one_transaction() {
             .audit_records(head.seq + 2, 10)
             .await
             .unwrap();
-        let kinds: Vec<_> = recs
-            .iter()
-            .map(|r| (r.event.kind.clone(), r.event.outcome))
-            .collect();
         assert_eq!(
-            kinds,
+            kinds(&recs),
             vec![
                 (EventKind::Authenticate, Outcome::Ok),
                 (EventKind::Lease, Outcome::Denied)
