@@ -55,6 +55,12 @@ pub struct Metrics {
     pub dek_cache_misses: Gauge<u64, AtomicU64>,
     /// DEKs in the cache (set at scrape time).
     pub dek_cache_entries: Gauge,
+    /// Lease versions taken from memory (set at scrape time).
+    pub remembered_hits: Gauge<u64, AtomicU64>,
+    /// Lease versions read from the database (set at scrape time).
+    pub remembered_misses: Gauge<u64, AtomicU64>,
+    /// Leases made again because a secret changed after their remembered version was read.
+    pub remembered_stale: Counter,
     /// Audit records written (head seq, set at scrape time).
     pub audit_records: Gauge,
     /// DEKs this replica re-wrapped to a newer KEK.
@@ -98,6 +104,9 @@ impl Metrics {
         let dek_cache_hits = Gauge::<u64, AtomicU64>::default();
         let dek_cache_misses = Gauge::<u64, AtomicU64>::default();
         let dek_cache_entries = Gauge::default();
+        let remembered_hits = Gauge::<u64, AtomicU64>::default();
+        let remembered_misses = Gauge::<u64, AtomicU64>::default();
+        let remembered_stale = Counter::default();
         let audit_records = Gauge::default();
         let rewrapped_deks = Counter::default();
         let kek_rotations = Counter::default();
@@ -182,6 +191,21 @@ impl Metrics {
             dek_cache_entries.clone(),
         );
         registry.register(
+            "lease_version_memory_hits",
+            "Leases whose secret version came from memory since start",
+            remembered_hits.clone(),
+        );
+        registry.register(
+            "lease_version_memory_misses",
+            "Leases whose secret version was read from the database since start",
+            remembered_misses.clone(),
+        );
+        registry.register(
+            "lease_version_memory_stale",
+            "Leases made again from a fresh read because a secret changed after their remembered version was read",
+            remembered_stale.clone(),
+        );
+        registry.register(
             "audit_records",
             "Audit records in the log",
             audit_records.clone(),
@@ -198,6 +222,9 @@ impl Metrics {
             dek_cache_hits,
             dek_cache_misses,
             dek_cache_entries,
+            remembered_hits,
+            remembered_misses,
+            remembered_stale,
             audit_records,
             rewrapped_deks,
             kek_rotations,

@@ -359,6 +359,22 @@ impl Broker {
         events: Vec<AuditEvent>,
         lease: Option<LeaseRow>,
     ) -> Result<AuditRecord> {
+        match self.submit_at(events, lease, None).await? {
+            Committed::Record(r) => Ok(*r),
+            Committed::Stale => Err(BrokerError::Internal(
+                "an unguarded audit append was refused as stale".into(),
+            )),
+        }
+    }
+
+    /// [`Broker::submit`], guarded by the secrets generation the lease's version was read
+    /// under, when given: [`Committed::Stale`] if a secret changed since (nothing stored).
+    async fn submit_at(
+        &self,
+        events: Vec<AuditEvent>,
+        lease: Option<LeaseRow>,
+        generation: Option<i64>,
+    ) -> Result<Committed> {
         let (reply, wait) = tokio::sync::oneshot::channel();
         let t0 = std::time::Instant::now();
         let unavailable = || BrokerError::Unavailable("audit log unavailable".into());
@@ -366,6 +382,7 @@ impl Broker {
             .send(AuditJob {
                 events,
                 lease,
+                generation,
                 reply,
             })
             .await
@@ -496,10 +513,24 @@ impl Broker {
         lease_id: Option<&str>,
         r: Result<T>,
     ) -> Result<T> {
+        let events = Self::audit_events(auth, caller, kind, path, lease_id, &r);
+        self.submit(events, lease).await?;
+        r
+    }
+
+    /// The records of one request: its authentication's (when deferred), then its own.
+    fn audit_events<T>(
+        auth: Option<AuditEvent>,
+        caller: &Caller,
+        kind: EventKind,
+        path: Option<&str>,
+        lease_id: Option<&str>,
+        r: &Result<T>,
+    ) -> Vec<AuditEvent> {
         let mut ev = AuditEvent::new(
             now_ms(),
             kind,
-            match &r {
+            match r {
                 Ok(_) => Outcome::Ok,
                 Err(e) => e.outcome(),
             },
@@ -514,12 +545,10 @@ impl Broker {
         if let Some(l) = lease_id {
             ev = ev.with_lease_id(l);
         }
-        if let Err(e) = &r {
+        if let Err(e) = r {
             ev = ev.with_reason(e.code());
         }
-        let events = auth.into_iter().chain(std::iter::once(ev)).collect();
-        self.submit(events, lease).await?;
-        r
+        auth.into_iter().chain(std::iter::once(ev)).collect()
     }
 
     /// Leases the newest version of `path` for `ttl` (policy default when `None`, capped by the
@@ -551,21 +580,33 @@ impl Broker {
         ttl: Option<Duration>,
     ) -> Result<LeaseGrant> {
         // Nothing is stored until the audit transaction: the lease row goes in with its record.
-        let (r, row) = match self.lease_inner(caller, path, ttl).await {
-            Ok((grant, row)) => (Ok(grant), Some(row)),
-            Err(e) => (Err(e), None),
-        };
-        let lease_id = r.as_ref().ok().map(|g| g.lease_id.clone());
-        self.audited_with(
-            auth,
-            row,
-            caller,
-            EventKind::Lease,
-            Some(path),
-            lease_id.as_deref(),
-            r,
-        )
-        .await
+        // The version comes from memory when it can; the append then checks that no secret
+        // changed since it was read, and if one did, nothing was stored, and the lease is made
+        // again from a fresh read.
+        let mut remembered = true;
+        loop {
+            let (r, row, generation) = match self.lease_inner(caller, path, ttl, remembered).await {
+                Ok((grant, row, generation)) => (Ok(grant), Some(row), generation),
+                Err(e) => (Err(e), None, None),
+            };
+            let lease_id = r.as_ref().ok().map(|g| g.lease_id.clone());
+            let events = Self::audit_events(
+                auth.clone(),
+                caller,
+                EventKind::Lease,
+                Some(path),
+                lease_id.as_deref(),
+                &r,
+            );
+            match self.submit_at(events, row, generation).await? {
+                Committed::Record(_) => return r,
+                Committed::Stale => {
+                    self.reads.forget_versions();
+                    self.metrics.remembered_stale.inc();
+                    remembered = false;
+                }
+            }
+        }
     }
 
     async fn lease_inner(
@@ -573,7 +614,8 @@ impl Broker {
         caller: &Caller,
         path: &str,
         ttl: Option<Duration>,
-    ) -> Result<(LeaseGrant, LeaseRow)> {
+        remembered: bool,
+    ) -> Result<(LeaseGrant, LeaseRow, Option<i64>)> {
         validate_secret_path(path)
             .map_err(|e| BrokerError::InvalidArgument(format!("path '{path}': {e}")))?;
         let Caller::Workload(id) = caller else {
@@ -593,13 +635,16 @@ impl Broker {
             )));
         };
         let mut attempts = 0;
-        let (row, data) = loop {
+        let (row, data, generation) = loop {
             attempts += 1;
-            let row = self
-                .reads
-                .latest_version(path)
-                .await?
-                .ok_or_else(|| BrokerError::NotFound(format!("secret {path}")))?;
+            // The retry after a retired KEK reads afresh.
+            let (row, generation) = if remembered && attempts == 1 {
+                let (row, g) = self.reads.latest_version_remembered(path).await?;
+                (row, Some(g))
+            } else {
+                (self.reads.latest_version(path).await?, None)
+            };
+            let row = row.ok_or_else(|| BrokerError::NotFound(format!("secret {path}")))?;
             let sealed = row
                 .sealed
                 .as_ref()
@@ -615,7 +660,7 @@ impl Broker {
                 {
                     continue
                 }
-                other => break (row, other?),
+                other => break (row, other?, generation),
             }
         };
         let ttl = ttl
@@ -644,6 +689,7 @@ impl Broker {
                 renewable_until_unix: to_secs(lease.max_expires_ms),
             },
             lease,
+            generation,
         ))
     }
 
@@ -875,7 +921,10 @@ impl Broker {
                     other => other?,
                 };
                 match self.store.insert_version(path, v, now_ms(), &sealed).await {
-                    Ok(()) => return Ok(v),
+                    Ok(()) => {
+                        self.reads.forget_versions();
+                        return Ok(v);
+                    }
                     Err(StoreError::Conflict(_)) => continue,
                     Err(StoreError::KekRetired(_)) if !refreshed => {
                         refreshed = true;
@@ -914,6 +963,7 @@ impl Broker {
             self.store.soft_delete(path, now_ms()).await
         }
         .map_err(BrokerError::from);
+        self.reads.forget_versions();
         self.audited(caller, EventKind::Admin(verb.into()), Some(path), None, r)
             .await
     }
@@ -1190,6 +1240,9 @@ impl Broker {
         m.dek_cache_hits.set(c.hits);
         m.dek_cache_misses.set(c.misses);
         m.dek_cache_entries.set(c.entries as i64);
+        let (hits, misses) = self.reads.remembered_stats();
+        m.remembered_hits.set(hits);
+        m.remembered_misses.set(misses);
         if let Ok(h) = self.store.audit_head().await {
             m.audit_records.set(h.seq);
         }
@@ -1204,7 +1257,17 @@ impl Broker {
 struct AuditJob {
     events: Vec<AuditEvent>,
     lease: Option<LeaseRow>,
-    reply: tokio::sync::oneshot::Sender<Result<AuditRecord>>,
+    /// The secrets generation the lease's version was read under, when it came from memory.
+    generation: Option<i64>,
+    reply: tokio::sync::oneshot::Sender<Result<Committed>>,
+}
+
+/// What became of an audit job.
+enum Committed {
+    /// Stored; the job's last record.
+    Record(Box<AuditRecord>),
+    /// Nothing stored: a secret changed since the job's lease version was read.
+    Stale,
 }
 
 /// The audit writer: group commit. Requests queue their events; one task writes everything
@@ -1231,69 +1294,134 @@ fn spawn_audit_writer(
                     Err(_) => break,
                 }
             }
-            let mut events = Vec::with_capacity(jobs.len() * 2);
-            let mut leases = Vec::new();
-            let mut replies = Vec::with_capacity(jobs.len());
-            for j in jobs {
-                events.extend(j.events);
-                // Each job's reply gets the last record of its own events.
-                replies.push((j.reply, events.len().saturating_sub(1)));
-                leases.extend(j.lease);
+            // Leases whose versions came from memory are guarded by the generation they were
+            // read under. Versions read under an older generation than the newest here are
+            // outdated already: those jobs are sent back at once.
+            let newest = jobs.iter().filter_map(|j| j.generation).max();
+            let (mut jobs, outdated): (Vec<_>, Vec<_>) = jobs
+                .into_iter()
+                .partition(|j| j.generation.is_none() || j.generation == newest);
+            for j in outdated {
+                let _ = j.reply.send(Ok(Committed::Stale));
             }
-            batch_records.observe(events.len() as f64);
-            let t0 = std::time::Instant::now();
-            let appended = appender.append(events, &leases).await;
-            commit_secs.observe(t0.elapsed().as_secs_f64());
-            match appended {
-                Ok(recs) => {
-                    let file_failed = {
-                        let mut f = file.lock().unwrap_or_else(|p| p.into_inner());
-                        match f.as_mut() {
-                            Some(sink) => recs.iter().find_map(|r| sink.append(r).err()),
-                            None => None,
+            loop {
+                let generation = jobs.iter().filter_map(|j| j.generation).max();
+                let written = write_audit_jobs(
+                    (&store, &file, &mut appender),
+                    &jobs,
+                    generation,
+                    (&commit_secs, &batch_records),
+                )
+                .await;
+                match written {
+                    Written::Stale => {
+                        // Nothing stored: the guarded jobs go back to be made again, the
+                        // others are appended without the guard.
+                        let (guarded, rest): (Vec<_>, Vec<_>) =
+                            jobs.into_iter().partition(|j| j.generation.is_some());
+                        for j in guarded {
+                            let _ = j.reply.send(Ok(Committed::Stale));
                         }
-                    };
-                    if let Some(e) = &file_failed {
-                        tracing::error!(error = %e, "audit file write failed; refusing the requests");
-                        // The leases of this batch are stored, but their requests fail: end
-                        // them, so no lease exists that its holder was told it did not get.
-                        for l in &leases {
-                            if let Err(e) = store
-                                .revoke_leases(
-                                    &LeaseFilter::Id(l.id.clone()),
-                                    now_ms(),
-                                    "revoked:audit_failed",
-                                )
-                                .await
-                            {
-                                tracing::error!(lease_id = %l.id, error = %e, "could not end a lease whose audit failed (it expires by its TTL)");
-                            }
+                        jobs = rest;
+                        if jobs.is_empty() {
+                            break;
                         }
                     }
-                    for (reply, last) in replies {
-                        let _ = reply.send(match (&file_failed, recs.get(last)) {
-                            (None, Some(rec)) => Ok(rec.clone()),
-                            (None, None) => {
-                                Err(BrokerError::Internal("audit writer lost a record".into()))
-                            }
-                            (Some(_), _) => {
-                                Err(BrokerError::Unavailable("audit file unavailable".into()))
-                            }
-                        });
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "audit write failed; refusing the requests");
-                    for (reply, _) in replies {
-                        let _ = reply.send(Err(BrokerError::Unavailable(
-                            "audit log unavailable".into(),
-                        )));
+                    Written::Answers(answers) => {
+                        for (j, a) in jobs.into_iter().zip(answers) {
+                            let _ = j.reply.send(a.map(|r| Committed::Record(Box::new(r))));
+                        }
+                        break;
                     }
                 }
             }
         }
     });
     tx
+}
+
+/// What one write of a batch of audit jobs came to.
+enum Written {
+    /// The append was guarded and a secret changed since: nothing stored.
+    Stale,
+    /// One answer per job, in order.
+    Answers(Vec<Result<AuditRecord>>),
+}
+
+/// Stores `jobs` in one transaction (guarded by `generation` when given), then appends the
+/// records to the JSON-lines file in chain order.
+async fn write_audit_jobs(
+    (store, file, appender): (
+        &Store,
+        &Mutex<Option<JsonlSink>>,
+        &mut crate::store::AuditAppender,
+    ),
+    jobs: &[AuditJob],
+    generation: Option<i64>,
+    (commit_secs, batch_records): (
+        &prometheus_client::metrics::histogram::Histogram,
+        &prometheus_client::metrics::histogram::Histogram,
+    ),
+) -> Written {
+    let mut events = Vec::with_capacity(jobs.len() * 2);
+    let mut leases = Vec::new();
+    let mut lasts = Vec::with_capacity(jobs.len());
+    for j in jobs {
+        events.extend(j.events.iter().cloned());
+        // Each job's answer is the last record of its own events.
+        lasts.push(events.len().saturating_sub(1));
+        leases.extend(j.lease.iter().cloned());
+    }
+    batch_records.observe(events.len() as f64);
+    let t0 = std::time::Instant::now();
+    let appended = appender.append_at(events, &leases, generation).await;
+    commit_secs.observe(t0.elapsed().as_secs_f64());
+    let recs = match appended {
+        Ok(recs) => recs,
+        Err(StoreError::StaleGeneration { .. }) => return Written::Stale,
+        Err(e) => {
+            tracing::error!(error = %e, "audit write failed; refusing the requests");
+            return Written::Answers(
+                jobs.iter()
+                    .map(|_| Err(BrokerError::Unavailable("audit log unavailable".into())))
+                    .collect(),
+            );
+        }
+    };
+    let file_failed = {
+        let mut f = file.lock().unwrap_or_else(|p| p.into_inner());
+        match f.as_mut() {
+            Some(sink) => recs.iter().find_map(|r| sink.append(r).err()),
+            None => None,
+        }
+    };
+    if let Some(e) = &file_failed {
+        tracing::error!(error = %e, "audit file write failed; refusing the requests");
+        // The leases of this batch are stored, but their requests fail: end them, so no
+        // lease exists that its holder was told it did not get.
+        for l in &leases {
+            if let Err(e) = store
+                .revoke_leases(
+                    &LeaseFilter::Id(l.id.clone()),
+                    now_ms(),
+                    "revoked:audit_failed",
+                )
+                .await
+            {
+                tracing::error!(lease_id = %l.id, error = %e, "could not end a lease whose audit failed (it expires by its TTL)");
+            }
+        }
+    }
+    Written::Answers(
+        lasts
+            .into_iter()
+            .map(|last| match (&file_failed, recs.get(last)) {
+                (None, Some(rec)) => Ok(rec.clone()),
+                (None, None) => Err(BrokerError::Internal("audit writer lost a record".into())),
+                (Some(_), _) => Err(BrokerError::Unavailable("audit file unavailable".into())),
+            })
+            .collect(),
+    )
 }
 
 fn no_kek() -> BrokerError {

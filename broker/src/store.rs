@@ -39,6 +39,15 @@ pub enum StoreError {
         /// Live DEKs it wraps.
         deks: i64,
     },
+    /// A guarded audit append found the secrets generation moved on: a secret version the
+    /// batch hands out may be outdated. Nothing was written.
+    #[error("secrets changed (generation {current}, the batch was read under {read})")]
+    StaleGeneration {
+        /// The generation in the database.
+        current: i64,
+        /// The generation the batch's versions were read under.
+        read: i64,
+    },
     /// Anything else the database said.
     #[error("database error: {0}")]
     Other(String),
@@ -1238,6 +1247,16 @@ fn chain_after(mut head: Checkpoint, events: Vec<AuditEvent>) -> Vec<AuditRecord
         .collect()
 }
 
+/// Adds `AND <the secrets generation is $generation>` to an insert's guard, when given.
+macro_rules! push_generation_guard {
+    ($q:expr, $generation:expr) => {
+        if let Some(g) = $generation {
+            $q.push(" AND (SELECT n FROM secrets_generation WHERE id = 1) = ")
+                .push_bind(g);
+        }
+    };
+}
+
 /// Appends batches to the audit log for its one owner (the broker's audit task): on a
 /// connection it keeps (no pool checkout, and so no liveness ping, per batch), after the head
 /// its previous append left ([`Store::append_audit_batch_after`]), and under the lock
@@ -1266,6 +1285,18 @@ impl AuditAppender {
         events: Vec<AuditEvent>,
         leases: &[LeaseRow],
     ) -> Result<Vec<AuditRecord>> {
+        self.append_at(events, leases, None).await
+    }
+
+    /// [`AuditAppender::append`], guarded by the secrets generation when one is given: if
+    /// the database's is another, nothing is written and the result is
+    /// [`StoreError::StaleGeneration`] (see [`HotReads::latest_version_remembered`]).
+    pub async fn append_at(
+        &mut self,
+        events: Vec<AuditEvent>,
+        leases: &[LeaseRow],
+        generation: Option<i64>,
+    ) -> Result<Vec<AuditRecord>> {
         // A conflict means another writer appended; the locked append that follows reads the
         // head afresh. Every append takes the same lock, so one retry normally suffices; the
         // bound only guards against a log that keeps changing under us.
@@ -1279,7 +1310,9 @@ impl AuditAppender {
                         Some(c) => c,
                         None => HeldConn::acquire(&self.store).await?,
                     };
-                    let r = conn.append_after(&h, events.clone(), leases).await;
+                    let r = conn
+                        .append_after(&h, events.clone(), leases, generation)
+                        .await;
                     match &r {
                         Ok(_) => self.conn = Some(conn),
                         Err(_) => conn.discard(),
@@ -1288,7 +1321,7 @@ impl AuditAppender {
                 }
                 None => {
                     self.store
-                        .append_audit_batch_with(events.clone(), leases)
+                        .append_audit_batch_at(events.clone(), leases, generation)
                         .await
                 }
             };
@@ -1343,6 +1376,7 @@ impl HeldConn {
         head: &Checkpoint,
         events: Vec<AuditEvent>,
         leases: &[LeaseRow],
+        generation: Option<i64>,
     ) -> Result<Vec<AuditRecord>> {
         if head.seq < 1 {
             return Err(StoreError::Conflict("no audit head known yet".into()));
@@ -1367,13 +1401,17 @@ impl HeldConn {
                     q.push(INSERT_LEASES).push("SELECT * FROM (");
                     push_lease_values!(q, chunk);
                     q.push(")").push(guard).push_bind(head.seq);
-                    q.push(" AND hash = ").push_bind(&head.hash).push("); ");
+                    q.push(" AND hash = ").push_bind(&head.hash);
+                    push_generation_guard!(q, generation);
+                    q.push("); ");
                 }
                 for chunk in recs.chunks(ROWS_PER_INSERT) {
                     q.push(INSERT_AUDIT).push("SELECT * FROM (");
                     push_audit_values!(q, chunk);
                     q.push(")").push(guard).push_bind(head.seq);
-                    q.push(" AND hash = ").push_bind(&head.hash).push("); ");
+                    q.push(" AND hash = ").push_bind(&head.hash);
+                    push_generation_guard!(q, generation);
+                    q.push("); ");
                 }
                 q.push("SELECT total_changes(); COMMIT");
                 let _g = SQLITE_WRITE_LOCK.lock().await;
@@ -1435,6 +1473,7 @@ impl HeldConn {
                     .bind(atext(&|r| r.event.reason.clone()))
                     .bind(atext(&|r| Some(r.prev_hash.clone())))
                     .bind(atext(&|r| Some(r.hash.clone())))
+                    .bind(generation)
                     .fetch_one(&mut **conn)
                     .await?
                     .try_get::<i64, _>(0)? as usize
@@ -1442,6 +1481,7 @@ impl HeldConn {
         };
         match inserted {
             n if n == recs.len() => Ok(recs),
+            // Or the generation moved on: the locked append that follows tells which.
             0 => Err(StoreError::Conflict(format!(
                 "audit head {} is no longer the end of the log",
                 head.seq
@@ -1466,6 +1506,23 @@ pub struct HotReads {
     store: Store,
     idle: std::sync::Mutex<Vec<HeldConn>>,
     keep: usize,
+    remembered: std::sync::Mutex<Remembered>,
+    remembered_hits: std::sync::atomic::AtomicU64,
+    remembered_misses: std::sync::atomic::AtomicU64,
+}
+
+/// At most this many paths' newest versions are remembered (then all are forgotten at once).
+pub const REMEMBERED_PATHS: usize = 4096;
+
+/// The newest live version of recently leased paths, all read under one secrets generation
+/// (only ciphertext and the wrapped DEK: no plaintext, no unwrapped key).
+#[derive(Default)]
+struct Remembered {
+    /// The newest secrets generation a read saw; every entry was read under it.
+    generation: i64,
+    /// Bumped by [`HotReads::forget_versions`]: a read that began before is not kept.
+    forgotten: u64,
+    versions: std::collections::HashMap<String, StoredVersion>,
 }
 
 impl std::fmt::Debug for HotReads {
@@ -1555,6 +1612,77 @@ impl HotReads {
         )
     }
 
+    /// The newest live version of `path` and the secrets generation it was read under, from
+    /// memory when this replica read it before under the newest generation it has seen.
+    ///
+    /// A remembered version may be outdated: another replica may have written since. It is
+    /// safe to hand out only through a lease whose audit append is guarded by the returned
+    /// generation ([`AuditAppender::append_at`]): the append then fails, writing nothing,
+    /// when any secret changed since, and the caller forgets ([`HotReads::forget_versions`])
+    /// and reads again with [`HotReads::latest_version`].
+    pub async fn latest_version_remembered(
+        &self,
+        path: &str,
+    ) -> Result<(Option<StoredVersion>, i64)> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let forgotten = {
+            let m = self.remembered();
+            if let Some(v) = m.versions.get(path) {
+                self.remembered_hits.fetch_add(1, Relaxed);
+                return Ok((Some(v.clone()), m.generation));
+            }
+            m.forgotten
+        };
+        self.remembered_misses.fetch_add(1, Relaxed);
+        let (generation, version) = hot_read!(
+            self,
+            sqlx::query(LATEST_VERSION_AT_SQL).bind(path),
+            |r| -> Result<(i64, Option<StoredVersion>)> {
+                let g = r.int("generation")?;
+                match r.opt_text("path")? {
+                    Some(_) => Ok((g, Some(version_from_row(r)?))),
+                    None => Ok((g, None)),
+                }
+            }
+        )?
+        .ok_or_else(|| StoreError::Corrupt("no secrets generation row".into()))?;
+        let mut m = self.remembered();
+        if generation > m.generation {
+            m.versions.clear();
+            m.generation = generation;
+        }
+        if let Some(v) = &version {
+            if generation == m.generation && forgotten == m.forgotten {
+                if m.versions.len() >= REMEMBERED_PATHS {
+                    m.versions.clear();
+                }
+                m.versions.insert(path.to_owned(), v.clone());
+            }
+        }
+        Ok((version, generation))
+    }
+
+    /// Forgets every remembered version (after this replica changed a secret, or a guarded
+    /// append found the generation moved on). Reads already under way are not remembered.
+    pub fn forget_versions(&self) {
+        let mut m = self.remembered();
+        m.versions.clear();
+        m.forgotten += 1;
+    }
+
+    /// Lookups answered from memory, and those that read the database.
+    pub fn remembered_stats(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.remembered_hits.load(Relaxed),
+            self.remembered_misses.load(Relaxed),
+        )
+    }
+
+    fn remembered(&self) -> std::sync::MutexGuard<'_, Remembered> {
+        self.remembered.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// [`Store::get_lease`].
     pub async fn get_lease(&self, id: &str) -> Result<Option<LeaseRow>> {
         hot_read!(self, sqlx::query(GET_LEASE_SQL).bind(id), lease_from_row)
@@ -1564,10 +1692,13 @@ impl HotReads {
 /// The unlocked PostgreSQL append ([`Store::append_audit_batch_after`]): the append lock is
 /// still taken (inside the statement, before the inserts, which depend on `ok`) — without it,
 /// a replica appending under the lock after a conflict could lose every race to unlocked
-/// appends. Returns the number of audit rows written (0: the head is gone or moved on).
+/// appends. `$28`, when not null, is the secrets generation the batch's versions were read
+/// under. Returns the number of audit rows written (0: the head is gone or moved on, or the
+/// generation did).
 const PG_APPEND_AFTER_SQL: &str = concat!(
     "WITH ok AS (SELECT 1 FROM (SELECT pg_advisory_xact_lock($1)) lk, audit ",
-    "WHERE audit.seq = $2 AND audit.hash = $3), ",
+    "WHERE audit.seq = $2 AND audit.hash = $3 AND ($28::int8 IS NULL OR ",
+    "(SELECT n FROM secrets_generation WHERE id = 1) = $28::int8)), ",
     "l AS (INSERT INTO leases (",
     lease_cols!(),
     ") SELECT * FROM UNNEST($4::text[], $5::text[], $6::text[], $7::text[], $8::text[], ",
@@ -1581,12 +1712,25 @@ const PG_APPEND_AFTER_SQL: &str = concat!(
     "SELECT count(*) FROM a"
 );
 
-const LATEST_VERSION_SQL: &str = concat!(
-    "SELECT ",
-    version_cols!(),
-    " FROM secret_versions WHERE path = $1 ",
-    "AND deleted_ms IS NULL AND destroyed_ms IS NULL ORDER BY version DESC LIMIT 1"
+macro_rules! latest_version_sql {
+    () => {
+        concat!(
+            "SELECT ",
+            version_cols!(),
+            " FROM secret_versions WHERE path = $1 ",
+            "AND deleted_ms IS NULL AND destroyed_ms IS NULL ORDER BY version DESC LIMIT 1"
+        )
+    };
+}
+const LATEST_VERSION_SQL: &str = latest_version_sql!();
+/// The newest live version of a path (its columns null when there is none) and the secrets
+/// generation, read in one statement: one snapshot.
+const LATEST_VERSION_AT_SQL: &str = concat!(
+    "SELECT g.n AS generation, v.* FROM secrets_generation g LEFT JOIN (",
+    latest_version_sql!(),
+    ") v ON 1 = 1 WHERE g.id = 1"
 );
+const SECRETS_GENERATION_SQL: &str = "SELECT n FROM secrets_generation WHERE id = 1";
 const GET_LEASE_SQL: &str = concat!("SELECT ", lease_cols!(), " FROM leases WHERE id = $1");
 
 /// One writer at a time on SQLite, in this process: see [`Store::sqlite_write_lock`].
@@ -1615,9 +1759,30 @@ impl Store {
         events: Vec<AuditEvent>,
         leases: &[LeaseRow],
     ) -> Result<Vec<AuditRecord>> {
+        self.append_audit_batch_at(events, leases, None).await
+    }
+
+    /// [`Store::append_audit_batch_with`], guarded by the secrets generation when one is
+    /// given: if the database's is another, nothing is written
+    /// ([`StoreError::StaleGeneration`]).
+    pub async fn append_audit_batch_at(
+        &self,
+        events: Vec<AuditEvent>,
+        leases: &[LeaseRow],
+        generation: Option<i64>,
+    ) -> Result<Vec<AuditRecord>> {
         // Reads the head inside the (already locked) transaction, chains after it, inserts.
         macro_rules! append_in {
             ($tx:ident, $db:ty) => {{
+                if let Some(read) = generation {
+                    let current: i64 = sqlx::query_scalar(SECRETS_GENERATION_SQL)
+                        .fetch_one(&mut *$tx)
+                        .await?;
+                    if current != read {
+                        // Dropping the transaction rolls it back.
+                        return Err(StoreError::StaleGeneration { current, read });
+                    }
+                }
                 let head = match sqlx::query(AUDIT_HEAD_SQL)
                     .fetch_optional(&mut *$tx)
                     .await?
@@ -1681,7 +1846,7 @@ impl Store {
         leases: &[LeaseRow],
     ) -> Result<Vec<AuditRecord>> {
         let mut conn = HeldConn::acquire(self).await?;
-        let r = conn.append_after(head, events, leases).await;
+        let r = conn.append_after(head, events, leases, None).await;
         if r.is_err() {
             conn.discard();
         }
@@ -1694,7 +1859,16 @@ impl Store {
             store: self.clone(),
             idle: std::sync::Mutex::new(Vec::new()),
             keep,
+            remembered: std::sync::Mutex::default(),
+            remembered_hits: std::sync::atomic::AtomicU64::new(0),
+            remembered_misses: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// The secrets generation: bumped (by a trigger) in every transaction that changes a
+    /// secret version.
+    pub async fn secrets_generation(&self) -> Result<i64> {
+        Ok(on_pool!(self, p => sqlx::query_scalar(SECRETS_GENERATION_SQL).fetch_one(p).await?))
     }
 
     /// The pool's size.

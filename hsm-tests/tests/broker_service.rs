@@ -422,6 +422,115 @@ async fn two_hundred_concurrent_clients_stay_consistent(env: Env) {
     assert!(report.records >= 1200, "{}", report.records);
 }
 
+/// Another broker replica on the same database: its own memory of secret versions and its own
+/// audit writer, the same HSM token and issuers.
+async fn replica(env: &Env) -> Broker {
+    let ks = broker_keystore(&env._hsm).await;
+    let envelope = Envelope::new(ks, DekCache::new(1000, Duration::from_secs(60)));
+    let dev = Arc::new(Verifier::new(DevIssuer::verifier_config(), env.dev.jwks_source()).unwrap());
+    Broker::new(
+        env.broker.store().clone(),
+        envelope,
+        dev.clone(),
+        BrokerConfig::default(),
+    )
+    .await
+    .unwrap()
+    .with_dev_verifier(dev)
+    .with_bootstrap_admin(SecretString::from(
+        "bootstrap-credential-for-tests".to_string(),
+    ))
+}
+
+/// A replica remembers the versions it leases; when another replica puts, deletes or
+/// destroys the secret, its next lease still hands out exactly what the database holds (the
+/// stale attempt is refused by the guarded append and made again, storing nothing twice).
+async fn a_lease_never_hands_out_a_version_another_replica_replaced(env: Env) {
+    let other = replica(&env).await;
+    let put_on_other = |v: &'static str| {
+        let other = &other;
+        let admin = env.admin.clone();
+        async move {
+            other
+                .put_secret(&admin, "shared/app", SecretData::from_pairs([("k", v)]))
+                .await
+                .unwrap()
+        }
+    };
+    let reader = env.login("team-a", "sa").await;
+    let lease = || env.broker.lease(&reader, "shared/app", None);
+    let value = |g: &keyhaven_broker::service::LeaseGrant| {
+        String::from_utf8(g.data.0["k"].to_vec()).unwrap()
+    };
+    let metric = |text: &str, name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /metrics"))
+    };
+    let mut granted = 0;
+
+    assert_eq!(put_on_other("v1").await, 1);
+    for _ in 0..3 {
+        let g = lease().await.unwrap();
+        assert_eq!((g.version, value(&g).as_str()), (1, "v1"));
+        granted += 1;
+    }
+    let text = env.broker.metrics_text().await;
+    assert!(
+        metric(&text, "keyhaven_broker_lease_version_memory_hits ") >= 2,
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "keyhaven_broker_lease_version_memory_stale_total "),
+        0
+    );
+
+    assert_eq!(put_on_other("v2").await, 2);
+    let g = lease().await.unwrap();
+    assert_eq!((g.version, value(&g).as_str()), (2, "v2"));
+    granted += 1;
+    let text = env.broker.metrics_text().await;
+    assert_eq!(
+        metric(&text, "keyhaven_broker_lease_version_memory_stale_total "),
+        1
+    );
+
+    other
+        .delete_secret(&env.admin, "shared/app", false)
+        .await
+        .unwrap();
+    let e = lease().await.unwrap_err();
+    assert!(matches!(e, BrokerError::NotFound(_)), "{e:?}");
+
+    assert_eq!(put_on_other("v3").await, 3);
+    let g = lease().await.unwrap();
+    assert_eq!((g.version, value(&g).as_str()), (3, "v3"));
+    granted += 1;
+    other
+        .delete_secret(&env.admin, "shared/app", true)
+        .await
+        .unwrap();
+    let e = lease().await.unwrap_err();
+    assert!(matches!(e, BrokerError::NotFound(_)), "{e:?}");
+
+    // Exactly the granted leases exist, each with one record; the chain is whole.
+    let store = env.broker.store();
+    let now = keyhaven_broker::audit::now_ms();
+    assert_eq!(store.count_active_leases(now).await.unwrap(), granted);
+    let recs = store.audit_records(0, 1000).await.unwrap();
+    let leases: Vec<_> = recs
+        .iter()
+        .filter(|r| r.event.kind == EventKind::Lease)
+        .map(|r| r.event.outcome)
+        .collect();
+    assert_eq!(
+        leases.iter().filter(|o| **o == Outcome::Ok).count() as i64,
+        granted
+    );
+    assert_eq!(leases.len() as i64, granted + 2);
+    assert!(store.verify_audit().await.unwrap().is_ok());
+}
+
 macro_rules! scenarios {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -439,6 +548,7 @@ scenarios!(
     renew_until_max_then_refused_and_revoke,
     operators_revoke_by_identity_pod_and_prefix,
     two_hundred_concurrent_clients_stay_consistent,
+    a_lease_never_hands_out_a_version_another_replica_replaced,
 );
 
 /// Each record's (kind, outcome), in order.

@@ -675,6 +675,106 @@ async fn two_appenders_on_one_database_keep_one_unbroken_chain(env: Env) {
     assert_eq!(ids.len(), 200);
 }
 
+/// The secrets generation moves with every change to a secret (and not with a refused write);
+/// a version remembered under an older generation is never written into a lease: the guarded
+/// append refuses, writing nothing, on the locked path and on the unlocked one.
+async fn a_remembered_version_is_handed_out_only_under_the_current_generation(env: Env) {
+    use keyhaven_broker::audit::{AuditEvent, EventKind, Outcome};
+    let s = &env.store;
+    let reads = s.hot_reads(2);
+    let generation = || async { s.secrets_generation().await.unwrap() };
+    let d = SecretData::from_pairs([("k", "v")]);
+    let g0 = generation().await;
+    put(&env, "a/b", &d).await;
+    let g1 = generation().await;
+    assert!(g1 > g0);
+    // A refused write (the same version again) moves nothing.
+    let sealed = env.envelope.seal(env.kek, "a/b", 1, &d).await.unwrap();
+    s.insert_version("a/b", 1, now_ms(), &sealed)
+        .await
+        .unwrap_err();
+    assert_eq!(generation().await, g1);
+
+    // Read once, then remembered, with the generation it was read under.
+    for _ in 0..2 {
+        let (v, g) = reads.latest_version_remembered("a/b").await.unwrap();
+        assert_eq!((v.unwrap().version, g), (1, g1));
+    }
+    assert_eq!(reads.remembered_stats(), (1, 1));
+    // A path with no live version is not remembered.
+    for _ in 0..2 {
+        let (v, g) = reads.latest_version_remembered("a/none").await.unwrap();
+        assert!(v.is_none());
+        assert_eq!(g, g1);
+    }
+    assert_eq!(reads.remembered_stats(), (1, 3));
+
+    // Another replica writes version 2: this one's memory still says 1 ...
+    put(&env, "a/b", &d).await;
+    let g2 = generation().await;
+    assert!(g2 > g1);
+    let (v, g) = reads.latest_version_remembered("a/b").await.unwrap();
+    assert_eq!((v.unwrap().version, g), (1, g1));
+
+    // ... but a lease guarded by that generation is not stored. First on the locked path
+    // (the appender knows no head yet).
+    let now = now_ms();
+    let ev = |id: &str| {
+        vec![AuditEvent::new(now, EventKind::Lease, Outcome::Ok)
+            .with_identity("ns/sa")
+            .with_lease_id(id)]
+    };
+    let mut appender = s.audit_appender();
+    let head = s.audit_head().await.unwrap();
+    let e = appender
+        .append_at(ev("l1"), &[lease_at("l1", now)], Some(g1))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, StoreError::StaleGeneration { current, read } if current == g2 && read == g1),
+        "{e:?}"
+    );
+    assert_eq!(s.audit_head().await.unwrap(), head);
+    assert!(s.get_lease("l1").await.unwrap().is_none());
+
+    // Under the current generation it is stored; the appender now knows the head, so the
+    // next append takes the unlocked path, which refuses a stale generation just the same.
+    appender
+        .append_at(ev("l2"), &[lease_at("l2", now)], Some(g2))
+        .await
+        .unwrap();
+    assert!(s.get_lease("l2").await.unwrap().is_some());
+    let head = s.audit_head().await.unwrap();
+    assert_eq!(s.soft_delete("a/b", now_ms()).await.unwrap(), 2);
+    let g3 = generation().await;
+    assert!(g3 > g2);
+    let e = appender
+        .append_at(ev("l3"), &[lease_at("l3", now)], Some(g2))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::StaleGeneration { .. }), "{e:?}");
+    assert_eq!(s.audit_head().await.unwrap(), head);
+    assert!(s.get_lease("l3").await.unwrap().is_none());
+    // Unguarded appends are not affected.
+    appender
+        .append_at(ev("l4"), &[lease_at("l4", now)], None)
+        .await
+        .unwrap();
+
+    // Forgotten, the path is read again: soft-deleted, no live version.
+    reads.forget_versions();
+    let (v, g) = reads.latest_version_remembered("a/b").await.unwrap();
+    assert!(v.is_none());
+    assert_eq!(g, g3);
+    // Destroying moves the generation too.
+    s.destroy("a/b", now_ms()).await.unwrap();
+    assert!(generation().await > g3);
+    assert_eq!(
+        s.verify_audit().await.unwrap().unwrap().records,
+        head.seq as u64 + 1
+    );
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -695,6 +795,7 @@ conformance!(
     the_audit_chain_survives_concurrent_appends_and_shows_edits_and_deletions,
     an_append_after_a_stale_or_unknown_head_writes_nothing,
     two_appenders_on_one_database_keep_one_unbroken_chain,
+    a_remembered_version_is_handed_out_only_under_the_current_generation,
 );
 
 /// The broker checkpoints SQLite's write-ahead log itself, off the request path; SQLite's own
