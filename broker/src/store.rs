@@ -1513,6 +1513,10 @@ pub struct HotReads {
 
 /// At most this many paths' newest versions are remembered (then all are forgotten at once).
 pub const REMEMBERED_PATHS: usize = 4096;
+/// At most this many bytes of ciphertext are remembered (then all are forgotten at once).
+pub const REMEMBERED_BYTES: usize = 16 << 20;
+/// A version whose ciphertext is larger than this is read every time.
+pub const REMEMBERED_MAX_VERSION_BYTES: usize = 256 << 10;
 
 /// The newest live version of recently leased paths, all read under one secrets generation
 /// (only ciphertext and the wrapped DEK: no plaintext, no unwrapped key).
@@ -1523,6 +1527,21 @@ struct Remembered {
     /// Bumped by [`HotReads::forget_versions`]: a read that began before is not kept.
     forgotten: u64,
     versions: std::collections::HashMap<String, StoredVersion>,
+    /// Ciphertext bytes in `versions`.
+    bytes: usize,
+}
+
+impl Remembered {
+    fn clear(&mut self) {
+        self.versions.clear();
+        self.bytes = 0;
+    }
+}
+
+fn sealed_len(v: &StoredVersion) -> usize {
+    v.sealed.as_ref().map_or(0, |s| {
+        s.ciphertext.len() + s.nonce.len() + s.dek.ciphertext.len()
+    })
 }
 
 impl std::fmt::Debug for HotReads {
@@ -1648,15 +1667,22 @@ impl HotReads {
         .ok_or_else(|| StoreError::Corrupt("no secrets generation row".into()))?;
         let mut m = self.remembered();
         if generation > m.generation {
-            m.versions.clear();
+            m.clear();
             m.generation = generation;
         }
         if let Some(v) = &version {
-            if generation == m.generation && forgotten == m.forgotten {
-                if m.versions.len() >= REMEMBERED_PATHS {
-                    m.versions.clear();
+            let len = sealed_len(v);
+            if generation == m.generation
+                && forgotten == m.forgotten
+                && len <= REMEMBERED_MAX_VERSION_BYTES
+            {
+                if m.versions.len() >= REMEMBERED_PATHS || m.bytes + len > REMEMBERED_BYTES {
+                    m.clear();
                 }
-                m.versions.insert(path.to_owned(), v.clone());
+                m.bytes += len;
+                if let Some(old) = m.versions.insert(path.to_owned(), v.clone()) {
+                    m.bytes -= sealed_len(&old);
+                }
             }
         }
         Ok((version, generation))
@@ -1666,8 +1692,10 @@ impl HotReads {
     /// append found the generation moved on). Reads already under way are not remembered.
     pub fn forget_versions(&self) {
         let mut m = self.remembered();
-        m.versions.clear();
+        m.clear();
         m.forgotten += 1;
+        // The next read sets it: the generation may also have gone back (a restored backup).
+        m.generation = i64::MIN;
     }
 
     /// Lookups answered from memory, and those that read the database.

@@ -769,6 +769,15 @@ async fn a_remembered_version_is_handed_out_only_under_the_current_generation(en
     // Destroying moves the generation too.
     s.destroy("a/b", now_ms()).await.unwrap();
     assert!(generation().await > g3);
+    // A version too large to keep in memory is read every time.
+    let big = SecretData::from_pairs([("k", "x".repeat(300 << 10))]);
+    put(&env, "a/big", &big).await;
+    let (hits, misses) = reads.remembered_stats();
+    for _ in 0..2 {
+        let (v, _) = reads.latest_version_remembered("a/big").await.unwrap();
+        assert_eq!(v.unwrap().version, 1);
+    }
+    assert_eq!(reads.remembered_stats(), (hits, misses + 2));
     assert_eq!(
         s.verify_audit().await.unwrap().unwrap().records,
         head.seq as u64 + 1
