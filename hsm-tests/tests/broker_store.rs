@@ -808,7 +808,7 @@ conformance!(
 );
 
 /// The broker checkpoints SQLite's write-ahead log itself, off the request path; SQLite's own
-/// checkpoint stays as a far-off backstop.
+/// checkpoint stays as a backstop (which under sustained load is what starts the log over).
 #[test]
 fn the_sqlite_wal_is_checkpointed_on_demand_with_the_automatic_one_as_backstop() {
     run(Db::Sqlite, |env| async move {
@@ -820,7 +820,7 @@ fn the_sqlite_wal_is_checkpointed_on_demand_with_the_automatic_one_as_backstop()
             .fetch_one(p)
             .await
             .unwrap();
-        assert_eq!(backstop, 10_000);
+        assert_eq!(backstop, 40_000);
         let now = now_ms();
         for i in 0..50 {
             let l = lease_at(&format!("w{i}"), now);
