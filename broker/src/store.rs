@@ -309,14 +309,17 @@ fn lease_from_row(r: &impl RowExt) -> Result<LeaseRow> {
     })
 }
 
-/// SQLite's own checkpoint threshold, in pages (about 160 MiB of log). The broker's background
-/// checkpoints copy the log into the database, but SQLite starts the log over only at the start
-/// of a write transaction that finds it wholly copied, and under sustained load (the audit
-/// writer never pausing between commits) that never happens: then this is what starts it over,
-/// inside the audit writer's commit, which takes 10-20 ms (the rest of the copy and a sync of
-/// the database file) and stalls every request waiting. Measured at 128 clients: with 10,000
-/// pages a stall every ~0.2 s (Lease p99 19-23 ms); with 40,000, one every ~1 s (p99 16-17 ms).
-const SQLITE_WAL_BACKSTOP_PAGES: u32 = 40_000;
+/// SQLite's own checkpoint threshold, in pages: a backstop above [`SQLITE_WAL_RESTART_PAGES`].
+/// It runs inside the committing connection's commit (in the broker, the audit writer's, with
+/// every request waiting): 10-20 ms at full load, to copy the rest of the log and sync the
+/// database file. Before the background checkpoint started the log over itself, this was what
+/// did it under sustained load, every ~0.2 s at 128 clients (Lease p99 19-23 ms).
+const SQLITE_WAL_BACKSTOP_PAGES: u32 = 20_000;
+/// Log size, in pages (32 MiB), from which the background checkpoint makes sure the log starts
+/// over (see [`Store::checkpoint_wal`]). Measured at 128 clients against leaving it to a
+/// backstop of 40,000 pages: the same Lease p99 (16-18 ms), and at 1 client 2,340-2,550
+/// instead of 1,740-1,990 Lease/s (SQLite's lookups in a long log cost every commit).
+pub const SQLITE_WAL_RESTART_PAGES: i64 = 8192;
 
 // Column lists as literal-producing macros, so `concat!` can build whole statements from them.
 macro_rules! version_cols {
@@ -380,14 +383,39 @@ impl Store {
     /// past the auto-checkpoint threshold (in the broker, the audit writer, on every request's
     /// path) does not do it inline. Returns the frames in the log and those now in the
     /// database; `None` on PostgreSQL.
+    ///
+    /// SQLite starts the log over only at the start of a write transaction that finds it wholly
+    /// copied, which a writer that never pauses (sustained load) never does: the log would grow
+    /// until the automatic checkpoint, inside the audit writer's commit, copies the rest and
+    /// syncs the database file (10-20 ms with every request waiting). So once the log holds
+    /// [`SQLITE_WAL_RESTART_PAGES`], this copies it again under the process write lock: only
+    /// what was committed during the first copy is left, no write transaction of this process
+    /// can start meanwhile, and the next one starts the log over. A short log also keeps
+    /// SQLite's lookups in it cheap.
     pub async fn checkpoint_wal(&self) -> Result<Option<(i64, i64)>> {
+        self.checkpoint_wal_restarting_at(SQLITE_WAL_RESTART_PAGES)
+            .await
+    }
+
+    /// [`Store::checkpoint_wal`], making sure the log starts over from `restart_pages`.
+    pub async fn checkpoint_wal_restarting_at(
+        &self,
+        restart_pages: i64,
+    ) -> Result<Option<(i64, i64)>> {
         match self {
             Store::Sqlite(p) => {
-                let r = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-                    .fetch_one(p)
-                    .await?;
-                let (log, done): (i64, i64) = (r.try_get(1)?, r.try_get(2)?);
-                Ok(Some((log, done)))
+                let passive = || async {
+                    let r = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+                        .fetch_one(p)
+                        .await?;
+                    Ok::<_, StoreError>((r.try_get::<i64, _>(1)?, r.try_get::<i64, _>(2)?))
+                };
+                let (log, done) = passive().await?;
+                if log < restart_pages {
+                    return Ok(Some((log, done)));
+                }
+                let _g = SQLITE_WRITE_LOCK.lock().await;
+                Ok(Some(passive().await?))
             }
             Store::Postgres(_) => Ok(None),
         }
