@@ -642,7 +642,7 @@ impl Broker {
                 let (row, g) = self.reads.latest_version_remembered(path).await?;
                 (row, Some(g))
             } else {
-                (self.reads.latest_version(path).await?, None)
+                (self.reads.latest_version(path).await?.map(Arc::new), None)
             };
             let row = row.ok_or_else(|| BrokerError::NotFound(format!("secret {path}")))?;
             let sealed = row
@@ -1308,7 +1308,7 @@ fn spawn_audit_writer(
                 let generation = jobs.iter().filter_map(|j| j.generation).max();
                 let written = write_audit_jobs(
                     (&store, &file, &mut appender),
-                    &jobs,
+                    &mut jobs,
                     generation,
                     (&commit_secs, &batch_records),
                 )
@@ -1349,14 +1349,15 @@ enum Written {
 }
 
 /// Stores `jobs` in one transaction (guarded by `generation` when given), then appends the
-/// records to the JSON-lines file in chain order.
+/// records to the JSON-lines file in chain order. The jobs' events and lease rows are moved
+/// into the batch, and given back only when nothing was stored ([`Written::Stale`]).
 async fn write_audit_jobs(
     (store, file, appender): (
         &Store,
         &Mutex<Option<JsonlSink>>,
         &mut crate::store::AuditAppender,
     ),
-    jobs: &[AuditJob],
+    jobs: &mut [AuditJob],
     generation: Option<i64>,
     (commit_secs, batch_records): (
         &prometheus_client::metrics::histogram::Histogram,
@@ -1365,20 +1366,30 @@ async fn write_audit_jobs(
 ) -> Written {
     let mut events = Vec::with_capacity(jobs.len() * 2);
     let mut leases = Vec::new();
-    let mut lasts = Vec::with_capacity(jobs.len());
-    for j in jobs {
-        events.extend(j.events.iter().cloned());
-        // Each job's answer is the last record of its own events.
-        lasts.push(events.len().saturating_sub(1));
-        leases.extend(j.lease.iter().cloned());
+    // Where each job's events end, and whether it brought a lease row.
+    let mut ends = Vec::with_capacity(jobs.len());
+    for j in jobs.iter_mut() {
+        events.append(&mut j.events);
+        let lease = j.lease.take();
+        ends.push((events.len(), lease.is_some()));
+        leases.extend(lease);
     }
     batch_records.observe(events.len() as f64);
     let t0 = std::time::Instant::now();
-    let appended = appender.append_at(events, &leases, generation).await;
+    let appended = appender.append_at(&events, &leases, generation).await;
     commit_secs.observe(t0.elapsed().as_secs_f64());
     let recs = match appended {
         Ok(recs) => recs,
-        Err(StoreError::StaleGeneration { .. }) => return Written::Stale,
+        Err(StoreError::StaleGeneration { .. }) => {
+            // Each job gets its own events and lease row back, last job first.
+            for (i, j) in jobs.iter_mut().enumerate().rev() {
+                j.events = events.split_off(if i == 0 { 0 } else { ends[i - 1].0 });
+                if ends[i].1 {
+                    j.lease = leases.pop();
+                }
+            }
+            return Written::Stale;
+        }
         Err(e) => {
             tracing::error!(error = %e, "audit write failed; refusing the requests");
             return Written::Answers(
@@ -1413,13 +1424,15 @@ async fn write_audit_jobs(
         }
     }
     Written::Answers(
-        lasts
-            .into_iter()
-            .map(|last| match (&file_failed, recs.get(last)) {
-                (None, Some(rec)) => Ok(rec.clone()),
-                (None, None) => Err(BrokerError::Internal("audit writer lost a record".into())),
-                (Some(_), _) => Err(BrokerError::Unavailable("audit file unavailable".into())),
-            })
+        ends.into_iter()
+            // Each job's answer is the last record of its own events.
+            .map(
+                |(end, _)| match (&file_failed, recs.get(end.saturating_sub(1))) {
+                    (None, Some(rec)) => Ok(rec.clone()),
+                    (None, None) => Err(BrokerError::Internal("audit writer lost a record".into())),
+                    (Some(_), _) => Err(BrokerError::Unavailable("audit file unavailable".into())),
+                },
+            )
             .collect(),
     )
 }

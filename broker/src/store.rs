@@ -1326,7 +1326,7 @@ impl AuditAppender {
         events: Vec<AuditEvent>,
         leases: &[LeaseRow],
     ) -> Result<Vec<AuditRecord>> {
-        self.append_at(events, leases, None).await
+        self.append_at(&events, leases, None).await
     }
 
     /// [`AuditAppender::append`], guarded by the secrets generation when one is given: if
@@ -1334,7 +1334,7 @@ impl AuditAppender {
     /// [`StoreError::StaleGeneration`] (see [`HotReads::latest_version_remembered`]).
     pub async fn append_at(
         &mut self,
-        events: Vec<AuditEvent>,
+        events: &[AuditEvent],
         leases: &[LeaseRow],
         generation: Option<i64>,
     ) -> Result<Vec<AuditRecord>> {
@@ -1352,7 +1352,7 @@ impl AuditAppender {
                         None => HeldConn::acquire(&self.store).await?,
                     };
                     let r = conn
-                        .append_after(&h, events.clone(), leases, generation)
+                        .append_after(&h, events.to_vec(), leases, generation)
                         .await;
                     match &r {
                         Ok(_) => self.conn = Some(conn),
@@ -1362,7 +1362,7 @@ impl AuditAppender {
                 }
                 None => {
                     self.store
-                        .append_audit_batch_at(events.clone(), leases, generation)
+                        .append_audit_batch_at(events.to_vec(), leases, generation)
                         .await
                 }
             };
@@ -1569,7 +1569,7 @@ struct Remembered {
     generation: i64,
     /// Bumped by [`HotReads::forget_versions`]: a read that began before is not kept.
     forgotten: u64,
-    versions: std::collections::HashMap<String, StoredVersion>,
+    versions: std::collections::HashMap<String, std::sync::Arc<StoredVersion>>,
     /// Ciphertext bytes in `versions`.
     bytes: usize,
 }
@@ -1685,13 +1685,13 @@ impl HotReads {
     pub async fn latest_version_remembered(
         &self,
         path: &str,
-    ) -> Result<(Option<StoredVersion>, i64)> {
+    ) -> Result<(Option<std::sync::Arc<StoredVersion>>, i64)> {
         use std::sync::atomic::Ordering::Relaxed;
         let forgotten = {
             let m = self.remembered();
             if let Some(v) = m.versions.get(path) {
                 self.remembered_hits.fetch_add(1, Relaxed);
-                return Ok((Some(v.clone()), m.generation));
+                return Ok((Some(std::sync::Arc::clone(v)), m.generation));
             }
             m.forgotten
         };
@@ -1708,6 +1708,7 @@ impl HotReads {
             }
         )?
         .ok_or_else(|| StoreError::Corrupt("no secrets generation row".into()))?;
+        let version = version.map(std::sync::Arc::new);
         let mut m = self.remembered();
         if generation > m.generation {
             m.clear();
@@ -1723,7 +1724,7 @@ impl HotReads {
                     m.clear();
                 }
                 m.bytes += len;
-                if let Some(old) = m.versions.insert(path.to_owned(), v.clone()) {
+                if let Some(old) = m.versions.insert(path.to_owned(), std::sync::Arc::clone(v)) {
                     m.bytes -= sealed_len(&old);
                 }
             }

@@ -727,7 +727,7 @@ async fn a_remembered_version_is_handed_out_only_under_the_current_generation(en
     let mut appender = s.audit_appender();
     let head = s.audit_head().await.unwrap();
     let e = appender
-        .append_at(ev("l1"), &[lease_at("l1", now)], Some(g1))
+        .append_at(&ev("l1"), &[lease_at("l1", now)], Some(g1))
         .await
         .unwrap_err();
     assert!(
@@ -740,7 +740,7 @@ async fn a_remembered_version_is_handed_out_only_under_the_current_generation(en
     // Under the current generation it is stored; the appender now knows the head, so the
     // next append takes the unlocked path, which refuses a stale generation just the same.
     appender
-        .append_at(ev("l2"), &[lease_at("l2", now)], Some(g2))
+        .append_at(&ev("l2"), &[lease_at("l2", now)], Some(g2))
         .await
         .unwrap();
     assert!(s.get_lease("l2").await.unwrap().is_some());
@@ -749,7 +749,7 @@ async fn a_remembered_version_is_handed_out_only_under_the_current_generation(en
     let g3 = generation().await;
     assert!(g3 > g2);
     let e = appender
-        .append_at(ev("l3"), &[lease_at("l3", now)], Some(g2))
+        .append_at(&ev("l3"), &[lease_at("l3", now)], Some(g2))
         .await
         .unwrap_err();
     assert!(matches!(e, StoreError::StaleGeneration { .. }), "{e:?}");
@@ -757,7 +757,7 @@ async fn a_remembered_version_is_handed_out_only_under_the_current_generation(en
     assert!(s.get_lease("l3").await.unwrap().is_none());
     // Unguarded appends are not affected.
     appender
-        .append_at(ev("l4"), &[lease_at("l4", now)], None)
+        .append_at(&ev("l4"), &[lease_at("l4", now)], None)
         .await
         .unwrap();
 
