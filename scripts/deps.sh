@@ -22,6 +22,20 @@ need_rust() {
         kh_say "missing: a Rust toolchain (cargo). Install it from https://rustup.rs, then re-run."
         return 1
     fi
+    # Our own protos build with protox (pure Rust), but the etcd client crate's build script
+    # runs protoc.
+    if ! command -v protoc >/dev/null 2>&1 && [ -z "${PROTOC:-}" ]; then
+        kh_apt_install protobuf-compiler
+    fi
+}
+
+# etcd server binary (the `keys usage`/`migrate`/`retire` tests start throwaway members).
+need_etcd() {
+    if command -v etcd >/dev/null 2>&1 || [ -n "${KEYHAVEN_ETCD_BIN:-}" ]; then
+        return 0
+    fi
+    kh_apt_install etcd-server
+    command -v etcd >/dev/null 2>&1 || { kh_say "etcd-server installed but etcd not found"; return 1; }
 }
 
 # The PKCS#11 module path of SoftHSM2 on this machine (empty if none).

@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 need_rust
 need_softhsm
 need_postgres
+need_etcd
 
 # End-to-end tests start our real binaries (kms-plugin, ...): build them first.
 cargo build --workspace --bins

@@ -9,6 +9,12 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use keyhaven_hsm::{Config, PinSource, TokenSelector};
 
+use crate::apiserver::KubeArgs;
+use crate::etcd::EtcdArgs;
+use crate::migrate::MigrateArgs;
+use crate::retire::RetireChecks;
+use crate::rotation::CompleteArgs;
+
 /// Kubernetes KMS v2 plugin with keys held in a PKCS#11 HSM.
 #[derive(Debug, Parser)]
 #[command(name = "kms-plugin", version, about)]
@@ -58,8 +64,24 @@ pub enum KeysCommand {
     /// Create the first KEK if the token has none (idempotent).
     Init,
     /// Create a new KEK; it becomes the primary. A running plugin adopts it within its rescan
-    /// interval, or at once on SIGHUP. Older KEKs stay usable for Decrypt.
-    Rotate,
+    /// interval, or at once on SIGHUP. Older KEKs stay usable for Decrypt. With `--complete`,
+    /// finish the rotation too: wait for the plugins and the apiserver, re-write every
+    /// object, prove from etcd that nothing needs the older keys (and `--retire-old` them).
+    /// A re-run continues an unfinished rotation instead of starting another.
+    Rotate(Box<RotateArgs>),
+    /// Count what etcd holds by key_id and resource (read-only): which keys objects still
+    /// need, and what is not under KMS v2 at all.
+    Usage {
+        /// etcd access.
+        #[command(flatten)]
+        etcd: EtcdArgs,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: OutputFormat,
+    },
+    /// Re-write every object of the encrypted resources through the apiserver so each is
+    /// stored under the current primary. Refuses until the apiserver writes under it.
+    Migrate(Box<MigrateCommand>),
     /// Show every KEK: label, key_id, created, role and (from a running plugin) last decrypt.
     List {
         /// Metrics address of a running plugin (`host:port`) to ask when each KEK last
@@ -70,15 +92,72 @@ pub enum KeysCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Destroy an old KEK in the HSM. Everything still encrypted under it becomes
-    /// unreadable: re-write all Secrets first (see docs/kms-plugin.md). Refuses the primary.
-    Retire {
-        /// The key_id (as `keys list` shows it) of the KEK to destroy.
-        key_id: String,
-        /// Confirm: really destroy it.
-        #[arg(long)]
-        yes: bool,
-    },
+    /// Destroy an old KEK in the HSM — only once etcd shows no object stored under it and no
+    /// running plugin decrypted with it recently. Refuses the primary.
+    Retire(Box<RetireArgs>),
+}
+
+/// `kms-plugin keys rotate`.
+#[derive(Debug, Clone, Args)]
+pub struct RotateArgs {
+    /// Finish the rotation: plugins, apiserver, migration, proof (needs etcd and apiserver
+    /// access).
+    #[arg(long)]
+    pub complete: bool,
+    /// etcd access.
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+    /// apiserver access.
+    #[command(flatten)]
+    pub kube: KubeArgs,
+    /// Migration tuning.
+    #[command(flatten)]
+    pub migrate: MigrateArgs,
+    /// Checks before retiring the older keys.
+    #[command(flatten)]
+    pub checks: RetireChecks,
+    /// Waiting and retiring.
+    #[command(flatten)]
+    pub complete_args: CompleteArgs,
+}
+
+/// `kms-plugin keys migrate`.
+#[derive(Debug, Clone, Args)]
+pub struct MigrateCommand {
+    /// etcd access (optional: skips objects already under the primary, and reads the canary).
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+    /// apiserver access.
+    #[command(flatten)]
+    pub kube: KubeArgs,
+    /// Migration tuning.
+    #[command(flatten)]
+    pub migrate: MigrateArgs,
+}
+
+/// `kms-plugin keys retire`.
+#[derive(Debug, Clone, Args)]
+pub struct RetireArgs {
+    /// The key_id (as `keys list` shows it) of the KEK to destroy.
+    pub key_id: String,
+    /// Confirm: really destroy it (without it, only the checks run).
+    #[arg(long)]
+    pub yes: bool,
+    /// etcd access: retire counts the objects stored under the key at the time of retire.
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+    /// Plugins to ask, and the escape hatch.
+    #[command(flatten)]
+    pub checks: RetireChecks,
+}
+
+/// Output of `keys usage`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// A table for people.
+    Table,
+    /// JSON for scripts.
+    Json,
 }
 
 /// `kms-plugin token ...`

@@ -1,12 +1,18 @@
-//! `kms-plugin keys ...`: KEK management on the same token as a running plugin.
+//! `kms-plugin keys ...`: KEK management on the same token as a running plugin, and the
+//! commands that finish a rotation (usage, migrate, guarded retire, rotate --complete).
 
 use std::io::Write;
 
 use keyhaven_hsm::BlockingKeystore;
 
-use crate::cli::KeysCommand;
+use crate::apiserver::{self, ApiserverError};
+use crate::cli::{KeysCommand, MigrateCommand, OutputFormat};
 use crate::envelope;
+use crate::etcd::{Etcd, EtcdError};
+use crate::migrate::Migration;
 use crate::plugin::{KeyReport, Keyring};
+use crate::rotation::Rotation;
+use crate::usage::Inventory;
 
 /// Why a keys command did not do what was asked.
 #[derive(Debug, thiserror::Error)]
@@ -17,6 +23,15 @@ pub enum KeysError {
     /// The operator asked for something we refuse to do.
     #[error("{0}")]
     Refused(String),
+    /// Reading etcd failed.
+    #[error("{0}")]
+    Etcd(#[from] EtcdError),
+    /// Talking to the apiserver failed.
+    #[error("{0}")]
+    Apiserver(#[from] ApiserverError),
+    /// Some objects could not be migrated (each was listed).
+    #[error("{0}")]
+    Incomplete(String),
     /// Talking to the running plugin failed.
     #[error("asking the running plugin at {addr}: {reason}")]
     Plugin {
@@ -28,10 +43,11 @@ pub enum KeysError {
 }
 
 /// Runs one keys command, writing human output to `out`.
-pub fn run(ks: &BlockingKeystore, cmd: &KeysCommand, out: &mut dyn Write) -> Result<(), KeysError> {
-    let w = |out: &mut dyn Write, s: String| {
-        let _ = writeln!(out, "{s}");
-    };
+pub async fn run(
+    ks: &BlockingKeystore,
+    cmd: &KeysCommand,
+    out: &mut dyn Write,
+) -> Result<(), KeysError> {
     match cmd {
         KeysCommand::Init => {
             let ring = Keyring::from_keks(ks.list_keks()?);
@@ -53,7 +69,19 @@ pub fn run(ks: &BlockingKeystore, cmd: &KeysCommand, out: &mut dyn Write) -> Res
                 }
             }
         }
-        KeysCommand::Rotate => {
+        KeysCommand::Rotate(r) if r.complete => {
+            Rotation {
+                ks,
+                etcd: &r.etcd,
+                kube: &r.kube,
+                migrate: &r.migrate,
+                checks: &r.checks,
+                opts: &r.complete_args,
+            }
+            .run(out)
+            .await?;
+        }
+        KeysCommand::Rotate(_) => {
             let k = ks.generate_kek()?;
             let key_id = envelope::key_id(&k.id);
             w(
@@ -63,7 +91,8 @@ pub fn run(ks: &BlockingKeystore, cmd: &KeysCommand, out: &mut dyn Write) -> Res
             w(
                 out,
                 "running plugins adopt it within their rescan interval (send SIGHUP for at once); \
-                 then re-write all Secrets and retire the old KEK (docs/kms-plugin.md)"
+                 then `kms-plugin keys migrate` and `kms-plugin keys retire` (or use \
+                 `keys rotate --complete`, which does it all)"
                     .into(),
             );
         }
@@ -129,33 +158,94 @@ pub fn run(ks: &BlockingKeystore, cmd: &KeysCommand, out: &mut dyn Write) -> Res
                 }
             }
         }
-        KeysCommand::Retire { key_id, yes } => {
-            let ring = Keyring::from_keks(ks.list_keks()?);
-            let Some(entry) = ring.get(key_id) else {
-                return Err(KeysError::Refused(format!(
-                    "no KEK with key_id {key_id} on this token (see `kms-plugin keys list`)"
-                )));
-            };
-            if ring.primary().map(|p| &p.key_id) == Some(&entry.key_id) {
-                return Err(KeysError::Refused(format!(
-                    "{key_id} is the primary KEK: rotate first, re-write all Secrets, then retire it"
-                )));
-            }
-            if !yes {
-                return Err(KeysError::Refused(format!(
-                    "retiring destroys KEK {} ({key_id}) in the HSM; anything still encrypted \
-                     with it becomes unreadable. Re-run with --yes to proceed.",
-                    entry.kek.label
-                )));
-            }
-            ks.destroy_kek(&entry.kek.id)?;
-            w(
-                out,
-                format!("retired (destroyed) KEK {} ({key_id})", entry.kek.label),
-            );
+        KeysCommand::Retire(r) => {
+            crate::retire::run(ks, &r.key_id, r.yes, &r.etcd, &r.checks, out).await?;
         }
+        KeysCommand::Usage { etcd, output } => {
+            if !etcd.configured() {
+                return Err(KeysError::Refused(
+                    "keys usage reads etcd: give --etcd-endpoints (and --etcd-cacert/--etcd-cert/\
+                     --etcd-key, the files the apiserver uses for etcd)"
+                        .into(),
+                ));
+            }
+            let ring = Keyring::from_keks(ks.list_keks()?);
+            let conn = Etcd::connect(etcd).await?;
+            let inv = Inventory::scan(&conn, *output == OutputFormat::Table).await?;
+            let report = inv.report(&ring);
+            match output {
+                OutputFormat::Json => w(
+                    out,
+                    serde_json::to_string_pretty(&report).unwrap_or_default(),
+                ),
+                OutputFormat::Table => {
+                    let _ = write!(out, "{}", report.table(conn.prefix()));
+                }
+            }
+        }
+        KeysCommand::Migrate(m) => migrate(ks, m, out).await?,
     }
     Ok(())
+}
+
+/// `keys migrate`: refuses until the apiserver writes under the primary, then re-writes.
+async fn migrate(
+    ks: &BlockingKeystore,
+    m: &MigrateCommand,
+    out: &mut dyn Write,
+) -> Result<(), KeysError> {
+    let ring = Keyring::from_keks(ks.list_keks()?);
+    let primary = ring
+        .primary()
+        .map(|k| k.key_id.clone())
+        .ok_or_else(|| KeysError::Refused("no KEK on the token: run `kms-plugin keys init`".into()))?;
+    let etcd = match m.etcd.configured() {
+        true => Some(Etcd::connect(&m.etcd).await?),
+        false => None,
+    };
+    let client = apiserver::client(&m.kube).await?;
+    let mut resources = Vec::new();
+    for name in &m.migrate.resources {
+        resources.push(apiserver::resolve(&client, name).await?);
+    }
+    let seen = apiserver::write_canary(&client, &m.kube, etcd.as_ref(), &primary).await?;
+    if !seen.is_under(&primary) {
+        return Err(KeysError::Refused(format!(
+            "the apiserver does not write under the current primary {primary} yet ({}): a \
+             re-write now would keep every object under the old key. Make sure every plugin \
+             serves it (`kms-plugin keys list --plugin-addr ...`; SIGHUP adopts at once), wait \
+             for the apiserver's next Status poll (about 60 s), and run again.",
+            seen.describe()
+        )));
+    }
+    w(out, format!("apiserver writes under {primary}: {}", seen.describe()));
+    let migration = Migration::new(&client, etcd.as_ref(), &primary, &m.migrate, true);
+    let mut failed = 0;
+    for r in &resources {
+        let s = migration.run(r).await?;
+        w(out, s.line());
+        for (id, why) in &s.failed {
+            w(out, format!("  failed {id}: {why}"));
+        }
+        failed += s.failed.len();
+    }
+    if failed > 0 {
+        return Err(KeysError::Incomplete(format!(
+            "{failed} objects could not be re-written (listed above); run again to retry them"
+        )));
+    }
+    if etcd.is_none() {
+        w(
+            out,
+            "done; without etcd access nothing was skipped. Prove it with `kms-plugin keys usage`."
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+fn w(out: &mut dyn Write, s: String) {
+    let _ = writeln!(out, "{s}");
 }
 
 /// Reads `/keys` from a running plugin's metrics listener.

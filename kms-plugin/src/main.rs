@@ -58,7 +58,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Keys { hsm, command } => {
             init_logs(LogFormat::Text);
             let ks = keyhaven_hsm::BlockingKeystore::open(hsm.config())?;
-            kms_plugin::keys::run(&ks, &command, &mut std::io::stdout())?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            rt.block_on(kms_plugin::keys::run(&ks, &command, &mut std::io::stdout()))?;
         }
         Command::Probe { listen } => {
             let rt = tokio::runtime::Builder::new_current_thread()

@@ -27,6 +27,15 @@ pub struct HsmOp {
     pub op: &'static str,
 }
 
+/// Labels of per-key metrics: only key_ids of KEKs on the token (a bounded set).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KeyOp {
+    /// `encrypt` or `decrypt`.
+    pub op: &'static str,
+    /// The KEK's key_id.
+    pub key_id: String,
+}
+
 fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.00005, 2.0, 18))
 }
@@ -47,6 +56,8 @@ pub struct Metrics {
     pub keks: Gauge,
     /// Connections refused by `--allow-uid`.
     pub refused_peers: Counter,
+    key_ops: Family<KeyOp, Counter>,
+    key_last_used: Family<KeyOp, Gauge>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -76,6 +87,18 @@ impl Metrics {
         let key_id_hash = Gauge::default();
         let keks = Gauge::default();
         let refused_peers = Counter::default();
+        let key_ops = Family::<KeyOp, Counter>::default();
+        let key_last_used = Family::<KeyOp, Gauge>::default();
+        registry.register(
+            "key_operations",
+            "Successful Encrypt/Decrypt calls by KEK key_id (keys on the token only)",
+            key_ops.clone(),
+        );
+        registry.register(
+            "key_last_used_timestamp_seconds",
+            "Unix time of the last successful Encrypt/Decrypt by KEK key_id since the plugin started",
+            key_last_used.clone(),
+        );
         registry.register(
             "requests",
             "gRPC requests by method and code",
@@ -122,7 +145,25 @@ impl Metrics {
             key_id_hash,
             keks,
             refused_peers,
+            key_ops,
+            key_last_used,
         }
+    }
+
+    /// Records one successful Encrypt or Decrypt under a KEK of the token.
+    pub fn key_used(&self, op: &'static str, key_id: &str) {
+        let labels = KeyOp {
+            op,
+            key_id: key_id.to_owned(),
+        };
+        self.key_ops.get_or_create(&labels).inc();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        self.key_last_used
+            .get_or_create(&labels)
+            .set(i64::try_from(now).unwrap_or(i64::MAX));
     }
 
     /// Records one finished request.

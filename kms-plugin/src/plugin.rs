@@ -351,6 +351,7 @@ impl Plugin {
                 )))
             }
         };
+        self.metrics.key_used("encrypt", &primary.key_id);
         Ok(EncryptResponse {
             ciphertext: envelope::encode(&sealed.iv, &sealed.ciphertext),
             key_id: primary.key_id.clone(),
@@ -408,6 +409,7 @@ impl Plugin {
                 )))
             }
         };
+        self.metrics.key_used("decrypt", &entry.key_id);
         self.last_decrypt
             .lock()
             .unwrap_or_else(|p| p.into_inner())

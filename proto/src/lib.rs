@@ -7,7 +7,8 @@
 /// Kubernetes KMS v2 (`package v2`), as the kube-apiserver calls it.
 #[allow(missing_docs, missing_debug_implementations, clippy::all)]
 pub mod kms {
-    /// `package v2` from `kms/v2/api.proto`.
+    /// `package v2` from `kms/v2/api.proto`, and the `EncryptedObject` the apiserver
+    /// stores in etcd (`kms/v2/storage.proto`, the same upstream package).
     pub mod v2 {
         tonic::include_proto!("v2");
     }
