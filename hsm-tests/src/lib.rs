@@ -9,7 +9,9 @@
 // Test support: a fixture that cannot set up its token should fail the test loudly.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
+pub mod apiserver;
 pub mod broker;
+pub mod etcd;
 pub mod postgres;
 pub mod process;
 pub mod softhsm;

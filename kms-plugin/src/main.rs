@@ -7,8 +7,10 @@ use clap::Parser;
 use kms_plugin::cli::{Cli, Command, LogFormat, TokenCommand};
 
 fn init_logs(format: LogFormat) {
+    // The Kubernetes client logs every error answer itself; `keys migrate` reports each
+    // failure (and every retry's outcome) in its own words.
     let filter = tracing_subscriber::EnvFilter::try_from_env("KEYHAVEN_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube_client=off"));
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
