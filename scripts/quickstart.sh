@@ -174,7 +174,13 @@ kill -HUP "$PLUGIN_PID"
 sleep 1
 "$BIN/kms-plugin" probe --listen "unix://$SOCK" | indent
 "$BIN/kms-plugin" keys list --plugin-addr "127.0.0.1:$PLUGIN_METRICS" | indent
-echo "    (older KEKs stay decrypt-only until you retire them: see docs/kms-plugin.md)"
+echo "    (older KEKs stay decrypt-only until you retire them: see docs/rotation.md)"
+OLD_KEY=$("$BIN/kms-plugin" keys list | awk '$1 == "decrypt-only" {print $2; exit}')
+echo "    retiring $OLD_KEY is refused until etcd shows no object needs it (no etcd in this demo):"
+if "$BIN/kms-plugin" keys retire "$OLD_KEY" --yes > "$DEV/retire.txt" 2>&1; then
+    fail "keys retire destroyed a key without proof that nothing needs it"
+fi
+fold -s -w 92 < "$DEV/retire.txt" | indent
 
 kh_say "13. the audit log is hash-chained; verifying it"
 admin audit verify | indent

@@ -25,6 +25,9 @@ pub enum Command {
     /// broker KEK rotation: the background re-wrap rate (DEKs/s) against the raw HSM
     /// unwrap+wrap rate, per database.
     Rewrap(RewrapArgs),
+    /// `kms-plugin keys usage` over a real etcd (keys/s) against a raw paginated range read of
+    /// the same keys, and the scan's peak RSS.
+    Usage(UsageArgs),
     /// Internal: the bare tonic echo KMS service, run as its own process by `kms` so that the
     /// baseline pays the same cross-process costs as the plugin.
     #[command(hide = true)]
@@ -40,6 +43,29 @@ pub struct EchoArgs {
     /// key_id to answer with.
     #[arg(long)]
     pub key_id: String,
+}
+
+/// `keyhaven-bench usage`.
+#[derive(Debug, Clone, Args)]
+pub struct UsageArgs {
+    /// etcd sizes to measure at (keys, comma-separated; filled in increasing order).
+    #[arg(long, env = "KEYHAVEN_BENCH_KEYS", value_delimiter = ',', default_value = "20000,100000")]
+    pub keys: Vec<usize>,
+    /// Bytes of encrypted data per Secret (a small Secret is about 1 KiB).
+    #[arg(long, env = "KEYHAVEN_BENCH_VALUE_SIZE", default_value_t = 1024)]
+    pub value_size: usize,
+    /// Keys per page, for the scan and the raw read alike.
+    #[arg(long, env = "KEYHAVEN_BENCH_PAGE_SIZE", default_value_t = 500)]
+    pub page_size: u32,
+    /// Alternating rounds per size (the best of each side is reported).
+    #[arg(long, env = "KEYHAVEN_BENCH_ROUNDS", default_value_t = 3)]
+    pub rounds: usize,
+    /// The kms-plugin binary to run. Default: `kms-plugin` beside this binary.
+    #[arg(long, env = "KEYHAVEN_BENCH_PLUGIN")]
+    pub plugin: Option<PathBuf>,
+    /// SoftHSM2 PKCS#11 module (the bench makes its own temporary token with it).
+    #[arg(long, env = "KEYHAVEN_PKCS11_MODULE", default_value = kms_plugin::cli::DEFAULT_MODULE)]
+    pub pkcs11_module: PathBuf,
 }
 
 /// `keyhaven-bench kms`.

@@ -72,8 +72,13 @@ pub fn run(args: &KmsArgs) -> anyhow::Result<()> {
 }
 
 fn plugin_path(args: &KmsArgs) -> anyhow::Result<PathBuf> {
-    let p = match &args.plugin {
-        Some(p) => p.clone(),
+    plugin_bin(args.plugin.as_deref())
+}
+
+/// `--plugin`, or `kms-plugin` beside this binary; checked to exist.
+pub fn plugin_bin(given: Option<&std::path::Path>) -> anyhow::Result<PathBuf> {
+    let p = match given {
+        Some(p) => p.to_path_buf(),
         None => std::env::current_exe()
             .context("find this binary")?
             .parent()

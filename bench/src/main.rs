@@ -9,6 +9,8 @@
 //!   database, and reads the broker's memory with 100,000 active leases.
 //! - `keyhaven-bench rewrap` stores DEKs in a real `broker`'s database, rotates its KEK and
 //!   measures the background re-wrap (DEKs/s) beside the raw HSM unwrap+wrap rate.
+//! - `keyhaven-bench usage` times `kms-plugin keys usage` over a real etcd filled with KMS v2
+//!   values beside a raw paginated range read of the same keys, and reads the scan's peak RSS.
 //!
 //! It is a measuring tool, not a test: targets are reported, never asserted.
 #![forbid(unsafe_code)]
@@ -31,6 +33,7 @@ mod raw;
 mod report;
 mod rewrap;
 mod token;
+mod usage;
 mod workload;
 
 use std::process::ExitCode;
@@ -43,6 +46,7 @@ fn main() -> ExitCode {
         cli::Command::Kms(args) => kms::run(args),
         cli::Command::Broker(args) => broker::run(args),
         cli::Command::Rewrap(args) => rewrap::run(args),
+        cli::Command::Usage(args) => usage::run(args),
         cli::Command::EchoServer(args) => echo::serve_process(args),
     };
     match result {

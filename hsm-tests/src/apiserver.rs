@@ -218,7 +218,11 @@ impl FakeApiserver {
 
     /// Forgets decrypted seeds, so the next read of each Decrypts again (a restart).
     pub fn forget_seeds(&self) {
-        self.state.seeds.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.state
+            .seeds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 
     fn block_on<T>(&self, f: impl std::future::Future<Output = T>) -> T {
@@ -287,7 +291,11 @@ impl State {
         } else if let Some(r) = path.strip_prefix("/apis/example.com/v1") {
             ("example.com", r)
         } else {
-            return status(StatusCode::NOT_FOUND, "NotFound", format!("no route {path}"));
+            return status(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                format!("no route {path}"),
+            );
         };
         let segs: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
         if segs.is_empty() {
@@ -296,7 +304,11 @@ impl State {
                 .filter(|r| r.group == group)
                 .map(Res::discovery)
                 .collect();
-            let gv = if group.is_empty() { "v1".to_string() } else { format!("{group}/v1") };
+            let gv = if group.is_empty() {
+                "v1".to_string()
+            } else {
+                format!("{group}/v1")
+            };
             return axum::Json(json!({"kind": "APIResourceList", "apiVersion": "v1",
                 "groupVersion": gv, "resources": list}))
             .into_response();
@@ -305,7 +317,13 @@ impl State {
             [plural] => (None, *plural, None),
             ["namespaces", ns, plural] => (Some(*ns), *plural, None),
             ["namespaces", ns, plural, name] => (Some(*ns), *plural, Some(*name)),
-            _ => return status(StatusCode::NOT_FOUND, "NotFound", format!("no route {path}")),
+            _ => {
+                return status(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    format!("no route {path}"),
+                )
+            }
         };
         let Some(res) = RESOURCES
             .iter()
@@ -328,7 +346,10 @@ impl State {
                 let key = format!("{}/{ns}/{name}", res.etcd_dir(&self.prefix));
                 match self.read(&key).await {
                     Ok(Some(v)) => Ok(v),
-                    Ok(None) => Err((StatusCode::NOT_FOUND, format!("{plural} \"{name}\" not found"))),
+                    Ok(None) => Err((
+                        StatusCode::NOT_FOUND,
+                        format!("{plural} \"{name}\" not found"),
+                    )),
                     Err(e) => Err(e),
                 }
             }
@@ -347,7 +368,8 @@ impl State {
     fn metrics(&self) -> String {
         use sha2::Digest;
         let m = self.to_storage.lock().unwrap_or_else(|p| p.into_inner());
-        let mut s = String::from("# TYPE apiserver_envelope_encryption_key_id_hash_total counter\n");
+        let mut s =
+            String::from("# TYPE apiserver_envelope_encryption_key_id_hash_total counter\n");
         for (key_id, n) in m.iter() {
             s.push_str(&format!(
                 "apiserver_envelope_encryption_key_id_hash_total{{apiserver_id_hash=\"sha256:00\",key_id_hash=\"sha256:{}\",provider_name=\"{PROVIDER}\",transformation_type=\"to_storage\"}} {n}\n",
@@ -358,12 +380,18 @@ impl State {
     }
 
     fn faults(&self) -> Faults {
-        self.faults.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.faults
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     async fn list(&self, res: &Res, ns: Option<&str>, q: &HashMap<String, String>) -> Reply {
         if self.faults().fail_list {
-            return Err((StatusCode::INTERNAL_SERVER_ERROR, "etcdserver: request timed out".into()));
+            return Err((
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "etcdserver: request timed out".into(),
+            ));
         }
         let dir = match ns {
             Some(ns) => format!("{}/{ns}/", res.etcd_dir(&self.prefix)),
@@ -371,13 +399,18 @@ impl State {
         };
         let limit: i64 = q.get("limit").and_then(|l| l.parse().ok()).unwrap_or(0);
         let start = match q.get("continue").filter(|c| !c.is_empty()) {
-            Some(c) => hex::decode(c).map_err(|_| (StatusCode::BAD_REQUEST, "bad continue".to_string()))?,
+            Some(c) => {
+                hex::decode(c).map_err(|_| (StatusCode::BAD_REQUEST, "bad continue".to_string()))?
+            }
             None => dir.clone().into_bytes(),
         };
         let end = kms_plugin::etcd::prefix_end(dir.as_bytes());
         let mut etcd = self.etcd.clone();
         let r = etcd
-            .get(start, Some(GetOptions::new().with_range(end).with_limit(limit)))
+            .get(
+                start,
+                Some(GetOptions::new().with_range(end).with_limit(limit)),
+            )
             .await
             .map_err(internal)?;
         let mut items = Vec::new();
@@ -386,7 +419,8 @@ impl State {
                 items.push(v);
             }
         }
-        let mut meta = json!({"resourceVersion": r.header().map(|h| h.revision()).unwrap_or(0).to_string()});
+        let mut meta =
+            json!({"resourceVersion": r.header().map(|h| h.revision()).unwrap_or(0).to_string()});
         if r.more() {
             if let Some(last) = r.kvs().last() {
                 let mut next = last.key().to_vec();
@@ -394,8 +428,10 @@ impl State {
                 meta["continue"] = json!(hex::encode(next));
             }
         }
-        Ok(json!({"kind": format!("{}List", res.kind), "apiVersion": res.api_version(),
-            "metadata": meta, "items": items}))
+        Ok(
+            json!({"kind": format!("{}List", res.kind), "apiVersion": res.api_version(),
+            "metadata": meta, "items": items}),
+        )
     }
 
     async fn create(&self, res: &Res, ns: &str, mut obj: Value) -> Reply {
@@ -432,7 +468,10 @@ impl State {
         if take_conflict {
             // Someone else writes the object first.
             if let Some(mut cur) = self.read(&key).await? {
-                let rv: i64 = cur["metadata"]["resourceVersion"].as_str().and_then(|s| s.parse().ok()).unwrap_or(0);
+                let rv: i64 = cur["metadata"]["resourceVersion"]
+                    .as_str()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0);
                 cur["metadata"]["labels"] = json!({"touched": "by-someone-else"});
                 self.store(&key, &cur, Some(rv)).await?;
             }
@@ -440,24 +479,38 @@ impl State {
         let rv: i64 = obj["metadata"]["resourceVersion"]
             .as_str()
             .and_then(|s| s.parse().ok())
-            .ok_or((StatusCode::BAD_REQUEST, "metadata.resourceVersion required".to_string()))?;
+            .ok_or((
+                StatusCode::BAD_REQUEST,
+                "metadata.resourceVersion required".to_string(),
+            ))?;
         let rev = self.store(&key, &obj, Some(rv)).await?;
         obj["metadata"]["resourceVersion"] = json!(rev.to_string());
         Ok(obj)
     }
 
     /// The key the apiserver writes under now (asking Status unless frozen).
-    async fn write_key(&self) -> Result<tokio::sync::MutexGuard<'_, Option<WriteKey>>, (StatusCode, String)> {
+    async fn write_key(
+        &self,
+    ) -> Result<tokio::sync::MutexGuard<'_, Option<WriteKey>>, (StatusCode, String)> {
         let mut wk = self.write_key.lock().await;
         if wk.is_some() && self.frozen.load(Ordering::SeqCst) {
             return Ok(wk);
         }
-        let mut c = kms_plugin::client::connect(&self.plugin).await.map_err(internal)?;
-        let st = c.status(StatusRequest {}).await.map_err(internal)?.into_inner();
+        let mut c = kms_plugin::client::connect(&self.plugin)
+            .await
+            .map_err(internal)?;
+        let st = c
+            .status(StatusRequest {})
+            .await
+            .map_err(internal)?
+            .into_inner();
         if wk.as_ref().map(|k| k.key_id.as_str()) != Some(st.key_id.as_str()) {
             let seed = zeroize::Zeroizing::new(rand::random::<[u8; 32]>().to_vec());
             let e = c
-                .encrypt(EncryptRequest { plaintext: seed.to_vec(), uid: "fake-apiserver".into() })
+                .encrypt(EncryptRequest {
+                    plaintext: seed.to_vec(),
+                    uid: "fake-apiserver".into(),
+                })
                 .await
                 .map_err(internal)?
                 .into_inner();
@@ -475,7 +528,12 @@ impl State {
     }
 
     /// Encrypts and writes `obj` at `key` if its mod revision is `expect` (None: absent).
-    async fn store(&self, key: &str, obj: &Value, expect: Option<i64>) -> Result<i64, (StatusCode, String)> {
+    async fn store(
+        &self,
+        key: &str,
+        obj: &Value,
+        expect: Option<i64>,
+    ) -> Result<i64, (StatusCode, String)> {
         let mut clean = obj.clone();
         if let Some(m) = clean["metadata"].as_object_mut() {
             m.remove("resourceVersion");
@@ -487,7 +545,11 @@ impl State {
             let nonce: [u8; 12] = rand::random();
             let cipher = Aes256Gcm::new_from_slice(&wk.seed).map_err(internal)?;
             let mut data = nonce.to_vec();
-            data.extend(cipher.encrypt(Nonce::from_slice(&nonce), plain.as_slice()).map_err(internal)?);
+            data.extend(
+                cipher
+                    .encrypt(Nonce::from_slice(&nonce), plain.as_slice())
+                    .map_err(internal)?,
+            );
             let o = EncryptedObject {
                 encrypted_data: data,
                 key_id: wk.key_id.clone(),
@@ -521,7 +583,12 @@ impl State {
                 ),
             });
         }
-        *self.to_storage.lock().unwrap_or_else(|p| p.into_inner()).entry(key_id).or_default() += 1;
+        *self
+            .to_storage
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key_id)
+            .or_default() += 1;
         Ok(r.header().map(|h| h.revision()).unwrap_or(0))
     }
 
@@ -549,7 +616,9 @@ impl State {
                 let seed = match cached {
                     Some(s) => s,
                     None => {
-                        let mut c = kms_plugin::client::connect(&self.plugin).await.map_err(internal)?;
+                        let mut c = kms_plugin::client::connect(&self.plugin)
+                            .await
+                            .map_err(internal)?;
                         let pt = c
                             .decrypt(DecryptRequest {
                                 ciphertext: o.encrypted_dek_source.clone(),
@@ -574,7 +643,9 @@ impl State {
                 }
                 let (nonce, ct) = o.encrypted_data.split_at(12);
                 let cipher = Aes256Gcm::new_from_slice(&seed).map_err(internal)?;
-                cipher.decrypt(Nonce::from_slice(nonce), ct).map_err(internal)?
+                cipher
+                    .decrypt(Nonce::from_slice(nonce), ct)
+                    .map_err(internal)?
             }
             Stored::Other("identity-json") => value.to_vec(),
             _ => return Ok(None),

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use hsm_tests::apiserver::{FakeApiserver, Faults};
 use hsm_tests::etcd::EtcdMember;
-use hsm_tests::process::{free_port, http_get, kms_plugin_cli, kms_plugin_cmd, KmsPlugin, PluginOpts};
+use hsm_tests::process::{
+    free_port, http_get, kms_plugin_cli, kms_plugin_cmd, KmsPlugin, PluginOpts,
+};
 use hsm_tests::SoftHsm;
 use keyhaven_hsm::BlockingKeystore;
 use kms_plugin::storage::{classify, Stored};
@@ -117,8 +119,12 @@ impl Cluster {
 
     fn make_secrets(&self, ns: &str, n: usize) {
         for i in 0..n {
-            self.api
-                .create("secrets", ns, &format!("s{i:03}"), json!({"value": format!("{ns}-{i}")}));
+            self.api.create(
+                "secrets",
+                ns,
+                &format!("s{i:03}"),
+                json!({"value": format!("{ns}-{i}")}),
+            );
         }
     }
 
@@ -128,7 +134,11 @@ impl Cluster {
                 .api
                 .read("secrets", ns, &format!("s{i:03}"))
                 .unwrap_or_else(|| panic!("{ns}/s{i:03} unreadable"));
-            assert_eq!(v["data"]["value"], json!(format!("{ns}-{i}")), "{ns}/s{i:03}");
+            assert_eq!(
+                v["data"]["value"],
+                json!(format!("{ns}-{i}")),
+                "{ns}/s{i:03}"
+            );
         }
     }
 }
@@ -167,16 +177,36 @@ fn usage_counts_every_object_by_key_resource_and_format() {
     let k2 = c.rotate();
     c.make_secrets("b", 5);
     for i in 0..3 {
-        c.api.create("widgets", "a", &format!("w{i}"), json!({"size": i}));
+        c.api
+            .create("widgets", "a", &format!("w{i}"), json!({"size": i}));
     }
     // Other formats, and values that only look like KMS v2.
-    c.etcd.put("/registry/configmaps/a/c1", b"k8s\0\x0a\x02v1\x12\x09ConfigMap");
-    c.etcd.put("/registry/configmaps/a/c2", b"k8s\0\x0a\x02v1\x12\x09ConfigMap");
-    c.etcd.put("/registry/secrets/old/aescbc", b"k8s:enc:aescbc:v1:key1:\x01\x02");
-    c.etcd.put("/registry/example.com/widgets/a/plain", br#"{"kind":"Widget"}"#);
-    c.etcd.put("/registry/secrets/bad/truncated", b"k8s:enc:kms:v2:keyhaven:\x0a\x05ab");
-    c.etcd.put("/registry/secrets/bad/nokey", b"k8s:enc:kms:v2:keyhaven:");
-    c.etcd.put("/registry/secrets/bad/garbage", b"\xff\xfe\x00 not an object");
+    c.etcd.put(
+        "/registry/configmaps/a/c1",
+        b"k8s\0\x0a\x02v1\x12\x09ConfigMap",
+    );
+    c.etcd.put(
+        "/registry/configmaps/a/c2",
+        b"k8s\0\x0a\x02v1\x12\x09ConfigMap",
+    );
+    c.etcd.put(
+        "/registry/secrets/old/aescbc",
+        b"k8s:enc:aescbc:v1:key1:\x01\x02",
+    );
+    c.etcd.put(
+        "/registry/example.com/widgets/a/plain",
+        br#"{"kind":"Widget"}"#,
+    );
+    c.etcd.put(
+        "/registry/secrets/bad/truncated",
+        b"k8s:enc:kms:v2:keyhaven:\x0a\x05ab",
+    );
+    c.etcd
+        .put("/registry/secrets/bad/nokey", b"k8s:enc:kms:v2:keyhaven:");
+    c.etcd.put(
+        "/registry/secrets/bad/garbage",
+        b"\xff\xfe\x00 not an object",
+    );
     // An object under another provider's key.
     let foreign = kms_plugin::storage::encode_kms_v2(
         "other",
@@ -194,9 +224,15 @@ fn usage_counts_every_object_by_key_resource_and_format() {
     assert_eq!(kms_count(&u, "secrets", &k2), 5, "{u:#}");
     assert_eq!(kms_count(&u, "widgets.example.com", &k2), 3, "{u:#}");
     assert_eq!(kms_count(&u, "secrets", "arn:aws:kms:eu-west-1:1:key/x"), 1);
-    assert_eq!(other_count(&u, "other_formats", "configmaps", "identity-protobuf"), 2);
+    assert_eq!(
+        other_count(&u, "other_formats", "configmaps", "identity-protobuf"),
+        2
+    );
     assert_eq!(other_count(&u, "other_formats", "secrets", "aescbc"), 1);
-    assert_eq!(other_count(&u, "other_formats", "widgets.example.com", "identity-json"), 1);
+    assert_eq!(
+        other_count(&u, "other_formats", "widgets.example.com", "identity-json"),
+        1
+    );
     assert_eq!(other_count(&u, "other_formats", "secrets", "unknown"), 1);
     let unparseable: u64 = u["unparseable"]
         .as_array()
@@ -213,13 +249,19 @@ fn usage_counts_every_object_by_key_resource_and_format() {
         .map(|k| {
             (
                 k["key_id"].as_str().unwrap().to_string(),
-                (k["role"].as_str().unwrap().to_string(), k["objects"].as_u64().unwrap()),
+                (
+                    k["role"].as_str().unwrap().to_string(),
+                    k["objects"].as_u64().unwrap(),
+                ),
             )
         })
         .collect();
     assert_eq!(roles[&k1], ("decrypt-only".to_string(), 7));
     assert_eq!(roles[&k2], ("primary".to_string(), 8));
-    assert_eq!(u["foreign_key_ids"], json!(["arn:aws:kms:eu-west-1:1:key/x"]));
+    assert_eq!(
+        u["foreign_key_ids"],
+        json!(["arn:aws:kms:eu-west-1:1:key/x"])
+    );
 
     // A third key no object uses is marked so in the table.
     let k3 = c.rotate();
@@ -227,12 +269,19 @@ fn usage_counts_every_object_by_key_resource_and_format() {
     assert!(ok, "{table}");
     let line = table.lines().find(|l| l.contains(&k3)).expect("k3 row");
     assert!(line.contains("primary"), "{table}");
-    let line = table.lines().find(|l| l.contains(&k1) && l.contains("still needed")).expect("k1 row");
+    let line = table
+        .lines()
+        .find(|l| l.contains(&k1) && l.contains("still needed"))
+        .expect("k1 row");
     assert!(line.contains('7'), "{table}");
     assert!(table.contains("not-on-token"), "{table}");
 
     // A small page size reads the same counts in many pages.
-    let (ok, out) = c.keys(&["usage", "-o", "json", "--etcd-page-size", "2"], true, false);
+    let (ok, out) = c.keys(
+        &["usage", "-o", "json", "--etcd-page-size", "2"],
+        true,
+        false,
+    );
     assert!(ok, "{out}");
     let paged: Value = serde_json::from_str(&out).unwrap();
     let counts = |u: &Value| -> Vec<(Value, Value, Value)> {
@@ -240,7 +289,13 @@ fn usage_counts_every_object_by_key_resource_and_format() {
             .as_array()
             .unwrap()
             .iter()
-            .map(|r| (r["resource"].clone(), r["key_id"].clone(), r["objects"].clone()))
+            .map(|r| {
+                (
+                    r["resource"].clone(),
+                    r["key_id"].clone(),
+                    r["objects"].clone(),
+                )
+            })
             .collect()
     };
     assert_eq!(counts(&paged), counts(&u));
@@ -256,8 +311,14 @@ fn retire_refuses_while_anything_needs_the_key_and_destroys_at_zero() {
     // Objects under k1: refused, even with --yes, and the KEK stays.
     let (ok, out) = c.keys(&["retire", &k1, "--yes"], true, false);
     assert!(!ok, "{out}");
-    assert!(out.contains("6 objects") && out.contains("6 secrets"), "{out}");
-    assert!(out.contains("kms-plugin keys migrate --resource secrets"), "{out}");
+    assert!(
+        out.contains("6 objects") && out.contains("6 secrets"),
+        "{out}"
+    );
+    assert!(
+        out.contains("kms-plugin keys migrate --resource secrets"),
+        "{out}"
+    );
     assert!(c.key_ids().contains(&k1));
 
     // Without etcd access: refused unless --skip-usage-check.
@@ -269,7 +330,15 @@ fn retire_refuses_while_anything_needs_the_key_and_destroys_at_zero() {
     // etcd unreachable: refused with the reason.
     let (ok, out) = keys(
         &c.hsm,
-        &["retire", &k1, "--yes", "--etcd-endpoints", &format!("http://127.0.0.1:{}", free_port()), "--etcd-timeout", "1s"],
+        &[
+            "retire",
+            &k1,
+            "--yes",
+            "--etcd-endpoints",
+            &format!("http://127.0.0.1:{}", free_port()),
+            "--etcd-timeout",
+            "1s",
+        ],
     );
     assert!(!ok && out.contains("cannot read etcd"), "{out}");
     assert!(c.key_ids().contains(&k1));
@@ -282,25 +351,57 @@ fn retire_refuses_while_anything_needs_the_key_and_destroys_at_zero() {
     // objects): refused within --recent.
     let (ok, out) = c.keys(&["migrate"], true, true);
     assert!(ok, "{out}");
-    assert_eq!(c.stored("secrets").get(&k1), None, "{:?}", c.stored("secrets"));
+    assert_eq!(
+        c.stored("secrets").get(&k1),
+        None,
+        "{:?}",
+        c.stored("secrets")
+    );
     let plugin_addr = c.plugin.metrics_addr.clone();
-    let (ok, out) = c.keys(&["retire", &k1, "--yes", "--plugin-addr", &plugin_addr], true, false);
+    let (ok, out) = c.keys(
+        &["retire", &k1, "--yes", "--plugin-addr", &plugin_addr],
+        true,
+        false,
+    );
     assert!(!ok && out.contains("decrypted under"), "{out}");
     assert!(c.key_ids().contains(&k1));
     // A plugin that cannot be asked: refused.
     let gone = format!("127.0.0.1:{}", free_port());
-    let (ok, out) = c.keys(&["retire", &k1, "--yes", "--plugin-addr", &gone], true, false);
+    let (ok, out) = c.keys(
+        &["retire", &k1, "--yes", "--plugin-addr", &gone],
+        true,
+        false,
+    );
     assert!(!ok && out.contains("cannot ask the plugin"), "{out}");
     assert!(c.key_ids().contains(&k1));
 
     // Checks pass but no --yes: nothing destroyed, and it says so.
-    let (ok, out) = c.keys(&["retire", &k1, "--plugin-addr", &plugin_addr, "--recent", "0s"], true, false);
+    let (ok, out) = c.keys(
+        &[
+            "retire",
+            &k1,
+            "--plugin-addr",
+            &plugin_addr,
+            "--recent",
+            "0s",
+        ],
+        true,
+        false,
+    );
     assert!(!ok && out.contains("Re-run with --yes"), "{out}");
     assert!(out.contains("0 of"), "{out}");
     assert!(c.key_ids().contains(&k1));
     // At zero usage, outside the window: destroyed.
     let (ok, out) = c.keys(
-        &["retire", &k1, "--yes", "--plugin-addr", &plugin_addr, "--recent", "0s"],
+        &[
+            "retire",
+            &k1,
+            "--yes",
+            "--plugin-addr",
+            &plugin_addr,
+            "--recent",
+            "0s",
+        ],
         true,
         false,
     );
@@ -312,7 +413,11 @@ fn retire_refuses_while_anything_needs_the_key_and_destroys_at_zero() {
     // --skip-usage-check destroys without reading etcd (here a key nothing uses).
     let k3 = c.rotate();
     assert_ne!(k3, k2);
-    let (ok, out) = c.keys(&["retire", &k2, "--yes", "--skip-usage-check"], false, false);
+    let (ok, out) = c.keys(
+        &["retire", &k2, "--yes", "--skip-usage-check"],
+        false,
+        false,
+    );
     assert!(ok, "{out}");
     assert!(out.contains("WARNING"), "{out}");
     assert!(!c.key_ids().contains(&k2));
@@ -323,7 +428,10 @@ fn retire_refuses_while_kms_values_do_not_decode() {
     let c = cluster();
     let k1 = c.primary();
     c.rotate();
-    c.etcd.put("/registry/secrets/bad/truncated", b"k8s:enc:kms:v2:keyhaven:\x0a\x05ab");
+    c.etcd.put(
+        "/registry/secrets/bad/truncated",
+        b"k8s:enc:kms:v2:keyhaven:\x0a\x05ab",
+    );
     let (ok, out) = c.keys(&["retire", &k1, "--yes"], true, false);
     assert!(!ok && out.contains("do not decode"), "{out}");
     assert!(c.key_ids().contains(&k1));
@@ -336,7 +444,8 @@ fn migrate_rewrites_every_object_through_the_apiserver_despite_faults() {
     c.make_secrets("a", 25);
     c.make_secrets("b", 15);
     for i in 0..4 {
-        c.api.create("widgets", "a", &format!("w{i}"), json!({"size": i}));
+        c.api
+            .create("widgets", "a", &format!("w{i}"), json!({"size": i}));
     }
     let k2 = c.rotate();
     c.api.set_faults(Faults {
@@ -347,7 +456,15 @@ fn migrate_rewrites_every_object_through_the_apiserver_despite_faults() {
     });
     // Small pages: the list is paginated (limit/continue).
     let (ok, out) = c.keys(
-        &["migrate", "--page-size", "7", "--resource", "secrets", "--resource", "widgets.example.com"],
+        &[
+            "migrate",
+            "--page-size",
+            "7",
+            "--resource",
+            "secrets",
+            "--resource",
+            "widgets.example.com",
+        ],
         false,
         true,
     );
@@ -356,10 +473,17 @@ fn migrate_rewrites_every_object_through_the_apiserver_despite_faults() {
     // 40 secrets and the canary (kube-system/keyhaven-kms-canary) the pre-check wrote.
     assert!(out.contains("secrets: 41 listed, 39 re-written"), "{out}");
     assert!(out.contains("1 gone meanwhile, 1 failed"), "{out}");
-    assert!(out.contains("widgets.example.com: 4 listed, 4 re-written"), "{out}");
+    assert!(
+        out.contains("widgets.example.com: 4 listed, 4 re-written"),
+        "{out}"
+    );
     let stored = c.stored("secrets");
     assert_eq!(stored.get(&k2), Some(&39), "{stored:?}");
-    assert_eq!(stored.get(&k1), Some(&1), "only the failing object stays: {stored:?}");
+    assert_eq!(
+        stored.get(&k1),
+        Some(&1),
+        "only the failing object stays: {stored:?}"
+    );
     assert_eq!(c.stored("example.com/widgets").get(&k2), Some(&4));
     assert!(c.api.read("secrets", "a", "s007").is_none());
     // The conflicting writes were kept, and re-written under the new key.
@@ -372,7 +496,10 @@ fn migrate_rewrites_every_object_through_the_apiserver_despite_faults() {
     c.api.set_faults(Faults::default());
     let (ok, out) = c.keys(&["migrate"], true, true);
     assert!(ok, "{out}");
-    assert!(out.contains("1 re-written, 39 already under the primary"), "{out}");
+    assert!(
+        out.contains("1 re-written, 39 already under the primary"),
+        "{out}"
+    );
     assert_eq!(c.stored("secrets").get(&k2), Some(&40));
     assert_eq!(c.stored("secrets").get(&k1), None);
     for (ns, n) in [("a", 25), ("b", 15)] {
@@ -397,9 +524,19 @@ fn migrate_refuses_until_the_apiserver_writes_under_the_primary() {
     let before = c.etcd.range("/registry/secrets/a/");
     let (ok, out) = c.keys(&["migrate"], true, true);
     assert!(!ok, "{out}");
-    assert!(out.contains("does not write under the current primary"), "{out}");
-    assert!(out.contains(&format!("canary stored under key_id {k1}")), "{out}");
-    assert_eq!(c.etcd.range("/registry/secrets/a/"), before, "nothing re-written");
+    assert!(
+        out.contains("does not write under the current primary"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("canary stored under key_id {k1}")),
+        "{out}"
+    );
+    assert_eq!(
+        c.etcd.range("/registry/secrets/a/"),
+        before,
+        "nothing re-written"
+    );
     // The same refusal from the apiserver's metrics when etcd is not given.
     let (ok, out) = c.keys(&["migrate"], false, true);
     assert!(!ok && out.contains("metrics show no write"), "{out}");
@@ -423,12 +560,23 @@ fn migrate_and_usage_fail_clearly_on_bad_endpoints_and_resources() {
     for (resource, want) in [
         ("nosuch", "resource nosuch does not exist"),
         ("widgets.nosuch.io", "serves no API group"),
-        ("gadgets.example.com", "resource gadgets.example.com does not exist"),
+        (
+            "gadgets.example.com",
+            "resource gadgets.example.com does not exist",
+        ),
     ] {
-        let (ok, out) = c.keys(&["migrate", "--resource", "secrets", "--resource", resource], true, true);
+        let (ok, out) = c.keys(
+            &["migrate", "--resource", "secrets", "--resource", resource],
+            true,
+            true,
+        );
         assert!(!ok && out.contains(want), "{resource}: {out}");
     }
-    assert_eq!(c.etcd.range("/registry/"), before, "nothing written before the resources resolved");
+    assert_eq!(
+        c.etcd.range("/registry/"),
+        before,
+        "nothing written before the resources resolved"
+    );
 
     // The apiserver answers errors to the list.
     c.api.set_faults(Faults {
@@ -444,9 +592,10 @@ fn migrate_and_usage_fail_clearly_on_bad_endpoints_and_resources() {
     let kc = dir.path().join("kubeconfig");
     std::fs::write(
         &kc,
-        std::fs::read_to_string(&c.api.kubeconfig)
-            .unwrap()
-            .replace(&c.api.addr.to_string(), &format!("127.0.0.1:{}", free_port())),
+        std::fs::read_to_string(&c.api.kubeconfig).unwrap().replace(
+            &c.api.addr.to_string(),
+            &format!("127.0.0.1:{}", free_port()),
+        ),
     )
     .unwrap();
     let (ok, out) = keys(&c.hsm, &["migrate", "--kubeconfig", kc.to_str().unwrap()]);
@@ -455,11 +604,20 @@ fn migrate_and_usage_fail_clearly_on_bad_endpoints_and_resources() {
     // etcd unreachable.
     let (ok, out) = keys(
         &c.hsm,
-        &["usage", "--etcd-endpoints", &format!("http://127.0.0.1:{}", free_port()), "--etcd-timeout", "1s"],
+        &[
+            "usage",
+            "--etcd-endpoints",
+            &format!("http://127.0.0.1:{}", free_port()),
+            "--etcd-timeout",
+            "1s",
+        ],
     );
     assert!(!ok && out.contains("etcd at http://127.0.0.1"), "{out}");
     // https without a CA.
-    let (ok, out) = keys(&c.hsm, &["usage", "--etcd-endpoints", "https://127.0.0.1:1"]);
+    let (ok, out) = keys(
+        &c.hsm,
+        &["usage", "--etcd-endpoints", "https://127.0.0.1:1"],
+    );
     assert!(!ok && out.contains("--etcd-cacert"), "{out}");
 }
 
@@ -488,8 +646,16 @@ fn usage_over_tls_with_client_certificates_and_refusal_with_wrong_ones() {
     let (ok, _) = keys(&hsm, &["rotate"]);
     assert!(ok);
     for (ca, cert, key) in [
-        (&wrong.ca, &etcd.pki.as_ref().unwrap().client_cert, &etcd.pki.as_ref().unwrap().client_key),
-        (&etcd.pki.as_ref().unwrap().ca, &wrong.client_cert, &wrong.client_key),
+        (
+            &wrong.ca,
+            &etcd.pki.as_ref().unwrap().client_cert,
+            &etcd.pki.as_ref().unwrap().client_key,
+        ),
+        (
+            &etcd.pki.as_ref().unwrap().ca,
+            &wrong.client_cert,
+            &wrong.client_key,
+        ),
     ] {
         let base = [
             "--etcd-endpoints",
@@ -518,14 +684,21 @@ fn usage_over_tls_with_client_certificates_and_refusal_with_wrong_ones() {
 
 fn spawn_rotate_complete(c: &Cluster, extra: &[&str]) -> Child {
     let mut cmd = kms_plugin_cmd(&c.hsm);
-    cmd.args(["keys", "rotate", "--complete", "--retire-old", "--recent", "0s"])
-        .args(c.etcd.args())
-        .args(["--kubeconfig", c.api.kubeconfig.to_str().unwrap()])
-        .args(["--plugin-addr", &c.plugin.metrics_addr])
-        .args(["--canary-interval", "200ms", "--apiserver-wait", "30s"])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.args([
+        "keys",
+        "rotate",
+        "--complete",
+        "--retire-old",
+        "--recent",
+        "0s",
+    ])
+    .args(c.etcd.args())
+    .args(["--kubeconfig", c.api.kubeconfig.to_str().unwrap()])
+    .args(["--plugin-addr", &c.plugin.metrics_addr])
+    .args(["--canary-interval", "200ms", "--apiserver-wait", "30s"])
+    .args(extra)
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
     cmd.spawn().unwrap()
 }
 
@@ -549,14 +722,24 @@ fn rotate_complete_killed_mid_migration_continues_and_retires_only_at_zero() {
                 break k2;
             }
         }
-        assert!(child.try_wait().unwrap().is_none(), "finished before the kill");
-        assert!(Instant::now() < deadline, "no progress: {:?}", c.stored("secrets"));
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "finished before the kill"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "no progress: {:?}",
+            c.stored("secrets")
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     let mid = c.stored("secrets");
-    assert!(mid.get(&k1).copied().unwrap_or(0) > 0, "killed too late: {mid:?}");
+    assert!(
+        mid.get(&k1).copied().unwrap_or(0) > 0,
+        "killed too late: {mid:?}"
+    );
     assert!(c.key_ids().contains(&k1), "nothing retired mid-way");
     c.assert_secrets_intact("a", 100);
 
@@ -569,8 +752,14 @@ fn rotate_complete_killed_mid_migration_continues_and_retires_only_at_zero() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.status.success(), "{text}");
-    assert!(text.contains(&format!("continuing the rotation to {k2}")), "{text}");
-    assert!(text.contains("timeline:") && text.contains("migrate"), "{text}");
+    assert!(
+        text.contains(&format!("continuing the rotation to {k2}")),
+        "{text}"
+    );
+    assert!(
+        text.contains("timeline:") && text.contains("migrate"),
+        "{text}"
+    );
     assert_eq!(c.key_ids(), vec![k2.clone()], "{text}");
     let stored = c.stored("secrets");
     // 100 secrets plus the canary in kube-system.

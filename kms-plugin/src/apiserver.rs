@@ -105,15 +105,17 @@ impl Resource {
 /// and updated.
 pub async fn resolve(client: &Client, name: &str) -> Result<Resource, ApiserverError> {
     let (plural, group) = name.split_once('.').unwrap_or((name, ""));
-    let g = kube::discovery::group(client, group).await.map_err(|e| match e {
-        kube::Error::Discovery(_) => ApiserverError::Resource(format!(
-            "resource {name}: the apiserver serves no API group {group:?}"
-        )),
-        source => ApiserverError::Request {
-            what: format!("discovering API group {group:?}"),
-            source,
-        },
-    })?;
+    let g = kube::discovery::group(client, group)
+        .await
+        .map_err(|e| match e {
+            kube::Error::Discovery(_) => ApiserverError::Resource(format!(
+                "resource {name}: the apiserver serves no API group {group:?}"
+            )),
+            source => ApiserverError::Request {
+                what: format!("discovering API group {group:?}"),
+                source,
+            },
+        })?;
     let found: Vec<(ApiResource, ApiCapabilities)> = g.recommended_resources();
     let Some((api, caps)) = found.iter().find(|(ar, _)| ar.plural == plural).cloned() else {
         let mut served: Vec<&str> = found.iter().map(|(ar, _)| ar.plural.as_str()).collect();
@@ -191,7 +193,10 @@ pub async fn write_canary(
         .unwrap_or(0)
         .to_string();
     let req = |what: &str| {
-        let what = format!("{what} canary Secret {}/{CANARY_NAME}", args.canary_namespace);
+        let what = format!(
+            "{what} canary Secret {}/{CANARY_NAME}",
+            args.canary_namespace
+        );
         move |source| ApiserverError::Request { what, source }
     };
     match api.get_opt(CANARY_NAME).await.map_err(req("reading"))? {
@@ -264,8 +269,7 @@ pub fn metrics_show_write(metrics: &str, key_id: &str) -> bool {
         l.starts_with("apiserver_envelope_encryption_key_id_hash_total{")
             && l.contains(&hash)
             && l.contains("transformation_type=\"to_storage\"")
-            && l
-                .rsplit(' ')
+            && l.rsplit(' ')
                 .next()
                 .and_then(|v| v.parse::<f64>().ok())
                 .is_some_and(|v| v > 0.0)
@@ -286,7 +290,10 @@ mod tests {
         );
         assert!(metrics_show_write(&m, key));
         assert!(!metrics_show_write(&m, "keyhaven-kek-v1-01"));
-        assert!(!metrics_show_write(&m.replace("to_storage", "from_storage"), key));
+        assert!(!metrics_show_write(
+            &m.replace("to_storage", "from_storage"),
+            key
+        ));
         assert!(!metrics_show_write(&m.replace("} 3", "} 0"), key));
     }
 }

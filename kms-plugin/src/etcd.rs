@@ -104,7 +104,10 @@ impl Etcd {
     /// Connects (and checks the connection with one read).
     pub async fn connect(args: &EtcdArgs) -> Result<Etcd, EtcdError> {
         let endpoints = args.etcd_endpoints.join(",");
-        let tls = args.etcd_endpoints.iter().any(|e| e.starts_with("https://"));
+        let tls = args
+            .etcd_endpoints
+            .iter()
+            .any(|e| e.starts_with("https://"));
         let mut opts = ConnectOptions::new()
             .with_timeout(args.etcd_timeout)
             .with_connect_timeout(args.etcd_timeout);
@@ -122,9 +125,13 @@ impl Etcd {
                      the files the apiserver uses for etcd"
                 ))
             })?;
-            let mut t = TlsOptions::new().ca_certificate(Certificate::from_pem(read("--etcd-cacert", ca)?));
+            let mut t =
+                TlsOptions::new().ca_certificate(Certificate::from_pem(read("--etcd-cacert", ca)?));
             if let (Some(c), Some(k)) = (&args.etcd_cert, &args.etcd_key) {
-                t = t.identity(Identity::from_pem(read("--etcd-cert", c)?, read("--etcd-key", k)?));
+                t = t.identity(Identity::from_pem(
+                    read("--etcd-cert", c)?,
+                    read("--etcd-key", k)?,
+                ));
             }
             opts = opts.with_tls(t);
         } else if args.etcd_cert.is_some() {
@@ -170,12 +177,18 @@ impl Etcd {
 
     /// The value of one key, if present (a serializable read).
     pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, EtcdError> {
-        let mut kv = self.client.kv_client().max_decoding_message_size(MAX_MESSAGE);
+        let mut kv = self
+            .client
+            .kv_client()
+            .max_decoding_message_size(MAX_MESSAGE);
         let mut r = kv
             .get(key, Some(GetOptions::new().with_serializable()))
             .await
             .map_err(|e| self.err(e))?;
-        Ok(r.take_kvs().into_iter().next().map(|kv| kv.value().to_vec()))
+        Ok(r.take_kvs()
+            .into_iter()
+            .next()
+            .map(|kv| kv.value().to_vec()))
     }
 
     /// How many keys there are under `<prefix>/` (or `<prefix>/<sub>/`): one cheap request.
@@ -213,7 +226,10 @@ impl Etcd {
     ) -> Result<ScanStats, EtcdError> {
         let start = self.range_start(sub);
         let end = prefix_end(start.as_bytes());
-        let mut kv = self.client.kv_client().max_decoding_message_size(MAX_MESSAGE);
+        let mut kv = self
+            .client
+            .kv_client()
+            .max_decoding_message_size(MAX_MESSAGE);
         let mut from = start.into_bytes();
         let mut revision = 0i64;
         let mut limit = i64::from(self.page_size);

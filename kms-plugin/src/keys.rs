@@ -195,10 +195,9 @@ async fn migrate(
     out: &mut dyn Write,
 ) -> Result<(), KeysError> {
     let ring = Keyring::from_keks(ks.list_keks()?);
-    let primary = ring
-        .primary()
-        .map(|k| k.key_id.clone())
-        .ok_or_else(|| KeysError::Refused("no KEK on the token: run `kms-plugin keys init`".into()))?;
+    let primary = ring.primary().map(|k| k.key_id.clone()).ok_or_else(|| {
+        KeysError::Refused("no KEK on the token: run `kms-plugin keys init`".into())
+    })?;
     let etcd = match m.etcd.configured() {
         true => Some(Etcd::connect(&m.etcd).await?),
         false => None,
@@ -218,7 +217,10 @@ async fn migrate(
             seen.describe()
         )));
     }
-    w(out, format!("apiserver writes under {primary}: {}", seen.describe()));
+    w(
+        out,
+        format!("apiserver writes under {primary}: {}", seen.describe()),
+    );
     let migration = Migration::new(&client, etcd.as_ref(), &primary, &m.migrate, true);
     let mut failed = 0;
     for r in &resources {

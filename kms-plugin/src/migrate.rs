@@ -26,7 +26,12 @@ use crate::storage::{classify, object_key, Stored};
 pub struct MigrateArgs {
     /// Resource to re-write (repeatable): `secrets`, `configmaps`, or `<plural>.<group>`
     /// for any resource in the EncryptionConfiguration, custom resources included.
-    #[arg(long = "resource", env = "KEYHAVEN_MIGRATE_RESOURCES", value_delimiter = ',', default_value = "secrets")]
+    #[arg(
+        long = "resource",
+        env = "KEYHAVEN_MIGRATE_RESOURCES",
+        value_delimiter = ',',
+        default_value = "secrets"
+    )]
     pub resources: Vec<String>,
     /// Updates in flight at once.
     #[arg(long, env = "KEYHAVEN_MIGRATE_CONCURRENCY", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
@@ -209,8 +214,7 @@ impl<'a> Migration<'a> {
         if let Some(etcd) = self.etcd {
             let key = object_key(etcd.prefix(), &resource.name, ns.as_deref(), &name);
             if let Ok(Some(v)) = etcd.get(&key).await {
-                if matches!(classify(&v), Stored::KmsV2 { key_id, .. } if key_id == self.primary)
-                {
+                if matches!(classify(&v), Stored::KmsV2 { key_id, .. } if key_id == self.primary) {
                     return Outcome::Current;
                 }
             }

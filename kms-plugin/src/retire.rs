@@ -17,7 +17,11 @@ use crate::usage::Inventory;
 pub struct RetireChecks {
     /// Metrics address (`host:port`) of each running plugin (repeatable, or comma-separated):
     /// retire refuses if any decrypted under the key within `--recent`, or cannot be asked.
-    #[arg(long = "plugin-addr", env = "KEYHAVEN_KMS_PLUGIN_ADDR", value_delimiter = ',')]
+    #[arg(
+        long = "plugin-addr",
+        env = "KEYHAVEN_KMS_PLUGIN_ADDR",
+        value_delimiter = ','
+    )]
     pub plugin_addrs: Vec<String>,
     /// How recent a Decrypt under the key makes retiring it unsafe.
     #[arg(long, env = "KEYHAVEN_RETIRE_RECENT", default_value = "1h", value_parser = humantime::parse_duration)]

@@ -314,7 +314,11 @@ mod tests {
         inv.add("/registry", b"/registry/configmaps/a/z", &v("k1"));
         inv.add("/registry", b"/registry/secrets/a/w", &v("k2"));
         inv.add("/registry", b"/registry/pods/a/p", b"k8s\0xx");
-        inv.add("/registry", b"/registry/secrets/a/bad", b"k8s:enc:kms:v2:keyhaven:\x0a");
+        inv.add(
+            "/registry",
+            b"/registry/secrets/a/bad",
+            b"k8s:enc:kms:v2:keyhaven:\x0a",
+        );
         assert_eq!(inv.objects_under("k1"), 3);
         assert_eq!(inv.by_resource("k1").get("secrets"), Some(&2));
         assert_eq!(inv.objects_under("k3"), 0);
