@@ -71,6 +71,33 @@ fn field_numbers_and_wire_types_match_upstream() {
 }
 
 #[test]
+fn encrypted_object_matches_the_apiserver_etcd_record() {
+    // Upstream kmsv2/v2/api.proto: 1 encryptedData, 2 keyID, 3 encryptedDEKSource,
+    // 4 annotations (map), 5 encryptedDEKSourceType (enum, varint).
+    let b = EncryptedObject {
+        encrypted_data: vec![1],
+        key_id: "k".into(),
+        encrypted_dek_source: vec![2],
+        annotations: [("a.b".to_string(), vec![3u8])].into(),
+        encrypted_dek_source_type: EncryptedDekSourceType::HkdfSha256XnonceAesGcmSeed as i32,
+    }
+    .encode_to_vec();
+    assert_eq!(
+        b,
+        [
+            0x0a, 1, 1, 0x12, 1, b'k', 0x1a, 1, 2, 0x22, 8, 0x0a, 3, b'a', b'.', b'b', 0x12, 1, 3,
+            0x28, 1
+        ]
+    );
+    let o: EncryptedObject = dec(&b);
+    assert_eq!(o.key_id, "k");
+    assert_eq!(
+        o.encrypted_dek_source_type(),
+        EncryptedDekSourceType::HkdfSha256XnonceAesGcmSeed
+    );
+}
+
+#[test]
 fn broker_messages_round_trip() {
     use keyhaven_proto::broker::v1::*;
     let m = LeaseResponse {
