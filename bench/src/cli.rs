@@ -49,7 +49,12 @@ pub struct EchoArgs {
 #[derive(Debug, Clone, Args)]
 pub struct UsageArgs {
     /// etcd sizes to measure at (keys, comma-separated; filled in increasing order).
-    #[arg(long, env = "KEYHAVEN_BENCH_KEYS", value_delimiter = ',', default_value = "20000,100000")]
+    #[arg(
+        long,
+        env = "KEYHAVEN_BENCH_KEYS",
+        value_delimiter = ',',
+        default_value = "20000,100000"
+    )]
     pub keys: Vec<usize>,
     /// Bytes of encrypted data per Secret (a small Secret is about 1 KiB).
     #[arg(long, env = "KEYHAVEN_BENCH_VALUE_SIZE", default_value_t = 1024)]

@@ -22,7 +22,10 @@ const PUTS_PER_TXN: usize = 100;
 /// Runs the benchmark and prints the table.
 pub fn run(args: &UsageArgs) -> anyhow::Result<()> {
     let plugin = crate::kms::plugin_bin(args.plugin.as_deref())?;
-    eprintln!("creating a SoftHSM2 token and two KEKs with {}", plugin.display());
+    eprintln!(
+        "creating a SoftHSM2 token and two KEKs with {}",
+        plugin.display()
+    );
     let token = BenchToken::create(&plugin, &args.pkcs11_module)?;
     let mut rotate = token.command(&plugin, 1);
     rotate.args(["keys", "rotate"]).stdout(Stdio::null());
@@ -68,7 +71,10 @@ pub fn run(args: &UsageArgs) -> anyhow::Result<()> {
         "KEYS", "RAW keys/s", "USAGE keys/s", "RATIO", "PEAK RSS MiB"
     );
     for (n, raw, usage, rss) in &rows {
-        let (r, u) = (*n as f64 / raw.as_secs_f64(), *n as f64 / usage.as_secs_f64());
+        let (r, u) = (
+            *n as f64 / raw.as_secs_f64(),
+            *n as f64 / usage.as_secs_f64(),
+        );
         println!("{n:>9} {r:>14.0} {u:>16.0} {:>6.2}x {rss:>16.1}", u / r);
     }
     if let Some((n, raw, usage, rss)) = rows.last() {
@@ -185,7 +191,10 @@ async fn raw_scan(etcd: &EtcdMember, page: u32, expect: usize) -> anyhow::Result
         }
     }
     let took = t0.elapsed();
-    anyhow::ensure!(n == expect && bytes > 0, "raw scan read {n} keys, expected {expect}");
+    anyhow::ensure!(
+        n == expect && bytes > 0,
+        "raw scan read {n} keys, expected {expect}"
+    );
     Ok(took)
 }
 
@@ -200,7 +209,14 @@ fn usage_scan(
     let t0 = Instant::now();
     let out = token
         .command(plugin, 1)
-        .args(["keys", "usage", "-o", "json", "--etcd-page-size", &page.to_string()])
+        .args([
+            "keys",
+            "usage",
+            "-o",
+            "json",
+            "--etcd-page-size",
+            &page.to_string(),
+        ])
         .args(etcd.args())
         .stderr(Stdio::null())
         .output()?;

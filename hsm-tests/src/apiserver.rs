@@ -426,6 +426,7 @@ impl State {
                 let mut next = last.key().to_vec();
                 next.push(0);
                 meta["continue"] = json!(hex::encode(next));
+                meta["remainingItemCount"] = json!(r.count() - r.kvs().len() as i64);
             }
         }
         Ok(

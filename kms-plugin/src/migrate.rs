@@ -169,6 +169,11 @@ impl<'a> Migration<'a> {
                     what: format!("listing {}", resource.name),
                     source,
                 })?;
+            if token.is_none() {
+                if let (Some(p), Some(rest)) = (&progress, page.metadata.remaining_item_count) {
+                    p.set_total(page.items.len() as u64 + u64::try_from(rest).unwrap_or(0));
+                }
+            }
             lock(&summary).listed += page.items.len() as u64;
             futures_util::stream::iter(page.items)
                 .for_each_concurrent(self.args.concurrency as usize, |obj| {

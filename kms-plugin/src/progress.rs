@@ -17,7 +17,7 @@ pub struct Progress {
     what: String,
     bar: Option<ProgressBar>,
     done: AtomicU64,
-    total: Option<u64>,
+    total: Mutex<Option<u64>>,
     started: Instant,
     last_line: Mutex<Instant>,
 }
@@ -45,9 +45,22 @@ impl Progress {
             what,
             bar,
             done: AtomicU64::new(0),
-            total,
+            total: Mutex::new(total),
             started: now,
             last_line: Mutex::new(now),
+        }
+    }
+
+    /// Sets the total once it is known (a paginated list learns it from its first page).
+    pub fn set_total(&self, total: u64) {
+        *self.total.lock().unwrap_or_else(|p| p.into_inner()) = Some(total);
+        if let Some(b) = &self.bar {
+            b.set_length(total);
+            if let Ok(style) =
+                ProgressStyle::with_template("{bar:40} {pos}/{len} {msg} ({per_sec}, ETA {eta})")
+            {
+                b.set_style(style);
+            }
         }
     }
 
@@ -83,7 +96,8 @@ impl Progress {
     fn line(&self, done: u64) -> String {
         let secs = self.started.elapsed().as_secs_f64().max(1e-3);
         let rate = done as f64 / secs;
-        match self.total {
+        let total = *self.total.lock().unwrap_or_else(|p| p.into_inner());
+        match total {
             Some(t) => format!("{done}/{t} {} ({rate:.0}/s)", self.what),
             None => format!("{done} {} ({rate:.0}/s)", self.what),
         }
