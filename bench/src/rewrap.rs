@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use keyhaven_broker::crypto::{dek_aad, DekCache, Envelope, SecretData};
 use keyhaven_broker::rotation::REWRAP_HSM_CONCURRENCY;
-use keyhaven_broker::store::Store;
+use keyhaven_broker::store::{Pool, Store};
 use keyhaven_hsm::{Config, KekId, Keystore, PinSource, TokenSelector};
 use keyhaven_proto::broker::v1::admin_client::AdminClient;
 use keyhaven_proto::broker::v1::{KeyStatusRequest, RotateKeyRequest};
@@ -376,9 +376,9 @@ async fn seed(
             tx.commit().await?;
         }};
     }
-    match store {
-        Store::Sqlite(p) => insert!(p, sqlx::Sqlite),
-        Store::Postgres(p) => insert!(p, sqlx::Postgres),
+    match store.pool() {
+        Pool::Sqlite(p) => insert!(p, sqlx::Sqlite),
+        Pool::Postgres(p) => insert!(p, sqlx::Postgres),
     }
     Ok(stored)
 }

@@ -449,7 +449,7 @@ fn brokerctl_drives_a_real_broker() {
         let store = keyhaven_broker::store::Store::connect(&format!("sqlite://{}", d("broker.db")))
             .await
             .unwrap();
-        if let keyhaven_broker::store::Store::Sqlite(p) = &store {
+        if let keyhaven_broker::store::Pool::Sqlite(p) = store.pool() {
             sqlx::query("UPDATE audit SET path = 'shop/elsewhere' WHERE seq = 3")
                 .execute(p)
                 .await

@@ -23,7 +23,7 @@ use keyhaven_broker::auth::{DevIssuer, Verifier};
 use keyhaven_broker::crypto::{DekCache, Envelope, SecretData};
 use keyhaven_broker::rotation::AutoRotation;
 use keyhaven_broker::service::{Broker, BrokerConfig, BrokerError, Caller};
-use keyhaven_broker::store::{Rewrapped, Store, StoreError};
+use keyhaven_broker::store::{Pool, Rewrapped, Store, StoreError};
 use keyhaven_hsm::{BlockingKeystore, ErrorKind, KekId, Keystore};
 use keyhaven_proto::broker::v1::admin_client::AdminClient;
 use keyhaven_proto::broker::v1::leases_client::LeasesClient;
@@ -128,9 +128,9 @@ async fn seed(store: &Store, env: &Envelope, kek: KekId, n: usize) {
             tx.commit().await.unwrap();
         }};
     }
-    match store {
-        Store::Sqlite(p) => insert_all!(p),
-        Store::Postgres(p) => insert_all!(p),
+    match store.pool() {
+        Pool::Sqlite(p) => insert_all!(p),
+        Pool::Postgres(p) => insert_all!(p),
     }
 }
 
@@ -203,7 +203,7 @@ async fn claims_move_each_row_once_and_never_touch_data(store: Store, env: Envel
     assert_eq!(c1.rows.len(), 10);
     assert!(c1.rows.iter().all(|r| r.path != path(4)));
     let c1_paths: HashSet<String> = c1.rows.iter().map(|r| r.path.clone()).collect();
-    if let Store::Postgres(_) = store {
+    if let Pool::Postgres(_) = store.pool() {
         // A second replica claiming at the same time gets other rows (SKIP LOCKED).
         let c2 = store.claim_rewrap(&[old], new, None, 10).await.unwrap();
         assert_eq!(c2.rows.len(), 10);

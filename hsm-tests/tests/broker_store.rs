@@ -11,7 +11,7 @@ use hsm_tests::postgres::Postgres;
 use hsm_tests::softhsm::SoftHsm;
 use keyhaven_broker::crypto::{CryptoError, DekCache, Envelope, SecretData};
 use keyhaven_broker::identity::Identity;
-use keyhaven_broker::store::{LeaseFilter, LeaseRow, Store, StoreError};
+use keyhaven_broker::store::{LeaseFilter, LeaseRow, Pool, Store, StoreError};
 use keyhaven_hsm::KekId;
 
 struct Env {
@@ -190,8 +190,8 @@ async fn a_tampered_row_is_an_integrity_error_never_wrong_data(env: Env) {
     // Edited in the database itself.
     let mut bytes = sealed.ciphertext.clone();
     bytes[2] ^= 0x40;
-    match &env.store {
-        Store::Sqlite(p) => {
+    match env.store.pool() {
+        Pool::Sqlite(p) => {
             sqlx::query(
                 "UPDATE secret_versions SET ciphertext = $1 WHERE path = 'a/b' AND version = 1",
             )
@@ -200,7 +200,7 @@ async fn a_tampered_row_is_an_integrity_error_never_wrong_data(env: Env) {
             .await
             .unwrap();
         }
-        Store::Postgres(p) => {
+        Pool::Postgres(p) => {
             sqlx::query(
                 "UPDATE secret_versions SET ciphertext = $1 WHERE path = 'a/b' AND version = 1",
             )
@@ -478,11 +478,11 @@ async fn the_reaper_ends_each_expired_lease_exactly_once_even_when_racing(env: E
 }
 
 async fn exec(store: &Store, sql: &str) {
-    match store {
-        Store::Sqlite(p) => {
+    match store.pool() {
+        Pool::Sqlite(p) => {
             sqlx::query(sql).execute(p).await.unwrap();
         }
-        Store::Postgres(p) => {
+        Pool::Postgres(p) => {
             sqlx::query(sql).execute(p).await.unwrap();
         }
     }
@@ -609,12 +609,12 @@ async fn an_append_after_a_stale_or_unknown_head_writes_nothing(env: Env) {
 async fn two_appenders_on_one_database_keep_one_unbroken_chain(env: Env) {
     use keyhaven_broker::audit::{AuditEvent, EventKind, Outcome};
     // A second connection pool to the same database, as another replica would have.
-    let url = match (&env.store, &env._pg) {
-        (Store::Sqlite(p), _) => {
+    let url = match (env.store.pool(), &env._pg) {
+        (Pool::Sqlite(p), _) => {
             format!("sqlite://{}", p.connect_options().get_filename().display())
         }
-        (Store::Postgres(_), Some(pg)) => pg.url.clone(),
-        (Store::Postgres(_), None) => unreachable!(),
+        (Pool::Postgres(_), Some(pg)) => pg.url.clone(),
+        (Pool::Postgres(_), None) => unreachable!(),
     };
     let second = Store::connect(&url).await.unwrap();
     let now = now_ms();
@@ -813,7 +813,7 @@ conformance!(
 fn the_sqlite_wal_is_checkpointed_on_demand_with_the_automatic_one_as_backstop() {
     run(Db::Sqlite, |env| async move {
         let env = env; // the whole Env (its temporary directory), not just the fields used
-        let Store::Sqlite(p) = &env.store else {
+        let Pool::Sqlite(p) = env.store.pool() else {
             unreachable!()
         };
         let backstop: i64 = sqlx::query_scalar("PRAGMA wal_autocheckpoint")
