@@ -162,14 +162,20 @@ mod tests {
                 key_id: "keyhaven-kek-v1-ab".into()
             }
         );
-        // Truncated anywhere inside the message: never a panic, never a key_id.
+        // Truncated anywhere: never a panic, and never another key_id. (Protobuf cannot tell a
+        // cut at a field boundary after the key and the DEK source from a shorter message.)
         for cut in KMS_V2_PREFIX.len()..v.len() {
-            let s = classify(&v[..cut]);
-            assert!(
-                matches!(s, Stored::Unparseable(_)),
-                "cut at {cut} gave {s:?}"
-            );
+            match classify(&v[..cut]) {
+                Stored::Unparseable(_) => {}
+                Stored::KmsV2 { key_id, .. } => assert_eq!(key_id, "keyhaven-kek-v1-ab"),
+                other => panic!("cut at {cut} gave {other:?}"),
+            }
         }
+        // Cut before the key or the DEK source is complete: unparseable.
+        assert!(matches!(
+            classify(&v[..KMS_V2_PREFIX.len() + "keyhaven:".len() + 44]),
+            Stored::Unparseable(_)
+        ));
         assert!(matches!(
             classify(b"k8s:enc:kms:v2:keyhaven:\xff\xff\xff"),
             Stored::Unparseable(_)
