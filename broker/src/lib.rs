@@ -14,9 +14,10 @@ pub mod http;
 pub mod identity;
 pub mod metrics;
 pub mod policy;
-pub mod rotation;
 pub mod server;
 pub mod service;
+
+pub use service::rotation;
 pub mod store;
 
 pub use keyhaven_hsm as hsm;

@@ -17,10 +17,10 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use keyhaven_hsm::{KekId, KekInfo};
 
+use super::{Broker, BrokerError, Caller, KekStatus, Result};
 use crate::audit::{AuditEvent, EventKind, Outcome};
 use crate::crypto::CryptoError;
 use crate::policy::Capability;
-use crate::service::{Broker, BrokerError, Caller, KekStatus, Result};
 use crate::store::{Rewrapped, StoreError};
 
 /// Re-wrap rate and replica count are computed over the batches of this window.
@@ -168,7 +168,7 @@ impl Broker {
     }
 
     /// Live DEKs not wrapped by this replica's primary (for the metrics gauge).
-    pub(crate) async fn rewrap_remaining(&self) -> Result<i64> {
+    pub(super) async fn rewrap_remaining(&self) -> Result<i64> {
         let primary = self.current_kek().ok().map(|k| k.to_string());
         Ok(self
             .store()

@@ -1,0 +1,250 @@
+//! The audit writer: group commit. Requests queue their events ([`AuditJob`]); one task writes
+//! everything waiting (up to 512 jobs) in a single transaction, then appends the records to
+//! the JSON-lines file in chain order, then answers each request. A request is answered only
+//! after its record is durable, so "if audit cannot be written, the request fails" holds,
+//! while concurrent requests share one commit instead of queueing on the chain lock one by one.
+
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::metrics::histogram::Histogram;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{AuditEvent, AuditRecord, JsonlSink};
+use crate::store::{AuditAppender, LeaseFilter, LeaseRow, Store, StoreError};
+
+/// Most jobs in one commit.
+const MAX_BATCH: usize = 512;
+/// Jobs waiting for the writer before senders wait too.
+const QUEUE: usize = 8192;
+
+/// Audit records (and possibly a new lease row) waiting for the writer.
+#[derive(Debug)]
+struct AuditJob {
+    /// The records to append, in order.
+    events: Vec<AuditEvent>,
+    /// A lease row stored in the same transaction: it exists iff its record does.
+    lease: Option<LeaseRow>,
+    /// The secrets generation the lease's version was read under, when it came from memory.
+    generation: Option<i64>,
+    /// Where the answer goes.
+    reply: oneshot::Sender<Result<Committed, WriteError>>,
+}
+
+/// What became of an audit job.
+#[derive(Debug)]
+pub enum Committed {
+    /// Stored; the job's last record.
+    Record(Box<AuditRecord>),
+    /// Nothing stored: a secret changed since the job's lease version was read.
+    Stale,
+}
+
+/// Why a job was not stored. The cause is logged by the writer; callers answer UNAVAILABLE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum WriteError {
+    /// The database refused the append.
+    #[error("audit log unavailable")]
+    Log,
+    /// The JSON-lines file could not be written (the batch's leases were ended).
+    #[error("audit file unavailable")]
+    File,
+    /// The writer task is gone (the process is shutting down).
+    #[error("audit writer stopped")]
+    Gone,
+    /// The writer stored the batch but has no record for this job (a bug).
+    #[error("audit writer lost a record")]
+    Lost,
+}
+
+/// The writer's metrics.
+#[derive(Debug, Clone)]
+pub struct WriterMetrics {
+    /// Seconds per commit.
+    pub commit_secs: Histogram,
+    /// Records per commit.
+    pub batch_records: Histogram,
+}
+
+/// The handle requests send their jobs to.
+#[derive(Debug, Clone)]
+pub struct AuditWriter {
+    tx: mpsc::Sender<AuditJob>,
+}
+
+impl AuditWriter {
+    /// Starts the writer task over `store`, appending also to `file` when it holds a sink.
+    pub fn spawn(
+        store: Store,
+        file: Arc<Mutex<Option<JsonlSink>>>,
+        metrics: WriterMetrics,
+    ) -> AuditWriter {
+        let (tx, rx) = mpsc::channel::<AuditJob>(QUEUE);
+        // Its own connection, and where its last append left the chain: while nobody else
+        // appends (one replica), each batch goes in as one statement, without a head read.
+        let appender = store.audit_appender();
+        let task = Task {
+            store,
+            file,
+            appender,
+            metrics,
+        };
+        tokio::spawn(task.run(rx));
+        AuditWriter { tx }
+    }
+
+    /// Queues `events` (and `lease`, guarded by `generation` when given) and waits until
+    /// they are durable, or refused.
+    pub async fn write(
+        &self,
+        events: Vec<AuditEvent>,
+        lease: Option<LeaseRow>,
+        generation: Option<i64>,
+    ) -> Result<Committed, WriteError> {
+        let (reply, answer) = oneshot::channel();
+        let job = AuditJob {
+            events,
+            lease,
+            generation,
+            reply,
+        };
+        self.tx.send(job).await.map_err(|_| WriteError::Gone)?;
+        answer.await.map_err(|_| WriteError::Gone)?
+    }
+}
+
+struct Task {
+    store: Store,
+    file: Arc<Mutex<Option<JsonlSink>>>,
+    appender: AuditAppender,
+    metrics: WriterMetrics,
+}
+
+/// What one write of a batch of audit jobs came to.
+enum Written {
+    /// The append was guarded and a secret changed since: nothing stored.
+    Stale,
+    /// One answer per job, in order.
+    Answers(Vec<Result<AuditRecord, WriteError>>),
+}
+
+impl Task {
+    async fn run(mut self, mut rx: mpsc::Receiver<AuditJob>) {
+        while let Some(first) = rx.recv().await {
+            let mut jobs = vec![first];
+            while jobs.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(j) => jobs.push(j),
+                    Err(_) => break,
+                }
+            }
+            // Leases whose versions came from memory are guarded by the generation they were
+            // read under. Versions read under an older generation than the newest here are
+            // outdated already: those jobs are sent back at once.
+            let newest = jobs.iter().filter_map(|j| j.generation).max();
+            let (mut jobs, outdated): (Vec<_>, Vec<_>) = jobs
+                .into_iter()
+                .partition(|j| j.generation.is_none() || j.generation == newest);
+            for j in outdated {
+                let _ = j.reply.send(Ok(Committed::Stale));
+            }
+            loop {
+                let generation = jobs.iter().filter_map(|j| j.generation).max();
+                match self.write(&mut jobs, generation).await {
+                    Written::Stale => {
+                        // Nothing stored: the guarded jobs go back to be made again, the
+                        // others are appended without the guard.
+                        let (guarded, rest): (Vec<_>, Vec<_>) =
+                            jobs.into_iter().partition(|j| j.generation.is_some());
+                        for j in guarded {
+                            let _ = j.reply.send(Ok(Committed::Stale));
+                        }
+                        jobs = rest;
+                        if jobs.is_empty() {
+                            break;
+                        }
+                    }
+                    Written::Answers(answers) => {
+                        for (j, a) in jobs.into_iter().zip(answers) {
+                            let _ = j.reply.send(a.map(|r| Committed::Record(Box::new(r))));
+                        }
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stores `jobs` in one transaction (guarded by `generation` when given), then appends
+    /// the records to the JSON-lines file in chain order. The jobs' events and lease rows are
+    /// moved into the batch, and given back only when nothing was stored ([`Written::Stale`]).
+    async fn write(&mut self, jobs: &mut [AuditJob], generation: Option<i64>) -> Written {
+        let mut events = Vec::with_capacity(jobs.len() * 2);
+        let mut leases = Vec::new();
+        // Where each job's events end, and whether it brought a lease row.
+        let mut ends = Vec::with_capacity(jobs.len());
+        for j in jobs.iter_mut() {
+            events.append(&mut j.events);
+            let lease = j.lease.take();
+            ends.push((events.len(), lease.is_some()));
+            leases.extend(lease);
+        }
+        self.metrics.batch_records.observe(events.len() as f64);
+        let t0 = std::time::Instant::now();
+        let appended = self.appender.append_at(&events, &leases, generation).await;
+        self.metrics.commit_secs.observe(t0.elapsed().as_secs_f64());
+        let recs = match appended {
+            Ok(recs) => recs,
+            Err(StoreError::StaleGeneration { .. }) => {
+                // Each job gets its own events and lease row back, last job first.
+                for (i, j) in jobs.iter_mut().enumerate().rev() {
+                    j.events = events.split_off(if i == 0 { 0 } else { ends[i - 1].0 });
+                    if ends[i].1 {
+                        j.lease = leases.pop();
+                    }
+                }
+                return Written::Stale;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "audit write failed; refusing the requests");
+                return Written::Answers(jobs.iter().map(|_| Err(WriteError::Log)).collect());
+            }
+        };
+        let file_failed = {
+            let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
+            match f.as_mut() {
+                Some(sink) => recs.iter().find_map(|r| sink.append(r).err()),
+                None => None,
+            }
+        };
+        if let Some(e) = &file_failed {
+            tracing::error!(error = %e, "audit file write failed; refusing the requests");
+            // The leases of this batch are stored, but their requests fail: end them, so no
+            // lease exists that its holder was told it did not get.
+            for l in &leases {
+                if let Err(e) = self
+                    .store
+                    .revoke_leases(
+                        &LeaseFilter::Id(l.id.clone()),
+                        super::now_ms(),
+                        "revoked:audit_failed",
+                    )
+                    .await
+                {
+                    tracing::error!(lease_id = %l.id, error = %e, "could not end a lease whose audit failed (it expires by its TTL)");
+                }
+            }
+        }
+        Written::Answers(
+            ends.into_iter()
+                // Each job's answer is the last record of its own events.
+                .map(
+                    |(end, _)| match (&file_failed, recs.get(end.saturating_sub(1))) {
+                        (None, Some(rec)) => Ok(rec.clone()),
+                        (None, None) => Err(WriteError::Lost),
+                        (Some(_), _) => Err(WriteError::File),
+                    },
+                )
+                .collect(),
+        )
+    }
+}

@@ -1,0 +1,327 @@
+//! Admin calls: secrets, policies, operator revocation, listings, audit reads.
+
+use super::*;
+
+impl Broker {
+    /// Writes a new version of `path`; returns its number.
+    pub async fn put_secret(&self, caller: &Caller, path: &str, data: SecretData) -> Result<i64> {
+        validate_secret_path(path)
+            .map_err(|e| BrokerError::InvalidArgument(format!("path '{path}': {e}")))?;
+        self.require(caller, path, Capability::Write, "secret_put")
+            .await?;
+        let r = async {
+            // Keys become file names in the sidecar's volume: no separators, no dot names.
+            for k in data.0.keys() {
+                let ok = !k.is_empty()
+                    && k.len() <= 253
+                    && k != "."
+                    && k != ".."
+                    && k.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+                if !ok {
+                    return Err(BrokerError::InvalidArgument(format!(
+                        "secret key '{}' must be 1-253 characters of [-._A-Za-z0-9] and not . or ..",
+                        k.escape_debug()
+                    )));
+                }
+            }
+            let mut kek = self.current_kek()?;
+            let mut refreshed = false;
+            for _ in 0..5 {
+                let v = self.store.latest_version(path).await? + 1;
+                let t0 = std::time::Instant::now();
+                let sealed = self.envelope.seal(kek, path, v, &data).await;
+                self.metrics.hsm("seal", t0.elapsed());
+                let sealed = match sealed {
+                    // Our primary was retired by another replica after a rotation we have not
+                    // seen yet: adopt the newest KEK once and seal again.
+                    Err(CryptoError::Hsm(e))
+                        if e.kind() == keyhaven_hsm::ErrorKind::KeyNotFound && !refreshed =>
+                    {
+                        refreshed = true;
+                        kek = self.refresh_kek().await?.ok_or_else(no_kek)?;
+                        continue;
+                    }
+                    other => other?,
+                };
+                match self.store.insert_version(path, v, now_ms(), &sealed).await {
+                    Ok(()) => {
+                        self.reads.forget_versions();
+                        return Ok(v);
+                    }
+                    Err(StoreError::Conflict(_)) => continue,
+                    Err(StoreError::KekRetired(_)) if !refreshed => {
+                        refreshed = true;
+                        kek = self.refresh_kek().await?.ok_or_else(no_kek)?;
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Err(BrokerError::Unavailable(format!(
+                "too many concurrent writers on {path}"
+            )))
+        }
+        .await;
+        self.audited(
+            caller,
+            EventKind::Admin("secret_put".into()),
+            Some(path),
+            None,
+            r,
+        )
+        .await
+    }
+
+    /// Soft-deletes `path` (history kept) or destroys it (data erased).
+    pub async fn delete_secret(&self, caller: &Caller, path: &str, destroy: bool) -> Result<u64> {
+        let (cap, verb) = if destroy {
+            (Capability::Destroy, "secret_destroy")
+        } else {
+            (Capability::Delete, "secret_delete")
+        };
+        self.require(caller, path, cap, verb).await?;
+        let r = if destroy {
+            self.store.destroy(path, now_ms()).await
+        } else {
+            self.store.soft_delete(path, now_ms()).await
+        }
+        .map_err(BrokerError::from);
+        self.reads.forget_versions();
+        self.audited(caller, EventKind::Admin(verb.into()), Some(path), None, r)
+            .await
+    }
+
+    /// Replaces all policies with the YAML document (validated first).
+    pub async fn apply_policies(&self, caller: &Caller, yaml: &str) -> Result<usize> {
+        self.require(caller, "", Capability::Policy, "policy_apply")
+            .await?;
+        let r = async {
+            let set = PolicySet::from_yaml(yaml, self.config.max_ttl_cap)
+                .map_err(|e| BrokerError::InvalidArgument(e.to_string()))?;
+            self.store
+                .save_policies(
+                    &set.to_yaml()
+                        .map_err(|e| BrokerError::Internal(e.to_string()))?,
+                    now_ms(),
+                )
+                .await?;
+            let n = set.policies().len();
+            *self.policies.write().unwrap_or_else(|p| p.into_inner()) = set;
+            Ok(n)
+        }
+        .await;
+        self.audited(
+            caller,
+            EventKind::Admin("policy_apply".into()),
+            None,
+            None,
+            r,
+        )
+        .await
+    }
+
+    /// Revokes every active lease matching `filter`; returns their ids.
+    pub async fn revoke_leases(
+        &self,
+        caller: &Caller,
+        filter: &LeaseFilter,
+    ) -> Result<Vec<String>> {
+        let path = match filter {
+            LeaseFilter::PathPrefix(p) => p.clone(),
+            _ => String::new(),
+        };
+        self.require(caller, &path, Capability::Revoke, "lease_revoke")
+            .await?;
+        let r = self
+            .store
+            .revoke_leases(filter, now_ms(), "revoked:operator")
+            .await
+            .map_err(BrokerError::from);
+        if let Ok(ids) = &r {
+            for id in ids {
+                self.audited::<()>(caller, EventKind::Revoke, None, Some(id), Ok(()))
+                    .await?;
+            }
+        }
+        self.audited(
+            caller,
+            EventKind::Admin("lease_revoke".into()),
+            (!path.is_empty()).then_some(path.as_str()),
+            None,
+            r,
+        )
+        .await
+    }
+}
+
+/// One KEK's status for operators.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KekStatus {
+    /// KEK id (hex `CKA_ID`).
+    pub kek_id: String,
+    /// HSM label.
+    pub label: String,
+    /// `primary` or `decrypt-only`.
+    pub role: &'static str,
+    /// DEKs it still wraps (soft-deleted versions included, destroyed ones not).
+    pub deks: i64,
+    /// Creation time from the label (Unix ms), if the label carries one.
+    pub created_ms: Option<i64>,
+    /// Encryptions recorded under it: DEKs sealed plus DEKs re-wrapped to it.
+    pub encryptions: i64,
+}
+
+impl Broker {
+    /// Paths under `prefix`.
+    pub async fn list_secrets(&self, caller: &Caller, prefix: &str) -> Result<Vec<String>> {
+        self.require(
+            caller,
+            prefix.trim_end_matches('/'),
+            Capability::List,
+            "secret_list",
+        )
+        .await?;
+        let r = self
+            .store
+            .list_paths(prefix)
+            .await
+            .map_err(BrokerError::from);
+        self.audited(
+            caller,
+            EventKind::Admin("secret_list".into()),
+            (!prefix.is_empty()).then_some(prefix),
+            None,
+            r,
+        )
+        .await
+    }
+
+    /// Version history of `path` (no values).
+    pub async fn secret_metadata(
+        &self,
+        caller: &Caller,
+        path: &str,
+    ) -> Result<Vec<crate::store::StoredVersion>> {
+        self.require(caller, path, Capability::List, "secret_metadata")
+            .await?;
+        let r = self
+            .store
+            .versions(path)
+            .await
+            .map_err(BrokerError::from)
+            .map(|vs| {
+                vs.into_iter()
+                    .map(|mut v| {
+                        v.sealed = v.sealed.map(|mut s| {
+                            // Metadata only: drop the encrypted payloads from the answer.
+                            s.ciphertext.clear();
+                            s.dek.ciphertext.clear();
+                            s
+                        });
+                        v
+                    })
+                    .collect()
+            });
+        self.audited(
+            caller,
+            EventKind::Admin("secret_metadata".into()),
+            Some(path),
+            None,
+            r,
+        )
+        .await
+    }
+
+    /// The current policy document.
+    pub async fn list_policies(&self, caller: &Caller) -> Result<String> {
+        self.require(caller, "", Capability::Policy, "policy_list")
+            .await?;
+        let r = self
+            .policies()
+            .to_yaml()
+            .map_err(|e| BrokerError::Internal(e.to_string()));
+        self.audited(
+            caller,
+            EventKind::Admin("policy_list".into()),
+            None,
+            None,
+            r,
+        )
+        .await
+    }
+
+    /// Leases matching `filter`.
+    pub async fn list_leases(
+        &self,
+        caller: &Caller,
+        filter: &LeaseFilter,
+        include_ended: bool,
+    ) -> Result<Vec<LeaseRow>> {
+        let path = match filter {
+            LeaseFilter::PathPrefix(p) => p.clone(),
+            _ => String::new(),
+        };
+        self.require(caller, &path, Capability::Revoke, "lease_list")
+            .await?;
+        let r = self
+            .store
+            .list_leases(filter, now_ms(), include_ended)
+            .await
+            .map_err(BrokerError::from);
+        self.audited(caller, EventKind::Admin("lease_list".into()), None, None, r)
+            .await
+    }
+
+    /// Verifies the stored audit chain (optionally against an anchor kept elsewhere).
+    pub async fn audit_verify(
+        &self,
+        caller: &Caller,
+        anchor: Option<&crate::audit::Checkpoint>,
+    ) -> Result<Result<crate::audit::VerifyReport, crate::audit::VerifyError>> {
+        self.require(caller, "", Capability::Audit, "audit_verify")
+            .await?;
+        let mut all = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = self.store.audit_records(after, 10_000).await?;
+            let Some(last) = page.last() else { break };
+            after = last.seq;
+            all.extend(page);
+        }
+        let report = match anchor {
+            Some(a) => crate::audit::verify_with_anchor(all, a),
+            None => crate::audit::verify(all),
+        };
+        self.audited(
+            caller,
+            EventKind::Admin("audit_verify".into()),
+            None,
+            None,
+            Ok(()),
+        )
+        .await?;
+        Ok(report)
+    }
+
+    /// Audit records after `after_seq`.
+    pub async fn audit_tail(
+        &self,
+        caller: &Caller,
+        after_seq: i64,
+        limit: i64,
+    ) -> Result<Vec<AuditRecord>> {
+        self.require(caller, "", Capability::Audit, "audit_tail")
+            .await?;
+        Ok(self
+            .store
+            .audit_records(after_seq, limit.clamp(1, 10_000))
+            .await?)
+    }
+
+    /// Every broker KEK with its role and how many DEKs it still wraps (the `keks` of
+    /// [`Broker::key_report`]).
+    pub async fn key_status(&self, caller: &Caller) -> Result<Vec<KekStatus>> {
+        Ok(self.key_report(caller).await?.keks)
+    }
+}

@@ -1,0 +1,328 @@
+//! The lease path: Lease, Renew, Revoke by the holder, and the reaper.
+
+use super::*;
+
+impl Broker {
+    /// Leases the newest version of `path` for `ttl` (policy default when `None`, capped by the
+    /// policy's max TTL).
+    pub async fn lease(
+        &self,
+        caller: &Caller,
+        path: &str,
+        ttl: Option<Duration>,
+    ) -> Result<LeaseGrant> {
+        self.lease_with(None, caller, path, ttl).await
+    }
+
+    /// [`Broker::lease`] for a request authenticated with [`Broker::authenticate_deferred`].
+    pub async fn lease_authenticated(
+        &self,
+        auth: Authenticated,
+        path: &str,
+        ttl: Option<Duration>,
+    ) -> Result<LeaseGrant> {
+        self.lease_with(auth.audit, &auth.caller, path, ttl).await
+    }
+
+    async fn lease_with(
+        &self,
+        auth: Option<AuditEvent>,
+        caller: &Caller,
+        path: &str,
+        ttl: Option<Duration>,
+    ) -> Result<LeaseGrant> {
+        // Nothing is stored until the audit transaction: the lease row goes in with its record.
+        // The version comes from memory when it can; the append then checks that no secret
+        // changed since it was read, and if one did, nothing was stored, and the lease is made
+        // again from a fresh read.
+        let mut remembered = true;
+        loop {
+            let (r, row, generation) = match self.lease_inner(caller, path, ttl, remembered).await {
+                Ok((grant, row, generation)) => (Ok(grant), Some(row), generation),
+                Err(e) => (Err(e), None, None),
+            };
+            let lease_id = r.as_ref().ok().map(|g| g.lease_id.clone());
+            let events = Self::audit_events(
+                auth.clone(),
+                caller,
+                EventKind::Lease,
+                Some(path),
+                lease_id.as_deref(),
+                &r,
+            );
+            match self.submit_at(events, row, generation).await? {
+                Committed::Record(_) => return r,
+                Committed::Stale => {
+                    self.reads.forget_versions();
+                    self.metrics.remembered_stale.inc();
+                    remembered = false;
+                }
+            }
+        }
+    }
+
+    async fn lease_inner(
+        &self,
+        caller: &Caller,
+        path: &str,
+        ttl: Option<Duration>,
+        remembered: bool,
+    ) -> Result<(LeaseGrant, LeaseRow, Option<i64>)> {
+        validate_secret_path(path)
+            .map_err(|e| BrokerError::InvalidArgument(format!("path '{path}': {e}")))?;
+        let Caller::Workload(id) = caller else {
+            return Err(BrokerError::PermissionDenied(
+                "the bootstrap credential cannot lease secrets".into(),
+            ));
+        };
+        let Decision::Allow {
+            ttl: default_ttl,
+            max_ttl,
+            ..
+        } = self.decide(caller, path, Capability::Read)
+        else {
+            return Err(BrokerError::PermissionDenied(format!(
+                "no policy lets {} read {path}",
+                id.subject()
+            )));
+        };
+        let mut attempts = 0;
+        let (row, data, generation) = loop {
+            attempts += 1;
+            // The retry after a retired KEK reads afresh.
+            let (row, generation) = if remembered && attempts == 1 {
+                let (row, g) = self.reads.latest_version_remembered(path).await?;
+                (row, Some(g))
+            } else {
+                (self.reads.latest_version(path).await?.map(Arc::new), None)
+            };
+            let row = row.ok_or_else(|| BrokerError::NotFound(format!("secret {path}")))?;
+            let sealed = row
+                .sealed
+                .as_ref()
+                .ok_or_else(|| BrokerError::NotFound(format!("secret {path}")))?;
+            let t0 = std::time::Instant::now();
+            let data = self.envelope.open(path, row.version, sealed).await;
+            self.metrics.hsm("open", t0.elapsed());
+            match data {
+                // The row was re-wrapped and its old KEK retired between our read and the
+                // unwrap: read it again once.
+                Err(CryptoError::Hsm(e))
+                    if e.kind() == keyhaven_hsm::ErrorKind::KeyNotFound && attempts < 2 =>
+                {
+                    continue
+                }
+                other => break (row, other?, generation),
+            }
+        };
+        let ttl = ttl
+            .filter(|t| !t.is_zero())
+            .unwrap_or(default_ttl)
+            .min(max_ttl);
+        let now = now_ms();
+        let lease = LeaseRow {
+            id: new_lease_id(id, path)?,
+            identity: id.clone(),
+            path: path.to_owned(),
+            version: row.version,
+            created_ms: now,
+            expires_ms: now + ttl.as_millis() as i64,
+            max_expires_ms: now + max_ttl.as_millis() as i64,
+            renewals: 0,
+            ended_ms: None,
+            end_reason: None,
+        };
+        Ok((
+            LeaseGrant {
+                lease_id: lease.id.clone(),
+                version: row.version,
+                data,
+                ttl,
+                renewable_until_unix: to_secs(lease.max_expires_ms),
+            },
+            lease,
+            generation,
+        ))
+    }
+
+    /// Extends the caller's own lease by `increment` (the policy default when `None`), never
+    /// past its max TTL; says whether a newer secret version exists.
+    pub async fn renew(
+        &self,
+        caller: &Caller,
+        lease_id: &str,
+        increment: Option<Duration>,
+    ) -> Result<Renewal> {
+        self.renew_with(None, caller, lease_id, increment).await
+    }
+
+    /// [`Broker::renew`] for a request authenticated with [`Broker::authenticate_deferred`].
+    pub async fn renew_authenticated(
+        &self,
+        auth: Authenticated,
+        lease_id: &str,
+        increment: Option<Duration>,
+    ) -> Result<Renewal> {
+        self.renew_with(auth.audit, &auth.caller, lease_id, increment)
+            .await
+    }
+
+    async fn renew_with(
+        &self,
+        auth: Option<AuditEvent>,
+        caller: &Caller,
+        lease_id: &str,
+        increment: Option<Duration>,
+    ) -> Result<Renewal> {
+        let r = self.renew_inner(caller, lease_id, increment).await;
+        self.audited_with(
+            auth,
+            None,
+            caller,
+            EventKind::Renew,
+            None,
+            Some(lease_id),
+            r,
+        )
+        .await
+    }
+
+    async fn own_lease(&self, caller: &Caller, lease_id: &str) -> Result<LeaseRow> {
+        let not_found = || BrokerError::NotFound(format!("lease {lease_id}"));
+        let Caller::Workload(id) = caller else {
+            return Err(not_found());
+        };
+        let lease = self
+            .reads
+            .get_lease(lease_id)
+            .await?
+            .ok_or_else(not_found)?;
+        if lease.identity.namespace != id.namespace
+            || lease.identity.service_account != id.service_account
+        {
+            // Someone else's lease: indistinguishable from no lease.
+            return Err(not_found());
+        }
+        Ok(lease)
+    }
+
+    async fn renew_inner(
+        &self,
+        caller: &Caller,
+        lease_id: &str,
+        increment: Option<Duration>,
+    ) -> Result<Renewal> {
+        let lease = self.own_lease(caller, lease_id).await?;
+        let now = now_ms();
+        if !lease.is_active(now) {
+            return Err(BrokerError::FailedPrecondition(format!(
+                "lease {lease_id} has expired or was revoked"
+            )));
+        }
+        let Decision::Allow {
+            ttl: default_ttl, ..
+        } = self.decide(caller, &lease.path, Capability::Read)
+        else {
+            return Err(BrokerError::PermissionDenied(format!(
+                "no policy lets this identity read {} any more",
+                lease.path
+            )));
+        };
+        if lease.expires_ms >= lease.max_expires_ms {
+            return Err(BrokerError::FailedPrecondition(format!(
+                "lease {lease_id} is at its maximum TTL"
+            )));
+        }
+        let inc = increment.filter(|t| !t.is_zero()).unwrap_or(default_ttl);
+        let updated = self
+            .store
+            .renew_lease(lease_id, now, now + inc.as_millis() as i64)
+            .await?
+            .ok_or_else(|| {
+                BrokerError::FailedPrecondition(format!(
+                    "lease {lease_id} has expired or was revoked"
+                ))
+            })?;
+        let latest = self
+            .reads
+            .latest_version(&updated.path)
+            .await?
+            .map(|v| v.version);
+        Ok(Renewal {
+            ttl: Duration::from_millis((updated.expires_ms - now).max(0) as u64),
+            renewable_until_unix: to_secs(updated.max_expires_ms),
+            newer_version: latest.is_some_and(|v| v > updated.version),
+        })
+    }
+
+    /// Ends the caller's own lease now.
+    pub async fn revoke(&self, caller: &Caller, lease_id: &str) -> Result<()> {
+        self.revoke_with(None, caller, lease_id).await
+    }
+
+    /// [`Broker::revoke`] for a request authenticated with [`Broker::authenticate_deferred`].
+    pub async fn revoke_authenticated(&self, auth: Authenticated, lease_id: &str) -> Result<()> {
+        self.revoke_with(auth.audit, &auth.caller, lease_id).await
+    }
+
+    async fn revoke_with(
+        &self,
+        auth: Option<AuditEvent>,
+        caller: &Caller,
+        lease_id: &str,
+    ) -> Result<()> {
+        let r = async {
+            self.own_lease(caller, lease_id).await?;
+            self.store
+                .revoke_leases(
+                    &LeaseFilter::Id(lease_id.to_owned()),
+                    now_ms(),
+                    "revoked:holder",
+                )
+                .await?;
+            Ok(())
+        }
+        .await;
+        self.audited_with(
+            auth,
+            None,
+            caller,
+            EventKind::Revoke,
+            None,
+            Some(lease_id),
+            r,
+        )
+        .await
+    }
+
+    /// One reaper pass: ends expired leases (audited as `expire`); returns how many.
+    pub async fn reap(&self, batch: i64) -> Result<usize> {
+        let ended = self.store.reap_expired(now_ms(), batch).await?;
+        self.metrics.reaped.inc_by(ended.len() as u64);
+        for l in &ended {
+            let mut ev = AuditEvent::new(now_ms(), EventKind::Expire, Outcome::Ok)
+                .with_identity(l.identity.subject())
+                .with_path(l.path.clone())
+                .with_lease_id(l.id.clone());
+            if let Some(p) = &l.identity.pod_name {
+                ev = ev.with_pod(p.clone());
+            }
+            self.audit(ev).await?;
+        }
+        Ok(ended.len())
+    }
+}
+
+/// `namespace/serviceaccount/path/<128 random bits hex>`.
+fn new_lease_id(id: &Identity, path: &str) -> Result<String> {
+    let mut r = Zeroizing::new([0u8; 16]);
+    getrandom::fill(&mut r[..])
+        .map_err(|_| BrokerError::Internal("random number generator failed".into()))?;
+    Ok(format!(
+        "{}/{}/{}/{}",
+        id.namespace,
+        id.service_account,
+        path,
+        hex::encode(&r[..])
+    ))
+}
