@@ -16,21 +16,36 @@ use crate::crypto::SecretData;
 use crate::service::{Authenticated, Broker, BrokerError, Caller};
 use crate::store::{LeaseFilter, LeaseRow};
 
+/// The one mapping from a broker failure to what the client sees. Client errors keep our own
+/// text about the request; an unavailable or internal failure logs its whole cause chain here
+/// and sends a fixed message that says what to do, never the cause (a database message, a
+/// PKCS#11 return value, a path on the server).
 impl From<BrokerError> for Status {
     fn from(e: BrokerError) -> Self {
-        let code = match &e {
-            BrokerError::Unauthenticated(_) => tonic::Code::Unauthenticated,
-            BrokerError::PermissionDenied(_) => tonic::Code::PermissionDenied,
-            BrokerError::NotFound(_) => tonic::Code::NotFound,
-            BrokerError::FailedPrecondition(_) => tonic::Code::FailedPrecondition,
-            BrokerError::InvalidArgument(_) => tonic::Code::InvalidArgument,
-            BrokerError::Unavailable(_) => tonic::Code::Unavailable,
-            BrokerError::Internal(_) => tonic::Code::Internal,
-        };
-        if code == tonic::Code::Internal {
-            tracing::error!(error = %e, "internal error");
+        use tonic::Code;
+        match &e {
+            BrokerError::Unauthenticated(_) => Status::new(Code::Unauthenticated, e.to_string()),
+            BrokerError::PermissionDenied(_) => Status::new(Code::PermissionDenied, e.to_string()),
+            BrokerError::NotFound(_) => Status::new(Code::NotFound, e.to_string()),
+            BrokerError::FailedPrecondition(_) => {
+                Status::new(Code::FailedPrecondition, e.to_string())
+            }
+            BrokerError::InvalidArgument(_) => Status::new(Code::InvalidArgument, e.to_string()),
+            BrokerError::Unavailable { what, .. } => {
+                tracing::warn!(error = %e.chain(), "request failed: unavailable");
+                Status::new(
+                    Code::Unavailable,
+                    format!("unavailable: {what}; retry with back-off"),
+                )
+            }
+            BrokerError::Internal { .. } => {
+                tracing::error!(error = %e.chain(), "request failed: internal error");
+                Status::new(
+                    Code::Internal,
+                    "internal error: the broker's log has the details",
+                )
+            }
         }
-        Status::new(code, e.to_string())
     }
 }
 
@@ -526,6 +541,86 @@ impl Admin for Edge {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A cause as a database or HSM would word it: nothing of it may reach a client.
+    #[derive(Debug, thiserror::Error)]
+    #[error(
+        "password authentication failed for user \"keyhaven\" at /var/lib/pg: CKR_PIN_INCORRECT"
+    )]
+    struct Leaky;
+
+    const LEAKS: [&str; 3] = [
+        "password authentication",
+        "/var/lib/pg",
+        "CKR_PIN_INCORRECT",
+    ];
+
+    #[test]
+    fn every_code_sends_a_fixed_message_and_no_cause() {
+        let store_down: BrokerError =
+            crate::store::StoreError::Unavailable("connection refused to 10.0.0.7:5432".into())
+                .into();
+        let cases = [
+            (
+                BrokerError::Unauthenticated("token expired".into()),
+                tonic::Code::Unauthenticated,
+            ),
+            (
+                BrokerError::PermissionDenied("no policy grants read on a/b".into()),
+                tonic::Code::PermissionDenied,
+            ),
+            (
+                BrokerError::NotFound("lease x".into()),
+                tonic::Code::NotFound,
+            ),
+            (
+                BrokerError::FailedPrecondition("lease x expired".into()),
+                tonic::Code::FailedPrecondition,
+            ),
+            (
+                BrokerError::InvalidArgument("path is empty".into()),
+                tonic::Code::InvalidArgument,
+            ),
+            (
+                BrokerError::unavailable_by("database", Leaky),
+                tonic::Code::Unavailable,
+            ),
+            (
+                BrokerError::internal_by("secret encryption", Leaky),
+                tonic::Code::Internal,
+            ),
+            (store_down, tonic::Code::Unavailable),
+        ];
+        for (e, code) in cases {
+            let chain = e.chain();
+            let s = Status::from(e);
+            assert_eq!(s.code(), code);
+            for leak in LEAKS
+                .iter()
+                .chain(["10.0.0.7", "connection refused"].iter())
+            {
+                assert!(
+                    !s.message().contains(leak),
+                    "{code:?} leaked {leak:?}: {}",
+                    s.message()
+                );
+            }
+            if matches!(code, tonic::Code::Unavailable) {
+                assert!(s.message().contains("retry"), "{}", s.message());
+                assert!(
+                    chain.contains("refused") || chain.contains("CKR_PIN_INCORRECT"),
+                    "the log keeps the cause: {chain}"
+                );
+            }
+            if matches!(code, tonic::Code::Internal) {
+                assert_eq!(
+                    s.message(),
+                    "internal error: the broker's log has the details"
+                );
+                assert!(chain.contains("CKR_PIN_INCORRECT"), "{chain}");
+            }
+        }
+    }
 
     #[test]
     fn rate_limiter_allows_burst_then_refuses() {

@@ -626,7 +626,7 @@ fn a_lease_whose_audit_cannot_be_written_fails_and_leaves_no_active_lease() {
             .lease_authenticated(auth, "shared/x", None)
             .await
             .unwrap_err();
-        assert!(matches!(e, BrokerError::Unavailable(_)), "{e:?}");
+        assert!(matches!(e, BrokerError::Unavailable { .. }), "{e:?}");
         let now = keyhaven_broker::audit::now_ms();
         let active = broker
             .store()
@@ -654,13 +654,13 @@ fn database_gone_fails_cleanly_and_recovers_without_losing_leases() {
         tokio::task::block_in_place(|| pg.stop());
         for _ in 0..3 {
             let e = env.broker.lease(&c, "shared/x", None).await.unwrap_err();
-            assert!(matches!(e, BrokerError::Unavailable(_)), "{e:?}");
+            assert!(matches!(e, BrokerError::Unavailable { .. }), "{e:?}");
             let e = env
                 .broker
                 .renew(&c, &before.lease_id, None)
                 .await
                 .unwrap_err();
-            assert!(matches!(e, BrokerError::Unavailable(_)), "{e:?}");
+            assert!(matches!(e, BrokerError::Unavailable { .. }), "{e:?}");
         }
         tokio::task::block_in_place(|| pg.resume());
         let mut after = None;
@@ -670,7 +670,7 @@ fn database_gone_fails_cleanly_and_recovers_without_losing_leases() {
                     after = Some(g);
                     break;
                 }
-                Err(BrokerError::Unavailable(_)) => {
+                Err(BrokerError::Unavailable { .. }) => {
                     tokio::time::sleep(Duration::from_millis(100)).await
                 }
                 Err(e) => panic!("{e:?}"),

@@ -58,9 +58,7 @@ impl Broker {
                     Err(e) => return Err(e.into()),
                 }
             }
-            Err(BrokerError::Unavailable(format!(
-                "too many concurrent writers on {path}"
-            )))
+            Err(BrokerError::unavailable("secret store (too many concurrent writers on one path)"))
         }
         .await;
         self.audited(
@@ -102,7 +100,7 @@ impl Broker {
             self.store
                 .save_policies(
                     &set.to_yaml()
-                        .map_err(|e| BrokerError::Internal(e.to_string()))?,
+                        .map_err(|e| BrokerError::internal_by("policy serialisation", e))?,
                     now_ms(),
                 )
                 .await?;
@@ -240,7 +238,7 @@ impl Broker {
         let r = self
             .policies()
             .to_yaml()
-            .map_err(|e| BrokerError::Internal(e.to_string()));
+            .map_err(|e| BrokerError::internal_by("policy serialisation", e));
         self.audited(
             caller,
             EventKind::Admin("policy_list".into()),

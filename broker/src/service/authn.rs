@@ -66,7 +66,7 @@ impl Broker {
                         }
                         self.audit(ev).await?;
                         return Err(if e.is_unavailable() {
-                            BrokerError::Unavailable("token review unavailable".into())
+                            BrokerError::unavailable("token review")
                         } else {
                             BrokerError::Unauthenticated(e.reason().to_owned())
                         });
@@ -102,7 +102,7 @@ impl Broker {
 
 fn auth_error(e: &AuthError) -> BrokerError {
     if e.is_unavailable() {
-        BrokerError::Unavailable("token keys unavailable".into())
+        BrokerError::unavailable("token keys")
     } else {
         BrokerError::Unauthenticated(e.reason().to_owned())
     }

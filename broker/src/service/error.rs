@@ -2,8 +2,13 @@
 
 use super::*;
 
-/// What a request failed with, by what the caller should do. Messages carry paths and lease
-/// ids, never values or tokens.
+/// The underlying cause of an unavailable or internal failure: kept typed for the log, never
+/// sent to a client.
+pub type Cause = std::sync::Arc<dyn std::error::Error + Send + Sync>;
+
+/// What a request failed with, by what the caller should do. The client-error variants carry
+/// our own text about the request (paths, lease ids), never values or tokens; `Unavailable`
+/// and `Internal` carry a fixed description and keep the cause typed for the log.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BrokerError {
     /// No valid credential.
@@ -22,18 +27,76 @@ pub enum BrokerError {
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
     /// Database, HSM or key source unavailable; retry later.
-    #[error("unavailable: {0}")]
-    Unavailable(String),
+    #[error("unavailable: {what}")]
+    Unavailable {
+        /// What is unavailable, in words fit for the client (`database`, `audit log`, ...).
+        what: &'static str,
+        /// Why, for the log.
+        #[source]
+        source: Option<Cause>,
+    },
     /// Stored data failed its integrity check, or another internal failure.
-    #[error("internal: {0}")]
-    Internal(String),
+    #[error("internal: {what}")]
+    Internal {
+        /// What failed, in words fit for the log and the audit reason.
+        what: &'static str,
+        /// Why, for the log.
+        #[source]
+        source: Option<Cause>,
+    },
+}
+
+impl BrokerError {
+    /// Unavailable, with no underlying error.
+    pub fn unavailable(what: &'static str) -> Self {
+        BrokerError::Unavailable { what, source: None }
+    }
+
+    /// Unavailable because of `source`.
+    pub fn unavailable_by(
+        what: &'static str,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        BrokerError::Unavailable {
+            what,
+            source: Some(std::sync::Arc::new(source)),
+        }
+    }
+
+    /// Internal, with no underlying error.
+    pub fn internal(what: &'static str) -> Self {
+        BrokerError::Internal { what, source: None }
+    }
+
+    /// Internal because of `source`.
+    pub fn internal_by(
+        what: &'static str,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        BrokerError::Internal {
+            what,
+            source: Some(std::sync::Arc::new(source)),
+        }
+    }
+
+    /// The error and every cause under it, `: `-separated (for the log only).
+    pub fn chain(&self) -> String {
+        let mut s = self.to_string();
+        let mut next = std::error::Error::source(self);
+        while let Some(e) = next {
+            s.push_str(": ");
+            s.push_str(&e.to_string());
+            next = e.source();
+        }
+        s
+    }
 }
 
 impl From<StoreError> for BrokerError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::Unavailable(m) => BrokerError::Unavailable(format!("database: {m}")),
-            other => BrokerError::Internal(other.to_string()),
+            e @ StoreError::Unavailable(_) => BrokerError::unavailable_by("database", e),
+            other => BrokerError::internal_by("database", other),
         }
     }
 }
@@ -41,8 +104,8 @@ impl From<StoreError> for BrokerError {
 impl From<CryptoError> for BrokerError {
     fn from(e: CryptoError) -> Self {
         match &e {
-            CryptoError::Hsm(h) if h.is_retryable() => BrokerError::Unavailable(e.to_string()),
-            _ => BrokerError::Internal(e.to_string()),
+            CryptoError::Hsm(h) if h.is_retryable() => BrokerError::unavailable_by("HSM", e),
+            _ => BrokerError::internal_by("secret encryption", e),
         }
     }
 }
@@ -56,14 +119,14 @@ impl BrokerError {
             BrokerError::NotFound(_) => "not_found",
             BrokerError::FailedPrecondition(_) => "not_renewable",
             BrokerError::InvalidArgument(_) => "invalid_argument",
-            BrokerError::Unavailable(_) => "unavailable",
-            BrokerError::Internal(_) => "internal",
+            BrokerError::Unavailable { .. } => "unavailable",
+            BrokerError::Internal { .. } => "internal",
         }
     }
 
     pub(super) fn outcome(&self) -> Outcome {
         match self {
-            BrokerError::Unavailable(_) | BrokerError::Internal(_) => Outcome::Error,
+            BrokerError::Unavailable { .. } | BrokerError::Internal { .. } => Outcome::Error,
             _ => Outcome::Denied,
         }
     }
@@ -76,11 +139,9 @@ impl From<crate::audit::writer::WriteError> for BrokerError {
     fn from(e: crate::audit::writer::WriteError) -> Self {
         use crate::audit::writer::WriteError;
         match e {
-            WriteError::Lost => BrokerError::Internal(e.to_string()),
-            WriteError::File => BrokerError::Unavailable("audit file unavailable".into()),
-            WriteError::Log | WriteError::Gone => {
-                BrokerError::Unavailable("audit log unavailable".into())
-            }
+            WriteError::Lost => BrokerError::internal_by("audit writer", e),
+            WriteError::File => BrokerError::unavailable_by("audit file", e),
+            WriteError::Log | WriteError::Gone => BrokerError::unavailable_by("audit log", e),
         }
     }
 }

@@ -316,8 +316,7 @@ impl Broker {
 /// `namespace/serviceaccount/path/<128 random bits hex>`.
 fn new_lease_id(id: &Identity, path: &str) -> Result<String> {
     let mut r = Zeroizing::new([0u8; 16]);
-    getrandom::fill(&mut r[..])
-        .map_err(|_| BrokerError::Internal("random number generator failed".into()))?;
+    getrandom::fill(&mut r[..]).map_err(|_| BrokerError::internal("random number generator"))?;
     Ok(format!(
         "{}/{}/{}/{}",
         id.namespace,

@@ -268,7 +268,7 @@ impl Broker {
     pub async fn reload_policies(&self) -> Result<()> {
         let set = match self.store.load_policies().await? {
             Some(yaml) => PolicySet::from_yaml(&yaml, self.config.max_ttl_cap)
-                .map_err(|e| BrokerError::Internal(format!("stored policies invalid: {e}")))?,
+                .map_err(|e| BrokerError::internal_by("stored policies invalid", e))?,
             None => PolicySet::default(),
         };
         *self.policies.write().unwrap_or_else(|p| p.into_inner()) = set;
@@ -295,8 +295,8 @@ impl Broker {
     ) -> Result<AuditRecord> {
         match self.submit_at(events, lease, None).await? {
             Committed::Record(r) => Ok(*r),
-            Committed::Stale => Err(BrokerError::Internal(
-                "an unguarded audit append was refused as stale".into(),
+            Committed::Stale => Err(BrokerError::internal(
+                "an unguarded audit append was refused as stale",
             )),
         }
     }
@@ -426,5 +426,5 @@ impl Broker {
 }
 
 fn no_kek() -> BrokerError {
-    BrokerError::Unavailable("no broker KEK on the HSM token: run `brokerctl keys init`".into())
+    BrokerError::unavailable("broker KEK (none on the HSM token: run `brokerctl keys init`)")
 }

@@ -282,10 +282,10 @@ impl Broker {
             .map_err(hsm)?;
         let keks = self.fresh_keks().await?;
         if keks.last().map(|k| k.id) != Some(kek.id) {
-            return Err(BrokerError::Internal(format!(
-                "the new KEK {} is not the newest broker KEK on the token",
-                kek.id
-            )));
+            tracing::error!(kek = %kek.id, "the new KEK is not the newest broker KEK on the token");
+            return Err(BrokerError::internal(
+                "KEK rotation (the new KEK is not the newest on the token)",
+            ));
         }
         let new_id = kek.id.to_string();
         let known: HashSet<String> = keks.iter().map(|k| k.id.to_string()).collect();
