@@ -253,8 +253,11 @@ impl Worker for JwtWorker {
 /// A verifier of the dev issuer's tokens, as the `--dev` broker builds it, with its key set
 /// already fetched.
 pub async fn verifier(issuer: &DevIssuer) -> anyhow::Result<Arc<Verifier>> {
-    let v = Verifier::new(DevIssuer::verifier_config(), issuer.jwks_source())
-        .context("build the token verifier")?;
+    let v = Verifier::new(
+        keyhaven_broker::auth::dev_verifier_config(),
+        keyhaven_broker::auth::dev_jwks_source(issuer),
+    )
+    .context("build the token verifier")?;
     v.refresh().await.context("load the dev JWKS")?;
     Ok(Arc::new(v))
 }

@@ -8,17 +8,15 @@
 pub mod audit;
 pub mod auth;
 pub mod crypto;
-pub mod ctl;
 pub mod grpc;
 pub mod http;
-pub mod identity;
 pub mod metrics;
-pub mod policy;
 pub mod server;
 pub mod service;
 
 pub use service::rotation;
 pub mod store;
 
+pub use keyhaven_broker_core::{identity, policy};
 pub use keyhaven_hsm as hsm;
 pub use keyhaven_proto::broker::v1 as api;

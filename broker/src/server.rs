@@ -270,8 +270,11 @@ pub async fn assemble(args: &ServeArgs) -> Result<Arc<Broker>, ServeError> {
         let issuer = DevIssuer::load_or_generate(&args.dev_key)
             .map_err(|e| ServeError::Start(format!("dev key: {e}")))?;
         Some(Arc::new(
-            Verifier::new(DevIssuer::verifier_config(), issuer.jwks_source())
-                .map_err(|e| ServeError::Start(format!("dev verifier: {e}")))?,
+            Verifier::new(
+                crate::auth::dev_verifier_config(),
+                crate::auth::dev_jwks_source(&issuer),
+            )
+            .map_err(|e| ServeError::Start(format!("dev verifier: {e}")))?,
         ))
     } else {
         None

@@ -382,8 +382,13 @@ async fn in_process_broker(store: Store, hsm: &SoftHsm, auto: AutoRotation) -> B
         DekCache::new(100, Duration::from_secs(60)),
     );
     let issuer = DevIssuer::generate().unwrap();
-    let verifier =
-        Arc::new(Verifier::new(DevIssuer::verifier_config(), issuer.jwks_source()).unwrap());
+    let verifier = Arc::new(
+        Verifier::new(
+            keyhaven_broker::auth::dev_verifier_config(),
+            keyhaven_broker::auth::dev_jwks_source(&issuer),
+        )
+        .unwrap(),
+    );
     Broker::new(
         store,
         envelope,

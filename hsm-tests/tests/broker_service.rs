@@ -96,12 +96,19 @@ where
         let envelope = Envelope::new(ks, DekCache::new(1000, Duration::from_secs(60)));
         // The "cluster" issuer the broker trusts in production mode, and the dev issuer.
         let cluster = DevIssuer::generate().unwrap();
-        let mut ccfg = DevIssuer::verifier_config();
+        let mut ccfg = keyhaven_broker::auth::dev_verifier_config();
         ccfg.issuer = "https://cluster.example".into();
-        let verifier = Arc::new(Verifier::new(ccfg, cluster.jwks_source()).unwrap());
+        let verifier = Arc::new(
+            Verifier::new(ccfg, keyhaven_broker::auth::dev_jwks_source(&cluster)).unwrap(),
+        );
         let dev = DevIssuer::generate().unwrap();
-        let dev_verifier =
-            Arc::new(Verifier::new(DevIssuer::verifier_config(), dev.jwks_source()).unwrap());
+        let dev_verifier = Arc::new(
+            Verifier::new(
+                keyhaven_broker::auth::dev_verifier_config(),
+                keyhaven_broker::auth::dev_jwks_source(&dev),
+            )
+            .unwrap(),
+        );
         let broker = Broker::new(store, envelope, verifier, BrokerConfig::default())
             .await
             .unwrap()
@@ -427,7 +434,13 @@ async fn two_hundred_concurrent_clients_stay_consistent(env: Env) {
 async fn replica(env: &Env) -> Broker {
     let ks = broker_keystore(&env._hsm).await;
     let envelope = Envelope::new(ks, DekCache::new(1000, Duration::from_secs(60)));
-    let dev = Arc::new(Verifier::new(DevIssuer::verifier_config(), env.dev.jwks_source()).unwrap());
+    let dev = Arc::new(
+        Verifier::new(
+            keyhaven_broker::auth::dev_verifier_config(),
+            keyhaven_broker::auth::dev_jwks_source(&env.dev),
+        )
+        .unwrap(),
+    );
     Broker::new(
         env.broker.store().clone(),
         envelope,

@@ -73,8 +73,13 @@ fn authenticate_with_token_review() {
         ks.generate_kek().await.unwrap();
         let envelope = Envelope::new(ks, DekCache::new(1000, Duration::from_secs(60)));
         let dev = DevIssuer::generate().unwrap();
-        let verifier =
-            Arc::new(Verifier::new(DevIssuer::verifier_config(), dev.jwks_source()).unwrap());
+        let verifier = Arc::new(
+            Verifier::new(
+                keyhaven_broker::auth::dev_verifier_config(),
+                keyhaven_broker::auth::dev_jwks_source(&dev),
+            )
+            .unwrap(),
+        );
 
         let fake = Arc::new(Fake::default());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

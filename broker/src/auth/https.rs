@@ -637,7 +637,7 @@ mod tests {
         assert!(!debug.contains("sa-token-1"), "{debug}");
         assert!(debug.contains(JWKS_PATH), "{debug}");
 
-        let verifier = Verifier::new(DevIssuer::verifier_config(), source).unwrap();
+        let verifier = Verifier::new(crate::auth::dev_verifier_config(), source).unwrap();
         assert_eq!(verifier.refresh().await.unwrap(), 1);
         let token = dev
             .mint("team-a", "app", Some("app-1"), Duration::from_secs(600))
@@ -718,7 +718,7 @@ mod tests {
         assert!(srv.state.seen().is_empty());
 
         // Through the verifier: unavailable, not a verdict on the token.
-        let verifier = Verifier::new(DevIssuer::verifier_config(), source).unwrap();
+        let verifier = Verifier::new(crate::auth::dev_verifier_config(), source).unwrap();
         let dev = DevIssuer::generate().unwrap();
         let token = dev
             .mint("team-a", "app", None, Duration::from_secs(600))
@@ -783,7 +783,7 @@ mod tests {
             None,
         ))
         .unwrap();
-        let verifier = Verifier::new(DevIssuer::verifier_config(), source).unwrap();
+        let verifier = Verifier::new(crate::auth::dev_verifier_config(), source).unwrap();
         let token = dev
             .mint("team-a", "app", None, Duration::from_secs(600))
             .unwrap();

@@ -27,7 +27,10 @@ mod test_pki;
 mod tokenreview;
 mod verifier;
 
-pub use dev::{DevIssuer, DEV_AUDIENCE, DEV_ISSUER, DEV_MAX_TTL};
+pub use dev::{
+    dev_jwks_source, dev_verifier_config, DevIssuer, DevTokenError, DEV_AUDIENCE, DEV_ISSUER,
+    DEV_MAX_TTL,
+};
 pub use error::{AuthError, SetupError};
 pub use https::{HttpsJwks, HttpsJwksConfig};
 pub use jwks::{FetchFuture, FileJwks, Jwks, JwksSource, StaticJwks, MAX_JWKS_BYTES};

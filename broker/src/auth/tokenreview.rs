@@ -836,7 +836,11 @@ mod tests {
             std::fs::write(&token_file, format!("{BROKER_TOKEN}\n")).unwrap();
             let config = TokenReviewConfig::new(srv.url("https"), Some(ca), &token_file);
             let dev = DevIssuer::generate().unwrap();
-            let verifier = Verifier::new(DevIssuer::verifier_config(), dev.jwks_source()).unwrap();
+            let verifier = Verifier::new(
+                crate::auth::dev_verifier_config(),
+                crate::auth::dev_jwks_source(&dev),
+            )
+            .unwrap();
             Fixture {
                 _dir: dir,
                 srv,

@@ -615,20 +615,7 @@ pub(crate) fn parse_subject(sub: &str) -> Result<(&str, &str), AuthError> {
     Ok((namespace, name))
 }
 
-/// RFC 1123 label, as Kubernetes requires of namespace names.
-pub(crate) fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
-
-/// RFC 1123 subdomain, as Kubernetes requires of service account and pod names.
-pub(crate) fn is_dns_subdomain(s: &str) -> bool {
-    s.len() <= 253 && s.split('.').all(is_dns_label)
-}
+pub(crate) use crate::identity::{is_dns_label, is_dns_subdomain};
 
 /// A Kubernetes object UID (a UUID in practice): short, and nothing that could forge a log.
 fn is_uid(s: &str) -> bool {

@@ -9,7 +9,7 @@ use serde_json::json;
 
 use super::cli::{DevTokenArgs, HsmArgs, Output};
 use super::{output, Io};
-use crate::auth::DevIssuer;
+use keyhaven_broker_core::dev_token::DevIssuer;
 
 /// What `keys init` found or did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,7 +120,7 @@ fn ensure_key_dir(key: &Path) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ctl::cli::Output;
+    use crate::cli::Output;
 
     #[test]
     fn dev_token_prints_a_token_and_warns() {
@@ -168,7 +168,7 @@ mod tests {
             terminal: false,
         };
         let e = dev_token(&bad, &mut io).unwrap_err();
-        assert!(e.downcast_ref::<crate::ctl::Usage>().is_some(), "{e}");
+        assert!(e.downcast_ref::<crate::Usage>().is_some(), "{e}");
         assert!(out.is_empty());
     }
 }

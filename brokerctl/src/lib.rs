@@ -2,7 +2,7 @@
 //! client of the `Admin` and `Leases` services over TLS, plus three local helpers (`keys
 //! init` on the HSM, `dev-token`, `dev-ca`).
 //!
-//! The binary (`src/bin/brokerctl.rs`) only parses [`Cli`], builds a runtime and calls
+//! The binary (`src/main.rs`) only parses [`Cli`], builds a runtime and calls
 //! [`run`]; errors become one line on stderr and exit code 1 ([`Usage`] errors: 2, as clap's
 //! own). Credentials are read from files at each run and held as `SecretString`; they are
 //! never flags, never printed. There is deliberately no `secrets get`: values leave the

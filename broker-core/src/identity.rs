@@ -31,3 +31,18 @@ impl std::fmt::Display for Identity {
         Ok(())
     }
 }
+
+/// RFC 1123 label, as Kubernetes requires of namespace names.
+pub fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// RFC 1123 subdomain, as Kubernetes requires of service account and pod names.
+pub fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns_label)
+}

@@ -1,12 +1,12 @@
 //! `brokerctl`: the operator CLI of the Keyhaven broker. Everything lives in
-//! [`keyhaven_broker::ctl`]; this only parses the command line, runs it on a small runtime
+//! the `brokerctl` library; this only parses the command line, runs it on a small runtime
 //! and turns an error into one line on stderr and an exit code (1, or 2 for usage errors).
 #![forbid(unsafe_code)]
 
 use std::process::ExitCode;
 
+use brokerctl as ctl;
 use clap::Parser as _;
-use keyhaven_broker::ctl;
 
 fn main() -> ExitCode {
     let cli = ctl::Cli::parse();

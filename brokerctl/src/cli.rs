@@ -10,7 +10,7 @@ use std::time::Duration;
 use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 use zeroize::Zeroizing;
 
-use crate::audit::Checkpoint;
+use keyhaven_broker_core::audit::Checkpoint;
 
 /// Default broker address.
 pub const DEFAULT_ADDR: &str = "https://127.0.0.1:8443";

@@ -14,7 +14,7 @@ use keyhaven_proto::broker::v1::LeaseSelector;
 
 use super::cli::{check_data_key, KeyFile, KeyLiteral, PutArgs, SelectorArgs};
 use super::Usage;
-use crate::policy::{validate_secret_path, PolicySet};
+use keyhaven_broker_core::policy::{validate_secret_path, PolicySet};
 
 /// Largest value read from one `--from-file` (the broker's message limit is the real bound).
 pub const MAX_VALUE_BYTES: u64 = 1024 * 1024;
@@ -411,7 +411,7 @@ mod tests {
         let f = dir.path().join("p.yaml");
         let good = "policies:\n  - name: app\n    subjects: [{namespace: team, serviceaccount: app}]\n    paths: [\"team/app/*\"]\n    capabilities: [read]\n    ttl: 5m\n    max_ttl: 1h\n";
         std::fs::write(&f, good).unwrap();
-        let cap = crate::policy::DEFAULT_MAX_TTL_CAP;
+        let cap = keyhaven_broker_core::policy::DEFAULT_MAX_TTL_CAP;
         let (yaml, n) = policy_document(&f, cap, &mut std::io::empty()).unwrap();
         assert_eq!((yaml.as_str(), n), (good, 1));
         let (_, n) = policy_document(Path::new("-"), cap, &mut good.as_bytes()).unwrap();

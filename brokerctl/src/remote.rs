@@ -16,7 +16,7 @@ use super::conn::{remote, Session};
 use super::input::{lease_selector, policy_document, secret_path, secret_values};
 use super::output::{self, lease_state, now_ms, relative, secs, table, time_ms, time_s};
 use super::{Io, Usage};
-use crate::audit::AuditRecord;
+use keyhaven_broker_core::audit::AuditRecord;
 
 /// Records per `AuditTail` call when reading the whole log to find its end.
 const TAIL_PAGE: u32 = 1000;
