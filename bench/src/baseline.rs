@@ -213,7 +213,7 @@ pub async fn insert(
     n: usize,
     window: Window,
 ) -> anyhow::Result<Summary> {
-    let run: Arc<str> = hex::encode(crate::token::random_bytes::<8>()?).into();
+    let run: Arc<str> = hex::encode(testkit::random::bytes::<8>()?).into();
     let seq = Arc::new(AtomicU64::new(0));
     let workers = ids
         .iter()

@@ -13,6 +13,9 @@ use std::time::Duration;
 use anyhow::Context;
 use keyhaven_broker::auth::DevIssuer;
 use secrecy::SecretString;
+use testkit::pki::DevPki;
+use testkit::postgres::{self, Postgres};
+use testkit::softhsm::SoftHsmDir;
 
 use crate::baseline::{self, RawDb};
 use crate::broker_proc::{BrokerProcess, BrokerSetup, Memory};
@@ -20,9 +23,7 @@ use crate::broker_report::{self, MemRow, Row};
 use crate::cli::{BrokerArgs, Db};
 use crate::leases;
 use crate::load::{Summary, Window};
-use crate::pki::ServerPki;
-use crate::postgres::{self, Postgres};
-use crate::token::SoftHsmDir;
+use crate::token::new_token;
 
 /// The broker's KEK label prefix (its default).
 const KEK_LABEL_PREFIX: &str = "keyhaven-broker-";
@@ -48,7 +49,7 @@ pub fn run(args: &BrokerArgs) -> anyhow::Result<()> {
     } else {
         None
     };
-    let hsm = SoftHsmDir::create(&args.pkcs11_module)?;
+    let hsm = SoftHsmDir::create(&args.pkcs11_module, "keyhaven-bench-")?;
     // This process makes the tokens itself, and SoftHSM2 reads SOFTHSM2_CONF once, when the
     // module is first initialised (later, in the first `new_token`). This process has a
     // single thread at this point, so the write cannot race a reader of the environment.
@@ -111,11 +112,7 @@ async fn interrupted() -> anyhow::Error {
 pub(crate) fn broker_path(given: Option<&Path>) -> anyhow::Result<PathBuf> {
     let p = match given {
         Some(p) => p.to_path_buf(),
-        None => std::env::current_exe()
-            .context("find this binary")?
-            .parent()
-            .context("find this binary's directory")?
-            .join("broker"),
+        None => testkit::process::bin_dir()?.join("broker"),
     };
     anyhow::ensure!(
         p.is_file(),
@@ -205,7 +202,7 @@ async fn measure_db(
 
     // Blocking PKCS#11 calls, a few hundred milliseconds, before any load.
     let token = tokio::task::block_in_place(|| {
-        hsm.new_token(&db.to_string(), dir.join("user.pin"), KEK_LABEL_PREFIX)
+        new_token(hsm, &db.to_string(), dir.join("user.pin"), KEK_LABEL_PREFIX)
     })?;
     eprintln!("token {} with KEK {}", token.label, token.kek.label);
 
@@ -229,10 +226,15 @@ async fn measure_db(
                 "starting a throwaway PostgreSQL cluster from {}",
                 bin.display()
             );
-            let cluster = pg.insert(Postgres::start(bin).await?);
-            cluster.create_database("keyhaven_broker").await?;
-            cluster.create_database("bench_baseline").await?;
-            let raw = RawDb::postgres(&cluster.url("bench_baseline")).await?;
+            let cluster = pg.insert(tokio::task::block_in_place(
+                || -> testkit::Result<Postgres> {
+                    let cluster = Postgres::start_with(bin, &[])?;
+                    cluster.create_database("keyhaven_broker")?;
+                    cluster.create_database("bench_baseline")?;
+                    Ok(cluster)
+                },
+            )?);
+            let raw = RawDb::postgres(&cluster.database_url("bench_baseline")).await?;
             let line = format!(
                 "postgres  : throwaway PostgreSQL {} cluster (default durable settings: fsync, \
                  synchronous_commit on) over TCP loopback; broker database keyhaven_broker \
@@ -240,17 +242,17 @@ async fn measure_db(
                 cluster.version(),
                 raw.pool_size()
             );
-            (cluster.url("keyhaven_broker"), raw, line)
+            (cluster.database_url("keyhaven_broker"), raw, line)
         }
     };
     debug_assert_eq!(raw.kind(), db);
 
-    let pki = ServerPki::write(&dir)?;
+    let pki = DevPki::write(&dir)?;
     let dev_key = dir.join("dev-issuer.pem");
     let issuer = DevIssuer::load_or_generate(&dev_key).context("make the dev-issuer key")?;
-    let bootstrap = crate::token::random_pin()?;
+    let bootstrap = testkit::random::pin()?;
     let bootstrap_file = dir.join("bootstrap");
-    crate::token::write_private(&bootstrap_file, &bootstrap)?;
+    testkit::write_private(&bootstrap_file, &bootstrap)?;
     let bootstrap = SecretString::from(bootstrap.as_str());
 
     let mut broker = BrokerProcess::spawn(&BrokerSetup {

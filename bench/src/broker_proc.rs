@@ -3,26 +3,15 @@
 //! temporary directory. Stopped on drop (SIGTERM, then SIGKILL), so it goes away on every
 //! exit path, errors and Ctrl-C included.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use testkit::broker::BrokerFlags;
+use testkit::pki::DevPki;
+use testkit::process::{free_port, ChildProcess};
 
-use crate::pki::ServerPki;
 use crate::token::HsmToken;
-
-/// A free TCP port on loopback.
-pub fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .context("find a free loopback port")?
-        .port())
-}
 
 /// Everything a broker process is started with.
 #[derive(Debug)]
@@ -38,7 +27,7 @@ pub struct BrokerSetup<'a> {
     /// Database URL (no password in it: trust auth or a file).
     pub database_url: &'a str,
     /// TLS files.
-    pub pki: &'a ServerPki,
+    pub pki: &'a DevPki,
     /// Dev-mode issuer key (PKCS#8 PEM) shared with the bench's token minting.
     pub dev_key: &'a Path,
     /// File holding the bootstrap admin credential.
@@ -52,71 +41,53 @@ pub struct BrokerSetup<'a> {
 /// A running `broker`.
 #[derive(Debug)]
 pub struct BrokerProcess {
-    child: Option<Child>,
-    pid: u32,
+    process: ChildProcess,
     port: u16,
     metrics: String,
-    log: PathBuf,
 }
 
 impl BrokerProcess {
     /// Starts the broker. Configured by flags (file paths for every secret); every inherited
     /// `KEYHAVEN_*` variable is removed first so the caller's shell cannot change the run.
     pub fn spawn(s: &BrokerSetup<'_>) -> anyhow::Result<BrokerProcess> {
-        let port = free_port()?;
-        let metrics = format!("127.0.0.1:{}", free_port()?);
-        let log_file = std::fs::File::create(&s.log).context("create the broker log")?;
-        let mut cmd = Command::new(s.bin);
-        for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("KEYHAVEN_") {
-                cmd.env_remove(name);
-            }
-        }
-        cmd.env("SOFTHSM2_CONF", s.softhsm_conf)
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--database-url", s.database_url])
-            .arg("--tls-cert")
-            .arg(&s.pki.cert)
-            .arg("--tls-key")
-            .arg(&s.pki.key)
-            .arg("--pkcs11-module")
-            .arg(s.module)
-            .args(["--token-label", &s.token.label])
-            .arg("--pin-file")
-            .arg(&s.token.pin_file)
-            .arg("--dev")
-            .arg("--dev-key")
-            .arg(s.dev_key)
-            .arg("--bootstrap-file")
-            .arg(s.bootstrap_file)
-            .args(["--metrics-addr", &metrics])
+        let flags = BrokerFlags {
+            port: free_port()?,
+            metrics_port: free_port()?,
+            database_url: s.database_url.to_owned(),
+            tls_cert: s.pki.server_cert.clone(),
+            tls_key: s.pki.server_key.clone(),
+            softhsm_conf: s.softhsm_conf.to_path_buf(),
+            module: s.module.to_path_buf(),
+            token_label: s.token.label.clone(),
+            pin_file: s.token.pin_file.clone(),
+            dev_key: s.dev_key.to_path_buf(),
+            bootstrap_file: s.bootstrap_file.to_path_buf(),
+            audit_file: None,
             // Every client is its own identity; the per-identity limit (default 50/s) would
             // measure the limiter, not the broker.
-            .args(["--rate-limit", "0"])
-            .args(&s.extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log_file);
-        let child = cmd
-            .spawn()
+            extra: ["--rate-limit", "0"]
+                .into_iter()
+                .chain(s.extra.iter().map(String::as_str))
+                .map(Into::into)
+                .collect(),
+        };
+        let process = ChildProcess::spawn_logged(&mut flags.command(s.bin), "broker", &s.log)
             .with_context(|| format!("start {}", s.bin.display()))?;
         Ok(BrokerProcess {
-            pid: child.id(),
-            child: Some(child),
-            port,
-            metrics,
-            log: s.log.clone(),
+            process,
+            port: flags.port,
+            metrics: flags.metrics_addr(),
         })
     }
 
-    /// The gRPC endpoint (TLS; verify the certificate as [`crate::pki::SERVER_NAME`]).
+    /// The gRPC endpoint (TLS; verify the certificate as [`testkit::pki::SERVER_NAME`]).
     pub fn endpoint(&self) -> String {
         format!("https://127.0.0.1:{}", self.port)
     }
 
     /// Process id (for `/proc/<pid>/status`).
     pub fn pid(&self) -> u32 {
-        self.pid
+        self.process.id()
     }
 
     /// Waits until `/readyz` answers 200 (database answers, KEK found).
@@ -132,7 +103,7 @@ impl BrokerProcess {
             if Instant::now() >= deadline {
                 anyhow::bail!(
                     "broker not ready after {timeout:?} (last: {last}); its log:\n{}",
-                    self.log_tail()
+                    self.process.log_tail(30)
                 );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -141,71 +112,13 @@ impl BrokerProcess {
 
     /// GET `path` on the metrics listener; returns (status, body).
     pub async fn http_get(&self, path: &str) -> anyhow::Result<(u16, String)> {
-        let fut = async {
-            let mut s = tokio::net::TcpStream::connect(&self.metrics).await?;
-            s.write_all(
-                format!("GET {path} HTTP/1.0\r\nHost: {}\r\n\r\n", self.metrics).as_bytes(),
-            )
-            .await?;
-            let mut resp = String::new();
-            s.read_to_string(&mut resp).await?;
-            Ok::<_, std::io::Error>(resp)
-        };
-        let resp = tokio::time::timeout(Duration::from_secs(10), fut)
-            .await
-            .with_context(|| format!("GET {path} timed out"))?
-            .with_context(|| format!("GET {path}"))?;
-        let status = resp
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = resp.split_once("\r\n\r\n").map_or("", |x| x.1).to_owned();
-        Ok((status, body))
+        let (addr, p) = (self.metrics.clone(), path.to_owned());
+        Ok(tokio::task::spawn_blocking(move || testkit::http::get(&addr, &p)).await??)
     }
 
     /// Fails (with the end of its log) if the process has exited.
     pub fn ensure_running(&mut self) -> anyhow::Result<()> {
-        let exited = match self.child.as_mut() {
-            Some(c) => c.try_wait().context("wait for the broker")?,
-            None => anyhow::bail!("the broker was already stopped"),
-        };
-        if let Some(status) = exited {
-            self.child = None;
-            anyhow::bail!("broker exited ({status}); its log:\n{}", self.log_tail());
-        }
-        Ok(())
-    }
-
-    /// The last lines of the broker's stderr.
-    pub fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
-    }
-
-    fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        if let Ok(pid) = i32::try_from(child.id()) {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-}
-
-impl Drop for BrokerProcess {
-    fn drop(&mut self) {
-        self.stop();
+        Ok(self.process.ensure_running()?)
     }
 }
 

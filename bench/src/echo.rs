@@ -17,6 +17,7 @@ use keyhaven_proto::kms::v2::{
     DecryptRequest, DecryptResponse, EncryptRequest, EncryptResponse, StatusRequest, StatusResponse,
 };
 use kms_plugin::envelope;
+use testkit::process::ChildProcess;
 use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
 
@@ -122,40 +123,34 @@ pub fn serve_process(args: &crate::cli::EchoArgs) -> anyhow::Result<()> {
     })
 }
 
-/// The echo server as a child process (this binary, `echo-server`), killed on drop.
+/// The echo server as a child process (this binary, `echo-server`), stopped on drop.
 #[derive(Debug)]
 pub struct EchoProcess {
-    child: std::process::Child,
+    _process: ChildProcess,
 }
 
 impl EchoProcess {
     /// Starts it and waits until the socket accepts connections.
     pub fn start(socket: &Path, key_id: &str) -> anyhow::Result<EchoProcess> {
         let exe = std::env::current_exe().context("find this binary")?;
-        let child = std::process::Command::new(exe)
-            .arg("echo-server")
-            .arg("--socket")
-            .arg(socket)
-            .args(["--key-id", key_id])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .context("start the echo server process")?;
-        let p = EchoProcess { child };
+        let mut process = ChildProcess::spawn(
+            std::process::Command::new(exe)
+                .arg("echo-server")
+                .arg("--socket")
+                .arg(socket)
+                .args(["--key-id", key_id])
+                .stdout(std::process::Stdio::null()),
+            "the echo server",
+        )?;
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while std::os::unix::net::UnixStream::connect(socket).is_err() {
+            process.ensure_running()?;
             anyhow::ensure!(
                 std::time::Instant::now() < deadline,
                 "echo server did not come up"
             );
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        Ok(p)
-    }
-}
-
-impl Drop for EchoProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        Ok(EchoProcess { _process: process })
     }
 }

@@ -80,7 +80,7 @@ where
         let path = format!("bench/secret-{}", i % crate::leases::SECRETS);
         let id = format!(
             "{NAMESPACE}/{sa}/{path}/{}",
-            hex::encode(crate::token::random_bytes::<16>()?)
+            hex::encode(testkit::random::bytes::<16>()?)
         );
         rows.push((id, sa, path));
     }

@@ -35,7 +35,7 @@ pub fn run(args: &KmsArgs) -> anyhow::Result<()> {
     // SoftHSM2 reads SOFTHSM2_CONF once, when this process first initialises the module
     // (the raw baseline, later). This process has a single thread at this point, so the
     // write cannot race a reader of the environment.
-    std::env::set_var("SOFTHSM2_CONF", &token.conf);
+    std::env::set_var("SOFTHSM2_CONF", token.conf());
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -79,11 +79,7 @@ fn plugin_path(args: &KmsArgs) -> anyhow::Result<PathBuf> {
 pub fn plugin_bin(given: Option<&std::path::Path>) -> anyhow::Result<PathBuf> {
     let p = match given {
         Some(p) => p.to_path_buf(),
-        None => std::env::current_exe()
-            .context("find this binary")?
-            .parent()
-            .context("find this binary's directory")?
-            .join("kms-plugin"),
+        None => testkit::process::bin_dir()?.join("kms-plugin"),
     };
     anyhow::ensure!(
         p.is_file(),

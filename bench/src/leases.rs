@@ -65,7 +65,7 @@ impl std::fmt::Debug for BenchSecret {
 pub fn secrets() -> anyhow::Result<Vec<BenchSecret>> {
     (0..SECRETS)
         .map(|k| {
-            let password = crate::token::random_pin()?;
+            let password = testkit::random::pin()?;
             Ok(BenchSecret {
                 path: format!("bench/secret-{k}"),
                 data: [
@@ -135,7 +135,7 @@ pub fn endpoint(url: &str, ca: &Path) -> anyhow::Result<Endpoint> {
     let ca = std::fs::read(ca).with_context(|| format!("read {}", ca.display()))?;
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca))
-        .domain_name(crate::pki::SERVER_NAME);
+        .domain_name(testkit::pki::SERVER_NAME);
     Endpoint::from_shared(url.to_owned())
         .context("broker endpoint")?
         .connect_timeout(Duration::from_secs(5))

@@ -3,13 +3,11 @@
 //! so it goes away on every exit path, errors and Ctrl-C included.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use keyhaven_proto::kms::v2::StatusRequest;
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use testkit::process::ChildProcess;
 
 use crate::grpc;
 use crate::token::BenchToken;
@@ -17,9 +15,8 @@ use crate::token::BenchToken;
 /// A running `kms-plugin serve`.
 #[derive(Debug)]
 pub struct PluginProcess {
-    child: Option<Child>,
+    process: ChildProcess,
     socket: PathBuf,
-    log: PathBuf,
 }
 
 impl PluginProcess {
@@ -30,22 +27,16 @@ impl PluginProcess {
         pool_size: usize,
         socket: PathBuf,
     ) -> anyhow::Result<PluginProcess> {
-        let log = token.dir().join("kms-plugin.log");
-        let log_file = std::fs::File::create(&log).context("create the plugin log")?;
-        let child = token
-            .command(plugin, pool_size)
-            .arg("serve")
+        let mut cmd = token.command(plugin, pool_size);
+        cmd.arg("serve")
             .arg("--listen")
-            .arg(format!("unix://{}", socket.display()))
-            .stdout(Stdio::null())
-            .stderr(log_file)
-            .spawn()
-            .with_context(|| format!("start {} serve", plugin.display()))?;
-        Ok(PluginProcess {
-            child: Some(child),
-            socket,
-            log,
-        })
+            .arg(format!("unix://{}", socket.display()));
+        let process = ChildProcess::spawn_logged(
+            &mut cmd,
+            "kms-plugin",
+            &token.dir().join("kms-plugin.log"),
+        )?;
+        Ok(PluginProcess { process, socket })
     }
 
     /// The socket it serves on.
@@ -69,7 +60,7 @@ impl PluginProcess {
             if Instant::now() >= deadline {
                 anyhow::bail!(
                     "kms-plugin not healthy after {timeout:?} (last: {last}); its log:\n{}",
-                    self.log_tail()
+                    self.process.log_tail(30)
                 );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -88,48 +79,6 @@ impl PluginProcess {
 
     /// Fails (with the end of its log) if the process has exited.
     pub fn ensure_running(&mut self) -> anyhow::Result<()> {
-        let exited = match self.child.as_mut() {
-            Some(c) => c.try_wait().context("wait for kms-plugin")?,
-            None => anyhow::bail!("kms-plugin was already stopped"),
-        };
-        if let Some(status) = exited {
-            self.child = None;
-            anyhow::bail!(
-                "kms-plugin exited ({status}); its log:\n{}",
-                self.log_tail()
-            );
-        }
-        Ok(())
-    }
-
-    /// The last lines of the plugin's stderr.
-    pub fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
-    }
-
-    fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        if let Ok(pid) = i32::try_from(child.id()) {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-}
-
-impl Drop for PluginProcess {
-    fn drop(&mut self) {
-        self.stop();
+        Ok(self.process.ensure_running()?)
     }
 }

@@ -16,14 +16,15 @@ use keyhaven_hsm::{Config, KekId, Keystore, PinSource, TokenSelector};
 use keyhaven_proto::broker::v1::admin_client::AdminClient;
 use keyhaven_proto::broker::v1::{KeyStatusRequest, RotateKeyRequest};
 use sqlx::QueryBuilder;
+use testkit::pki::DevPki;
+use testkit::postgres::{self, Postgres};
+use testkit::softhsm::SoftHsmDir;
 use tonic::metadata::{Ascii, MetadataValue};
 
 use crate::broker_proc::{BrokerProcess, BrokerSetup};
 use crate::cli::{Db, RewrapArgs};
 use crate::load::{self, Summary, Window};
-use crate::pki::ServerPki;
-use crate::postgres::{self, Postgres};
-use crate::token::SoftHsmDir;
+use crate::token::new_token;
 
 const KEK_LABEL_PREFIX: &str = "keyhaven-broker-";
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -59,7 +60,7 @@ pub fn run(args: &RewrapArgs) -> anyhow::Result<()> {
     } else {
         None
     };
-    let hsm = SoftHsmDir::create(&args.pkcs11_module)?;
+    let hsm = SoftHsmDir::create(&args.pkcs11_module, "keyhaven-bench-")?;
     // SoftHSM2 reads SOFTHSM2_CONF once, when the module is first initialised; this process
     // has a single thread here, so the write races no reader.
     std::env::set_var("SOFTHSM2_CONF", &hsm.conf);
@@ -169,16 +170,21 @@ async fn measure_db(
             Db::Sqlite => "rw-sql",
             Db::Postgres => "rw-pg",
         };
-        hsm.new_token(name, dir.join("user.pin"), KEK_LABEL_PREFIX)
+        new_token(hsm, name, dir.join("user.pin"), KEK_LABEL_PREFIX)
     })?;
     let mut pg: Option<Postgres> = None;
     let url = match db {
         Db::Sqlite => format!("sqlite://{}", dir.join("broker.db").display()),
         Db::Postgres => {
             let bin = pg_bin.context("no PostgreSQL binaries")?;
-            let cluster = pg.insert(Postgres::start(bin).await?);
-            cluster.create_database("keyhaven_broker").await?;
-            cluster.url("keyhaven_broker")
+            let cluster = pg.insert(tokio::task::block_in_place(
+                || -> testkit::Result<Postgres> {
+                    let cluster = Postgres::start_with(bin, &[])?;
+                    cluster.create_database("keyhaven_broker")?;
+                    Ok(cluster)
+                },
+            )?);
+            cluster.database_url("keyhaven_broker")
         }
     };
 
@@ -238,12 +244,12 @@ async fn measure_db(
         REWRAP_HSM_CONCURRENCY, raw_c.throughput
     );
 
-    let pki = ServerPki::write(&dir)?;
+    let pki = DevPki::write(&dir)?;
     let dev_key = dir.join("dev-issuer.pem");
     keyhaven_broker::auth::DevIssuer::load_or_generate(&dev_key).context("dev-issuer key")?;
-    let bootstrap = crate::token::random_pin()?;
+    let bootstrap = testkit::random::pin()?;
     let bootstrap_file = dir.join("bootstrap");
-    crate::token::write_private(&bootstrap_file, &bootstrap)?;
+    testkit::write_private(&bootstrap_file, &bootstrap)?;
     let mut broker = BrokerProcess::spawn(&BrokerSetup {
         bin: broker_bin,
         softhsm_conf: &hsm.conf,
@@ -338,7 +344,7 @@ async fn seed(
 ) -> anyhow::Result<Vec<Stored>> {
     let mut rows = Vec::with_capacity(n);
     let mut stored = Vec::with_capacity(n);
-    let data = SecretData::from_pairs([("password", crate::token::random_pin()?.to_string())]);
+    let data = SecretData::from_pairs([("password", testkit::random::pin()?.to_string())]);
     for i in 0..n {
         let path = format!("bench/rewrap/{i:08}");
         let s = envelope.seal(kek, &path, 1, &data).await?;

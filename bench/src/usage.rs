@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use etcd_client::{GetOptions, Txn, TxnOp};
-use hsm_tests::etcd::EtcdMember;
 use keyhaven_proto::kms::v2::EncryptedObject;
+use testkit::etcd::EtcdMember;
 
 use crate::cli::UsageArgs;
 use crate::token::BenchToken;
@@ -32,7 +32,7 @@ pub fn run(args: &UsageArgs) -> anyhow::Result<()> {
     anyhow::ensure!(rotate.status()?.success(), "kms-plugin keys rotate failed");
     let key_ids = list_key_ids(&token, &plugin)?;
     eprintln!("starting a throwaway etcd member");
-    let etcd = EtcdMember::start();
+    let etcd = EtcdMember::start()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -36,7 +36,7 @@ impl std::fmt::Debug for Envelope {
 /// `n` random seeds.
 pub fn seeds(n: usize) -> anyhow::Result<Vec<Vec<u8>>> {
     (0..n)
-        .map(|_| Ok(crate::token::random_bytes::<SEED_LEN>()?.to_vec()))
+        .map(|_| Ok(testkit::random::bytes::<SEED_LEN>()?.to_vec()))
         .collect()
 }
 

@@ -27,8 +27,7 @@ use keyhaven_proto::kms::v2::{DecryptRequest, EncryptRequest, EncryptedObject, S
 use kms_plugin::storage::{classify, encode_kms_v2, Stored};
 use prost::Message;
 use serde_json::{json, Value};
-
-use crate::etcd::EtcdMember;
+use testkit::etcd::EtcdMember;
 
 /// Provider name in the (imagined) EncryptionConfiguration.
 pub const PROVIDER: &str = "keyhaven";
@@ -158,11 +157,7 @@ impl FakeApiserver {
     /// Serves on a free loopback port, storing in `etcd` under `/registry`, encrypting with
     /// the plugin listening on `plugin` (`unix:///path`).
     pub fn start(etcd: &EtcdMember, plugin: &str) -> FakeApiserver {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let rt = crate::process::runtime();
         let client = rt.block_on(etcd.client()).expect("etcd client");
         let state = Arc::new(State {
             etcd: client,

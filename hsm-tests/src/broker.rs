@@ -5,14 +5,17 @@
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use testkit::broker::BrokerFlags;
+use testkit::pki::DevPki;
+use testkit::postgres::Postgres;
+use testkit::process::ChildProcess;
+use testkit::softhsm::SoftHsm;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 
 use crate::process::{bin_path, free_port};
-use crate::tls::DevPki;
-use crate::SoftHsm;
 
 /// The bootstrap admin credential every test broker is started with.
 pub const BOOTSTRAP: &str = "test-bootstrap-credential-0123456789";
@@ -28,9 +31,8 @@ pub fn broker_keys_init(hsm: &SoftHsm) {
 /// A running `broker`.
 #[derive(Debug)]
 pub struct BrokerProc {
-    child: Child,
-    args: Vec<OsString>,
-    env: Vec<(String, String)>,
+    process: ChildProcess,
+    flags: BrokerFlags,
     /// gRPC port on 127.0.0.1.
     pub port: u16,
     /// `https://localhost:<port>` (the dev certificate names `localhost`).
@@ -54,49 +56,28 @@ impl BrokerProc {
     pub fn start_on(hsm: &SoftHsm, pki: &DevPki, database_url: &str, extra: &[&str]) -> BrokerProc {
         let dir = hsm.dir().to_path_buf();
         std::fs::write(dir.join("bootstrap"), BOOTSTRAP).expect("write bootstrap");
-        let port = free_port();
-        let mport = free_port();
-        let log = dir.join(format!("broker-{port}.log"));
-        let mut args: Vec<OsString> = Vec::new();
-        let mut push = |a: &dyn AsRef<std::ffi::OsStr>| args.push(a.as_ref().to_os_string());
-        push(&"--listen");
-        push(&format!("127.0.0.1:{port}"));
-        push(&"--database-url");
-        push(&database_url);
-        push(&"--tls-cert");
-        push(&pki.server_cert);
-        push(&"--tls-key");
-        push(&pki.server_key);
-        push(&"--pkcs11-module");
-        push(&hsm.module);
-        push(&"--token-label");
-        push(&hsm.label);
-        push(&"--pin-file");
-        push(&hsm.pin_file);
-        push(&"--dev");
-        push(&"--dev-key");
-        push(&dir.join("dev.pem"));
-        push(&"--bootstrap-file");
-        push(&dir.join("bootstrap"));
-        push(&"--audit-file");
-        push(&dir.join("audit.jsonl"));
-        push(&"--metrics-addr");
-        push(&format!("127.0.0.1:{mport}"));
-        for e in extra {
-            push(e);
-        }
-        let env = vec![
-            ("SOFTHSM2_CONF".to_string(), hsm.conf.display().to_string()),
-            ("KEYHAVEN_LOG".to_string(), "info".to_string()),
-        ];
-        let child = spawn(&args, &env, &log);
+        let flags = BrokerFlags {
+            port: free_port(),
+            metrics_port: free_port(),
+            database_url: database_url.to_owned(),
+            tls_cert: pki.server_cert.clone(),
+            tls_key: pki.server_key.clone(),
+            softhsm_conf: hsm.conf.clone(),
+            module: hsm.module.clone(),
+            token_label: hsm.label.clone(),
+            pin_file: hsm.pin_file.clone(),
+            dev_key: dir.join("dev.pem"),
+            bootstrap_file: dir.join("bootstrap"),
+            audit_file: Some(dir.join("audit.jsonl")),
+            extra: extra.iter().map(OsString::from).collect(),
+        };
+        let log = dir.join(format!("broker-{}.log", flags.port));
         let b = BrokerProc {
-            child,
-            args,
-            env,
-            port,
-            addr: format!("https://localhost:{port}"),
-            metrics: format!("127.0.0.1:{mport}"),
+            process: spawn(&flags, &log),
+            port: flags.port,
+            addr: format!("https://localhost:{}", flags.port),
+            metrics: flags.metrics_addr(),
+            flags,
             log,
             dir,
         };
@@ -118,45 +99,29 @@ impl BrokerProc {
 
     /// Process id.
     pub fn pid(&self) -> i32 {
-        self.child.id() as i32
+        self.process.id() as i32
     }
 
     /// The broker's log so far.
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.process.log()
     }
 
     /// `SIGKILL`, and waits for the process to be gone.
     pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.kill();
     }
 
     /// `SIGTERM`, waiting up to 10 s for a clean exit; `SIGKILL` after that.
     pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.pid()),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(s)) = self.child.try_wait() {
-                return Some(s);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        None
+        self.process.terminate()
     }
 
     /// Starts the broker again with the same flags (same port, database, audit file), after
     /// [`BrokerProc::kill`] or [`BrokerProc::terminate`].
     pub fn restart(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            self.kill();
-        }
-        self.child = spawn(&self.args, &self.env, &self.log);
+        self.kill();
+        self.process = spawn(&self.flags, &self.log);
         self.wait_listening();
     }
 
@@ -220,27 +185,13 @@ impl BrokerProc {
     }
 }
 
-fn spawn(args: &[OsString], env: &[(String, String)], log: &Path) -> Child {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .expect("open broker log");
-    Command::new(bin_path("broker"))
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
+/// Starts `broker` with `flags`, logging to `log`; stopped on drop (`SIGTERM`, 10 s, `SIGKILL`).
+fn spawn(flags: &BrokerFlags, log: &Path) -> ChildProcess {
+    let mut cmd = flags.command(&bin_path("broker"));
+    cmd.env("KEYHAVEN_LOG", "info");
+    ChildProcess::spawn_logged(&mut cmd, "broker", log)
         .expect("spawn broker")
-}
-
-impl Drop for BrokerProc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            self.terminate();
-        }
-    }
+        .with_grace(Duration::from_secs(10))
 }
 
 /// Runs `brokerctl <args>` with the token's `SOFTHSM2_CONF`, to completion.
@@ -279,18 +230,15 @@ pub fn authed<T>(msg: T, cred: &str) -> tonic::Request<T> {
 
 /// The database URL of an in-process test broker: the PostgreSQL cluster's when given, else a
 /// SQLite file in the token's directory (the same file [`BrokerProc::start`] uses).
-pub fn database_url(hsm: &SoftHsm, pg: Option<&crate::postgres::Postgres>) -> String {
+pub fn database_url(hsm: &SoftHsm, pg: Option<&Postgres>) -> String {
     match pg {
-        Some(pg) => pg.url.clone(),
+        Some(pg) => pg.url(),
         None => format!("sqlite://{}", hsm.dir().join("broker.db").display()),
     }
 }
 
 /// The broker's store at [`database_url`] (migrated).
-pub async fn test_store(
-    hsm: &SoftHsm,
-    pg: Option<&crate::postgres::Postgres>,
-) -> keyhaven_broker::store::Store {
+pub async fn test_store(hsm: &SoftHsm, pg: Option<&Postgres>) -> keyhaven_broker::store::Store {
     keyhaven_broker::store::Store::connect(&database_url(hsm, pg))
         .await
         .expect("connect the broker database")

@@ -1,40 +1,22 @@
-//! Real processes for end-to-end tests: finding our built binaries, running a `kms-plugin`
-//! server on a temporary socket, and a tonic client over that socket.
+//! Real processes for end-to-end tests: a `kms-plugin` server on a temporary socket, a tonic
+//! client over that socket, and panicking shorthands for the test kit's process helpers.
 
-use std::io::Read;
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use keyhaven_proto::kms::v2::StatusRequest;
+use testkit::process::ChildProcess;
+use testkit::softhsm::SoftHsm;
 
-use crate::SoftHsm;
-
-/// Path of a binary of this workspace, built by `cargo build --workspace --bins` (which
-/// `scripts/test.sh` runs before the tests).
+/// [`testkit::process::bin_path`], panicking when the binary is not built.
 pub fn bin_path(name: &str) -> PathBuf {
-    // Test executables live in target/<profile>/deps/.
-    let exe = std::env::current_exe().expect("current exe");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>");
-    let p = profile_dir.join(name);
-    assert!(
-        p.exists(),
-        "{} is not built: run `cargo build --workspace --bins` first (scripts/test.sh does)",
-        p.display()
-    );
-    p
+    testkit::process::bin_path(name).expect("a workspace binary")
 }
 
-/// A free TCP port on loopback (for metrics listeners).
+/// [`testkit::process::free_port`], panicking.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    testkit::process::free_port().expect("free port")
 }
 
 /// `kms-plugin` with this token's environment: `SOFTHSM2_CONF`, token label and PIN file.
@@ -60,14 +42,13 @@ pub fn kms_plugin_cli(hsm: &SoftHsm, args: &[&str]) -> Output {
 /// A running `kms-plugin serve`, stopped (SIGTERM, then SIGKILL) on drop.
 #[derive(Debug)]
 pub struct KmsPlugin {
-    child: Option<Child>,
+    process: ChildProcess,
     /// The `--listen` value.
     pub listen: String,
     /// The socket file (for path listeners).
     pub socket: Option<PathBuf>,
     /// `127.0.0.1:port` of the metrics listener.
     pub metrics_addr: String,
-    stderr_file: PathBuf,
 }
 
 /// Options for [`KmsPlugin::start`].
@@ -122,9 +103,8 @@ impl KmsPlugin {
         };
         let metrics_addr = format!("127.0.0.1:{}", free_port());
         let stderr_file = hsm.dir().join(format!("plugin-{}.log", free_port()));
-        let log = std::fs::File::create(&stderr_file).expect("log file");
-        let child = kms_plugin_cmd(hsm)
-            .env("KEYHAVEN_LOG", "info,kms_plugin=debug,keyhaven_hsm=debug")
+        let mut cmd = kms_plugin_cmd(hsm);
+        cmd.env("KEYHAVEN_LOG", "info,kms_plugin=debug,keyhaven_hsm=debug")
             .args([
                 "serve",
                 "--listen",
@@ -135,17 +115,14 @@ impl KmsPlugin {
             .args(["--self-test-interval", opts.self_test_interval])
             .args(["--rescan-interval", opts.rescan_interval])
             .args(["--hsm-timeout", opts.hsm_timeout])
-            .args(&opts.extra)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
+            .args(&opts.extra);
+        let process = ChildProcess::spawn_logged(&mut cmd, "kms-plugin", &stderr_file)
             .expect("spawn kms-plugin");
         KmsPlugin {
-            child: Some(child),
+            process,
             listen,
             socket,
             metrics_addr,
-            stderr_file,
         }
     }
 
@@ -180,93 +157,43 @@ impl KmsPlugin {
 
     /// The process's stderr so far.
     pub fn log(&self) -> String {
-        let mut s = String::new();
-        if let Ok(mut f) = std::fs::File::open(&self.stderr_file) {
-            let _ = f.read_to_string(&mut s);
-        }
-        s
+        self.process.log()
     }
 
     /// Process id.
     pub fn pid(&self) -> i32 {
-        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+        self.process.id() as i32
     }
 
     /// Sends a signal.
     pub fn signal(&self, sig: nix::sys::signal::Signal) {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).expect("signal");
+        self.process.signal(sig).expect("signal");
     }
 
     /// If the process has exited, its status.
     pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
-        self.child
-            .as_mut()
-            .and_then(|c| c.try_wait().ok().flatten())
+        self.process.try_wait().ok().flatten()
     }
 
     /// SIGTERM and wait (up to 10 s) for a clean exit; returns the exit status.
     pub fn stop(mut self) -> std::process::ExitStatus {
         self.signal(nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(st) = self.try_wait() {
-                self.child = None;
-                return st;
-            }
-            assert!(Instant::now() < deadline, "kms-plugin ignored SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.process
+            .wait_timeout(Duration::from_secs(10))
+            .expect("wait for kms-plugin")
+            .expect("kms-plugin ignored SIGTERM")
     }
 }
 
-impl Drop for KmsPlugin {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(c.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// A small runtime for tests that drive async clients from sync code.
+/// [`testkit::process::runtime`], panicking: a small runtime for tests that drive async
+/// clients from sync code.
 pub fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
+    testkit::process::runtime().expect("runtime")
 }
 
 pub use kms_plugin::client::connect;
 
-/// GET `http://addr/path`; returns (status, body).
+/// [`testkit::http::get`], panicking: GET `http://addr/path`; returns (status, body).
 pub fn http_get(addr: &str, path: &str) -> (u16, String) {
-    use std::io::Write;
-    let mut s = std::net::TcpStream::connect(addr).expect("connect metrics");
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("write");
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).expect("read");
-    let status = resp
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map(|x| x.1)
-        .unwrap_or("")
-        .to_owned();
-    (status, body)
+    testkit::http::get(addr, path).expect("GET")
 }

@@ -9,13 +9,13 @@ use std::time::{Duration, Instant};
 
 use hsm_tests::broker::{authed, broker_keys_init, BrokerProc, BOOTSTRAP};
 use hsm_tests::process::{bin_path, free_port, http_get, runtime};
-use hsm_tests::softhsm::SoftHsm;
-use hsm_tests::tls::DevPki;
 use keyhaven_broker::auth::DevIssuer;
 use keyhaven_proto::broker::v1::admin_client::AdminClient;
 use keyhaven_proto::broker::v1::*;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use testkit::pki::DevPki;
+use testkit::softhsm::SoftHsm;
 
 /// Leases of 6 s renewable for an hour: the agent renews about every 4 s (2 s of slack on a
 /// loaded machine).
@@ -43,9 +43,9 @@ struct World {
 
 impl World {
     fn new() -> World {
-        let hsm = SoftHsm::new();
+        let hsm = SoftHsm::new().unwrap();
         broker_keys_init(&hsm);
-        let pki = DevPki::write(hsm.dir());
+        let pki = DevPki::write(hsm.dir()).unwrap();
         let broker = BrokerProc::start(&hsm, &pki, &["--reap-interval", "1s"]);
         let rt = runtime();
         let dev = DevIssuer::load_or_generate(&hsm.dir().join("dev.pem")).unwrap();
@@ -609,9 +609,9 @@ fn once_mode_for_init_containers() {
 
 #[test]
 fn client_certificates_when_the_broker_asks_for_them() {
-    let hsm = SoftHsm::new();
+    let hsm = SoftHsm::new().unwrap();
     broker_keys_init(&hsm);
-    let pki = DevPki::write(hsm.dir());
+    let pki = DevPki::write(hsm.dir()).unwrap();
     let ca = pki.ca.display().to_string();
     let broker = BrokerProc::start(&hsm, &pki, &["--tls-client-ca", &ca]);
     let put = broker.ctl_admin_mtls(&hsm, &pki, &["policy", "apply", "-f", "-"], POLICY);

@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use hsm_tests::broker::{authed, broker_keys_init, tls_channel, BrokerProc, BOOTSTRAP};
 use hsm_tests::process::{bin_path, http_get, runtime};
-use hsm_tests::softhsm::SoftHsm;
-use hsm_tests::tls::DevPki;
 use keyhaven_broker::auth::DevIssuer;
 use keyhaven_proto::broker::v1::admin_client::AdminClient;
 use keyhaven_proto::broker::v1::leases_client::LeasesClient;
 use keyhaven_proto::broker::v1::*;
+use testkit::pki::DevPki;
+use testkit::softhsm::SoftHsm;
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -28,9 +28,9 @@ policies:
 
 #[test]
 fn leases_over_tls_with_a_real_broker_process() {
-    let hsm = SoftHsm::new();
+    let hsm = SoftHsm::new().unwrap();
     broker_keys_init(&hsm);
-    let pki = DevPki::write(hsm.dir());
+    let pki = DevPki::write(hsm.dir()).unwrap();
     let b = BrokerProc::start(&hsm, &pki, &[]);
     let rt = runtime();
     rt.block_on(async {
@@ -264,13 +264,13 @@ fn leases_over_tls_with_a_real_broker_process() {
         assert!(!text.contains("s3cret-value"));
         assert!(!text.contains(BOOTSTRAP));
         assert!(!text.contains("eyJ"), "a JWT leaked");
-        assert!(!text.contains(hsm_tests::softhsm::USER_PIN));
+        assert!(!text.contains(testkit::softhsm::USER_PIN));
     }
 }
 
 #[test]
 fn plaintext_is_refused_off_loopback_and_tls_is_required() {
-    let hsm = SoftHsm::new();
+    let hsm = SoftHsm::new().unwrap();
     broker_keys_init(&hsm);
     let out = Command::new(bin_path("broker"))
         .env("SOFTHSM2_CONF", &hsm.conf)
@@ -297,7 +297,7 @@ fn plaintext_is_refused_off_loopback_and_tls_is_required() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--tls-cert"));
 
     // A plaintext client cannot talk to the TLS port.
-    let pki = DevPki::write(hsm.dir());
+    let pki = DevPki::write(hsm.dir()).unwrap();
     let b = BrokerProc::start(&hsm, &pki, &[]);
     let rt = runtime();
     let plain = b.addr.replace("https://", "http://");
@@ -336,7 +336,7 @@ fn ctl(hsm: &SoftHsm, args: &[&str]) -> (bool, String, String) {
 
 #[test]
 fn brokerctl_drives_a_real_broker() {
-    let hsm = SoftHsm::new();
+    let hsm = SoftHsm::new().unwrap();
     let dir = hsm.dir().to_path_buf();
     let d = |p: &str| dir.join(p).display().to_string();
     let (module, pin_file) = (

@@ -14,10 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hsm_tests::broker::{authed, broker_keys_init, test_store, tls_channel, BrokerProc, BOOTSTRAP};
-use hsm_tests::postgres::Postgres;
 use hsm_tests::process::runtime;
-use hsm_tests::softhsm::SoftHsm;
-use hsm_tests::tls::DevPki;
 use keyhaven_broker::audit::{EventKind, Outcome};
 use keyhaven_broker::auth::{DevIssuer, Verifier};
 use keyhaven_broker::crypto::{DekCache, Envelope, SecretData};
@@ -29,6 +26,9 @@ use keyhaven_proto::broker::v1::admin_client::AdminClient;
 use keyhaven_proto::broker::v1::leases_client::LeasesClient;
 use keyhaven_proto::broker::v1::*;
 use secrecy::SecretString;
+use testkit::pki::DevPki;
+use testkit::postgres::Postgres;
+use testkit::softhsm::SoftHsm;
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -168,8 +168,8 @@ where
     F: FnOnce(Store, Envelope, SoftHsm) -> Fut,
     Fut: Future<Output = ()>,
 {
-    let hsm = SoftHsm::new();
-    let pg = matches!(db, Db::Postgres).then(Postgres::start);
+    let hsm = SoftHsm::new().unwrap();
+    let pg = matches!(db, Db::Postgres).then(|| Postgres::start().unwrap());
     let rt = runtime();
     rt.block_on(async {
         let store = test_store(&hsm, pg.as_ref()).await;
@@ -601,9 +601,9 @@ async fn sweep(ch: &Channel, token: &str, n: usize) -> Vec<String> {
 fn rotation_under_a_100_client_lease_load_fails_no_lease() {
     const SECRETS: usize = 300;
     const CLIENTS: usize = 100;
-    let hsm = SoftHsm::new();
+    let hsm = SoftHsm::new().unwrap();
     broker_keys_init(&hsm);
-    let pki = DevPki::write(hsm.dir());
+    let pki = DevPki::write(hsm.dir()).unwrap();
     // Small, paced batches: the re-wrap takes seconds, so the load and a full sweep run while
     // it is in progress.
     let b = BrokerProc::start(
@@ -804,10 +804,10 @@ fn rotation_under_a_100_client_lease_load_fails_no_lease() {
 /// exactly once per rotation.
 fn kill_9_during_rewrap(db: Db) {
     const SECRETS: usize = 1500;
-    let hsm = SoftHsm::new();
-    let pg = matches!(db, Db::Postgres).then(Postgres::start);
+    let hsm = SoftHsm::new().unwrap();
+    let pg = matches!(db, Db::Postgres).then(|| Postgres::start().unwrap());
     let url = match &pg {
-        Some(pg) => pg.url.clone(),
+        Some(pg) => pg.url(),
         None => format!("sqlite://{}", hsm.dir().join("broker.db").display()),
     };
     let first = broker_keystore(&hsm).generate_kek().unwrap().id;
@@ -816,7 +816,7 @@ fn kill_9_during_rewrap(db: Db) {
         let store = Store::connect(&url).await.unwrap();
         seed(&store, &fresh_envelope(&hsm).await, first, SECRETS).await;
     });
-    let pki = DevPki::write(hsm.dir());
+    let pki = DevPki::write(hsm.dir()).unwrap();
     let mut b = BrokerProc::start_on(
         &hsm,
         &pki,
@@ -919,15 +919,15 @@ fn kill_9_at_random_points_of_a_rewrap_loses_nothing_postgres() {
 #[test]
 fn two_replicas_on_one_postgres_move_each_dek_exactly_once() {
     const SECRETS: usize = 1200;
-    let hsm = SoftHsm::new();
-    let pg = Postgres::start();
+    let hsm = SoftHsm::new().unwrap();
+    let pg = Postgres::start().unwrap();
     let first = broker_keystore(&hsm).generate_kek().unwrap().id;
     let rt = runtime();
     rt.block_on(async {
-        let store = Store::connect(&pg.url).await.unwrap();
+        let store = Store::connect(&pg.url()).await.unwrap();
         seed(&store, &fresh_envelope(&hsm).await, first, SECRETS).await;
     });
-    let pki = DevPki::write(hsm.dir());
+    let pki = DevPki::write(hsm.dir()).unwrap();
     let flags = [
         "--rewrap-batch-size",
         "5",
@@ -936,8 +936,8 @@ fn two_replicas_on_one_postgres_move_each_dek_exactly_once() {
         "--kek-refresh-interval",
         "300ms",
     ];
-    let a = BrokerProc::start_on(&hsm, &pki, &pg.url, &flags);
-    let b = BrokerProc::start_on(&hsm, &pki, &pg.url, &flags);
+    let a = BrokerProc::start_on(&hsm, &pki, &pg.url(), &flags);
+    let b = BrokerProc::start_on(&hsm, &pki, &pg.url(), &flags);
     rt.block_on(async {
         let cha = tls_channel(&a.addr, &pki.ca).await;
         let chb = tls_channel(&b.addr, &pki.ca).await;
@@ -949,7 +949,7 @@ fn two_replicas_on_one_postgres_move_each_dek_exactly_once() {
         let st = key_status(&chb).await;
         assert_eq!(st.keks.last().unwrap().kek_id, r.kek_id);
 
-        let store = Store::connect(&pg.url).await.unwrap();
+        let store = Store::connect(&pg.url()).await.unwrap();
         let counts = store.rewrap_counts().await.unwrap();
         assert_eq!(counts.len(), SECRETS);
         let twice: Vec<_> = counts.iter().filter(|(_, _, n)| *n != 1).collect();
@@ -984,9 +984,9 @@ fn two_replicas_on_one_postgres_move_each_dek_exactly_once() {
 
 #[test]
 fn retire_is_refused_while_in_use_allowed_after_audited_and_the_kek_is_gone() {
-    let hsm = SoftHsm::new();
+    let hsm = SoftHsm::new().unwrap();
     broker_keys_init(&hsm);
-    let pki = DevPki::write(hsm.dir());
+    let pki = DevPki::write(hsm.dir()).unwrap();
     let b = BrokerProc::start(
         &hsm,
         &pki,

@@ -8,14 +8,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hsm_tests::broker::{broker_keystore, test_store};
-use hsm_tests::postgres::Postgres;
-use hsm_tests::softhsm::SoftHsm;
 use keyhaven_broker::audit::{EventKind, Outcome};
 use keyhaven_broker::auth::{DevIssuer, Verifier};
 use keyhaven_broker::crypto::{DekCache, Envelope, SecretData};
 use keyhaven_broker::service::{Broker, BrokerConfig, BrokerError, Caller};
 use keyhaven_broker::store::LeaseFilter;
 use secrecy::SecretString;
+use testkit::postgres::Postgres;
+use testkit::softhsm::SoftHsm;
 
 const POLICIES: &str = r#"
 policies:
@@ -82,8 +82,8 @@ where
     F: FnOnce(Env) -> Fut,
     Fut: Future<Output = ()>,
 {
-    let hsm = SoftHsm::new();
-    let pg = matches!(db, Db::Postgres).then(Postgres::start);
+    let hsm = SoftHsm::new().unwrap();
+    let pg = matches!(db, Db::Postgres).then(|| Postgres::start().unwrap());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -675,7 +675,7 @@ fn database_gone_fails_cleanly_and_recovers_without_losing_leases() {
                 .unwrap_err();
             assert!(matches!(e, BrokerError::Unavailable { .. }), "{e:?}");
         }
-        tokio::task::block_in_place(|| pg.resume());
+        tokio::task::block_in_place(|| pg.resume().unwrap());
         let mut after = None;
         for _ in 0..50 {
             match env.broker.lease(&c, "shared/x", None).await {

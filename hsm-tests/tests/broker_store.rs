@@ -7,12 +7,12 @@ use std::future::Future;
 use std::time::Duration;
 
 use hsm_tests::broker::{broker_keystore, test_store};
-use hsm_tests::postgres::Postgres;
-use hsm_tests::softhsm::SoftHsm;
 use keyhaven_broker::crypto::{CryptoError, DekCache, Envelope, SecretData};
 use keyhaven_broker::identity::Identity;
 use keyhaven_broker::store::{LeaseFilter, LeaseRow, Pool, Store, StoreError};
 use keyhaven_hsm::KekId;
+use testkit::postgres::Postgres;
+use testkit::softhsm::SoftHsm;
 
 struct Env {
     store: Store,
@@ -32,9 +32,9 @@ where
     F: FnOnce(Env) -> Fut,
     Fut: Future<Output = ()>,
 {
-    let hsm = SoftHsm::new();
+    let hsm = SoftHsm::new().unwrap();
     let pg = match db {
-        Db::Postgres => Some(Postgres::start()),
+        Db::Postgres => Some(Postgres::start().unwrap()),
         Db::Sqlite => None,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -613,7 +613,7 @@ async fn two_appenders_on_one_database_keep_one_unbroken_chain(env: Env) {
         (Pool::Sqlite(p), _) => {
             format!("sqlite://{}", p.connect_options().get_filename().display())
         }
-        (Pool::Postgres(_), Some(pg)) => pg.url.clone(),
+        (Pool::Postgres(_), Some(pg)) => pg.url(),
         (Pool::Postgres(_), None) => unreachable!(),
     };
     let second = Store::connect(&url).await.unwrap();
@@ -896,14 +896,14 @@ fn the_sqlite_wal_is_checkpointed_on_demand_with_the_automatic_one_as_backstop()
 
 #[test]
 fn postgres_gone_is_unavailable_and_service_resumes_when_it_returns() {
-    let hsm = SoftHsm::new();
-    let mut pg = Postgres::start();
+    let hsm = SoftHsm::new().unwrap();
+    let mut pg = Postgres::start().unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    let store = rt.block_on(Store::connect(&pg.url)).unwrap();
+    let store = rt.block_on(Store::connect(&pg.url())).unwrap();
     let now = now_ms();
     rt.block_on(store.insert_lease(&lease("keep", "ns", "sa", "p", "a", now, 600_000, 600_000)))
         .unwrap();
@@ -931,7 +931,7 @@ fn postgres_gone_is_unavailable_and_service_resumes_when_it_returns() {
         .block_on(store.insert_lease(&lease("lost?", "ns", "sa", "p", "a", now, 1, 1)))
         .unwrap_err();
     assert!(e.is_unavailable(), "{e:?}");
-    pg.resume();
+    pg.resume().unwrap();
     let mut back = None;
     for _ in 0..50 {
         match rt.block_on(store.get_lease("keep")) {

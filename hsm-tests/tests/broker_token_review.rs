@@ -6,7 +6,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hsm_tests::broker::{broker_keystore, test_store};
-use hsm_tests::softhsm::SoftHsm;
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response};
@@ -15,6 +14,7 @@ use keyhaven_broker::audit::{EventKind, Outcome};
 use keyhaven_broker::auth::{DevIssuer, TokenReviewConfig, TokenReviewer, Verifier};
 use keyhaven_broker::crypto::{DekCache, Envelope};
 use keyhaven_broker::service::{Broker, BrokerConfig, BrokerError, Caller};
+use testkit::softhsm::SoftHsm;
 
 /// Fake apiserver (plain http on loopback): authenticates only tokens in `good`; `broken`
 /// answers 500; everything else "not authenticated, pod not found".
@@ -61,7 +61,7 @@ async fn handle(
 
 #[test]
 fn authenticate_with_token_review() {
-    let hsm = SoftHsm::new();
+    let hsm = SoftHsm::new().unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

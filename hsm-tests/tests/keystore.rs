@@ -5,11 +5,11 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use hsm_tests::softhsm::{SoftHsm, USER_PIN};
 use keyhaven_hsm::{
     process_login_attempts, BlockingKeystore, ErrorKind, KekId, Keystore, PinSource, TokenSelector,
     GCM_IV_LEN, GCM_TAG_LEN,
 };
+use testkit::softhsm::{SoftHsm, USER_PIN};
 
 fn open(hsm: &SoftHsm) -> BlockingKeystore {
     BlockingKeystore::open(hsm.config()).expect("open keystore")
@@ -17,7 +17,7 @@ fn open(hsm: &SoftHsm) -> BlockingKeystore {
 
 #[test]
 fn round_trip_inside_the_hsm() {
-    let hsm = SoftHsm::new();
+    let hsm = SoftHsm::new().unwrap();
     let ks = open(&hsm);
     let kek = ks.generate_kek().unwrap();
     for len in [0usize, 1, 16, 32, 1000, 64 * 1024] {
@@ -50,7 +50,7 @@ fn round_trip_inside_the_hsm() {
 
 #[test]
 fn flipping_any_byte_of_iv_ciphertext_tag_or_aad_is_invalid_ciphertext() {
-    let hsm = SoftHsm::new();
+    let hsm = SoftHsm::new().unwrap();
     let ks = open(&hsm);
     let kek = ks.generate_kek().unwrap();
     let aad = b"team/app/db#3".to_vec();
@@ -116,7 +116,7 @@ fn flipping_any_byte_of_iv_ciphertext_tag_or_aad_is_invalid_ciphertext() {
 
 #[test]
 fn a_different_kek_cannot_decrypt() {
-    let hsm = SoftHsm::new();
+    let hsm = SoftHsm::new().unwrap();
     let ks = open(&hsm);
     let k1 = ks.generate_kek().unwrap();
     let k2 = ks.generate_kek().unwrap();
@@ -130,7 +130,7 @@ fn a_different_kek_cannot_decrypt() {
 
 #[test]
 fn unknown_label_or_id_and_destroyed_keks_are_not_found() {
-    let hsm = SoftHsm::new();
+    let hsm = SoftHsm::new().unwrap();
     let ks = open(&hsm);
     let e = ks.find_kek_by_label("keyhaven-kek-nope").unwrap_err();
     assert_eq!(e.kind(), ErrorKind::KeyNotFound);
@@ -160,7 +160,7 @@ fn unknown_label_or_id_and_destroyed_keks_are_not_found() {
 
 #[test]
 fn keks_are_sensitive_unextractable_and_listed_in_creation_order() {
-    let hsm = SoftHsm::new();
+    let hsm = SoftHsm::new().unwrap();
     let ks = open(&hsm);
     assert!(ks.list_keks().unwrap().is_empty());
     assert!(ks.newest_kek().unwrap().is_none());
@@ -195,8 +195,8 @@ fn keks_are_sensitive_unextractable_and_listed_in_creation_order() {
 
 #[test]
 fn wrong_pin_fails_once_with_pin_error_and_is_never_retried() {
-    let hsm = SoftHsm::new();
-    hsm.write_pin("0000-wrong");
+    let hsm = SoftHsm::new().unwrap();
+    hsm.write_pin("0000-wrong").unwrap();
     let before = process_login_attempts();
     let e = BlockingKeystore::open(hsm.config()).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::PinIncorrect);
@@ -210,7 +210,7 @@ fn wrong_pin_fails_once_with_pin_error_and_is_never_retried() {
 
 #[test]
 fn pin_from_environment_and_token_by_serial() {
-    let hsm = SoftHsm::new();
+    let hsm = SoftHsm::new().unwrap();
     std::env::set_var("KEYHAVEN_TEST_PIN", USER_PIN);
     let mut cfg = hsm.config();
     cfg.pin = PinSource::Env("KEYHAVEN_TEST_PIN".into());
@@ -241,7 +241,7 @@ fn pin_from_environment_and_token_by_serial() {
 
 #[test]
 fn no_secret_in_debug_or_errors() {
-    let hsm = SoftHsm::new();
+    let hsm = SoftHsm::new().unwrap();
     let ks = open(&hsm);
     let kek = ks.generate_kek().unwrap();
     let sealed = ks.encrypt(&kek.id, b"", b"TOP-SECRET-PLAINTEXT").unwrap();
@@ -256,7 +256,7 @@ fn no_secret_in_debug_or_errors() {
 
 #[test]
 fn sixteen_threads_two_thousand_mixed_operations_each() {
-    let hsm = SoftHsm::new();
+    let hsm = SoftHsm::new().unwrap();
     let mut cfg = hsm.config();
     cfg.pool_size = 8;
     let ks = Arc::new(BlockingKeystore::open(cfg).unwrap());
@@ -297,7 +297,7 @@ fn sixteen_threads_two_thousand_mixed_operations_each() {
 /// Every way a live keystore's sessions can die; the next call must succeed, no restart.
 #[test]
 fn module_finalized_under_a_live_keystore_recovers() {
-    let hsm = SoftHsm::new();
+    let hsm = SoftHsm::new().unwrap();
     let ks = open(&hsm);
     let kek = ks.generate_kek().unwrap();
     let sealed = ks.encrypt(&kek.id, b"a", b"before").unwrap();
@@ -312,7 +312,7 @@ fn module_finalized_under_a_live_keystore_recovers() {
 
 #[test]
 fn module_reinitialized_under_a_live_keystore_recovers() {
-    let hsm = SoftHsm::new();
+    let hsm = SoftHsm::new().unwrap();
     let ks = open(&hsm);
     let kek = ks.generate_kek().unwrap();
     // Warm the pool so several sessions go stale at once.
@@ -330,7 +330,7 @@ fn module_reinitialized_under_a_live_keystore_recovers() {
 
 #[test]
 fn token_logged_out_under_a_live_keystore_recovers() {
-    let hsm = SoftHsm::new();
+    let hsm = SoftHsm::new().unwrap();
     let ks = open(&hsm);
     let kek = ks.generate_kek().unwrap();
     let logins = ks.stats().login_attempts;
@@ -354,10 +354,10 @@ fn token_logged_out_under_a_live_keystore_recovers() {
 
 #[test]
 fn wrong_pin_during_recovery_is_not_retried_until_the_pin_changes() {
-    let hsm = SoftHsm::new();
+    let hsm = SoftHsm::new().unwrap();
     let ks = open(&hsm);
     let kek = ks.generate_kek().unwrap();
-    hsm.write_pin("9999-wrong");
+    hsm.write_pin("9999-wrong").unwrap();
     keyhaven_hsm::testing::finalize_module(&hsm.module).unwrap();
     let before = ks.stats().login_attempts;
     let mut kinds = Vec::new();
@@ -375,7 +375,7 @@ fn wrong_pin_during_recovery_is_not_retried_until_the_pin_changes() {
         "a refused PIN is offered to the token once, not in a loop"
     );
     // The operator fixes the PIN file: the keystore recovers without a restart.
-    hsm.write_pin(USER_PIN);
+    hsm.write_pin(USER_PIN).unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
         match ks.encrypt(&kek.id, b"", b"x") {
@@ -392,7 +392,7 @@ fn wrong_pin_during_recovery_is_not_retried_until_the_pin_changes() {
 
 #[test]
 fn async_keystore_round_trip_and_self_test() {
-    let hsm = SoftHsm::new();
+    let hsm = SoftHsm::new().unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -430,11 +430,11 @@ fn async_keystore_round_trip_and_self_test() {
 
 #[test]
 fn token_removed_and_put_back_under_a_live_keystore_recovers() {
-    let hsm = SoftHsm::new();
+    let hsm = SoftHsm::new().unwrap();
     let ks = open(&hsm);
     let kek = ks.generate_kek().unwrap();
     let sealed = ks.encrypt(&kek.id, b"", b"kept").unwrap();
-    let away = hsm.remove_token();
+    let away = hsm.remove_token().unwrap();
     // While the token is gone its keys are unavailable, not "not found": callers must not
     // conclude a KEK was destroyed.
     for _ in 0..3 {
@@ -444,7 +444,7 @@ fn token_removed_and_put_back_under_a_live_keystore_recovers() {
         assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
         assert_eq!(ks.list_keks().unwrap_err().kind(), ErrorKind::Unavailable);
     }
-    hsm.restore_token(away);
+    hsm.restore_token(away).unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
     let back = loop {
         match ks.decrypt(&kek.id, b"", &sealed.iv, &sealed.ciphertext) {
@@ -462,7 +462,7 @@ fn token_removed_and_put_back_under_a_live_keystore_recovers() {
 
 #[test]
 fn a_new_kek_is_the_newest_even_when_this_clock_is_behind() {
-    let hsm = SoftHsm::new();
+    let hsm = SoftHsm::new().unwrap();
     let ks = open(&hsm);
     // A KEK made by a host whose clock is an hour ahead of ours.
     let ahead = std::time::SystemTime::now() + std::time::Duration::from_secs(3600);

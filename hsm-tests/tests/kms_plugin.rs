@@ -7,9 +7,9 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::time::{Duration, Instant};
 
 use hsm_tests::process::{connect, http_get, kms_plugin_cli, runtime, KmsPlugin, PluginOpts};
-use hsm_tests::softhsm::{SoftHsm, USER_PIN};
 use keyhaven_hsm::{BlockingKeystore, KekId};
 use keyhaven_proto::kms::v2::*;
+use testkit::softhsm::{SoftHsm, USER_PIN};
 use tonic::Code;
 
 /// name, ciphertext, key_id, annotations, expected code
@@ -92,7 +92,7 @@ fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
 
 #[test]
 fn round_trip_status_fields_and_limits() {
-    let hsm = SoftHsm::new();
+    let hsm = SoftHsm::new().unwrap();
     init_keys(&hsm);
     let p = KmsPlugin::start(&hsm, PluginOpts::default());
     let rt = runtime();
@@ -138,7 +138,7 @@ fn round_trip_status_fields_and_limits() {
 
 #[test]
 fn no_kek_is_reported_then_adopted_on_sighup() {
-    let hsm = SoftHsm::new();
+    let hsm = SoftHsm::new().unwrap();
     let p = KmsPlugin::start(
         &hsm,
         PluginOpts {
@@ -162,7 +162,7 @@ fn no_kek_is_reported_then_adopted_on_sighup() {
 
 #[test]
 fn key_id_is_stable_across_restarts_and_never_reused() {
-    let hsm = SoftHsm::new();
+    let hsm = SoftHsm::new().unwrap();
     init_keys(&hsm);
     let rt = runtime();
     let p = KmsPlugin::start(&hsm, PluginOpts::default());
@@ -192,7 +192,7 @@ fn key_id_is_stable_across_restarts_and_never_reused() {
 
 #[test]
 fn rotate_while_running_then_retire() {
-    let hsm = SoftHsm::new();
+    let hsm = SoftHsm::new().unwrap();
     init_keys(&hsm);
     let rt = runtime();
     let p = KmsPlugin::start(&hsm, PluginOpts::default());
@@ -263,7 +263,7 @@ fn rotate_while_running_then_retire() {
 
 #[test]
 fn sixty_four_clients_five_hundred_decrypts_each() {
-    let hsm = SoftHsm::new();
+    let hsm = SoftHsm::new().unwrap();
     init_keys(&hsm);
     let p = KmsPlugin::start(&hsm, PluginOpts::default());
     let rt = runtime();
@@ -309,7 +309,7 @@ fn sixty_four_clients_five_hundred_decrypts_each() {
 
 #[test]
 fn hsm_fault_turns_unhealthy_fails_fast_and_recovers_without_restart() {
-    let hsm = SoftHsm::new();
+    let hsm = SoftHsm::new().unwrap();
     init_keys(&hsm);
     let mut p = KmsPlugin::start(&hsm, PluginOpts::default());
     let rt = runtime();
@@ -318,7 +318,7 @@ fn hsm_fault_turns_unhealthy_fails_fast_and_recovers_without_restart() {
         .unwrap();
     let pid = p.pid();
 
-    let away = hsm.remove_token();
+    let away = hsm.remove_token().unwrap();
     // Unhealthy within the self-test interval (300 ms) plus slack.
     let mut reason = String::new();
     assert!(
@@ -342,7 +342,7 @@ fn hsm_fault_turns_unhealthy_fails_fast_and_recovers_without_restart() {
         );
     }
 
-    hsm.restore_token(away);
+    hsm.restore_token(away).unwrap();
     assert!(
         eventually(Duration::from_secs(15), || rt
             .block_on(status(&p.listen))
@@ -362,7 +362,7 @@ fn hsm_fault_turns_unhealthy_fails_fast_and_recovers_without_restart() {
 
 #[test]
 fn bad_input_gets_its_documented_code() {
-    let hsm = SoftHsm::new();
+    let hsm = SoftHsm::new().unwrap();
     init_keys(&hsm);
     let p = KmsPlugin::start(&hsm, PluginOpts::default());
     let rt = runtime();
@@ -501,7 +501,7 @@ fn bad_input_gets_its_documented_code() {
 
 #[test]
 fn stale_socket_is_replaced_live_socket_is_not_stolen() {
-    let hsm = SoftHsm::new();
+    let hsm = SoftHsm::new().unwrap();
     init_keys(&hsm);
     let sock = hsm.dir().join("kms.sock");
     // A stale socket: bound, then its owner went away.
@@ -543,7 +543,7 @@ fn stale_socket_is_replaced_live_socket_is_not_stolen() {
 
 #[test]
 fn abstract_socket_and_peer_uid_allow_list() {
-    let hsm = SoftHsm::new();
+    let hsm = SoftHsm::new().unwrap();
     init_keys(&hsm);
     let me = nix::unistd::getuid().as_raw();
     let name = format!("unix:///@keyhaven-test-{}", std::process::id());
@@ -584,7 +584,7 @@ fn abstract_socket_and_peer_uid_allow_list() {
 
 #[test]
 fn metrics_health_and_logs_without_secrets() {
-    let hsm = SoftHsm::new();
+    let hsm = SoftHsm::new().unwrap();
     init_keys(&hsm);
     let p = KmsPlugin::start(&hsm, PluginOpts::default());
     let rt = runtime();
@@ -633,7 +633,7 @@ fn metrics_health_and_logs_without_secrets() {
 
 #[test]
 fn random_requests_never_crash_or_hang_the_plugin() {
-    let hsm = SoftHsm::new();
+    let hsm = SoftHsm::new().unwrap();
     init_keys(&hsm);
     let mut p = KmsPlugin::start(&hsm, PluginOpts::default());
     let rt = runtime();
@@ -693,9 +693,9 @@ fn random_requests_never_crash_or_hang_the_plugin() {
 
 #[test]
 fn wrong_pin_at_start_waits_for_a_new_pin_instead_of_crash_looping() {
-    let hsm = SoftHsm::new();
+    let hsm = SoftHsm::new().unwrap();
     init_keys(&hsm);
-    hsm.write_pin("0000-wrong-pin");
+    hsm.write_pin("0000-wrong-pin").unwrap();
     let mut p = KmsPlugin::spawn(&hsm, PluginOpts::default());
     std::thread::sleep(Duration::from_millis(2500));
     assert!(
@@ -713,7 +713,7 @@ fn wrong_pin_at_start_waits_for_a_new_pin_instead_of_crash_looping() {
         "one login attempt, not one per second:\n{log}"
     );
     assert!(!log.contains("0000-wrong-pin"), "log leaks the PIN");
-    hsm.write_pin(USER_PIN);
+    hsm.write_pin(USER_PIN).unwrap();
     p.wait_ready();
     let rt = runtime();
     assert_eq!(rt.block_on(status(&p.listen)).healthz, "ok");

@@ -10,14 +10,14 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use hsm_tests::apiserver::{FakeApiserver, Faults};
-use hsm_tests::etcd::EtcdMember;
 use hsm_tests::process::{
     free_port, http_get, kms_plugin_cli, kms_plugin_cmd, KmsPlugin, PluginOpts,
 };
-use hsm_tests::SoftHsm;
 use keyhaven_hsm::BlockingKeystore;
 use kms_plugin::storage::{classify, Stored};
 use serde_json::{json, Value};
+use testkit::etcd::EtcdMember;
+use testkit::softhsm::SoftHsm;
 
 struct Cluster {
     hsm: SoftHsm,
@@ -27,11 +27,11 @@ struct Cluster {
 }
 
 fn cluster() -> Cluster {
-    let hsm = SoftHsm::new();
+    let hsm = SoftHsm::new().unwrap();
     let (ok, out) = keys(&hsm, &["init"]);
     assert!(ok, "{out}");
     let plugin = KmsPlugin::start(&hsm, PluginOpts::default());
-    let etcd = EtcdMember::start();
+    let etcd = EtcdMember::start().unwrap();
     let api = FakeApiserver::start(&etcd, &plugin.listen);
     Cluster {
         hsm,
@@ -107,7 +107,7 @@ impl Cluster {
     /// key_id → count of the values stored under `/registry/<dir>/`.
     fn stored(&self, dir: &str) -> HashMap<String, usize> {
         let mut m = HashMap::new();
-        for (_, v) in self.etcd.range(&format!("/registry/{dir}/")) {
+        for (_, v) in self.etcd.range(&format!("/registry/{dir}/")).unwrap() {
             let k = match classify(&v) {
                 Stored::KmsV2 { key_id, .. } => key_id,
                 other => other.format().to_string(),
@@ -181,32 +181,45 @@ fn usage_counts_every_object_by_key_resource_and_format() {
             .create("widgets", "a", &format!("w{i}"), json!({"size": i}));
     }
     // Other formats, and values that only look like KMS v2.
-    c.etcd.put(
-        "/registry/configmaps/a/c1",
-        b"k8s\0\x0a\x02v1\x12\x09ConfigMap",
-    );
-    c.etcd.put(
-        "/registry/configmaps/a/c2",
-        b"k8s\0\x0a\x02v1\x12\x09ConfigMap",
-    );
-    c.etcd.put(
-        "/registry/secrets/old/aescbc",
-        b"k8s:enc:aescbc:v1:key1:\x01\x02",
-    );
-    c.etcd.put(
-        "/registry/example.com/widgets/a/plain",
-        br#"{"kind":"Widget"}"#,
-    );
-    c.etcd.put(
-        "/registry/secrets/bad/truncated",
-        b"k8s:enc:kms:v2:keyhaven:\x0a\x05ab",
-    );
     c.etcd
-        .put("/registry/secrets/bad/nokey", b"k8s:enc:kms:v2:keyhaven:");
-    c.etcd.put(
-        "/registry/secrets/bad/garbage",
-        b"\xff\xfe\x00 not an object",
-    );
+        .put(
+            "/registry/configmaps/a/c1",
+            b"k8s\0\x0a\x02v1\x12\x09ConfigMap",
+        )
+        .unwrap();
+    c.etcd
+        .put(
+            "/registry/configmaps/a/c2",
+            b"k8s\0\x0a\x02v1\x12\x09ConfigMap",
+        )
+        .unwrap();
+    c.etcd
+        .put(
+            "/registry/secrets/old/aescbc",
+            b"k8s:enc:aescbc:v1:key1:\x01\x02",
+        )
+        .unwrap();
+    c.etcd
+        .put(
+            "/registry/example.com/widgets/a/plain",
+            br#"{"kind":"Widget"}"#,
+        )
+        .unwrap();
+    c.etcd
+        .put(
+            "/registry/secrets/bad/truncated",
+            b"k8s:enc:kms:v2:keyhaven:\x0a\x05ab",
+        )
+        .unwrap();
+    c.etcd
+        .put("/registry/secrets/bad/nokey", b"k8s:enc:kms:v2:keyhaven:")
+        .unwrap();
+    c.etcd
+        .put(
+            "/registry/secrets/bad/garbage",
+            b"\xff\xfe\x00 not an object",
+        )
+        .unwrap();
     // An object under another provider's key.
     let foreign = kms_plugin::storage::encode_kms_v2(
         "other",
@@ -217,7 +230,7 @@ fn usage_counts_every_object_by_key_resource_and_format() {
             ..Default::default()
         },
     );
-    c.etcd.put("/registry/secrets/x/foreign", &foreign);
+    c.etcd.put("/registry/secrets/x/foreign", &foreign).unwrap();
 
     let u = usage_json(&c);
     assert_eq!(kms_count(&u, "secrets", &k1), 7, "{u:#}");
@@ -428,10 +441,12 @@ fn retire_refuses_while_kms_values_do_not_decode() {
     let c = cluster();
     let k1 = c.primary();
     c.rotate();
-    c.etcd.put(
-        "/registry/secrets/bad/truncated",
-        b"k8s:enc:kms:v2:keyhaven:\x0a\x05ab",
-    );
+    c.etcd
+        .put(
+            "/registry/secrets/bad/truncated",
+            b"k8s:enc:kms:v2:keyhaven:\x0a\x05ab",
+        )
+        .unwrap();
     let (ok, out) = c.keys(&["retire", &k1, "--yes"], true, false);
     assert!(!ok && out.contains("do not decode"), "{out}");
     assert!(c.key_ids().contains(&k1));
@@ -521,7 +536,7 @@ fn migrate_refuses_until_the_apiserver_writes_under_the_primary() {
     // The apiserver has not polled Status since the rotation.
     c.api.freeze_key(true);
     let k2 = c.rotate();
-    let before = c.etcd.range("/registry/secrets/a/");
+    let before = c.etcd.range("/registry/secrets/a/").unwrap();
     let (ok, out) = c.keys(&["migrate"], true, true);
     assert!(!ok, "{out}");
     assert!(
@@ -533,14 +548,14 @@ fn migrate_refuses_until_the_apiserver_writes_under_the_primary() {
         "{out}"
     );
     assert_eq!(
-        c.etcd.range("/registry/secrets/a/"),
+        c.etcd.range("/registry/secrets/a/").unwrap(),
         before,
         "nothing re-written"
     );
     // The same refusal from the apiserver's metrics when etcd is not given.
     let (ok, out) = c.keys(&["migrate"], false, true);
     assert!(!ok && out.contains("metrics show no write"), "{out}");
-    assert_eq!(c.etcd.range("/registry/secrets/a/"), before);
+    assert_eq!(c.etcd.range("/registry/secrets/a/").unwrap(), before);
 
     c.api.freeze_key(false);
     let (ok, out) = c.keys(&["migrate"], false, true);
@@ -556,7 +571,7 @@ fn migrate_and_usage_fail_clearly_on_bad_endpoints_and_resources() {
     let c = cluster();
     c.make_secrets("a", 3);
     c.rotate();
-    let before = c.etcd.range("/registry/");
+    let before = c.etcd.range("/registry/").unwrap();
     for (resource, want) in [
         ("nosuch", "resource nosuch does not exist"),
         ("widgets.nosuch.io", "serves no API group"),
@@ -573,7 +588,7 @@ fn migrate_and_usage_fail_clearly_on_bad_endpoints_and_resources() {
         assert!(!ok && out.contains(want), "{resource}: {out}");
     }
     assert_eq!(
-        c.etcd.range("/registry/"),
+        c.etcd.range("/registry/").unwrap(),
         before,
         "nothing written before the resources resolved"
     );
@@ -623,10 +638,10 @@ fn migrate_and_usage_fail_clearly_on_bad_endpoints_and_resources() {
 
 #[test]
 fn usage_over_tls_with_client_certificates_and_refusal_with_wrong_ones() {
-    let hsm = SoftHsm::new();
+    let hsm = SoftHsm::new().unwrap();
     let (ok, out) = keys(&hsm, &["init"]);
     assert!(ok, "{out}");
-    let etcd = EtcdMember::start_tls();
+    let etcd = EtcdMember::start_tls().unwrap();
     let mut args: Vec<String> = vec!["usage".into(), "-o".into(), "json".into()];
     args.extend(etcd.args());
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -637,7 +652,7 @@ fn usage_over_tls_with_client_certificates_and_refusal_with_wrong_ones() {
 
     // Certificates from another CA: a clear error, and retire refuses.
     let other = tempfile::tempdir().unwrap();
-    let wrong = hsm_tests::tls::DevPki::write(other.path());
+    let wrong = testkit::pki::DevPki::write(other.path()).unwrap();
     let k = {
         let (_, out) = keys(&hsm, &["list", "--json"]);
         let v: Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();

@@ -1,64 +1,71 @@
 //! A throwaway etcd member (Debian's `etcd-server`) on free loopback ports with its own data
 //! directory, in plain HTTP or with TLS and client-certificate authentication like the
-//! apiserver's etcd. Killed on drop.
+//! apiserver's etcd. Stopped on drop.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::process::free_port;
-use crate::tls::DevPki;
+use crate::pki::DevPki;
+use crate::process::{free_port, runtime, ChildProcess};
+use crate::{Error, Result};
+
+/// How long the member may take to answer.
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The etcd binary: `KEYHAVEN_ETCD_BIN`, else `etcd` on the PATH.
-pub fn etcd_bin() -> PathBuf {
+pub fn etcd_bin() -> Result<PathBuf> {
     if let Ok(p) = std::env::var("KEYHAVEN_ETCD_BIN") {
-        return PathBuf::from(p);
+        return Ok(PathBuf::from(p));
     }
-    for dir in std::env::var("PATH").unwrap_or_default().split(':') {
-        let p = Path::new(dir).join("etcd");
-        if p.exists() {
-            return p;
-        }
-    }
-    panic!("etcd not found: install Debian's etcd-server (scripts/test.sh does) or set KEYHAVEN_ETCD_BIN")
+    std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .map(|dir| Path::new(dir).join("etcd"))
+        .find(|p| p.exists())
+        .ok_or_else(|| Error::NotInstalled {
+            what: "etcd".into(),
+            hint: "install Debian's etcd-server (scripts/test.sh does) or set KEYHAVEN_ETCD_BIN",
+        })
 }
 
 /// A running etcd member.
 #[derive(Debug)]
 pub struct EtcdMember {
-    child: Option<Child>,
+    process: ChildProcess,
     /// Client URL (`http://127.0.0.1:port` or `https://...`).
     pub endpoint: String,
     /// TLS material, when started with TLS.
     pub pki: Option<DevPki>,
-    dir: tempfile::TempDir,
+    _dir: tempfile::TempDir,
 }
 
 impl EtcdMember {
     /// Starts a plain-HTTP member (a loopback development etcd).
-    pub fn start() -> EtcdMember {
+    pub fn start() -> Result<EtcdMember> {
         Self::spawn(false)
     }
 
     /// Starts a member that serves TLS and requires client certificates from its own dev CA
     /// ([`EtcdMember::pki`]).
-    pub fn start_tls() -> EtcdMember {
+    pub fn start_tls() -> Result<EtcdMember> {
         Self::spawn(true)
     }
 
-    fn spawn(tls: bool) -> EtcdMember {
-        let dir = tempfile::tempdir().expect("etcd dir");
-        let pki = tls.then(|| {
+    fn spawn(tls: bool) -> Result<EtcdMember> {
+        let dir = tempfile::tempdir().map_err(|e| Error::io("create the etcd directory", e))?;
+        let pki = if tls {
             let d = dir.path().join("pki");
-            std::fs::create_dir(&d).expect("pki dir");
-            DevPki::write(&d)
-        });
-        let (cport, pport) = (free_port(), free_port());
+            std::fs::create_dir(&d).map_err(|e| Error::io("create the etcd PKI directory", e))?;
+            Some(DevPki::write(&d)?)
+        } else {
+            None
+        };
+        let (cport, pport) = (free_port()?, free_port()?);
         let scheme = if pki.is_some() { "https" } else { "http" };
         let endpoint = format!("{scheme}://127.0.0.1:{cport}");
         let peer = format!("http://127.0.0.1:{pport}");
-        let log = std::fs::File::create(dir.path().join("etcd.log")).expect("log");
-        let mut cmd = Command::new(etcd_bin());
+        let mut cmd = Command::new(etcd_bin()?);
         cmd.args(["--name", "t", "--data-dir"])
             .arg(dir.path().join("data"))
             .args(["--listen-client-urls", &endpoint])
@@ -66,9 +73,7 @@ impl EtcdMember {
             .args(["--listen-peer-urls", &peer])
             .args(["--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &format!("t={peer}")])
-            .args(["--logger", "zap", "--log-level", "warn"])
-            .stdout(Stdio::null())
-            .stderr(log);
+            .args(["--logger", "zap", "--log-level", "warn"]);
         if let Some(p) = &pki {
             cmd.arg("--cert-file")
                 .arg(&p.server_cert)
@@ -78,56 +83,59 @@ impl EtcdMember {
                 .arg(&p.ca)
                 .arg("--client-cert-auth");
         }
-        let child = cmd.spawn().expect("spawn etcd");
-        let m = EtcdMember {
-            child: Some(child),
+        let process = ChildProcess::spawn_logged(&mut cmd, "etcd", &dir.path().join("etcd.log"))?;
+        let mut m = EtcdMember {
+            process,
             endpoint,
             pki,
-            dir,
+            _dir: dir,
         };
-        m.wait_ready();
-        m
+        m.wait_ready()?;
+        Ok(m)
     }
 
-    fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let rt = crate::process::runtime();
+    fn wait_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let rt = runtime()?;
         loop {
-            let ok = rt.block_on(async {
-                match self.client().await {
-                    Ok(mut c) => c.get("/", None).await.is_ok(),
-                    Err(_) => false,
-                }
-            });
-            if ok {
-                return;
+            self.process.ensure_running()?;
+            let answer: Result<_> =
+                rt.block_on(async { Ok(self.client().await?.get("/", None).await?) });
+            let last = match answer {
+                Ok(_) => return Ok(()),
+                Err(e) => e.to_string(),
+            };
+            if Instant::now() >= deadline {
+                return Err(Error::NotReady {
+                    what: "etcd".into(),
+                    after: READY_TIMEOUT,
+                    last,
+                    log: self.process.log_tail(30),
+                });
             }
-            assert!(
-                Instant::now() < deadline,
-                "etcd did not come up; log:\n{}",
-                std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default()
-            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
 
     /// A client with this member's TLS material.
-    pub async fn client(&self) -> Result<etcd_client::Client, etcd_client::Error> {
+    pub async fn client(&self) -> Result<etcd_client::Client> {
         let mut opts = etcd_client::ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(2))
             .with_timeout(Duration::from_secs(10));
         if let Some(p) = &self.pki {
-            let read = |f: &Path| std::fs::read(f).expect("pki file");
+            let read = |f: &Path| {
+                std::fs::read(f).map_err(|e| Error::io(format!("read {}", f.display()), e))
+            };
             opts = opts.with_tls(
                 etcd_client::TlsOptions::new()
-                    .ca_certificate(etcd_client::Certificate::from_pem(read(&p.ca)))
+                    .ca_certificate(etcd_client::Certificate::from_pem(read(&p.ca)?))
                     .identity(etcd_client::Identity::from_pem(
-                        read(&p.client_cert),
-                        read(&p.client_key),
+                        read(&p.client_cert)?,
+                        read(&p.client_key)?,
                     )),
             );
         }
-        etcd_client::Client::connect([self.endpoint.as_str()], Some(opts)).await
+        Ok(etcd_client::Client::connect([self.endpoint.as_str()], Some(opts)).await?)
     }
 
     /// The `kms-plugin` flags that reach this member.
@@ -147,31 +155,30 @@ impl EtcdMember {
     }
 
     /// Writes one key (blocking).
-    pub fn put(&self, key: &str, value: &[u8]) {
-        crate::process::runtime().block_on(async {
-            let mut c = self.client().await.expect("etcd client");
-            c.put(key, value.to_vec(), None).await.expect("etcd put");
-        });
+    pub fn put(&self, key: &str, value: &[u8]) -> Result<()> {
+        runtime()?.block_on(async {
+            self.client().await?.put(key, value, None).await?;
+            Ok(())
+        })
     }
 
     /// Reads one key (blocking).
-    pub fn get(&self, key: &str) -> Option<Vec<u8>> {
-        crate::process::runtime().block_on(async {
-            let mut c = self.client().await.expect("etcd client");
-            let r = c.get(key, None).await.expect("etcd get");
-            r.kvs().first().map(|kv| kv.value().to_vec())
+    pub fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        runtime()?.block_on(async {
+            let r = self.client().await?.get(key, None).await?;
+            Ok(r.kvs().first().map(|kv| kv.value().to_vec()))
         })
     }
 
     /// Every key/value under `prefix` (blocking).
-    pub fn range(&self, prefix: &str) -> Vec<(String, Vec<u8>)> {
-        crate::process::runtime().block_on(async {
-            let mut c = self.client().await.expect("etcd client");
-            let r = c
+    pub fn range(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        runtime()?.block_on(async {
+            let r = self
+                .client()
+                .await?
                 .get(prefix, Some(etcd_client::GetOptions::new().with_prefix()))
-                .await
-                .expect("etcd range");
-            r.kvs()
+                .await?;
+            Ok(r.kvs()
                 .iter()
                 .map(|kv| {
                     (
@@ -179,16 +186,7 @@ impl EtcdMember {
                         kv.value().to_vec(),
                     )
                 })
-                .collect()
+                .collect())
         })
-    }
-}
-
-impl Drop for EtcdMember {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
     }
 }

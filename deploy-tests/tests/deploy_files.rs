@@ -33,10 +33,10 @@ use std::process::Command;
 use std::sync::{Mutex, OnceLock};
 
 use broker_agent::config::{Format, SecretSpec};
-use hsm_tests::process::bin_path;
 use keyhaven_broker::identity::Identity;
 use keyhaven_broker::policy::{Capability, PolicySet, DEFAULT_MAX_TTL_CAP};
 use serde_yaml_ng::Value;
+use testkit::process::bin_path;
 
 /// The binaries of this workspace that the deployment files run.
 const OUR_BINARIES: &[&str] = &["kms-plugin", "broker", "brokerctl", "broker-agent"];
@@ -558,7 +558,7 @@ fn help(bin: &str, path: &[String]) -> Help {
     if let Some(h) = cache.lock().unwrap().get(&key) {
         return h.clone();
     }
-    let out = Command::new(bin_path(bin))
+    let out = Command::new(bin_path(bin).expect("a workspace binary"))
         .args(path)
         .arg("--help")
         .env_clear()
