@@ -8,6 +8,7 @@ pub mod agent;
 pub mod client;
 pub mod config;
 pub mod files;
+pub mod http;
 pub mod metrics;
 
 use std::process::ExitCode;
@@ -77,7 +78,7 @@ async fn run(cli: Cli, specs: Vec<config::SecretSpec>) -> ExitCode {
             Ok(l) => {
                 let shared = ctx.shared.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = metrics::serve(l, shared).await {
+                    if let Err(e) = http::serve(l, shared).await {
                         tracing::error!(error = %e, "metrics listener failed");
                     }
                 });

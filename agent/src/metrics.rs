@@ -1,20 +1,10 @@
-//! Prometheus metrics and the `/healthz`, `/readyz`, `/metrics` listener.
+//! Prometheus metrics of the agent (served by [`crate::http`]).
 
-use std::sync::Arc;
-use std::time::SystemTime;
-
-use axum::extract::State;
-use axum::http::{header, StatusCode};
-use axum::response::IntoResponse;
-use axum::routing::get;
-use axum::Router;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-
-use crate::agent::Shared;
 
 /// `outcome` label.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -84,7 +74,8 @@ impl Metrics {
             .inc();
     }
 
-    fn registry(&self) -> Registry {
+    /// A registry holding every metric (built per scrape).
+    pub fn registry(&self) -> Registry {
         let mut r = Registry::with_prefix("keyhaven_agent");
         r.register(
             "leases_held",
@@ -110,63 +101,5 @@ impl Metrics {
             self.ready.clone(),
         );
         r
-    }
-}
-
-/// Serves `/healthz`, `/readyz` and `/metrics` on `listener` until the process ends.
-pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) -> std::io::Result<()> {
-    let app = Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .with_state(shared);
-    if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, "metrics listener up (/healthz, /readyz, /metrics)");
-    }
-    axum::serve(listener, app).await
-}
-
-async fn readyz(State(s): State<Arc<Shared>>) -> impl IntoResponse {
-    let missing = s.not_ready();
-    if missing.is_empty() {
-        (StatusCode::OK, "ready\n".to_string())
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {} not written\n", missing.join(", ")),
-        )
-    }
-}
-
-async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
-    let now = SystemTime::now();
-    for (file, expires) in s.expiries() {
-        let secs = match expires {
-            Some(t) => match t.duration_since(now) {
-                Ok(d) => d.as_secs() as i64,
-                Err(e) => -(e.duration().as_secs() as i64),
-            },
-            None => 0,
-        };
-        s.metrics
-            .expiry_seconds
-            .get_or_create(&FileLabel { file })
-            .set(secs);
-    }
-    let mut out = String::new();
-    match prometheus_client::encoding::text::encode(&mut out, &s.metrics.registry()) {
-        Ok(()) => (
-            StatusCode::OK,
-            [(
-                header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            out,
-        ),
-        Err(_) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            [(header::CONTENT_TYPE, "text/plain")],
-            "encoding failed\n".to_string(),
-        ),
     }
 }

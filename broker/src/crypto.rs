@@ -458,13 +458,11 @@ impl Envelope {
     ) -> Result<Vec<Result<WrappedDek, CryptoError>>, CryptoError> {
         let calls = items
             .iter()
-            .map(|(path, version, w)| {
-                (
-                    w.kek_id,
-                    dek_aad(path, *version),
-                    w.iv.clone(),
-                    w.ciphertext.clone(),
-                )
+            .map(|(path, version, w)| keyhaven_hsm::Reencrypt {
+                from: w.kek_id,
+                aad: dek_aad(path, *version),
+                iv: w.iv.clone(),
+                ciphertext: w.ciphertext.clone(),
             })
             .collect();
         let t0 = std::time::Instant::now();

@@ -8,7 +8,8 @@ use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::session::UserType;
 use secrecy::SecretString;
 
-use crate::classify::{classify, Op};
+use crate::classify::classify;
+use crate::error::Op;
 use crate::error::{Error, Result};
 
 /// Initialises the first uninitialised token of `module` with `label`, sets its SO PIN and

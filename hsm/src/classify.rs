@@ -3,50 +3,7 @@
 
 use cryptoki::error::{Error as CkError, RvError};
 
-use crate::error::Error;
-
-/// The HSM operation an error happened in (for messages and classification).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Op {
-    /// Loading or initialising the PKCS#11 module.
-    Initialize,
-    /// Finding the token and opening sessions.
-    OpenSession,
-    /// `C_Login`.
-    Login,
-    /// Generating a KEK.
-    GenerateKey,
-    /// Searching for or reading KEK objects.
-    FindKey,
-    /// Destroying a KEK.
-    DestroyKey,
-    /// AES-GCM encryption.
-    Encrypt,
-    /// AES-GCM decryption.
-    Decrypt,
-    /// `C_GenerateRandom`.
-    Random,
-    /// The health self-test.
-    SelfTest,
-}
-
-impl std::fmt::Display for Op {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let s = match self {
-            Op::Initialize => "initialize",
-            Op::OpenSession => "open-session",
-            Op::Login => "login",
-            Op::GenerateKey => "generate-key",
-            Op::FindKey => "find-key",
-            Op::DestroyKey => "destroy-key",
-            Op::Encrypt => "encrypt",
-            Op::Decrypt => "decrypt",
-            Op::Random => "random",
-            Op::SelfTest => "self-test",
-        };
-        f.write_str(s)
-    }
-}
+use crate::error::{Error, Op};
 
 /// What the session pool must do before the operation can be tried again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

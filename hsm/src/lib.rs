@@ -24,8 +24,8 @@ mod keystore;
 pub mod testing;
 
 pub use admin::init_token;
-pub use classify::Op;
 pub use config::{Config, PinSource, RecoveryPolicy, TokenSelector};
+pub use error::Op;
 pub use error::{Error, ErrorKind, Result};
 pub use kek::KEK_ID_LEN;
 pub use kek::{KekId, KekInfo};

@@ -1,7 +1,6 @@
-//! Prometheus metrics and the HTTP listener (`/healthz`, `/readyz`, `/metrics`, `/keys`).
+//! Prometheus metrics of the plugin (served by [`crate::http`]).
 
 use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -201,58 +200,4 @@ pub fn key_id_hash(key_id: &str) -> i64 {
     let mut b = [0u8; 8];
     b[2..].copy_from_slice(&d[..6]);
     i64::from_be_bytes(b)
-}
-
-/// Serves the HTTP endpoints until `shutdown` resolves.
-pub async fn serve_http(
-    listener: tokio::net::TcpListener,
-    plugin: Arc<crate::plugin::Plugin>,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    use axum::http::StatusCode;
-    use axum::routing::get;
-    let p1 = plugin.clone();
-    let p2 = plugin.clone();
-    let p3 = plugin;
-    let app = axum::Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route(
-            "/readyz",
-            get(move || {
-                let p = p1.clone();
-                async move {
-                    let h = p.healthz();
-                    if h == "ok" {
-                        (StatusCode::OK, "ok\n".to_string())
-                    } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, format!("{h}\n"))
-                    }
-                }
-            }),
-        )
-        .route(
-            "/metrics",
-            get(move || {
-                let p = p2.clone();
-                async move {
-                    (
-                        [(
-                            axum::http::header::CONTENT_TYPE,
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )],
-                        p.metrics().encode(),
-                    )
-                }
-            }),
-        )
-        .route(
-            "/keys",
-            get(move || {
-                let p = p3.clone();
-                async move { axum::Json(p.key_report()) }
-            }),
-        );
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
 }

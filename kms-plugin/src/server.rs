@@ -65,7 +65,7 @@ pub async fn serve(
                 .await
                 .map_err(PluginError::io(format!("bind metrics address {maddr}")))?;
             tracing::info!(addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "metrics listening");
-            Some(tokio::spawn(crate::metrics::serve_http(
+            Some(tokio::spawn(crate::http::serve_http(
                 l,
                 plugin.clone(),
                 stop(stop_rx.clone()),
