@@ -398,7 +398,7 @@ fn example_document_from_the_design() {
 fn clones_share_the_compiled_set() {
     let s = set(vec![policy("p", &[("a", "b")], &["x"])]);
     let t = s.clone();
-    assert!(Arc::ptr_eq(&s.inner, &t.inner));
+    assert!(s.shares_state_with(&t));
     assert!(reads(&t, "a", "b", "x"));
     assert_eq!(t.max_ttl_cap(), CAP);
 }
