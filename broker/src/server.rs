@@ -22,9 +22,8 @@ use crate::service::{Broker, BrokerConfig};
 use crate::store::Store;
 
 /// How often the broker checkpoints a SQLite write-ahead log. Often, so the checkpoint that
-/// starts the log over (`Store::checkpoint_wal`) finds little left to copy. With SQLite's own
-/// checkpoint starting it over, the stalls were at most 11-13 ms against 15-22 ms with 250 ms.
-/// An idle log makes it a no-op.
+/// starts the log over (`Store::checkpoint_wal`) finds little left to copy and stalls the
+/// writer least (bench/README.md has the measurements). An idle log makes it a no-op.
 const WAL_CHECKPOINT_INTERVAL: Duration = Duration::from_millis(50);
 
 /// `broker` flags. Every flag also reads an environment variable. Secrets (PIN, database

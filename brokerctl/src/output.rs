@@ -1,7 +1,7 @@
 //! Formatting: aligned tables, times, durations, and JSON documents.
 
 use std::io::Write;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 /// Writes `rows` under `headers`, columns padded to the widest cell, two spaces apart.
 /// Cells are printed with control characters escaped.
@@ -65,13 +65,7 @@ pub fn time_s(s: i64) -> String {
     time_ms(s.saturating_mul(1000))
 }
 
-/// Milliseconds since the epoch, now.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
+pub use keyhaven_broker_core::audit::now_ms;
 
 /// A whole-second duration like `5m 30s`.
 pub fn secs(s: u64) -> String {

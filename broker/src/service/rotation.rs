@@ -18,6 +18,7 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 use keyhaven_hsm::{KekId, KekInfo};
 
 use super::{Broker, BrokerError, Caller, KekStatus, Result};
+use crate::audit::now_ms;
 use crate::audit::{AuditEvent, EventKind, Outcome};
 use crate::crypto::CryptoError;
 use crate::policy::Capability;
@@ -145,10 +146,6 @@ fn created_ms(k: &KekInfo) -> Option<i64> {
 /// How a KEK appears in audit records (in the `path` field).
 fn kek_ref(id: KekId) -> String {
     format!("kek:{id}")
-}
-
-fn now_ms() -> i64 {
-    crate::audit::now_ms()
 }
 
 /// Warned once per process that `--rotate-after-encryptions` is below the number of live DEKs.
