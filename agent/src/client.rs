@@ -144,17 +144,11 @@ impl Broker {
 /// Reads the token file (trailing whitespace removed). Errors name the file, never the
 /// content.
 pub fn read_token(path: &Path) -> Result<Zeroizing<String>, String> {
-    let raw = Zeroizing::new(
-        std::fs::read(path)
-            .map_err(|e| format!("cannot read token file {}: {e}", path.display()))?,
-    );
-    let s = std::str::from_utf8(&raw)
-        .map_err(|_| format!("token file {} is not UTF-8", path.display()))?;
-    let t = s.trim();
-    if t.is_empty() {
-        return Err(format!("token file {} is empty", path.display()));
-    }
-    Ok(Zeroizing::new(t.to_owned()))
+    use keyhaven_process::secret_file::{read, Rules};
+    read(path, Rules::bearer("token file")).map_err(|e| match std::error::Error::source(&e) {
+        Some(cause) => format!("{e}: {cause}"),
+        None => e.to_string(),
+    })
 }
 
 /// One line for a log: code and the broker's message (which never holds a value or token).

@@ -23,15 +23,11 @@ use crate::config::{Cli, LogFormat};
 pub const EXIT_USAGE: u8 = 2;
 
 fn init_logs(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("KEYHAVEN_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => b.json().init(),
-        LogFormat::Text => b.init(),
-    }
+    let format = match format {
+        LogFormat::Json => keyhaven_process::LogFormat::Json,
+        LogFormat::Text => keyhaven_process::LogFormat::Text,
+    };
+    keyhaven_process::init_logs(format, "info");
 }
 
 /// Runs the agent as the command line says.
@@ -111,8 +107,8 @@ async fn run(cli: Cli, specs: Vec<config::SecretSpec>) -> ExitCode {
         .map(|i| tokio::spawn(agent::run_secret(ctx.clone(), i, stop_rx.clone())))
         .collect();
     tracing::info!(secrets = n, broker = %cli.broker_addr, "agent started");
-    let signal = wait_for_signal().await;
-    tracing::info!(signal, "stopping");
+    keyhaven_process::shutdown_signal().await;
+    tracing::info!("stopping on SIGTERM or SIGINT");
     let _ = stop_tx.send(true);
     for t in tasks {
         // A task in the middle of a call finishes it (bounded by --timeout).
@@ -153,20 +149,4 @@ async fn revoke_all(ctx: &Arc<agent::Ctx>) {
         }
     }
     tracing::info!(revoked = ok, failed, "leases revoked on exit");
-}
-
-async fn wait_for_signal() -> &'static str {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; running until killed");
-        std::future::pending::<()>().await;
-        return "none";
-    };
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    }
 }

@@ -216,24 +216,22 @@ pub enum ServeError {
     Start(String),
 }
 
-fn read_secret_file(p: &PathBuf, what: &str) -> Result<SecretString, ServeError> {
-    let s = std::fs::read_to_string(p)
-        .map_err(|e| ServeError::Config(format!("cannot read {what} file {}: {e}", p.display())))?;
-    let t = s.trim_end_matches(['\n', '\r']).to_owned();
-    if t.is_empty() {
-        return Err(ServeError::Config(format!(
-            "{what} file {} is empty",
-            p.display()
-        )));
-    }
-    Ok(SecretString::from(t))
+fn read_secret_file(p: &std::path::Path, what: &'static str) -> Result<SecretString, ServeError> {
+    use keyhaven_process::secret_file::{read, Rules};
+    let v = read(p, Rules::text(what)).map_err(|e| {
+        ServeError::Config(match std::error::Error::source(&e) {
+            Some(cause) => format!("{e}: {cause}"),
+            None => e.to_string(),
+        })
+    })?;
+    Ok(SecretString::from(v.as_str()))
 }
 
 /// Builds the broker from flags.
 pub async fn assemble(args: &ServeArgs) -> Result<Arc<Broker>, ServeError> {
     use secrecy::ExposeSecret;
     let url = match (&args.database_url, &args.database_url_file) {
-        (_, Some(f)) => read_secret_file(f, "database URL")?,
+        (_, Some(f)) => read_secret_file(f, "database URL file")?,
         (Some(u), None) => SecretString::from(u.clone()),
         (None, None) => {
             return Err(ServeError::Config(
@@ -368,7 +366,7 @@ pub async fn assemble(args: &ServeArgs) -> Result<Arc<Broker>, ServeError> {
         broker = broker.with_token_review(Arc::new(reviewer));
     }
     if let Some(f) = &args.bootstrap_file {
-        broker = broker.with_bootstrap_admin(read_secret_file(f, "bootstrap credential")?);
+        broker = broker.with_bootstrap_admin(read_secret_file(f, "bootstrap credential file")?);
     }
     if let Some(f) = &args.audit_file {
         let sink = crate::audit::JsonlSink::open(f)

@@ -120,22 +120,9 @@ pub fn load_credential(conn: &ConnArgs) -> anyhow::Result<(CredentialKind, Secre
 
 /// Reads one credential file.
 pub fn read_credential(path: &Path) -> anyhow::Result<SecretString> {
-    let raw = SecretString::from(
-        std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read credential file {}", path.display()))?,
-    );
-    let trimmed = raw.expose_secret().trim_end_matches(['\n', '\r']);
-    if trimmed.is_empty() {
-        anyhow::bail!("credential file {} is empty", path.display());
-    }
-    if !trimmed.bytes().all(|b| b.is_ascii_graphic()) {
-        anyhow::bail!(
-            "credential file {} holds more than one line or characters not allowed in a \
-             credential (whitespace, control or non-ASCII)",
-            path.display()
-        );
-    }
-    Ok(SecretString::from(trimmed.to_owned()))
+    use keyhaven_process::secret_file::{read, Rules};
+    let v = read(path, Rules::bearer("credential file"))?;
+    Ok(SecretString::from(v.as_str()))
 }
 
 /// Adds `authorization: Bearer <credential>` to every call. `Debug` hides the value, and the

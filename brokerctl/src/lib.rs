@@ -184,12 +184,7 @@ pub fn describe(e: &anyhow::Error) -> String {
 /// Logs (from the libraries, e.g. the HSM layer) go to stderr; `KEYHAVEN_LOG` sets the filter
 /// (default `warn`).
 pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("KEYHAVEN_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    keyhaven_process::init_logs(keyhaven_process::LogFormat::Text, "warn");
 }
 
 #[cfg(test)]

@@ -7,17 +7,13 @@ use clap::Parser;
 use kms_plugin::cli::{Cli, Command, LogFormat, TokenCommand};
 
 fn init_logs(format: LogFormat) {
+    let format = match format {
+        LogFormat::Json => keyhaven_process::LogFormat::Json,
+        LogFormat::Text => keyhaven_process::LogFormat::Text,
+    };
     // The Kubernetes client logs every error answer itself; `keys migrate` reports each
     // failure (and every retry's outcome) in its own words.
-    let filter = tracing_subscriber::EnvFilter::try_from_env("KEYHAVEN_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube_client=off"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => b.json().init(),
-        LogFormat::Text => b.init(),
-    }
+    keyhaven_process::init_logs(format, "info,kube_client=off");
 }
 
 fn main() -> ExitCode {
@@ -39,20 +35,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .enable_all()
                 .build()?;
             rt.block_on(async move {
-                let shutdown = async {
-                    use tokio::signal::unix::{signal, SignalKind};
-                    let (Ok(mut term), Ok(mut int)) = (
-                        signal(SignalKind::terminate()),
-                        signal(SignalKind::interrupt()),
-                    ) else {
-                        return std::future::pending().await;
-                    };
-                    tokio::select! {
-                        _ = term.recv() => {}
-                        _ = int.recv() => {}
-                    }
-                };
-                kms_plugin::server::serve(args, shutdown).await
+                kms_plugin::server::serve(args, keyhaven_process::shutdown_signal()).await
             })?;
             // Blocking HSM calls still in flight are abandoned; the process is exiting.
             rt.shutdown_timeout(std::time::Duration::from_secs(2));

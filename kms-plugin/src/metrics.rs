@@ -35,6 +35,36 @@ pub struct KeyOp {
     pub key_id: String,
 }
 
+/// One KEK's operation counters (detached, counting nowhere, until [`Metrics::for_key`]).
+#[derive(Debug, Clone, Default)]
+pub struct KeyMetrics {
+    encrypts: Counter,
+    decrypts: Counter,
+    last_encrypt: Gauge,
+    last_decrypt: Gauge,
+}
+
+impl KeyMetrics {
+    /// Counts one successful Encrypt.
+    pub fn encrypted(&self) {
+        self.encrypts.inc();
+        self.last_encrypt.set(unix_now());
+    }
+
+    /// Counts one successful Decrypt.
+    pub fn decrypted(&self) {
+        self.decrypts.inc();
+        self.last_decrypt.set(unix_now());
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
 fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.00005, 2.0, 18))
 }
@@ -149,20 +179,24 @@ impl Metrics {
         }
     }
 
-    /// Records one successful Encrypt or Decrypt under a KEK of the token.
-    pub fn key_used(&self, op: &'static str, key_id: &str) {
-        let labels = KeyOp {
+    /// The per-key counters of `key_id` (registered once; updating them is a few atomics).
+    pub fn for_key(&self, key_id: &str) -> KeyMetrics {
+        let labels = |op| KeyOp {
             op,
             key_id: key_id.to_owned(),
         };
-        self.key_ops.get_or_create(&labels).inc();
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        self.key_last_used
-            .get_or_create(&labels)
-            .set(i64::try_from(now).unwrap_or(i64::MAX));
+        // One statement each: a Family's read guard lives to the end of its statement, and
+        // creating the next label needs its write lock.
+        let encrypts = self.key_ops.get_or_create(&labels("encrypt")).clone();
+        let decrypts = self.key_ops.get_or_create(&labels("decrypt")).clone();
+        let last_encrypt = self.key_last_used.get_or_create(&labels("encrypt")).clone();
+        let last_decrypt = self.key_last_used.get_or_create(&labels("decrypt")).clone();
+        KeyMetrics {
+            encrypts,
+            decrypts,
+            last_encrypt,
+            last_decrypt,
+        }
     }
 
     /// Records one finished request.

@@ -16,7 +16,7 @@ use tonic::{Request, Response, Status};
 
 use crate::envelope::{self, EnvelopeError};
 use crate::error::KmsError;
-use crate::metrics::{key_id_hash, Metrics};
+use crate::metrics::{key_id_hash, KeyMetrics, Metrics};
 
 /// One KEK as the plugin sees it.
 #[derive(Debug, Clone)]
@@ -25,6 +25,8 @@ pub struct KeyEntry {
     pub key_id: String,
     /// The KEK on the token.
     pub kek: KekInfo,
+    /// Its operation counters (registered by a running plugin's rescan).
+    pub metrics: KeyMetrics,
 }
 
 /// The KEKs on the token, oldest first; the newest is the primary.
@@ -43,6 +45,7 @@ impl Keyring {
                 .map(|kek| KeyEntry {
                     key_id: envelope::key_id(&kek.id),
                     kek,
+                    metrics: KeyMetrics::default(),
                 })
                 .collect(),
         }
@@ -175,7 +178,10 @@ impl Plugin {
             }
         };
         *last = Some(Instant::now());
-        let ring = Keyring::from_keks(keks);
+        let mut ring = Keyring::from_keks(keks);
+        for k in &mut ring.keys {
+            k.metrics = self.metrics.for_key(&k.key_id);
+        }
         let old = self.keyring();
         let (old_p, new_p) = (
             old.primary().map(|k| k.key_id.clone()),
@@ -351,7 +357,7 @@ impl Plugin {
                 )))
             }
         };
-        self.metrics.key_used("encrypt", &primary.key_id);
+        primary.metrics.encrypted();
         Ok(EncryptResponse {
             ciphertext: envelope::encode(&sealed.iv, &sealed.ciphertext),
             key_id: primary.key_id.clone(),
@@ -409,7 +415,7 @@ impl Plugin {
                 )))
             }
         };
-        self.metrics.key_used("decrypt", &entry.key_id);
+        entry.metrics.decrypted();
         self.last_decrypt
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -26,7 +26,6 @@ use std::time::Duration;
 use reqwest::header::{HeaderValue, ACCEPT, AUTHORIZATION};
 use reqwest::{Client, Url};
 use secrecy::{ExposeSecret as _, SecretString};
-use tokio::io::AsyncReadExt as _;
 use zeroize::Zeroizing;
 
 use super::error::{AuthError, SetupError};
@@ -397,29 +396,22 @@ async fn read_bearer_token(path: &Path) -> Result<SecretString, AuthError> {
 
 /// Reads a bearer token from `path` (trimmed, printable ASCII, at most 64 KiB). The error
 /// names the file (as `what`) and the problem, never the content.
-pub(crate) async fn read_token_file(path: &Path, what: &str) -> Result<SecretString, String> {
-    let detail = || format!("cannot read {what} {}", path.display());
-    let file = tokio::fs::File::open(path)
-        .await
-        .map_err(|e| cause_chain(detail(), &e))?;
-    let mut bytes = Zeroizing::new(Vec::with_capacity(4096));
-    file.take(MAX_BEARER_TOKEN_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .await
-        .map_err(|e| cause_chain(detail(), &e))?;
-    let bad = |why: &str| format!("{what} {} {why}", path.display());
-    if bytes.len() as u64 > MAX_BEARER_TOKEN_BYTES {
-        return Err(bad("is too large"));
+pub(crate) async fn read_token_file(
+    path: &Path,
+    what: &'static str,
+) -> Result<SecretString, String> {
+    use keyhaven_process::secret_file::{read_async, Rules};
+    let rules = Rules {
+        max_bytes: MAX_BEARER_TOKEN_BYTES,
+        ..Rules::bearer(what)
+    };
+    match read_async(path, rules).await {
+        Ok(v) => Ok(SecretString::from(v.as_str())),
+        Err(e) => Err(match std::error::Error::source(&e) {
+            Some(cause) => cause_chain(e.to_string(), cause),
+            None => e.to_string(),
+        }),
     }
-    let text = std::str::from_utf8(&bytes).map_err(|_| bad("is not UTF-8"))?;
-    let token = text.trim();
-    if token.is_empty() {
-        return Err(bad("is empty"));
-    }
-    if !token.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(bad("holds characters not allowed in a bearer token"));
-    }
-    Ok(SecretString::from(token.to_owned()))
 }
 
 #[cfg(test)]

@@ -18,16 +18,12 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("KEYHAVEN_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if cli.log_format == "json" {
-        b.json().init();
+    let format = if cli.log_format == "json" {
+        keyhaven_process::LogFormat::Json
     } else {
-        b.init();
-    }
+        keyhaven_process::LogFormat::Text
+    };
+    keyhaven_process::init_logs(format, "info");
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -38,22 +34,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = rt.block_on(async move {
-        let shutdown = async {
-            use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut term), Ok(mut int)) = (
-                signal(SignalKind::terminate()),
-                signal(SignalKind::interrupt()),
-            ) else {
-                return std::future::pending().await;
-            };
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        };
-        keyhaven_broker::server::serve(cli.serve, shutdown).await
-    });
+    let result = rt.block_on(keyhaven_broker::server::serve(
+        cli.serve,
+        keyhaven_process::shutdown_signal(),
+    ));
     rt.shutdown_timeout(std::time::Duration::from_secs(2));
     match result {
         Ok(()) => ExitCode::SUCCESS,
