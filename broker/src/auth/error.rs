@@ -4,8 +4,6 @@
 //! No message built here ever contains a token, a token segment or key material. Values that
 //! come from a token header (`alg`, `kid`) are cut short and stripped to a safe alphabet first.
 
-use std::path::PathBuf;
-
 /// Why a token was refused, or why it could not be checked.
 ///
 /// [`AuthError::reason`] gives a short, stable label for metrics and audit records; the
@@ -104,35 +102,14 @@ impl AuthError {
     }
 }
 
-/// Errors building a [`super::Verifier`] or a [`super::DevIssuer`]: configuration and key
-/// files, found at startup rather than per request.
+/// Errors building a [`super::Verifier`] or a token reviewer: configuration found at startup
+/// rather than per request. (Dev key errors are [`super::DevTokenError`].)
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SetupError {
     /// A configuration value is unusable.
     #[error("invalid token verifier configuration: {0}")]
     InvalidConfig(String),
-    /// A key could not be loaded (wrong format, wrong curve...).
-    #[error("invalid key: {0}")]
-    InvalidKey(&'static str),
-    /// A key file could not be read or written.
-    #[error("cannot access key file {path}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// A dev-token request is unusable (bad name, ttl out of range).
-    #[error("invalid dev token request: {0}")]
-    InvalidInput(String),
-    /// Signing failed.
-    #[error("cannot sign dev token")]
-    Signing(#[source] jsonwebtoken::errors::Error),
-    /// The operating system's random number generator failed.
-    #[error("no randomness available: {0}")]
-    Random(getrandom::Error),
 }
 
 /// Keeps at most `max` characters of a header value from a token, replacing anything outside
