@@ -181,6 +181,7 @@ pub async fn setup(
         .apply_policies(authed(
             ApplyPoliciesRequest {
                 yaml: POLICY_YAML.to_owned(),
+                ..Default::default()
             },
             &auth,
         ))

@@ -11,10 +11,9 @@ use std::io::Write as _;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use base64::engine::general_purpose::STANDARD;
-use base64::Engine as _;
 use jsonwebtoken::jwk::{Jwk, JwkSet, PublicKeyUse, ThumbprintHash};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use p256::pkcs8::{DecodePrivateKey as _, EncodePrivateKey as _, LineEnding};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
@@ -54,34 +53,11 @@ pub const DEV_AUDIENCE: &str = "keyhaven";
 /// Longest lifetime a dev token may be minted with.
 pub const DEV_MAX_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 
-/// DER of a PKCS#8 `PrivateKeyInfo` for an id-ecPublicKey / prime256v1 key, up to the 32-byte
-/// private scalar of its SEC1 `ECPrivateKey` (version 1, no optional parameters or public key):
-///
-/// ```text
-/// 30 41                       PrivateKeyInfo, 65 bytes
-///    02 01 00                 version 0
-///    30 13                    AlgorithmIdentifier
-///       06 07 2a8648ce3d0201       id-ecPublicKey
-///       06 08 2a8648ce3d030107     prime256v1
-///    04 27                    privateKey OCTET STRING, 39 bytes
-///       30 25                 ECPrivateKey
-///          02 01 01           version 1
-///          04 20 <32 bytes>   privateKey
-/// ```
-///
-/// The same fixed-template technique `ring` uses to emit PKCS#8. The scalar comes from the OS
-/// CSPRNG; `p256` (inside `jsonwebtoken`) rejects a zero or out-of-range scalar when the key is
-/// loaded and derives the public point. Replace with `p256::SecretKey::random` if `p256`
-/// becomes a direct dependency.
-const P256_PKCS8_PREFIX: [u8; 35] = [
-    0x30, 0x41, 0x02, 0x01, 0x00, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01,
-    0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x04, 0x27, 0x30, 0x25, 0x02, 0x01,
-    0x01, 0x04, 0x20,
-];
-
 /// An ES256 (P-256) token issuer for dev mode. Its `Debug` shows the `kid` only.
 pub struct DevIssuer {
     key: EncodingKey,
+    /// The private key as PKCS#8 PEM (zeroized on drop), to share it with another process.
+    pem: Zeroizing<String>,
     public: Jwk,
     kid: String,
 }
@@ -97,15 +73,12 @@ impl fmt::Debug for DevIssuer {
 impl DevIssuer {
     /// A new random P-256 key, in memory only.
     pub fn generate() -> Result<Self, DevTokenError> {
-        // An out-of-range scalar has probability about 2^-32; retry a few times anyway.
+        // A zero or out-of-range scalar has probability about 2^-32; retry a few times anyway.
         for _ in 0..4 {
-            let mut der = Zeroizing::new(Vec::with_capacity(P256_PKCS8_PREFIX.len() + 32));
-            der.extend_from_slice(&P256_PKCS8_PREFIX);
             let mut scalar = Zeroizing::new([0u8; 32]);
             getrandom::fill(&mut scalar[..]).map_err(DevTokenError::Random)?;
-            der.extend_from_slice(&scalar[..]);
-            if let Ok(issuer) = Self::from_key(EncodingKey::from_ec_der(&der)) {
-                return Ok(issuer);
+            if let Ok(secret) = p256::SecretKey::from_slice(&scalar[..]) {
+                return Self::from_secret(&secret);
             }
         }
         Err(DevTokenError::InvalidKey("could not generate a P-256 key"))
@@ -113,9 +86,11 @@ impl DevIssuer {
 
     /// Loads a P-256 private key from PKCS#8 PEM (`-----BEGIN PRIVATE KEY-----`).
     pub fn from_pkcs8_pem(pem: &[u8]) -> Result<Self, DevTokenError> {
-        let key = EncodingKey::from_ec_pem(pem)
-            .map_err(|_| DevTokenError::InvalidKey("not a PKCS#8 PEM EC private key"))?;
-        Self::from_key(key)
+        const NOT_PKCS8: DevTokenError =
+            DevTokenError::InvalidKey("not a PKCS#8 PEM P-256 private key");
+        let text = std::str::from_utf8(pem).map_err(|_| NOT_PKCS8)?;
+        let secret = p256::SecretKey::from_pkcs8_pem(text.trim()).map_err(|_| NOT_PKCS8)?;
+        Self::from_secret(&secret)
     }
 
     /// Loads [`DevIssuer::from_pkcs8_pem`] from a file.
@@ -157,16 +132,24 @@ impl DevIssuer {
         }
     }
 
-    fn from_key(key: EncodingKey) -> Result<Self, DevTokenError> {
-        if key.family() != jsonwebtoken::AlgorithmFamily::Ec {
-            return Err(DevTokenError::InvalidKey("not an EC key"));
-        }
+    fn from_secret(secret: &p256::SecretKey) -> Result<Self, DevTokenError> {
+        const UNENCODABLE: DevTokenError = DevTokenError::InvalidKey("cannot encode the key");
+        let der = secret.to_pkcs8_der().map_err(|_| UNENCODABLE)?;
+        let pem = secret
+            .to_pkcs8_pem(LineEnding::LF)
+            .map_err(|_| UNENCODABLE)?;
+        let key = EncodingKey::from_ec_der(der.as_bytes());
         let mut public = Jwk::from_encoding_key(&key, Algorithm::ES256)
             .map_err(|_| DevTokenError::InvalidKey("not a P-256 private key"))?;
         let kid = public.thumbprint(ThumbprintHash::SHA256);
         public.common.key_id = Some(kid.clone());
         public.common.public_key_use = Some(PublicKeyUse::Signature);
-        Ok(DevIssuer { key, public, kid })
+        Ok(DevIssuer {
+            key,
+            pem,
+            public,
+            kid,
+        })
     }
 
     /// The key id put in minted tokens.
@@ -182,17 +165,8 @@ impl DevIssuer {
     }
 
     /// The private key as PKCS#8 PEM, to share the key with another process. Zeroized on drop.
-    pub fn private_key_pem(&self) -> Zeroizing<String> {
-        let b64 = Zeroizing::new(STANDARD.encode(self.key.inner()));
-        let mut pem = Zeroizing::new(String::with_capacity(b64.len() + b64.len() / 64 + 64));
-        pem.push_str("-----BEGIN PRIVATE KEY-----\n");
-        for line in b64.as_bytes().chunks(64) {
-            // base64 output is ASCII, so every chunk is valid UTF-8.
-            pem.push_str(std::str::from_utf8(line).unwrap_or_default());
-            pem.push('\n');
-        }
-        pem.push_str("-----END PRIVATE KEY-----\n");
-        pem
+    pub fn private_key_pem(&self) -> &Zeroizing<String> {
+        &self.pem
     }
 
     /// Mints a token shaped like a projected ServiceAccount token: `iss` [`DEV_ISSUER`], `aud`

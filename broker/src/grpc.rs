@@ -2,8 +2,7 @@
 //! `authorization` metadata, a per-identity rate limit, and the one mapping from
 //! [`BrokerError`] to `tonic::Status`.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use keyhaven_proto::broker::v1 as pb;
@@ -13,7 +12,8 @@ use tonic::{Request, Response, Status};
 
 use crate::audit::Checkpoint;
 use crate::crypto::SecretData;
-use crate::service::{Authenticated, Broker, BrokerError, Caller};
+use crate::rate_limit::RateLimiter;
+use crate::service::{Authenticated, Broker, BrokerError, Caller, HEARTBEAT_STALE, POLICY_BOUND};
 use crate::store::{LeaseFilter, LeaseRow};
 
 /// The one mapping from a broker failure to what the client sees. Client errors keep our own
@@ -45,46 +45,6 @@ impl From<BrokerError> for Status {
                     "internal error: the broker's log has the details",
                 )
             }
-        }
-    }
-}
-
-/// Token-bucket rate limit per identity.
-#[derive(Debug)]
-pub struct RateLimiter {
-    per_second: f64,
-    burst: f64,
-    buckets: Mutex<HashMap<String, (f64, Instant)>>,
-}
-
-impl RateLimiter {
-    /// `per_second` sustained, `burst` at once. `per_second == 0` disables the limit.
-    pub fn new(per_second: f64, burst: f64) -> Self {
-        RateLimiter {
-            per_second,
-            burst: burst.max(1.0),
-            buckets: Mutex::default(),
-        }
-    }
-
-    /// Takes one token for `who`; false when over the limit.
-    pub fn allow(&self, who: &str) -> bool {
-        if self.per_second <= 0.0 {
-            return true;
-        }
-        let mut b = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        if b.len() > 100_000 {
-            b.clear(); // bounded memory; worst case a burst is forgiven
-        }
-        let now = Instant::now();
-        let e = b.entry(who.to_owned()).or_insert((self.burst, now));
-        e.0 = (e.0 + now.duration_since(e.1).as_secs_f64() * self.per_second).min(self.burst);
-        e.1 = now;
-        if e.0 >= 1.0 {
-            e.0 -= 1.0;
-            true
-        } else {
-            false
         }
     }
 }
@@ -354,12 +314,43 @@ impl Admin for Edge {
     ) -> Result<Response<pb::ApplyPoliciesResponse>, Status> {
         self.timed("ApplyPolicies", async move {
             let caller = self.caller(&req).await?;
-            let n = self
+            let r = req.into_inner();
+            let a = self
                 .broker
-                .apply_policies(&caller, &req.into_inner().yaml)
+                .apply_policies(&caller, &r.yaml, r.dry_run)
                 .await?;
             Ok(Response::new(pb::ApplyPoliciesResponse {
-                policies: n as u64,
+                policies: a.policies as u64,
+                generation: a.generation,
+                ended: a.ended.into_iter().map(lease_info).collect(),
+            }))
+        })
+        .await
+    }
+
+    async fn list_replicas(
+        &self,
+        req: Request<pb::ListReplicasRequest>,
+    ) -> Result<Response<pb::ListReplicasResponse>, Status> {
+        self.timed("ListReplicas", async move {
+            let caller = self.caller(&req).await?;
+            let (list, policy_generation) = self.broker.list_replicas(&caller).await?;
+            Ok(Response::new(pb::ListReplicasResponse {
+                replicas: list
+                    .into_iter()
+                    .map(|r| pb::Replica {
+                        name: r.row.name,
+                        version: r.row.version,
+                        started_unix_ms: r.row.started_ms,
+                        heartbeat_unix_ms: r.row.heartbeat_ms,
+                        policy_generation: r.row.policy_generation,
+                        primary_kek_id: r.row.primary_kek.unwrap_or_default(),
+                        stale: r.stale,
+                    })
+                    .collect(),
+                policy_generation,
+                stale_after_ms: HEARTBEAT_STALE.as_millis() as i64,
+                policy_bound_ms: POLICY_BOUND.as_millis() as i64,
             }))
         })
         .await
@@ -620,15 +611,6 @@ mod tests {
                 assert!(chain.contains("CKR_PIN_INCORRECT"), "{chain}");
             }
         }
-    }
-
-    #[test]
-    fn rate_limiter_allows_burst_then_refuses() {
-        let l = RateLimiter::new(1.0, 3.0);
-        assert!(l.allow("a") && l.allow("a") && l.allow("a"));
-        assert!(!l.allow("a"));
-        assert!(l.allow("b"), "per identity");
-        assert!(RateLimiter::new(0.0, 0.0).allow("x"));
     }
 
     #[test]

@@ -49,6 +49,8 @@ pub struct Metrics {
     pub reaped: Counter,
     /// Active leases (set at scrape time).
     pub active_leases: Gauge,
+    /// The policy generation this replica enforces.
+    pub policy_generation: Gauge,
     /// DEK cache hits (set at scrape time).
     pub dek_cache_hits: Gauge<u64, AtomicU64>,
     /// DEK cache misses (set at scrape time).
@@ -101,6 +103,7 @@ impl Metrics {
         let hsm_calls = Family::<Op, Histogram, fn() -> Histogram>::new_with_constructor(histogram);
         let reaped = Counter::default();
         let active_leases = Gauge::default();
+        let policy_generation = Gauge::default();
         let dek_cache_hits = Gauge::<u64, AtomicU64>::default();
         let dek_cache_misses = Gauge::<u64, AtomicU64>::default();
         let dek_cache_entries = Gauge::default();
@@ -176,6 +179,11 @@ impl Metrics {
         );
         registry.register("active_leases", "Active leases", active_leases.clone());
         registry.register(
+            "policy_generation",
+            "The policy generation this replica enforces",
+            policy_generation.clone(),
+        );
+        registry.register(
             "dek_cache_hits",
             "DEK cache hits since start",
             dek_cache_hits.clone(),
@@ -219,6 +227,7 @@ impl Metrics {
             hsm_calls,
             reaped,
             active_leases,
+            policy_generation,
             dek_cache_hits,
             dek_cache_misses,
             dek_cache_entries,

@@ -13,11 +13,12 @@ use keyhaven_proto::broker::v1::leases_server::LeasesServer;
 use secrecy::SecretString;
 
 use crate::auth::{
-    DevIssuer, FileJwks, HttpsJwks, HttpsJwksConfig, TokenReviewConfig, TokenReviewer, Verifier,
-    VerifierConfig,
+    Authenticator, DevIssuer, FileJwks, HttpsJwks, HttpsJwksConfig, TokenReviewConfig,
+    TokenReviewer, Verifier, VerifierConfig,
 };
 use crate::crypto::{DekCache, Envelope};
-use crate::grpc::{Edge, RateLimiter};
+use crate::grpc::Edge;
+use crate::rate_limit::RateLimiter;
 use crate::service::{Broker, BrokerConfig};
 use crate::store::Store;
 
@@ -331,11 +332,9 @@ pub async fn assemble(args: &ServeArgs) -> Result<Arc<Broker>, ServeError> {
         },
         ..BrokerConfig::default()
     };
-    let mut broker = Broker::new(store, envelope, verifier, config)
-        .await
-        .map_err(|e| ServeError::Start(e.to_string()))?;
+    let mut authenticator = Authenticator::new(verifier);
     if let (Some(d), true) = (dev, has_cluster) {
-        broker = broker.with_dev_verifier(d);
+        authenticator = authenticator.with_dev_verifier(d);
     } else if args.dev {
         tracing::warn!(
             "DEV MODE: trusting tokens minted with the dev key — never use this in production"
@@ -363,11 +362,15 @@ pub async fn assemble(args: &ServeArgs) -> Result<Arc<Broker>, ServeError> {
             );
         }
         tracing::info!(url = reviewer.url(), cache_ttl = ?args.token_review_cache_ttl, "TokenReview mode on");
-        broker = broker.with_token_review(Arc::new(reviewer));
+        authenticator = authenticator.with_token_review(Arc::new(reviewer));
     }
     if let Some(f) = &args.bootstrap_file {
-        broker = broker.with_bootstrap_admin(read_secret_file(f, "bootstrap credential file")?);
+        authenticator =
+            authenticator.with_bootstrap_admin(read_secret_file(f, "bootstrap credential file")?);
     }
+    let mut broker = Broker::new(store, envelope, authenticator, config)
+        .await
+        .map_err(|e| ServeError::Start(e.to_string()))?;
     if let Some(f) = &args.audit_file {
         let sink = crate::audit::JsonlSink::open(f)
             .map_err(|e| ServeError::Start(format!("audit file {}: {e}", f.display())))?;
@@ -459,6 +462,10 @@ pub async fn serve(
             }
         });
     }
+
+    // Policy generation watch and the replica heartbeat: every replica runs these.
+    crate::service::spawn_policy_watch(&broker);
+    crate::service::spawn_heartbeat(&broker);
 
     // Reaper.
     {

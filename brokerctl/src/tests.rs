@@ -83,6 +83,12 @@ impl Admin for FakeAdmin {
     ) -> R<pb::ListPoliciesResponse> {
         Err(Status::unimplemented("fake"))
     }
+    async fn list_replicas(
+        &self,
+        _: Request<pb::ListReplicasRequest>,
+    ) -> R<pb::ListReplicasResponse> {
+        Err(Status::unimplemented("fake"))
+    }
     async fn list_leases(&self, r: Request<pb::ListLeasesRequest>) -> R<pb::ListLeasesResponse> {
         self.saw(&r);
         self.0

@@ -60,6 +60,7 @@ impl World {
             a.apply_policies(authed(
                 ApplyPoliciesRequest {
                     yaml: POLICY.into(),
+                    ..Default::default()
                 },
                 BOOTSTRAP,
             ))

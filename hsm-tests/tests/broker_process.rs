@@ -41,6 +41,7 @@ fn leases_over_tls_with_a_real_broker_process() {
             .apply_policies(authed(
                 ApplyPoliciesRequest {
                     yaml: POLICY.into(),
+                    ..Default::default()
                 },
                 BOOTSTRAP,
             ))

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use hsm_tests::broker::{authed, broker_keys_init, test_store, tls_channel, BrokerProc, BOOTSTRAP};
 use hsm_tests::process::runtime;
 use keyhaven_broker::audit::{EventKind, Outcome};
-use keyhaven_broker::auth::{DevIssuer, Verifier};
+use keyhaven_broker::auth::{Authenticator, DevIssuer, Verifier};
 use keyhaven_broker::crypto::{DekCache, Envelope, SecretData};
 use keyhaven_broker::rotation::AutoRotation;
 use keyhaven_broker::service::{Broker, BrokerConfig, BrokerError, Caller};
@@ -389,10 +389,12 @@ async fn in_process_broker(store: Store, hsm: &SoftHsm, auto: AutoRotation) -> B
         )
         .unwrap(),
     );
+    let authenticator = Authenticator::new(verifier)
+        .with_bootstrap_admin(SecretString::from(BOOTSTRAP.to_string()));
     Broker::new(
         store,
         envelope,
-        verifier,
+        authenticator,
         BrokerConfig {
             auto_rotation: auto,
             ..BrokerConfig::default()
@@ -400,7 +402,6 @@ async fn in_process_broker(store: Store, hsm: &SoftHsm, auto: AutoRotation) -> B
     )
     .await
     .unwrap()
-    .with_bootstrap_admin(SecretString::from(BOOTSTRAP.to_string()))
 }
 
 /// Two replicas (two brokers, one database) decide on a due automatic rotation at the same
@@ -628,6 +629,7 @@ fn rotation_under_a_100_client_lease_load_fails_no_lease() {
             .apply_policies(authed(
                 ApplyPoliciesRequest {
                     yaml: POLICY.into(),
+                    ..Default::default()
                 },
                 BOOTSTRAP,
             ))
@@ -890,6 +892,7 @@ fn kill_9_during_rewrap(db: Db) {
             .apply_policies(authed(
                 ApplyPoliciesRequest {
                     yaml: POLICY.into(),
+                    ..Default::default()
                 },
                 BOOTSTRAP,
             ))
@@ -1146,6 +1149,7 @@ fn retire_is_refused_while_in_use_allowed_after_audited_and_the_kek_is_gone() {
             .apply_policies(authed(
                 ApplyPoliciesRequest {
                     yaml: POLICY.into(),
+                    ..Default::default()
                 },
                 BOOTSTRAP,
             ))

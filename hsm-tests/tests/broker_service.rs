@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use hsm_tests::broker::{broker_keystore, test_store};
 use keyhaven_broker::audit::{EventKind, Outcome};
-use keyhaven_broker::auth::{DevIssuer, Verifier};
+use keyhaven_broker::auth::{Authenticator, DevIssuer, Verifier};
 use keyhaven_broker::crypto::{DekCache, Envelope, SecretData};
 use keyhaven_broker::service::{Broker, BrokerConfig, BrokerError, Caller};
 use keyhaven_broker::store::LeaseFilter;
@@ -109,19 +109,23 @@ where
             )
             .unwrap(),
         );
-        let broker = Broker::new(store, envelope, verifier, BrokerConfig::default())
-            .await
-            .unwrap()
+        let authenticator = Authenticator::new(verifier)
             .with_dev_verifier(dev_verifier)
             .with_bootstrap_admin(SecretString::from(
                 "bootstrap-credential-for-tests".to_string(),
             ));
+        let broker = Broker::new(store, envelope, authenticator, BrokerConfig::default())
+            .await
+            .unwrap();
         let admin = broker
             .authenticate("bootstrap-credential-for-tests")
             .await
             .unwrap();
         assert_eq!(admin, Caller::BootstrapAdmin);
-        broker.apply_policies(&admin, POLICIES).await.unwrap();
+        broker
+            .apply_policies(&admin, POLICIES, false)
+            .await
+            .unwrap();
         f(Env {
             broker,
             dev,
@@ -441,18 +445,19 @@ async fn replica(env: &Env) -> Broker {
         )
         .unwrap(),
     );
+    let authenticator = Authenticator::new(dev.clone())
+        .with_dev_verifier(dev)
+        .with_bootstrap_admin(SecretString::from(
+            "bootstrap-credential-for-tests".to_string(),
+        ));
     Broker::new(
         env.broker.store().clone(),
         envelope,
-        dev.clone(),
+        authenticator,
         BrokerConfig::default(),
     )
     .await
     .unwrap()
-    .with_dev_verifier(dev)
-    .with_bootstrap_admin(SecretString::from(
-        "bootstrap-credential-for-tests".to_string(),
-    ))
 }
 
 /// A replica remembers the versions it leases; when another replica puts, deletes or

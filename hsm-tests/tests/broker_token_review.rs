@@ -11,7 +11,7 @@ use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use keyhaven_broker::audit::{EventKind, Outcome};
-use keyhaven_broker::auth::{DevIssuer, TokenReviewConfig, TokenReviewer, Verifier};
+use keyhaven_broker::auth::{Authenticator, DevIssuer, TokenReviewConfig, TokenReviewer, Verifier};
 use keyhaven_broker::crypto::{DekCache, Envelope};
 use keyhaven_broker::service::{Broker, BrokerConfig, BrokerError, Caller};
 use testkit::softhsm::SoftHsm;
@@ -106,10 +106,10 @@ fn authenticate_with_token_review() {
         ))
         .unwrap();
 
-        let broker = Broker::new(store, envelope, verifier, BrokerConfig::default())
+        let authenticator = Authenticator::new(verifier).with_token_review(Arc::new(reviewer));
+        let broker = Broker::new(store, envelope, authenticator, BrokerConfig::default())
             .await
-            .unwrap()
-            .with_token_review(Arc::new(reviewer));
+            .unwrap();
 
         let good = dev
             .mint("team-a", "app", Some("app-1"), Duration::from_secs(600))

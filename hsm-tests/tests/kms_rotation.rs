@@ -55,6 +55,23 @@ fn keys(hsm: &SoftHsm, args: &[&str]) -> (bool, String) {
     )
 }
 
+/// `kms-plugin keys <args> <more>`.
+fn keys_with<S: AsRef<str>>(hsm: &SoftHsm, args: &[&str], more: &[S]) -> (bool, String) {
+    let mut all = args.to_vec();
+    all.extend(more.iter().map(AsRef::as_ref));
+    keys(hsm, &all)
+}
+
+/// etcd flags naming a loopback port where nothing listens, with a short timeout.
+fn unreachable_etcd() -> Vec<String> {
+    vec![
+        "--etcd-endpoints".into(),
+        format!("http://127.0.0.1:{}", free_port()),
+        "--etcd-timeout".into(),
+        "1s".into(),
+    ]
+}
+
 impl Cluster {
     /// `kms-plugin keys <args>` with this cluster's etcd and kubeconfig where asked.
     fn keys(&self, args: &[&str], etcd: bool, kube: bool) -> (bool, String) {
@@ -341,18 +358,7 @@ fn retire_refuses_while_anything_needs_the_key_and_destroys_at_zero() {
     assert!(c.key_ids().contains(&k1));
 
     // etcd unreachable: refused with the reason.
-    let (ok, out) = keys(
-        &c.hsm,
-        &[
-            "retire",
-            &k1,
-            "--yes",
-            "--etcd-endpoints",
-            &format!("http://127.0.0.1:{}", free_port()),
-            "--etcd-timeout",
-            "1s",
-        ],
-    );
+    let (ok, out) = keys_with(&c.hsm, &["retire", &k1, "--yes"], &unreachable_etcd());
     assert!(!ok && out.contains("cannot read etcd"), "{out}");
     assert!(c.key_ids().contains(&k1));
 
@@ -617,16 +623,7 @@ fn migrate_and_usage_fail_clearly_on_bad_endpoints_and_resources() {
     assert!(!ok && out.contains("discovering API group"), "{out}");
 
     // etcd unreachable.
-    let (ok, out) = keys(
-        &c.hsm,
-        &[
-            "usage",
-            "--etcd-endpoints",
-            &format!("http://127.0.0.1:{}", free_port()),
-            "--etcd-timeout",
-            "1s",
-        ],
-    );
+    let (ok, out) = keys_with(&c.hsm, &["usage"], &unreachable_etcd());
     assert!(!ok && out.contains("etcd at http://127.0.0.1"), "{out}");
     // https without a CA.
     let (ok, out) = keys(
@@ -684,13 +681,9 @@ fn usage_over_tls_with_client_certificates_and_refusal_with_wrong_ones() {
             "--etcd-timeout",
             "2s",
         ];
-        let mut a = vec!["usage"];
-        a.extend(base);
-        let (ok, out) = keys(&hsm, &a);
+        let (ok, out) = keys_with(&hsm, &["usage"], &base);
         assert!(!ok && out.contains("etcd at https://127.0.0.1"), "{out}");
-        let mut a = vec!["retire", k.as_str(), "--yes"];
-        a.extend(base);
-        let (ok, out) = keys(&hsm, &a);
+        let (ok, out) = keys_with(&hsm, &["retire", k.as_str(), "--yes"], &base);
         assert!(!ok && out.contains("cannot read etcd"), "{out}");
     }
     let (_, out) = keys(&hsm, &["list", "--json"]);

@@ -6,6 +6,7 @@
 use std::net::IpAddr;
 use std::path::Path;
 
+use rustls_pki_types::pem::SectionKind;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, Uri};
 use zeroize::Zeroizing;
 
@@ -90,7 +91,7 @@ pub fn client_tls(files: TlsFiles<'_>, ca_flag: &str) -> Result<ClientTlsConfig,
     })?;
     let ca = std::fs::read(ca_file)
         .map_err(|e| format!("cannot read CA bundle {}: {e}", ca_file.display()))?;
-    if !contains_pem(&ca, "CERTIFICATE") {
+    if !has_pem_section(&ca, is_certificate) {
         return Err(format!(
             "CA bundle {} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
             ca_file.display()
@@ -107,7 +108,7 @@ pub fn client_tls(files: TlsFiles<'_>, ca_flag: &str) -> Result<ClientTlsConfig,
                 cert_file.display()
             )
         })?;
-        if !contains_pem(&cert, "CERTIFICATE") {
+        if !has_pem_section(&cert, is_certificate) {
             return Err(format!(
                 "client certificate {} holds no PEM certificate",
                 cert_file.display()
@@ -117,7 +118,7 @@ pub fn client_tls(files: TlsFiles<'_>, ca_flag: &str) -> Result<ClientTlsConfig,
             std::fs::read(key_file)
                 .map_err(|e| format!("cannot read client key {}: {e}", key_file.display()))?,
         );
-        if !contains_pem(&key, "PRIVATE KEY") {
+        if !has_pem_section(&key, is_private_key) {
             return Err(format!(
                 "client key {} holds no PEM private key",
                 key_file.display()
@@ -128,10 +129,75 @@ pub fn client_tls(files: TlsFiles<'_>, ca_flag: &str) -> Result<ClientTlsConfig,
     Ok(tls)
 }
 
-/// Whether `pem` has a `-----BEGIN ...<label>-----` line (`PRIVATE KEY` also matches
-/// `EC PRIVATE KEY` and `RSA PRIVATE KEY`).
-pub fn contains_pem(pem: &[u8], label: &str) -> bool {
-    String::from_utf8_lossy(pem)
-        .lines()
-        .any(|l| l.starts_with("-----BEGIN ") && l.trim_end().ends_with(&format!("{label}-----")))
+/// Whether `pem` holds a well-formed PEM section of a kind `want` accepts (and no malformed
+/// one). Decoded bodies are zeroized: a section may be a private key.
+pub fn has_pem_section(pem: &[u8], want: fn(&SectionKind) -> bool) -> bool {
+    let mut rd = pem;
+    let mut found = false;
+    loop {
+        match rustls_pki_types::pem::from_buf(&mut rd) {
+            Ok(Some((kind, der))) => {
+                drop(Zeroizing::new(der));
+                found |= want(&kind);
+            }
+            Ok(None) => return found,
+            Err(_) => return false,
+        }
+    }
+}
+
+/// A certificate section.
+pub fn is_certificate(k: &SectionKind) -> bool {
+    matches!(k, SectionKind::Certificate)
+}
+
+/// A private key section: PKCS#8, PKCS#1 (RSA) or SEC1 (EC).
+pub fn is_private_key(k: &SectionKind) -> bool {
+    matches!(
+        k,
+        SectionKind::PrivateKey | SectionKind::RsaPrivateKey | SectionKind::EcPrivateKey
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn section(label: &str, body: &str) -> Vec<u8> {
+        format!("-----BEGIN {label}-----\n{body}\n-----END {label}-----\n").into_bytes()
+    }
+
+    #[test]
+    fn pem_sections_are_recognised_by_kind() {
+        let cert = section("CERTIFICATE", "MIIBAAAA");
+        assert!(has_pem_section(&cert, is_certificate));
+        assert!(!has_pem_section(&cert, is_private_key));
+        for label in ["PRIVATE KEY", "EC PRIVATE KEY", "RSA PRIVATE KEY"] {
+            assert!(
+                has_pem_section(&section(label, "MIIBAAAA"), is_private_key),
+                "{label}"
+            );
+        }
+        let mut bundle = b"comment before\n".to_vec();
+        bundle.extend(section("PUBLIC KEY", "MIIBAAAA"));
+        bundle.extend(&cert);
+        assert!(
+            has_pem_section(&bundle, is_certificate),
+            "second of two sections"
+        );
+    }
+
+    #[test]
+    fn malformed_pem_is_refused() {
+        assert!(!has_pem_section(b"", is_certificate));
+        assert!(!has_pem_section(b"not pem at all", is_certificate));
+        assert!(!has_pem_section(
+            &section("CERTIFICATE", "***"),
+            is_certificate
+        ));
+        assert!(!has_pem_section(
+            b"-----BEGIN CERTIFICATE-----\nMIIBAAAA\n",
+            is_certificate
+        ));
+    }
 }

@@ -3,7 +3,14 @@
 //! the JSON-lines file in chain order, then answers each request. A request is answered only
 //! after its record is durable, so "if audit cannot be written, the request fails" holds,
 //! while concurrent requests share one commit instead of queueing on the chain lock one by one.
+//!
+//! A state change other than a lease (a policy apply, leases ended by it) is a [`Change`]: a
+//! transaction the caller prepares that stores the change and its records together; the writer
+//! runs it between two batches and mirrors its records to the file, so the file keeps chain
+//! order.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use prometheus_client::metrics::histogram::Histogram;
@@ -28,6 +35,38 @@ struct AuditJob {
     generation: Option<i64>,
     /// Where the answer goes.
     reply: oneshot::Sender<Result<Committed, WriteError>>,
+}
+
+/// A transaction that stores a change and its audit records together, returning the records.
+pub type Change = Pin<Box<dyn Future<Output = Result<Vec<AuditRecord>, StoreError>> + Send>>;
+
+/// A [`Change`] waiting for the writer.
+struct ChangeJob {
+    change: Change,
+    reply: oneshot::Sender<Result<(), ChangeError>>,
+}
+
+/// What the writer task receives. Records jobs are the hot path (one per request) and move
+/// through the channel by value: boxing them to shrink the rare change variant would cost an
+/// allocation per request.
+#[allow(clippy::large_enum_variant)]
+enum Job {
+    Records(AuditJob),
+    Change(ChangeJob),
+}
+
+/// Why a [`Change`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeError {
+    /// The transaction failed: nothing was stored.
+    #[error("change not stored")]
+    Store(#[source] StoreError),
+    /// The change and its records are stored, but the JSON-lines file could not be written.
+    #[error("change stored, but the audit file could not be written")]
+    File(#[source] std::io::Error),
+    /// The writer task is gone (the process is shutting down): nothing was stored.
+    #[error("audit writer stopped")]
+    Gone,
 }
 
 /// What became of an audit job.
@@ -68,7 +107,7 @@ pub struct WriterMetrics {
 /// The handle requests send their jobs to.
 #[derive(Debug, Clone)]
 pub struct AuditWriter {
-    tx: mpsc::Sender<AuditJob>,
+    tx: mpsc::Sender<Job>,
 }
 
 impl AuditWriter {
@@ -78,7 +117,7 @@ impl AuditWriter {
         file: Arc<Mutex<Option<JsonlSink>>>,
         metrics: WriterMetrics,
     ) -> AuditWriter {
-        let (tx, rx) = mpsc::channel::<AuditJob>(QUEUE);
+        let (tx, rx) = mpsc::channel::<Job>(QUEUE);
         // Its own connection, and where its last append left the chain: while nobody else
         // appends (one replica), each batch goes in as one statement, without a head read.
         let appender = store.audit_appender();
@@ -107,8 +146,22 @@ impl AuditWriter {
             generation,
             reply,
         };
-        self.tx.send(job).await.map_err(|_| WriteError::Gone)?;
+        self.tx
+            .send(Job::Records(job))
+            .await
+            .map_err(|_| WriteError::Gone)?;
         answer.await.map_err(|_| WriteError::Gone)?
+    }
+
+    /// Runs `change` (a transaction storing a change with its records) in turn with the
+    /// batches, then appends its records to the JSON-lines file.
+    pub async fn change(&self, change: Change) -> Result<(), ChangeError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Job::Change(ChangeJob { change, reply }))
+            .await
+            .map_err(|_| ChangeError::Gone)?;
+        answer.await.map_err(|_| ChangeError::Gone)?
     }
 }
 
@@ -128,12 +181,32 @@ enum Written {
 }
 
 impl Task {
-    async fn run(mut self, mut rx: mpsc::Receiver<AuditJob>) {
-        while let Some(first) = rx.recv().await {
+    async fn run(mut self, mut rx: mpsc::Receiver<Job>) {
+        let mut next = None;
+        loop {
+            let first = match next.take() {
+                Some(j) => j,
+                None => match rx.recv().await {
+                    Some(j) => j,
+                    None => return,
+                },
+            };
+            let first = match first {
+                Job::Records(j) => j,
+                Job::Change(c) => {
+                    self.change(c).await;
+                    continue;
+                }
+            };
             let mut jobs = vec![first];
             while jobs.len() < MAX_BATCH {
                 match rx.try_recv() {
-                    Ok(j) => jobs.push(j),
+                    Ok(Job::Records(j)) => jobs.push(j),
+                    // After this batch.
+                    Ok(change) => {
+                        next = Some(change);
+                        break;
+                    }
                     Err(_) => break,
                 }
             }
@@ -172,6 +245,27 @@ impl Task {
                 }
             }
         }
+    }
+
+    /// Runs one change, mirrors its records to the file, answers.
+    async fn change(&mut self, job: ChangeJob) {
+        let answer = match job.change.await {
+            Err(e) => Err(ChangeError::Store(e)),
+            Ok(recs) => {
+                let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
+                match f.as_mut() {
+                    Some(sink) => match recs.iter().find_map(|r| sink.append(r).err()) {
+                        Some(e) => {
+                            tracing::error!(error = %e, "audit file write failed after a change was stored with its records");
+                            Err(ChangeError::File(e))
+                        }
+                        None => Ok(()),
+                    },
+                    None => Ok(()),
+                }
+            }
+        };
+        let _ = job.reply.send(answer);
     }
 
     /// Stores `jobs` in one transaction (guarded by `generation` when given), then appends

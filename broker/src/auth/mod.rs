@@ -1,6 +1,8 @@
 //! Who is asking: verification of Kubernetes ServiceAccount tokens (projected JWTs) against
 //! the cluster's JWKS, giving a workload [`Identity`](crate::identity::Identity).
 //!
+//! - [`Authenticator`] turns a bearer credential (token, dev token, bootstrap credential)
+//!   into a [`Caller`] and the audit event recording the attempt.
 //! - [`Verifier`] checks signature, issuer, audience, expiry, age and subject; the algorithm is
 //!   fixed by the key (RSA → RS256, EC P-256 → ES256), never taken from the token.
 //! - [`Jwks`] is the trusted key set; a [`JwksSource`] supplies it ([`FileJwks`],
@@ -16,6 +18,7 @@
 //! Not here: policy (see `policy`), and the gRPC edge that maps [`AuthError`] and
 //! [`TokenReviewError`] to a status. No function here logs or returns a token.
 
+mod authenticator;
 mod dev;
 mod error;
 mod https;
@@ -27,6 +30,7 @@ mod test_pki;
 mod tokenreview;
 mod verifier;
 
+pub use authenticator::{Attempt, Authenticator, Caller, Refusal};
 pub use dev::{
     dev_jwks_source, dev_verifier_config, DevIssuer, DevTokenError, DEV_AUDIENCE, DEV_ISSUER,
     DEV_MAX_TTL,

@@ -1,5 +1,6 @@
 //! Admin calls: secrets, policies, operator revocation, listings, audit reads.
 
+use super::policy_sync::{self, REVOKED_BY_POLICY};
 use super::*;
 
 impl Broker {
@@ -90,33 +91,102 @@ impl Broker {
             .await
     }
 
-    /// Replaces all policies with the YAML document (validated first).
-    pub async fn apply_policies(&self, caller: &Caller, yaml: &str) -> Result<usize> {
+    /// Replaces the policy set with `yaml` (validated first) and ends every active lease the
+    /// new set does not allow: the new document, its generation, the ended leases and their
+    /// records are stored in ONE transaction. Every replica enforces the new set within
+    /// [`POLICY_BOUND`](super::POLICY_BOUND). A dry run validates and lists the leases that
+    /// would end, changing nothing.
+    pub async fn apply_policies(
+        &self,
+        caller: &Caller,
+        yaml: &str,
+        dry_run: bool,
+    ) -> Result<PolicyApply> {
         self.require(caller, "", Capability::Policy, "policy_apply")
             .await?;
+        let verb = if dry_run {
+            "policy_apply_dry_run"
+        } else {
+            "policy_apply"
+        };
+        let kind = EventKind::Admin(verb.into());
         let r = async {
             let set = PolicySet::from_yaml(yaml, self.config.max_ttl_cap)
                 .map_err(|e| BrokerError::InvalidArgument(e.to_string()))?;
-            self.store
-                .save_policies(
-                    &set.to_yaml()
-                        .map_err(|e| BrokerError::internal_by("policy serialisation", e))?,
-                    now_ms(),
-                )
+            let doc = set
+                .to_yaml()
+                .map_err(|e| BrokerError::internal_by("policy serialisation", e))?;
+            let now = now_ms();
+            let active = self
+                .store
+                .list_leases(&LeaseFilter::All, now, false)
                 .await?;
-            let n = set.policies().len();
-            *self.policies.write().unwrap_or_else(|p| p.into_inner()) = set;
-            Ok(n)
+            let forbidden: Vec<LeaseRow> = policy_sync::forbidden(&set, &active)
+                .into_iter()
+                .cloned()
+                .collect();
+            Ok((set, doc, forbidden, now))
         }
         .await;
-        self.audited(
-            caller,
-            EventKind::Admin("policy_apply".into()),
-            None,
-            None,
-            r,
-        )
-        .await
+        let (set, doc, forbidden, now) = match r {
+            Ok(v) => v,
+            Err(e) => return self.audited(caller, kind, None, None, Err(e)).await,
+        };
+        let policies = set.policies().len();
+        if dry_run {
+            let plan = PolicyApply {
+                policies,
+                generation: self.store.policy_generation().await?,
+                ended: forbidden,
+            };
+            return self.audited(caller, kind, None, None, Ok(plan)).await;
+        }
+        let ids: Vec<String> = forbidden.iter().map(|l| l.id.clone()).collect();
+        let (by, leases, done) = (caller.clone(), forbidden.clone(), kind.clone());
+        let applied = self
+            .commit_change(move |store| async move {
+                let a = store
+                    .apply_policies(&doc, &ids, REVOKED_BY_POLICY, now, |_, ended| {
+                        let mut events = policy_sync::ended_events(&leases, ended, Some(&by), now);
+                        events.extend(Self::audit_events(
+                            None,
+                            &by,
+                            done,
+                            None,
+                            None,
+                            &Ok::<(), BrokerError>(()),
+                        ));
+                        events
+                    })
+                    .await?;
+                let records = a.records.clone();
+                Ok((a, records))
+            })
+            .await;
+        let applied = match applied {
+            Ok(a) => a,
+            // Nothing stored (or stored, but the audit file failed: each replica's poller
+            // installs it; the caller is told the audit file is unavailable).
+            Err(e) => return self.audited(caller, kind, None, None, Err(e)).await,
+        };
+        self.install_policies(set, applied.generation, now);
+        tracing::info!(
+            generation = applied.generation,
+            ended = applied.ended.len(),
+            "policies applied"
+        );
+        // Leases another replica granted on the old set while this one was applying.
+        if let Err(e) = self.sweep_after_policy_change().await {
+            tracing::warn!(error = %e.chain(), "post-apply sweep failed; each replica sweeps when it reloads");
+        }
+        Ok(PolicyApply {
+            policies,
+            generation: applied.generation,
+            ended: forbidden
+                .into_iter()
+                .filter(|l| applied.ended.contains(&l.id))
+                .collect(),
+        })
     }
 
     /// Revokes every active lease matching `filter`; returns their ids.
@@ -151,6 +221,17 @@ impl Broker {
         )
         .await
     }
+}
+
+/// What a policy apply did, or, on a dry run, would do.
+#[derive(Debug, Clone)]
+pub struct PolicyApply {
+    /// How many policies the new set has.
+    pub policies: usize,
+    /// The new policy generation (dry run: the current one).
+    pub generation: i64,
+    /// The active leases the new set does not allow: ended, or (dry run) to be ended.
+    pub ended: Vec<LeaseRow>,
 }
 
 /// One KEK's status for operators.
@@ -237,6 +318,7 @@ impl Broker {
             .await?;
         let r = self
             .policies()
+            .set
             .to_yaml()
             .map_err(|e| BrokerError::internal_by("policy serialisation", e));
         self.audited(

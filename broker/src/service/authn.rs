@@ -1,7 +1,9 @@
-//! Authentication: a ServiceAccount token (or a dev token), or the bootstrap admin
-//! credential, each attempt audited.
+//! Authentication at the service: the [`Authenticator`](crate::auth::Authenticator) decides,
+//! this stores the attempt's audit record (at once for a refusal, with the request's own
+//! record for a success) and counts refusals.
 
 use super::*;
+use crate::auth::Refusal;
 
 impl Authenticated {
     /// Writes the authentication record now (for requests that have no record of their own
@@ -29,91 +31,33 @@ impl Broker {
     /// transaction as the request's own record (one commit per request instead of two).
     /// Failed authentications are audited at once, as always.
     pub async fn authenticate_deferred(&self, credential: &str) -> Result<Authenticated> {
-        if let Some(b) = &self.bootstrap {
-            if constant_time_eq(credential.as_bytes(), b.expose_secret().as_bytes()) {
-                return Ok(Authenticated {
-                    caller: Caller::BootstrapAdmin,
-                    audit: Some(
-                        AuditEvent::new(now_ms(), EventKind::Authenticate, Outcome::Ok)
-                            .with_identity("bootstrap-admin"),
-                    ),
-                });
-            }
-        }
-        let mut result = self.verifier.verify(credential).await;
-        if let (Err(_), Some(dev)) = (&result, &self.dev_verifier) {
-            if let Ok(id) = dev.verify(credential).await {
-                result = Ok(id);
-            }
-        }
-        match result {
-            Ok(id) => {
-                if let Some(reviewer) = &self.token_review {
-                    if let Err(e) = reviewer.review(credential, &id).await {
-                        self.metrics.auth_failure(e.reason());
-                        let outcome = if e.is_unavailable() {
-                            tracing::warn!(identity = %id, error = %e, "token review failed");
-                            Outcome::Error
-                        } else {
-                            tracing::info!(identity = %id, error = %e, "token refused by TokenReview");
-                            Outcome::Denied
-                        };
-                        let mut ev = AuditEvent::new(now_ms(), EventKind::Authenticate, outcome)
-                            .with_identity(id.subject())
-                            .with_reason(e.reason());
-                        if let Some(p) = &id.pod_name {
-                            ev = ev.with_pod(p.clone());
-                        }
-                        self.audit(ev).await?;
-                        return Err(if e.is_unavailable() {
-                            BrokerError::unavailable("token review")
-                        } else {
-                            BrokerError::Unauthenticated(e.reason().to_owned())
-                        });
-                    }
-                }
-                let mut ev = AuditEvent::new(now_ms(), EventKind::Authenticate, Outcome::Ok)
-                    .with_identity(id.subject());
-                if let Some(p) = &id.pod_name {
-                    ev = ev.with_pod(p.clone());
-                }
-                Ok(Authenticated {
-                    caller: Caller::Workload(id),
-                    audit: Some(ev),
-                })
-            }
-            Err(e) => {
-                self.metrics.auth_failure(e.reason());
-                let outcome = if e.is_unavailable() {
-                    Outcome::Error
-                } else {
-                    Outcome::Denied
-                };
-                self.audit(
-                    AuditEvent::new(now_ms(), EventKind::Authenticate, outcome)
-                        .with_reason(e.reason()),
-                )
-                .await?;
-                Err(auth_error(&e))
+        let attempt = self.authenticator.authenticate(credential).await;
+        match attempt.verdict {
+            Ok(caller) => Ok(Authenticated {
+                caller,
+                audit: Some(attempt.event),
+            }),
+            Err(refusal) => {
+                self.metrics.auth_failure(refusal.reason());
+                self.audit(attempt.event).await?;
+                Err(refusal.into())
             }
         }
     }
 }
 
-fn auth_error(e: &AuthError) -> BrokerError {
-    if e.is_unavailable() {
-        BrokerError::unavailable("token keys")
-    } else {
-        BrokerError::Unauthenticated(e.reason().to_owned())
+impl From<Refusal> for BrokerError {
+    fn from(r: Refusal) -> Self {
+        if r.is_unavailable() {
+            BrokerError::unavailable_by(
+                match &r {
+                    Refusal::Token(_) => "token keys",
+                    Refusal::Review(_) => "token review",
+                },
+                r,
+            )
+        } else {
+            BrokerError::Unauthenticated(r.reason().to_owned())
+        }
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    use sha2::Digest;
-    // Compare digests so neither length nor content leaks through timing.
-    let (x, y) = (sha2::Sha256::digest(a), sha2::Sha256::digest(b));
-    x.iter()
-        .zip(y.iter())
-        .fold(0u8, |acc, (p, q)| acc | (p ^ q))
-        == 0
 }

@@ -145,3 +145,14 @@ impl From<crate::audit::writer::WriteError> for BrokerError {
         }
     }
 }
+
+impl From<crate::audit::writer::ChangeError> for BrokerError {
+    fn from(e: crate::audit::writer::ChangeError) -> Self {
+        use crate::audit::writer::ChangeError;
+        match e {
+            ChangeError::Store(e) => e.into(),
+            e @ ChangeError::File(_) => BrokerError::unavailable_by("audit file", e),
+            e @ ChangeError::Gone => BrokerError::unavailable_by("audit log", e),
+        }
+    }
+}

@@ -75,6 +75,7 @@ impl Broker {
                 "the bootstrap credential cannot lease secrets".into(),
             ));
         };
+        self.fresh_policies().await?;
         let Decision::Allow {
             ttl: default_ttl,
             max_ttl,
@@ -219,12 +220,15 @@ impl Broker {
                 "lease {lease_id} has expired or was revoked"
             )));
         }
+        self.fresh_policies().await?;
         let Decision::Allow {
             ttl: default_ttl, ..
         } = self.decide(caller, &lease.path, Capability::Read)
         else {
+            // The grant is gone: the lease ends now, not at its expiry.
+            self.end_forbidden_lease(&lease).await?;
             return Err(BrokerError::PermissionDenied(format!(
-                "no policy lets this identity read {} any more",
+                "no policy lets this identity read {} any more; lease {lease_id} has ended",
                 lease.path
             )));
         };

@@ -7,13 +7,13 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use keyhaven_hsm::KekId;
-use secrecy::{ExposeSecret, SecretString};
 use zeroize::Zeroizing;
 
 use crate::audit::now_ms;
 use crate::audit::writer::{AuditWriter, Committed, WriterMetrics};
 use crate::audit::{AuditEvent, AuditRecord, EventKind, JsonlSink, Outcome};
-use crate::auth::{AuthError, TokenReviewer, Verifier};
+use crate::auth::Authenticator;
+pub use crate::auth::Caller;
 use crate::crypto::{CryptoError, Envelope, SecretData};
 use crate::identity::Identity;
 use crate::policy::{validate_secret_path, Capability, Decision, PolicySet};
@@ -24,19 +24,14 @@ mod authn;
 mod error;
 mod health;
 mod leases;
+mod policy_sync;
+mod replicas;
 pub mod rotation;
 
-pub use admin::KekStatus;
+pub use admin::{KekStatus, PolicyApply};
 pub use error::{BrokerError, Result};
-
-/// Who is calling, once authenticated.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Caller {
-    /// A workload (or an operator's service account) with a verified token.
-    Workload(Identity),
-    /// The bootstrap admin credential: every admin capability, for first setup.
-    BootstrapAdmin,
-}
+pub use policy_sync::{spawn_policy_watch, POLICY_BOUND, POLICY_POLL, REVOKED_BY_POLICY};
+pub use replicas::{spawn_heartbeat, ReplicaStatus, HEARTBEAT_EVERY, HEARTBEAT_STALE};
 
 /// A verified caller whose authentication record is still to be written — with the
 /// request's own record ([`Broker::authenticate_deferred`]).
@@ -45,21 +40,6 @@ pub struct Authenticated {
     /// Who is calling.
     pub caller: Caller,
     audit: Option<AuditEvent>,
-}
-
-impl Caller {
-    fn audit_name(&self) -> String {
-        match self {
-            Caller::Workload(i) => i.subject(),
-            Caller::BootstrapAdmin => "bootstrap-admin".into(),
-        }
-    }
-    fn pod(&self) -> Option<String> {
-        match self {
-            Caller::Workload(i) => i.pod_name.clone(),
-            Caller::BootstrapAdmin => None,
-        }
-    }
 }
 
 /// A granted lease, as returned to the workload.
@@ -123,26 +103,26 @@ pub struct Broker {
     /// The store's reads on the Lease/Renew/Revoke path, on kept connections.
     reads: crate::store::HotReads,
     envelope: Envelope,
-    verifier: Arc<Verifier>,
-    dev_verifier: Option<Arc<Verifier>>,
-    /// TokenReview mode: every locally verified workload token is also reviewed here.
-    token_review: Option<Arc<TokenReviewer>>,
-    bootstrap: Option<SecretString>,
-    policies: RwLock<PolicySet>,
+    authenticator: Authenticator,
+    policies: RwLock<policy_sync::LoadedPolicies>,
+    /// When the loaded policy generation was last confirmed current (Unix ms).
+    policy_confirmed_ms: std::sync::atomic::AtomicI64,
     audit_file: Arc<Mutex<Option<JsonlSink>>>,
     audit_writer: AuditWriter,
     kek: RwLock<Option<KekId>>,
     config: BrokerConfig,
     metrics: crate::metrics::Metrics,
-    /// This replica's name in the re-wrap batch log (host name and process id).
+    /// This replica's name in the re-wrap batch log and the registry (host name and pid).
     replica: String,
+    /// When this replica started (Unix ms).
+    started_ms: i64,
 }
 
 impl std::fmt::Debug for Broker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Broker")
             .field("store", &self.store.kind())
-            .field("dev_mode", &self.dev_verifier.is_some())
+            .field("dev_mode", &self.authenticator.dev_mode())
             .finish_non_exhaustive()
     }
 }
@@ -152,11 +132,12 @@ fn to_secs(ms: i64) -> i64 {
 }
 
 impl Broker {
-    /// Assembles a broker. Policies are loaded from the store (none: everything is denied).
+    /// Assembles a broker that admits the callers `authenticator` accepts. Policies are loaded
+    /// from the store (none: everything is denied).
     pub async fn new(
         store: Store,
         mut envelope: Envelope,
-        verifier: Arc<Verifier>,
+        authenticator: Authenticator,
         config: BrokerConfig,
     ) -> Result<Broker> {
         let metrics = crate::metrics::Metrics::new();
@@ -169,11 +150,9 @@ impl Broker {
             store,
             reads,
             envelope,
-            verifier,
-            dev_verifier: None,
-            token_review: None,
-            bootstrap: None,
-            policies: RwLock::new(PolicySet::default()),
+            authenticator,
+            policies: RwLock::default(),
+            policy_confirmed_ms: std::sync::atomic::AtomicI64::new(0),
             audit_file: audit_file.clone(),
             audit_writer: AuditWriter::spawn(
                 store_for_audit,
@@ -187,34 +166,11 @@ impl Broker {
             config,
             metrics,
             replica: crate::rotation::replica_name(),
+            started_ms: now_ms(),
         };
         b.reload_policies().await?;
         b.refresh_kek().await?;
         Ok(b)
-    }
-
-    /// Also trusts dev-mode tokens (`brokerctl dev-token`). For demos and tests only.
-    pub fn with_dev_verifier(mut self, v: Arc<Verifier>) -> Self {
-        tracing::warn!(
-            "DEV MODE: trusting tokens minted with the dev key — never use this in production"
-        );
-        self.dev_verifier = Some(v);
-        self
-    }
-
-    /// TokenReview mode: after a workload token verifies locally, also ask the apiserver
-    /// (through `reviewer`, which caches verdicts for seconds) and refuse it unless the
-    /// apiserver agrees: `token_review_denied` (UNAUTHENTICATED) or `token_review_unavailable`
-    /// (UNAVAILABLE), audited like other authentication failures.
-    pub fn with_token_review(mut self, reviewer: Arc<TokenReviewer>) -> Self {
-        self.token_review = Some(reviewer);
-        self
-    }
-
-    /// Accepts this bootstrap admin credential (read from a file by the binary).
-    pub fn with_bootstrap_admin(mut self, credential: SecretString) -> Self {
-        self.bootstrap = Some(credential);
-        self
     }
 
     /// Also writes every audit record to this JSON-lines file.
@@ -264,19 +220,8 @@ impl Broker {
             .ok_or_else(no_kek)
     }
 
-    /// Re-reads the policies from the store.
-    pub async fn reload_policies(&self) -> Result<()> {
-        let set = match self.store.load_policies().await? {
-            Some(yaml) => PolicySet::from_yaml(&yaml, self.config.max_ttl_cap)
-                .map_err(|e| BrokerError::internal_by("stored policies invalid", e))?,
-            None => PolicySet::default(),
-        };
-        *self.policies.write().unwrap_or_else(|p| p.into_inner()) = set;
-        Ok(())
-    }
-
     /// The current policies, read-locked (evaluated in place: no copy per request).
-    fn policies(&self) -> std::sync::RwLockReadGuard<'_, PolicySet> {
+    fn policies(&self) -> std::sync::RwLockReadGuard<'_, policy_sync::LoadedPolicies> {
         self.policies.read().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -315,6 +260,29 @@ impl Broker {
         Ok(r?)
     }
 
+    /// Runs `f(store)` — a transaction that stores a change together with its audit records
+    /// and gives back `(outcome, records)` — in turn with the audit writer's batches (so the
+    /// JSON-lines file keeps chain order); returns the outcome.
+    async fn commit_change<T, F, Fut>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(Store) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<(T, Vec<AuditRecord>), StoreError>>
+            + Send
+            + 'static,
+    {
+        let store = self.store.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let change: crate::audit::writer::Change = Box::pin(async move {
+            let (outcome, records) = f(store).await?;
+            let _ = tx.send(outcome);
+            Ok(records)
+        });
+        self.audit_writer.change(change).await?;
+        rx.await
+            .map_err(|_| BrokerError::internal("the audit writer lost a change's outcome"))
+    }
+
     fn decide(&self, caller: &Caller, path: &str, cap: Capability) -> Decision {
         match caller {
             Caller::BootstrapAdmin if cap.is_admin() => Decision::Allow {
@@ -323,7 +291,7 @@ impl Broker {
                 policies: vec!["bootstrap-admin".into()],
             },
             Caller::BootstrapAdmin => Decision::Deny,
-            Caller::Workload(id) => self.policies().evaluate(id, path, cap),
+            Caller::Workload(id) => self.policies().set.evaluate(id, path, cap),
         }
     }
 
@@ -400,10 +368,11 @@ impl Broker {
         let allowed = match caller {
             Caller::BootstrapAdmin => true,
             Caller::Workload(id) => {
+                self.fresh_policies().await?;
                 let d = if path.is_empty() {
-                    self.policies().evaluate_global(id, cap)
+                    self.policies().set.evaluate_global(id, cap)
                 } else {
-                    self.policies().evaluate(id, path, cap)
+                    self.policies().set.evaluate(id, path, cap)
                 };
                 d.is_allowed()
             }

@@ -101,6 +101,60 @@ pub(super) fn chain_after(mut head: Checkpoint, events: Vec<AuditEvent>) -> Vec<
         .collect()
 }
 
+/// Runs `$body` with `$tx`, a transaction holding the audit append lock (this store's SQLite
+/// writer lock, or the PostgreSQL advisory lock every replica's appends take), and `$db` the
+/// database type. The body commits; dropping `$tx` rolls back.
+macro_rules! in_audit_tx {
+    ($self:expr, $tx:ident, $db:ident => $body:expr) => {
+        match &$self.pool {
+            Pool::Sqlite(p) => {
+                #[allow(dead_code)]
+                type $db = sqlx::Sqlite;
+                let _g = $self.locks.write.lock().await;
+                // IMMEDIATE takes the write lock up front: a deferred transaction that reads
+                // then writes can fail at once with SQLITE_BUSY under concurrent writers.
+                let mut $tx = p.begin_with("BEGIN IMMEDIATE").await?;
+                $body
+            }
+            Pool::Postgres(p) => {
+                #[allow(dead_code)]
+                type $db = sqlx::Postgres;
+                let mut $tx = p.begin().await?;
+                sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                    .bind(AUDIT_LOCK_KEY)
+                    .execute(&mut *$tx)
+                    .await?;
+                $body
+            }
+        }
+    };
+}
+
+/// Appends `$events` to the audit chain inside `$tx` (see [`in_audit_tx`]): reads the head,
+/// chains after it, inserts. Evaluates to the records.
+macro_rules! append_chain_in {
+    ($tx:ident, $db:ty, $events:expr) => {{
+        let head = match sqlx::query(AUDIT_HEAD_SQL)
+            .fetch_optional(&mut *$tx)
+            .await?
+        {
+            Some(r) => Checkpoint {
+                seq: r.int("seq")?,
+                hash: r.text("hash")?,
+            },
+            None => Checkpoint::genesis(),
+        };
+        let recs = chain_after(head, $events);
+        for chunk in recs.chunks(ROWS_PER_INSERT) {
+            let mut q = sqlx::QueryBuilder::<$db>::new(INSERT_AUDIT);
+            push_audit_values!(q, chunk);
+            // Not cached: each row count is another statement text.
+            q.build().persistent(false).execute(&mut *$tx).await?;
+        }
+        recs
+    }};
+}
+
 /// Adds `AND <the secrets generation is $generation>` to an insert's guard, when given.
 macro_rules! push_generation_guard {
     ($q:expr, $generation:expr) => {
@@ -396,49 +450,18 @@ impl Store {
                         return Err(StoreError::StaleGeneration { current, read });
                     }
                 }
-                let head = match sqlx::query(AUDIT_HEAD_SQL)
-                    .fetch_optional(&mut *$tx)
-                    .await?
-                {
-                    Some(r) => Checkpoint {
-                        seq: r.int("seq")?,
-                        hash: r.text("hash")?,
-                    },
-                    None => Checkpoint::genesis(),
-                };
-                let recs = chain_after(head, events);
                 for chunk in leases.chunks(ROWS_PER_INSERT) {
                     let mut q = sqlx::QueryBuilder::<$db>::new(INSERT_LEASES);
                     push_lease_values!(q, chunk);
                     // Not cached: each row count is another statement text.
                     q.build().persistent(false).execute(&mut *$tx).await?;
                 }
-                for chunk in recs.chunks(ROWS_PER_INSERT) {
-                    let mut q = sqlx::QueryBuilder::<$db>::new(INSERT_AUDIT);
-                    push_audit_values!(q, chunk);
-                    q.build().persistent(false).execute(&mut *$tx).await?;
-                }
+                let recs = append_chain_in!($tx, $db, events);
                 $tx.commit().await?;
                 Ok(recs)
             }};
         }
-        match &self.pool {
-            Pool::Sqlite(p) => {
-                let _g = self.locks.write.lock().await;
-                // IMMEDIATE takes the write lock up front: a deferred transaction that reads
-                // then writes can fail at once with SQLITE_BUSY under concurrent writers.
-                let mut tx = p.begin_with("BEGIN IMMEDIATE").await?;
-                append_in!(tx, sqlx::Sqlite)
-            }
-            Pool::Postgres(p) => {
-                let mut tx = p.begin().await?;
-                sqlx::query("SELECT pg_advisory_xact_lock($1)")
-                    .bind(AUDIT_LOCK_KEY)
-                    .execute(&mut *tx)
-                    .await?;
-                append_in!(tx, sqlx::Postgres)
-            }
-        }
+        in_audit_tx!(self, tx, Db => append_in!(tx, Db))
     }
 
     /// [`Store::append_audit_batch_with`] for a writer that knows where the chain ends: `head`

@@ -28,10 +28,13 @@ macro_rules! on_pool {
 
 #[macro_use]
 mod rows;
+#[macro_use]
 mod audit;
 mod error;
 mod hot_reads;
 mod leases;
+mod policies;
+mod replicas;
 mod rotation;
 mod secrets;
 mod sqlite;
@@ -39,6 +42,8 @@ mod sqlite;
 pub use audit::AuditAppender;
 pub use error::{Result, StoreError};
 pub use hot_reads::{HotReads, REMEMBERED_BYTES, REMEMBERED_MAX_VERSION_BYTES, REMEMBERED_PATHS};
+pub use policies::{PolicyApplied, StoredPolicies};
+pub use replicas::ReplicaRow;
 pub use rotation::{KekUsage, RewrapActivity, RewrapClaim, RewrapRow, Rewrapped, RotationGuard};
 pub use rows::{LeaseFilter, LeaseRow, StoredVersion};
 pub use sqlite::SQLITE_WAL_RESTART_PAGES;

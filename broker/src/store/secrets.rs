@@ -1,4 +1,4 @@
-//! Secret versions (insert, read, list, soft delete, destroy) and the stored policy document.
+//! Secret versions: insert, read, list, soft delete, destroy.
 
 use super::*;
 
@@ -150,23 +150,5 @@ impl Store {
             rows.iter().map(|r| Ok((r.text("kek_id")?, r.int("n")?))).collect::<Result<Vec<_>>>()
         })?;
         Ok(rows)
-    }
-}
-
-impl Store {
-    /// The stored policy document, if any.
-    pub async fn load_policies(&self) -> Result<Option<String>> {
-        let y: Option<String> = on_pool!(self, p => sqlx::query_scalar(
-            "SELECT yaml FROM policies WHERE id = 1").fetch_optional(p).await)?;
-        Ok(y)
-    }
-
-    /// Replaces the stored policy document.
-    pub async fn save_policies(&self, yaml: &str, now_ms: i64) -> Result<()> {
-        on_pool!(self, p => sqlx::query(
-            "INSERT INTO policies (id, yaml, updated_ms) VALUES (1, $1, $2) \
-             ON CONFLICT (id) DO UPDATE SET yaml = excluded.yaml, updated_ms = excluded.updated_ms")
-            .bind(yaml).bind(now_ms).execute(p).await.map(|r| r.rows_affected()))?;
-        Ok(())
     }
 }

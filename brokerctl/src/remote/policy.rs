@@ -23,7 +23,10 @@ pub async fn policy(conn: &ConnArgs, cmd: &PolicyCommand, io: &mut Io<'_>) -> an
             let r = Session::open(conn)
                 .await?
                 .admin
-                .apply_policies(pb::ApplyPoliciesRequest { yaml })
+                .apply_policies(pb::ApplyPoliciesRequest {
+                    yaml,
+                    dry_run: false,
+                })
                 .await
                 .map_err(remote("ApplyPolicies"))?
                 .into_inner();

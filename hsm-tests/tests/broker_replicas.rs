@@ -1,0 +1,374 @@
+//! Several real `broker` processes on one real PostgreSQL (and one on SQLite): a policy change
+//! made through any replica is enforced by every replica within the documented bound, ends
+//! the leases it no longer allows (each with its record, in the change's transaction), and
+//! every replica reports its policy generation in the registry.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use hsm_tests::broker::{authed, broker_keys_init, tls_channel, BrokerProc, BOOTSTRAP};
+use hsm_tests::process::runtime;
+use keyhaven_broker::auth::DevIssuer;
+use keyhaven_broker::service::{POLICY_BOUND, REVOKED_BY_POLICY};
+use keyhaven_broker::store::{ReplicaRow, Store};
+use keyhaven_proto::broker::v1::admin_client::AdminClient;
+use keyhaven_proto::broker::v1::leases_client::LeasesClient;
+use keyhaven_proto::broker::v1::*;
+use testkit::pki::DevPki;
+use testkit::postgres::Postgres;
+use testkit::softhsm::SoftHsm;
+use tonic::transport::Channel;
+use tonic::Code;
+
+const GRANT: &str = r#"
+policies:
+- name: web
+  subjects: [{namespace: shop, serviceaccount: web}]
+  paths: ["shop/*"]
+  capabilities: [read]
+  ttl: 5m
+  max_ttl: 1h
+"#;
+
+/// `shop/web` keeps nothing; `shop/batch` gets `shop/*`.
+const NO_GRANT: &str = r#"
+policies:
+- name: batch
+  subjects: [{namespace: shop, serviceaccount: batch}]
+  paths: ["shop/*"]
+  capabilities: [read]
+  ttl: 5m
+  max_ttl: 1h
+"#;
+
+/// A replica as a workload and an operator reach it.
+struct Replica {
+    admin: AdminClient<Channel>,
+    leases: LeasesClient<Channel>,
+}
+
+impl Replica {
+    async fn connect(b: &BrokerProc, pki: &DevPki) -> Replica {
+        let ch = tls_channel(&b.addr, &pki.ca).await;
+        Replica {
+            admin: AdminClient::new(ch.clone()),
+            leases: LeasesClient::new(ch),
+        }
+    }
+
+    async fn apply(&mut self, yaml: &str, dry_run: bool) -> ApplyPoliciesResponse {
+        self.admin
+            .apply_policies(authed(
+                ApplyPoliciesRequest {
+                    yaml: yaml.into(),
+                    dry_run,
+                },
+                BOOTSTRAP,
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    async fn put(&mut self, path: &str) {
+        self.admin
+            .put_secret(authed(
+                PutSecretRequest {
+                    path: path.into(),
+                    data: [("password".to_string(), b"s3cret-value".to_vec())].into(),
+                },
+                BOOTSTRAP,
+            ))
+            .await
+            .unwrap();
+    }
+
+    async fn lease(&mut self, token: &str, path: &str) -> Result<LeaseResponse, tonic::Status> {
+        self.leases
+            .lease(authed(
+                LeaseRequest {
+                    path: path.into(),
+                    ttl_seconds: 0,
+                },
+                token,
+            ))
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    async fn renew(&mut self, token: &str, id: &str) -> Result<RenewResponse, tonic::Status> {
+        self.leases
+            .renew(authed(
+                RenewRequest {
+                    lease_id: id.into(),
+                    increment_seconds: 0,
+                },
+                token,
+            ))
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    async fn lease_info(&mut self, id: &str) -> LeaseInfo {
+        let mut l = self
+            .admin
+            .list_leases(authed(
+                ListLeasesRequest {
+                    selector: Some(LeaseSelector {
+                        lease_id: id.into(),
+                        ..Default::default()
+                    }),
+                    include_ended: true,
+                },
+                BOOTSTRAP,
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .leases;
+        assert_eq!(l.len(), 1, "{l:?}");
+        l.remove(0)
+    }
+
+    async fn replicas(&mut self) -> ListReplicasResponse {
+        self.admin
+            .list_replicas(authed(ListReplicasRequest {}, BOOTSTRAP))
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    async fn audit_verifies(&mut self) {
+        let v = self
+            .admin
+            .audit_verify(authed(AuditVerifyRequest::default(), BOOTSTRAP))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(v.ok, "{v:?}");
+    }
+}
+
+fn ids(leases: &[LeaseInfo]) -> Vec<String> {
+    let mut v: Vec<String> = leases.iter().map(|l| l.lease_id.clone()).collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_policy_change_on_one_replica_holds_on_every_replica_and_ends_the_leases_it_forbids() {
+    let pg = Postgres::start().unwrap();
+    let hsm = SoftHsm::new().unwrap();
+    broker_keys_init(&hsm);
+    let pki = DevPki::write(hsm.dir()).unwrap();
+    let a = BrokerProc::start_on(&hsm, &pki, &pg.url(), &[]);
+    let b = BrokerProc::start_on(&hsm, &pki, &pg.url(), &[]);
+    let rt = runtime();
+    let dev = DevIssuer::load_or_generate(&hsm.dir().join("dev.pem")).unwrap();
+    let web = dev
+        .mint("shop", "web", Some("web-0"), Duration::from_secs(600))
+        .unwrap();
+    let batch = dev
+        .mint("shop", "batch", Some("batch-0"), Duration::from_secs(600))
+        .unwrap();
+
+    let (mut ra, mut rb) = rt.block_on(async {
+        let mut ra = Replica::connect(&a, &pki).await;
+        let rb = Replica::connect(&b, &pki).await;
+        let applied = ra.apply(GRANT, false).await;
+        assert_eq!(applied.generation, 1);
+        assert!(applied.ended.is_empty());
+        ra.put("shop/db").await;
+        (ra, rb)
+    });
+    // A replica started after the apply enforces it from its first request.
+    let c = BrokerProc::start_on(&hsm, &pki, &pg.url(), &[]);
+    rt.block_on(async {
+        let mut rc = Replica::connect(&c, &pki).await;
+        // B, started before, within the bound.
+        tokio::time::sleep(POLICY_BOUND).await;
+        let on_b = rb
+            .lease(&web, "shop/db")
+            .await
+            .unwrap_or_else(|e| panic!("{e:?}\n{}", b.log_text()));
+        let on_c = rc.lease(&web, "shop/db").await.unwrap();
+        assert_eq!(on_c.data["password"], b"s3cret-value");
+        let batch_lease = rc.lease(&batch, "shop/db").await.unwrap_err();
+        assert_eq!(batch_lease.code(), Code::PermissionDenied);
+
+        // Dry run: lists the leases the new set would end, changes nothing.
+        let plan = ra.apply(NO_GRANT, true).await;
+        assert_eq!(plan.generation, 1);
+        let mut expected = vec![on_b.lease_id.clone(), on_c.lease_id.clone()];
+        expected.sort();
+        assert_eq!(ids(&plan.ended), expected);
+        tokio::time::sleep(POLICY_BOUND).await;
+        rb.renew(&web, &on_b.lease_id).await.unwrap();
+        assert_eq!(rc.lease_info(&on_c.lease_id).await.ended_unix_ms, 0);
+
+        // The change, through A: both leases end with it.
+        let applied = ra.apply(NO_GRANT, false).await;
+        assert_eq!(applied.generation, 2);
+        assert_eq!(ids(&applied.ended), expected);
+        for id in &expected {
+            let l = rb.lease_info(id).await;
+            assert_ne!(l.ended_unix_ms, 0, "{l:?}");
+            assert_eq!(l.end_reason, REVOKED_BY_POLICY);
+        }
+        // Once the bound has passed, B and C refuse web and grant batch.
+        tokio::time::sleep(POLICY_BOUND).await;
+        for r in [&mut rb, &mut rc] {
+            let e = r.lease(&web, "shop/db").await.unwrap_err();
+            assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+            r.lease(&batch, "shop/db").await.unwrap();
+        }
+        // An ended lease stays ended, even when the grant comes back.
+        let e = rb.renew(&web, &on_b.lease_id).await.unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        assert_eq!(ra.apply(GRANT, false).await.generation, 3);
+        tokio::time::sleep(POLICY_BOUND).await;
+        let e = rc.renew(&web, &on_c.lease_id).await.unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        rc.lease(&web, "shop/db").await.unwrap();
+
+        // Every replica reports the stored generation (after a heartbeat).
+        tokio::time::sleep(keyhaven_broker::service::HEARTBEAT_EVERY * 2).await;
+        let list = rc.replicas().await;
+        assert_eq!(list.policy_generation, 3);
+        assert_eq!(list.policy_bound_ms, POLICY_BOUND.as_millis() as i64);
+        assert_eq!(list.replicas.len(), 3, "{list:?}");
+        for r in &list.replicas {
+            assert_eq!(r.policy_generation, 3, "{r:?}");
+            assert!(!r.stale, "{r:?}");
+            assert_eq!(r.primary_kek_id.len(), 32, "{r:?}");
+        }
+        for p in [a.pid(), b.pid(), c.pid()] {
+            assert!(
+                list.replicas
+                    .iter()
+                    .any(|r| r.name.ends_with(&format!("/{p}"))),
+                "no row for pid {p}: {list:?}"
+            );
+        }
+        // A replica silent for longer than the stale bound is shown as stale.
+        let store = Store::connect(&pg.url()).await.unwrap();
+        let now = keyhaven_broker::audit::now_ms();
+        store
+            .heartbeat(&ReplicaRow {
+                name: "gone-host/1".into(),
+                version: "0.0.0".into(),
+                started_ms: now - 120_000,
+                heartbeat_ms: now - 60_000,
+                policy_generation: 1,
+                primary_kek: None,
+            })
+            .await
+            .unwrap();
+        let list = ra.replicas().await;
+        let gone = list
+            .replicas
+            .iter()
+            .find(|r| r.name == "gone-host/1")
+            .unwrap();
+        assert!(gone.stale);
+
+        for r in [&mut ra, &mut rb, &mut rc] {
+            r.audit_verifies().await;
+        }
+    });
+    drop((a, b, c));
+}
+
+/// Writes `yaml` as the policy set behind the brokers' backs (as a replica that crashed after
+/// its apply committed leaves it), dated `applied_ms`, ending no lease.
+async fn apply_behind_their_backs(store: &Store, yaml: &str, applied_ms: i64) -> i64 {
+    use keyhaven_broker::audit::{AuditEvent, EventKind, Outcome};
+    let applied = store
+        .apply_policies(yaml, &[], REVOKED_BY_POLICY, applied_ms, |_, _| {
+            vec![AuditEvent::new(
+                applied_ms,
+                EventKind::Admin("policy_apply".into()),
+                Outcome::Ok,
+            )
+            .with_identity("test")]
+        })
+        .await
+        .unwrap();
+    assert!(applied.ended.is_empty());
+    applied.generation
+}
+
+/// A replica that reloads a new set ends the leases it forbids that were granted shortly
+/// before it (its sweep), and a renewal refused for lack of a grant ends its lease. One
+/// replica on SQLite.
+#[test]
+fn a_replica_that_reloads_ends_the_leases_the_new_set_forbids() {
+    let hsm = SoftHsm::new().unwrap();
+    broker_keys_init(&hsm);
+    let pki = DevPki::write(hsm.dir()).unwrap();
+    let b = BrokerProc::start(&hsm, &pki, &[]);
+    let url = format!("sqlite://{}", hsm.dir().join("broker.db").display());
+    let rt = runtime();
+    let dev = DevIssuer::load_or_generate(&hsm.dir().join("dev.pem")).unwrap();
+    let web = dev
+        .mint("shop", "web", Some("web-0"), Duration::from_secs(600))
+        .unwrap();
+    rt.block_on(async {
+        let now = keyhaven_broker::audit::now_ms;
+        let mut r = Replica::connect(&b, &pki).await;
+        r.apply(GRANT, false).await;
+        r.put("shop/db").await;
+        let store = Store::connect(&url).await.unwrap();
+
+        // The sweep: a lease granted just before the new set is ended by the replica's
+        // reload, with no call from its holder.
+        let l = r.lease(&web, "shop/db").await.unwrap();
+        assert_eq!(apply_behind_their_backs(&store, NO_GRANT, now()).await, 2);
+        tokio::time::sleep(POLICY_BOUND).await;
+        let info = r.lease_info(&l.lease_id).await;
+        assert_eq!(
+            info.end_reason,
+            REVOKED_BY_POLICY,
+            "{info:?}\n{}",
+            b.log_text()
+        );
+        let e = r.renew(&web, &l.lease_id).await.unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        let e = r.lease(&web, "shop/db").await.unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+        let recs = store.audit_records(0, 10_000).await.unwrap();
+        let ended: Vec<_> = recs
+            .iter()
+            .filter(|r| r.event.lease_id.as_deref() == Some(l.lease_id.as_str()))
+            .filter(|r| r.event.reason.as_deref() == Some(REVOKED_BY_POLICY))
+            .collect();
+        assert_eq!(ended.len(), 1, "{ended:?}");
+        assert_eq!(
+            ended[0].event.identity.as_deref(),
+            Some("shop/web"),
+            "recorded in the holder's name"
+        );
+
+        // The renewal: a set dated a minute ahead leaves this lease outside the sweep's
+        // window, so the refused renewal is what ends it.
+        r.apply(GRANT, false).await;
+        tokio::time::sleep(POLICY_BOUND).await;
+        let l = r.lease(&web, "shop/db").await.unwrap();
+        assert_eq!(
+            apply_behind_their_backs(&store, NO_GRANT, now() + 60_000).await,
+            4
+        );
+        tokio::time::sleep(POLICY_BOUND).await;
+        assert_eq!(
+            r.lease_info(&l.lease_id).await.ended_unix_ms,
+            0,
+            "not swept"
+        );
+        let e = r.renew(&web, &l.lease_id).await.unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+        assert!(e.message().contains("has ended"), "{e:?}");
+        let info = r.lease_info(&l.lease_id).await;
+        assert_eq!(info.end_reason, REVOKED_BY_POLICY, "{info:?}");
+        r.audit_verifies().await;
+    });
+}
