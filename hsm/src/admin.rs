@@ -21,12 +21,8 @@ pub fn init_token(
     user_pin: &SecretString,
 ) -> Result<()> {
     let name = format!("label '{label}'");
-    let ck = |e: CkError, op: Op| classify(&e, op, &name).error;
-    let p = Pkcs11::new(module).map_err(|e| ck(e, Op::Initialize))?;
-    match p.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
-        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
-        Err(e) => return Err(ck(e, Op::Initialize)),
-    }
+    let ck = |e: CkError, op: Op| classify(e, op, &name).error;
+    let p = load(module, &name)?;
     let slots = p
         .get_slots_with_token()
         .map_err(|e| ck(e, Op::OpenSession))?;
@@ -34,7 +30,7 @@ pub fn init_token(
     for slot in slots {
         let info = p.get_token_info(slot).map_err(|e| ck(e, Op::OpenSession))?;
         if info.token_initialized() && info.label().trim_end() == label {
-            return Err(Error::InvalidInput(format!(
+            return Err(Error::invalid_input(format!(
                 "a token labelled '{label}' already exists"
             )));
         }
@@ -67,4 +63,21 @@ pub fn init_token(
     session.init_pin(user_pin).map_err(|e| ck(e, Op::Login))?;
     session.logout().map_err(|e| ck(e, Op::Login))?;
     Ok(())
+}
+
+/// Loads `module` and initialises it for this process (`CKR_CRYPTOKI_ALREADY_INITIALIZED`
+/// is fine: another handle of the process got there first).
+fn load(module: &Path, token: &str) -> Result<Pkcs11> {
+    let p = Pkcs11::new(module).map_err(|e| cannot_load(module, e))?;
+    match p.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => Ok(p),
+        Err(e) => Err(classify(e, Op::Initialize, token).error),
+    }
+}
+
+fn cannot_load(module: &Path, e: CkError) -> Error {
+    Error::config_by(
+        format!("cannot load the PKCS#11 module {}", module.display()),
+        e,
+    )
 }
