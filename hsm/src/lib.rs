@@ -10,12 +10,17 @@
 //!
 //! It is not a general PKCS#11 wrapper: no asymmetric keys, no key export.
 //!
+//! With the `cli` feature, `cli::HsmAccessArgs` is the one definition of the module, token and
+//! PIN flags of the binaries.
+//!
 //! [`Keystore`] is the async face (calls run on tokio's blocking pool, bounded by the
 //! session-pool size); [`BlockingKeystore`] is the same thing for threads and CLIs.
 #![forbid(unsafe_code)]
 
 mod admin;
 mod classify;
+#[cfg(feature = "cli")]
+pub mod cli;
 mod config;
 mod error;
 mod kek;
