@@ -28,7 +28,7 @@ mod keystore;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use admin::init_token;
+pub use admin::{init_token, token_serial};
 pub use config::{Config, PinSource, RecoveryPolicy, TokenSelector};
 pub use error::Op;
 pub use error::{Cause, Error, ErrorKind, Result};
