@@ -113,8 +113,8 @@ pub enum CryptoError {
         /// Version.
         version: i64,
     },
-    /// The HSM failed (unavailable, KEK missing...).
-    #[error("HSM: {0}")]
+    /// The HSM failed (unavailable, KEK missing...); the HSM error is the `source`.
+    #[error("HSM")]
     Hsm(#[from] keyhaven_hsm::Error),
     /// No KEK to wrap new DEKs with.
     #[error("no broker KEK on the HSM token")]

@@ -251,7 +251,7 @@ pub async fn assemble(args: &ServeArgs) -> Result<Arc<Broker>, ServeError> {
     cfg.kek_label_prefix = args.kek_label_prefix.clone();
     let ks = keyhaven_hsm::Keystore::open(cfg)
         .await
-        .map_err(|e| ServeError::Start(format!("HSM: {e}")))?;
+        .map_err(|e| ServeError::Start(format!("HSM: {}", e.chain())))?;
     let envelope = Envelope::new(ks, DekCache::new(10_000, Duration::from_secs(300)));
 
     let dev = if args.dev {
@@ -443,7 +443,7 @@ pub async fn serve(
             loop {
                 let Some(b) = b.upgrade() else { return };
                 if let Err(e) = b.auto_rotate().await {
-                    tracing::warn!(error = %e, "automatic KEK rotation check failed");
+                    tracing::warn!(error = %e.chain(), "automatic KEK rotation check failed");
                 }
                 // Each pass re-reads the KEK list (adopting a new primary) before looking for
                 // work; concurrent passes take disjoint rows (SKIP LOCKED).
@@ -455,7 +455,7 @@ pub async fn serve(
                 drop(b);
                 while let Some(r) = passes.join_next().await {
                     if let Ok(Err(e)) = r {
-                        tracing::warn!(error = %e, "re-wrap pass failed; it resumes at the next one");
+                        tracing::warn!(error = %e.chain(), "re-wrap pass failed; it resumes at the next one");
                     }
                 }
                 tokio::time::sleep(every).await;

@@ -14,8 +14,6 @@ use keyhaven_broker_core::audit::Checkpoint;
 
 /// Default broker address.
 pub const DEFAULT_ADDR: &str = "https://127.0.0.1:8443";
-/// Default PKCS#11 module (Debian's SoftHSM2).
-pub const DEFAULT_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 /// Default label prefix of the broker's KEKs.
 pub const DEFAULT_KEK_PREFIX: &str = "keyhaven-broker-";
 /// Default dev-issuer key file shared with a `--dev` broker.
@@ -469,28 +467,13 @@ pub struct RetireArgs {
     pub yes: bool,
 }
 
-/// How to reach the HSM (`keys init`), as the broker and kms-plugin take it.
+/// How to reach the HSM (`keys init`): the flags kms-plugin takes too, and the broker's KEK
+/// label prefix.
 #[derive(Debug, Clone, Args)]
 pub struct HsmArgs {
-    /// Path of the PKCS#11 module.
-    #[arg(long, env = "KEYHAVEN_PKCS11_MODULE", default_value = DEFAULT_MODULE)]
-    pub pkcs11_module: PathBuf,
-    /// Label of the token holding the KEKs.
-    #[arg(
-        long,
-        env = "KEYHAVEN_TOKEN_LABEL",
-        required_unless_present = "token_serial"
-    )]
-    pub token_label: Option<String>,
-    /// Serial number of the token (instead of its label).
-    #[arg(long, env = "KEYHAVEN_TOKEN_SERIAL", conflicts_with = "token_label")]
-    pub token_serial: Option<String>,
-    /// File holding the user PIN.
-    #[arg(long, env = "KEYHAVEN_PIN_FILE", required_unless_present = "pin_env")]
-    pub pin_file: Option<PathBuf>,
-    /// Name of an environment variable holding the user PIN.
-    #[arg(long, env = "KEYHAVEN_PIN_ENV", conflicts_with = "pin_file")]
-    pub pin_env: Option<String>,
+    /// Module, token and PIN.
+    #[command(flatten)]
+    pub access: keyhaven_hsm::cli::HsmAccessArgs,
     /// Label prefix of the broker's KEKs (must match the broker's).
     #[arg(long, env = "KEYHAVEN_KEK_LABEL_PREFIX", default_value = DEFAULT_KEK_PREFIX)]
     pub kek_label_prefix: String,
@@ -499,20 +482,7 @@ pub struct HsmArgs {
 impl HsmArgs {
     /// The keystore configuration these flags describe (one session is enough here).
     pub fn config(&self) -> keyhaven_hsm::Config {
-        use keyhaven_hsm::{Config, PinSource, TokenSelector};
-        let token = match (&self.token_label, &self.token_serial) {
-            (_, Some(s)) => TokenSelector::Serial(s.clone()),
-            (Some(l), None) => TokenSelector::Label(l.clone()),
-            // clap requires one of them.
-            (None, None) => TokenSelector::Label(String::new()),
-        };
-        let pin = match (&self.pin_file, &self.pin_env) {
-            (_, Some(v)) => PinSource::Env(v.clone()),
-            (Some(f), None) => PinSource::File(f.clone()),
-            // clap requires one of them.
-            (None, None) => PinSource::Env("KEYHAVEN_PIN".into()),
-        };
-        let mut cfg = Config::new(&self.pkcs11_module, token, pin);
+        let mut cfg = self.access.config();
         cfg.pool_size = 1;
         cfg.kek_label_prefix = self.kek_label_prefix.clone();
         cfg

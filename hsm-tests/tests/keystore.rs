@@ -222,7 +222,8 @@ fn pin_from_environment_and_token_by_serial() {
     cfg.token = TokenSelector::Label("no-such-token".into());
     let e = BlockingKeystore::open(cfg).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Unavailable);
-    assert!(e.to_string().contains("no-such-token"), "{e}");
+    // The message says what; the cause under it names the token as configured.
+    assert!(e.chain().contains("no-such-token"), "{}", e.chain());
 
     let mut cfg = hsm.config();
     cfg.pin = PinSource::File(hsm.dir().join("missing.pin"));

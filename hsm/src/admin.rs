@@ -1,5 +1,6 @@
 //! Token administration for development and tests (SoftHSM2): initialise a token in a free
-//! slot. Production HSMs are initialised with their vendor's tools.
+//! slot, read a token's serial number. Production HSMs are initialised with their vendor's
+//! tools.
 
 use std::path::Path;
 
@@ -21,12 +22,8 @@ pub fn init_token(
     user_pin: &SecretString,
 ) -> Result<()> {
     let name = format!("label '{label}'");
-    let ck = |e: CkError, op: Op| classify(&e, op, &name).error;
-    let p = Pkcs11::new(module).map_err(|e| ck(e, Op::Initialize))?;
-    match p.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
-        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
-        Err(e) => return Err(ck(e, Op::Initialize)),
-    }
+    let ck = |e: CkError, op: Op| classify(e, op, &name).error;
+    let p = load(module, &name)?;
     let slots = p
         .get_slots_with_token()
         .map_err(|e| ck(e, Op::OpenSession))?;
@@ -34,7 +31,7 @@ pub fn init_token(
     for slot in slots {
         let info = p.get_token_info(slot).map_err(|e| ck(e, Op::OpenSession))?;
         if info.token_initialized() && info.label().trim_end() == label {
-            return Err(Error::InvalidInput(format!(
+            return Err(Error::invalid_input(format!(
                 "a token labelled '{label}' already exists"
             )));
         }
@@ -67,4 +64,55 @@ pub fn init_token(
     session.init_pin(user_pin).map_err(|e| ck(e, Op::Login))?;
     session.logout().map_err(|e| ck(e, Op::Login))?;
     Ok(())
+}
+
+/// The serial number of the initialised token labelled `label`, as the module reports it
+/// (`CK_TOKEN_INFO.serialNumber`, padding trimmed).
+///
+/// If the module was not initialised in this process, it is initialised for the lookup and
+/// finalised again, so the process is left as it was. SoftHSM2 reads `SOFTHSM2_CONF` at
+/// that initialisation: the answer comes from the token directory that variable names then.
+pub fn token_serial(module: &Path, label: &str) -> Result<String> {
+    let name = format!("label '{label}'");
+    let p = Pkcs11::new(module).map_err(|e| cannot_load(module, e))?;
+    let ours = match p.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) => true,
+        Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => false,
+        Err(e) => return Err(classify(e, Op::Initialize, &name).error),
+    };
+    let serial = find_serial(&p, label, &name);
+    if ours {
+        if let Err(e) = p.finalize() {
+            tracing::debug!(error = %e, "C_Finalize after reading a token serial failed");
+        }
+    }
+    serial
+}
+
+fn find_serial(p: &Pkcs11, label: &str, name: &str) -> Result<String> {
+    let ck = |e: CkError| classify(e, Op::OpenSession, name).error;
+    for slot in p.get_slots_with_token().map_err(ck)? {
+        let info = p.get_token_info(slot).map_err(ck)?;
+        if info.token_initialized() && info.label().trim_end() == label {
+            return Ok(info.serial_number().trim().to_owned());
+        }
+    }
+    Err(Error::KeyNotFound(format!("token {name}")))
+}
+
+/// Loads `module` and initialises it for this process (`CKR_CRYPTOKI_ALREADY_INITIALIZED`
+/// is fine: another handle of the process got there first).
+fn load(module: &Path, token: &str) -> Result<Pkcs11> {
+    let p = Pkcs11::new(module).map_err(|e| cannot_load(module, e))?;
+    match p.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => Ok(p),
+        Err(e) => Err(classify(e, Op::Initialize, token).error),
+    }
+}
+
+fn cannot_load(module: &Path, e: CkError) -> Error {
+    Error::config_by(
+        format!("cannot load the PKCS#11 module {}", module.display()),
+        e,
+    )
 }

@@ -3,7 +3,7 @@
 
 use cryptoki::error::{Error as CkError, RvError};
 
-use crate::error::{Error, Op};
+use crate::error::{Cause, Error, Op};
 
 /// What the session pool must do before the operation can be tried again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -31,21 +31,25 @@ pub(crate) struct Classified {
 }
 
 /// Classifies a `cryptoki` error raised during `op`. `token` names the token for PIN errors.
-pub(crate) fn classify(err: &CkError, op: Op, token: &str) -> Classified {
-    let rv = match err {
-        CkError::Pkcs11(rv, _) => *rv,
-        CkError::LibraryLoading(e) => {
-            return plain(Error::Config(format!("cannot load PKCS#11 module: {e}")))
-        }
+/// The error keeps `err` as its [`Cause`] (see [`Error::source`](std::error::Error::source)).
+pub(crate) fn classify(err: CkError, op: Op, token: &str) -> Classified {
+    let mut c = match &err {
+        CkError::Pkcs11(rv, _) => classify_rv(*rv, op, token),
+        CkError::LibraryLoading(_) => plain(Error::config("cannot load the PKCS#11 module")),
         CkError::NullFunctionPointer | CkError::MissingSymbol(_) | CkError::NotSupported => {
-            return plain(Error::UnsupportedMechanism {
+            plain(Error::UnsupportedMechanism {
                 op,
-                reason: err.to_string(),
+                what: "function not provided by the PKCS#11 module",
+                cause: None,
             })
         }
-        other => return plain(Error::internal(op, other.to_string())),
+        _ => plain(Error::internal(
+            op,
+            "unexpected failure in the PKCS#11 layer",
+        )),
     };
-    classify_rv(rv, op, token)
+    c.error = c.error.with_cause(Cause::from(err));
+    c
 }
 
 fn plain(error: Error) -> Classified {
@@ -56,18 +60,21 @@ fn plain(error: Error) -> Classified {
     }
 }
 
-fn unavailable(op: Op, rv: RvError, recovery: Recovery) -> Classified {
+fn unavailable(op: Op, what: &'static str, recovery: Recovery) -> Classified {
     Classified {
-        error: Error::unavailable(op, rv_name(rv)),
+        error: Error::unavailable(op, what),
         recovery,
         ambiguous_decrypt_failure: false,
     }
 }
 
-pub(crate) fn classify_rv(rv: RvError, op: Op, token: &str) -> Classified {
+/// The error kind and recovery a return value means; the caller attaches the cause.
+fn classify_rv(rv: RvError, op: Op, token: &str) -> Classified {
     use RvError as R;
     match rv {
-        R::CryptokiNotInitialized => unavailable(op, rv, Recovery::Reinitialize),
+        R::CryptokiNotInitialized => {
+            unavailable(op, "PKCS#11 module not initialised", Recovery::Reinitialize)
+        }
         R::SessionHandleInvalid
         | R::SessionClosed
         | R::DeviceRemoved
@@ -75,13 +82,13 @@ pub(crate) fn classify_rv(rv: RvError, op: Op, token: &str) -> Classified {
         | R::DeviceMemory
         | R::TokenNotPresent
         | R::TokenNotRecognized
-        | R::SlotIdInvalid => unavailable(op, rv, Recovery::Reopen),
-        R::UserNotLoggedIn => unavailable(op, rv, Recovery::Relogin),
+        | R::SlotIdInvalid => unavailable(op, "session, device or token lost", Recovery::Reopen),
+        R::UserNotLoggedIn => unavailable(op, "token logged out", Recovery::Relogin),
         R::KeyHandleInvalid | R::ObjectHandleInvalid => {
-            unavailable(op, rv, Recovery::RefreshHandles)
+            unavailable(op, "stale object handle", Recovery::RefreshHandles)
         }
         R::FunctionCanceled | R::HostMemory | R::FunctionFailed | R::CantLock | R::SessionCount => {
-            unavailable(op, rv, Recovery::None)
+            unavailable(op, "the HSM could not serve the call", Recovery::None)
         }
         R::EncryptedDataInvalid | R::EncryptedDataLenRange if op == Op::Decrypt => {
             plain(Error::InvalidCiphertext)
@@ -91,7 +98,7 @@ pub(crate) fn classify_rv(rv: RvError, op: Op, token: &str) -> Classified {
             recovery: Recovery::None,
             ambiguous_decrypt_failure: true,
         },
-        R::GeneralError => unavailable(op, rv, Recovery::Reopen),
+        R::GeneralError => unavailable(op, "general error in the HSM", Recovery::Reopen),
         R::PinIncorrect | R::PinInvalid | R::PinLenRange => plain(Error::PinIncorrect {
             token: token.to_owned(),
         }),
@@ -108,27 +115,29 @@ pub(crate) fn classify_rv(rv: RvError, op: Op, token: &str) -> Classified {
         | R::AttributeValueInvalid
         | R::AttributeTypeInvalid => plain(Error::UnsupportedMechanism {
             op,
-            reason: rv_name(rv),
+            what: "mechanism, key type or attribute not supported",
+            cause: None,
         }),
-        R::DataLenRange | R::DataInvalid | R::ArgumentsBad => {
-            plain(Error::InvalidInput(format!("{op}: {}", rv_name(rv))))
-        }
-        _ => plain(Error::internal(op, rv_name(rv))),
+        R::DataLenRange | R::DataInvalid | R::ArgumentsBad => plain(Error::invalid_input(format!(
+            "{op}: the HSM refused the data's size or format"
+        ))),
+        _ => plain(Error::internal(op, "unexpected PKCS#11 return value")),
     }
-}
-
-/// `CKR_*`-style name of a return value, for messages.
-pub(crate) fn rv_name(rv: RvError) -> String {
-    format!("{rv:?}")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::ErrorKind;
+    use cryptoki::context::Function;
+    use std::error::Error as _;
+
+    fn ck(rv: RvError) -> CkError {
+        CkError::Pkcs11(rv, Function::Encrypt)
+    }
 
     fn kind(rv: RvError, op: Op) -> (ErrorKind, Recovery) {
-        let c = classify_rv(rv, op, "t");
+        let c = classify(ck(rv), op, "t");
         (c.error.kind(), c.recovery)
     }
 
@@ -167,7 +176,7 @@ mod tests {
             kind(RvError::EncryptedDataInvalid, Op::Decrypt),
             (ErrorKind::InvalidCiphertext, Recovery::None)
         );
-        let c = classify_rv(RvError::GeneralError, Op::Decrypt, "t");
+        let c = classify(ck(RvError::GeneralError), Op::Decrypt, "t");
         assert_eq!(c.error.kind(), ErrorKind::InvalidCiphertext);
         assert!(c.ambiguous_decrypt_failure);
         assert_eq!(
@@ -183,7 +192,7 @@ mod tests {
             RvError::PinInvalid,
             RvError::PinLenRange,
         ] {
-            let c = classify_rv(rv, Op::Login, "tok");
+            let c = classify(ck(rv), Op::Login, "tok");
             assert_eq!(c.error.kind(), ErrorKind::PinIncorrect);
             assert_eq!(c.recovery, Recovery::None);
             assert!(!c.error.is_retryable());
@@ -204,6 +213,47 @@ mod tests {
         assert_eq!(
             kind(RvError::AttributeSensitive, Op::FindKey).0,
             ErrorKind::Internal
+        );
+    }
+
+    #[test]
+    fn the_message_says_what_and_the_cause_says_which_return_value() {
+        let c = classify(ck(RvError::DeviceError), Op::Encrypt, "t");
+        let e = c.error;
+        assert_eq!(
+            e.to_string(),
+            "HSM unavailable during encrypt: session, device or token lost"
+        );
+        let cause = e.source().expect("a cause");
+        assert_eq!(cause.to_string(), "C_Encrypt returned CKR_DEVICE_ERROR");
+        assert_eq!(
+            e.cause().and_then(Cause::return_value).as_deref(),
+            Some("CKR_DEVICE_ERROR")
+        );
+        // Clone keeps the cause (the pool hands its last error to every waiting call).
+        assert_eq!(
+            e.clone().source().map(|c| c.to_string()),
+            Some(cause.to_string())
+        );
+
+        let e = classify(ck(RvError::DataLenRange), Op::Encrypt, "t").error;
+        assert_eq!(e.kind(), ErrorKind::InvalidInput);
+        assert!(!e.to_string().contains("CKR_"), "{e}");
+        assert!(e.source().is_some());
+    }
+
+    #[test]
+    fn return_value_names_are_the_specs() {
+        use crate::error::ckr_name;
+        assert_eq!(ckr_name(RvError::UserNotLoggedIn), "CKR_USER_NOT_LOGGED_IN");
+        assert_eq!(
+            ckr_name(RvError::CryptokiNotInitialized),
+            "CKR_CRYPTOKI_NOT_INITIALIZED"
+        );
+        assert_eq!(ckr_name(RvError::PinLenRange), "CKR_PIN_LEN_RANGE");
+        assert_eq!(
+            ckr_name(RvError::VendorDefined(0x8000_0001)),
+            "CKR_VENDOR_DEFINED(0x80000001)"
         );
     }
 }

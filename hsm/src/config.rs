@@ -41,15 +41,15 @@ impl PinSource {
     pub fn read(&self) -> Result<SecretString> {
         let raw = match self {
             PinSource::File(path) => std::fs::read_to_string(path).map_err(|e| {
-                Error::Config(format!("cannot read PIN file {}: {e}", path.display()))
+                Error::config_by(format!("cannot read PIN file {}", path.display()), e)
             })?,
             PinSource::Env(var) => std::env::var(var)
-                .map_err(|_| Error::Config(format!("PIN environment variable {var} is not set")))?,
+                .map_err(|_| Error::config(format!("PIN environment variable {var} is not set")))?,
         };
         let secret = SecretString::from(raw);
         let trimmed = secret.expose_secret().trim_end_matches(['\n', '\r']);
         if trimmed.is_empty() {
-            return Err(Error::Config(format!("PIN from {self} is empty")));
+            return Err(Error::config(format!("PIN from {self} is empty")));
         }
         Ok(SecretString::from(trimmed.to_owned()))
     }
@@ -125,13 +125,13 @@ impl Config {
 
     pub(crate) fn validate(&self) -> Result<()> {
         if self.pool_size == 0 {
-            return Err(Error::Config("session pool size must be at least 1".into()));
+            return Err(Error::config("session pool size must be at least 1"));
         }
         if self.kek_label_prefix.is_empty() {
-            return Err(Error::Config("KEK label prefix must not be empty".into()));
+            return Err(Error::config("KEK label prefix must not be empty"));
         }
         if !self.module.exists() {
-            return Err(Error::Config(format!(
+            return Err(Error::config(format!(
                 "PKCS#11 module {} does not exist",
                 self.module.display()
             )));

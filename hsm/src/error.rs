@@ -1,5 +1,12 @@
-//! The one error type of this crate. Messages carry operation names, key labels/ids and
-//! PKCS#11 return-value names — never PINs, plaintexts or key bytes.
+//! The one error type of this crate. An error's message says which operation failed and,
+//! in a few words, what went wrong; the PKCS#11 detail (function and `CKR_*` return value)
+//! is its typed [`Cause`], reachable through [`std::error::Error::source`] for the log.
+//! Neither ever carries a PIN, a plaintext or key bytes.
+
+use std::fmt;
+use std::sync::Arc;
+
+use cryptoki::error::{Error as CkError, RvError};
 
 /// Result alias for this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -8,12 +15,15 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     /// The HSM, token or session is not usable right now; retrying later may succeed.
-    #[error("HSM unavailable during {op}: {reason}")]
+    #[error("HSM unavailable during {op}: {what}")]
     Unavailable {
         /// The operation that failed.
         op: Op,
-        /// What happened (PKCS#11 return value name or a short description).
-        reason: String,
+        /// What happened, in a few fixed words.
+        what: &'static str,
+        /// The underlying failure, for the log.
+        #[source]
+        cause: Option<Cause>,
     },
     /// No KEK with that label or id on the token.
     #[error("key not found: {0}")]
@@ -35,27 +45,142 @@ pub enum Error {
         token: String,
     },
     /// The token does not support a mechanism or parameter we need.
-    #[error("unsupported by the HSM during {op}: {reason}")]
+    #[error("unsupported by the HSM during {op}: {what}")]
     UnsupportedMechanism {
         /// The operation that failed.
         op: Op,
-        /// PKCS#11 return value name.
-        reason: String,
+        /// What happened, in a few fixed words.
+        what: &'static str,
+        /// The underlying failure, for the log.
+        #[source]
+        cause: Option<Cause>,
     },
     /// The caller's input was rejected before or by the HSM (size, format).
-    #[error("invalid input: {0}")]
-    InvalidInput(String),
+    #[error("invalid input: {what}")]
+    InvalidInput {
+        /// What was wrong with it (sizes, labels; never the data).
+        what: String,
+        /// The HSM's answer, when it was the HSM that refused.
+        #[source]
+        cause: Option<Cause>,
+    },
     /// The configuration cannot work (missing PIN file, empty PIN, bad module path...).
-    #[error("configuration error: {0}")]
-    Config(String),
+    #[error("configuration error: {what}")]
+    Config {
+        /// What is wrong (paths and variable names; never a PIN).
+        what: String,
+        /// The underlying failure (an I/O error, the module loader's), for the log.
+        #[source]
+        cause: Option<Cause>,
+    },
     /// Anything else: a bug or an HSM answer we do not understand.
-    #[error("HSM internal error during {op}: {reason}")]
+    #[error("HSM internal error during {op}: {what}")]
     Internal {
         /// The operation that failed.
         op: Op,
-        /// PKCS#11 return value name or a short description.
-        reason: String,
+        /// What happened, in a few fixed words.
+        what: &'static str,
+        /// The underlying failure, for the log.
+        #[source]
+        cause: Option<Cause>,
     },
+}
+
+/// The underlying failure of an [`Error`], kept typed for the log. Shared (`Arc`) so that
+/// [`Error`] stays `Clone` (the pool hands its last reconnect error to every waiting call).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Cause {
+    /// A PKCS#11 function failed (its `CKR_*` return value), or `cryptoki` failed around
+    /// it (loading the module, converting a value).
+    Pkcs11(Arc<CkError>),
+    /// Reading a file (the PIN file).
+    Io(Arc<std::io::Error>),
+    /// The operating system's random number generator.
+    Random(getrandom::Error),
+    /// A blocking task that panicked or was cancelled.
+    Task(Arc<tokio::task::JoinError>),
+    /// No slot holds the configured token (named as configured: label or serial).
+    NoSuchToken(crate::TokenSelector),
+}
+
+impl Cause {
+    /// The `CKR_*` name of the PKCS#11 return value, when the cause is one.
+    pub fn return_value(&self) -> Option<String> {
+        match self {
+            Cause::Pkcs11(e) => match &**e {
+                CkError::Pkcs11(rv, _) => Some(ckr_name(*rv)),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Cause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Cause::Pkcs11(e) => match &**e {
+                CkError::Pkcs11(rv, function) => {
+                    write!(f, "C_{function:?} returned {}", ckr_name(*rv))
+                }
+                other => write!(f, "cryptoki: {other}"),
+            },
+            Cause::Io(e) => write!(f, "{e}"),
+            Cause::Random(e) => write!(f, "OS CSPRNG: {e}"),
+            Cause::Task(e) => write!(f, "blocking task: {e}"),
+            Cause::NoSuchToken(t) => write!(f, "no token with {t} is present"),
+        }
+    }
+}
+
+impl std::error::Error for Cause {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        // Each variant's Display already says what its inner error says.
+        None
+    }
+}
+
+impl From<CkError> for Cause {
+    fn from(e: CkError) -> Self {
+        Cause::Pkcs11(Arc::new(e))
+    }
+}
+
+impl From<std::io::Error> for Cause {
+    fn from(e: std::io::Error) -> Self {
+        Cause::Io(Arc::new(e))
+    }
+}
+
+impl From<getrandom::Error> for Cause {
+    fn from(e: getrandom::Error) -> Self {
+        Cause::Random(e)
+    }
+}
+
+impl From<tokio::task::JoinError> for Cause {
+    fn from(e: tokio::task::JoinError) -> Self {
+        Cause::Task(Arc::new(e))
+    }
+}
+
+/// `CKR_DEVICE_ERROR` for `RvError::DeviceError`: the spec's name, as operators and vendor
+/// documentation spell it.
+pub(crate) fn ckr_name(rv: RvError) -> String {
+    if let RvError::VendorDefined(code) = rv {
+        return format!("CKR_VENDOR_DEFINED({code:#x})");
+    }
+    let camel = format!("{rv:?}");
+    let mut name = String::with_capacity(camel.len() + 12);
+    name.push_str("CKR");
+    for c in camel.chars() {
+        if c.is_ascii_uppercase() {
+            name.push('_');
+        }
+        name.push(c.to_ascii_uppercase());
+    }
+    name
 }
 
 /// The kind of an [`Error`], for matching and for mapping to gRPC codes at the edge.
@@ -91,8 +216,8 @@ impl Error {
             Error::PinIncorrect { .. } => ErrorKind::PinIncorrect,
             Error::PinLocked { .. } => ErrorKind::PinLocked,
             Error::UnsupportedMechanism { .. } => ErrorKind::UnsupportedMechanism,
-            Error::InvalidInput(_) => ErrorKind::InvalidInput,
-            Error::Config(_) => ErrorKind::Config,
+            Error::InvalidInput { .. } => ErrorKind::InvalidInput,
+            Error::Config { .. } => ErrorKind::Config,
             Error::Internal { .. } => ErrorKind::Internal,
         }
     }
@@ -102,17 +227,93 @@ impl Error {
         self.kind() == ErrorKind::Unavailable
     }
 
-    pub(crate) fn unavailable(op: Op, reason: impl Into<String>) -> Self {
+    /// [`Error::Unavailable`] with no underlying error (a timeout, a closed keystore).
+    pub fn unavailable(op: Op, what: &'static str) -> Self {
         Error::Unavailable {
             op,
-            reason: reason.into(),
+            what,
+            cause: None,
         }
     }
 
-    pub(crate) fn internal(op: Op, reason: impl Into<String>) -> Self {
+    /// [`Error::Internal`] with no underlying error.
+    pub(crate) fn internal(op: Op, what: &'static str) -> Self {
         Error::Internal {
             op,
-            reason: reason.into(),
+            what,
+            cause: None,
+        }
+    }
+
+    /// [`Error::Internal`] because of `cause`.
+    pub(crate) fn internal_by(op: Op, what: &'static str, cause: impl Into<Cause>) -> Self {
+        Error::Internal {
+            op,
+            what,
+            cause: Some(cause.into()),
+        }
+    }
+
+    /// [`Error::InvalidInput`] found by our own checks.
+    pub(crate) fn invalid_input(what: impl Into<String>) -> Self {
+        Error::InvalidInput {
+            what: what.into(),
+            cause: None,
+        }
+    }
+
+    /// [`Error::Config`] with no underlying error.
+    pub(crate) fn config(what: impl Into<String>) -> Self {
+        Error::Config {
+            what: what.into(),
+            cause: None,
+        }
+    }
+
+    /// [`Error::Config`] because of `cause`.
+    pub(crate) fn config_by(what: impl Into<String>, cause: impl Into<Cause>) -> Self {
+        Error::Config {
+            what: what.into(),
+            cause: Some(cause.into()),
+        }
+    }
+
+    /// Attaches `cause` to a variant that carries one; other variants are returned as they
+    /// are (a PIN error, invalid ciphertext: their kind says it all).
+    pub(crate) fn with_cause(mut self, c: Cause) -> Self {
+        match &mut self {
+            Error::Unavailable { cause, .. }
+            | Error::UnsupportedMechanism { cause, .. }
+            | Error::InvalidInput { cause, .. }
+            | Error::Config { cause, .. }
+            | Error::Internal { cause, .. } => *cause = Some(c),
+            _ => {}
+        }
+        self
+    }
+
+    /// This error and every cause under it, `: `-separated: for logs and operators, never
+    /// for a remote client (it names `CKR_*` return values and module paths).
+    pub fn chain(&self) -> String {
+        let mut s = self.to_string();
+        let mut next = std::error::Error::source(self);
+        while let Some(e) = next {
+            s.push_str(": ");
+            s.push_str(&e.to_string());
+            next = e.source();
+        }
+        s
+    }
+
+    /// The underlying failure of this error, if there is one (also its `source()`).
+    pub fn cause(&self) -> Option<&Cause> {
+        match self {
+            Error::Unavailable { cause, .. }
+            | Error::UnsupportedMechanism { cause, .. }
+            | Error::InvalidInput { cause, .. }
+            | Error::Config { cause, .. }
+            | Error::Internal { cause, .. } => cause.as_ref(),
+            _ => None,
         }
     }
 }

@@ -10,12 +10,17 @@
 //!
 //! It is not a general PKCS#11 wrapper: no asymmetric keys, no key export.
 //!
+//! With the `cli` feature, `cli::HsmAccessArgs` is the one definition of the module, token and
+//! PIN flags of the binaries.
+//!
 //! [`Keystore`] is the async face (calls run on tokio's blocking pool, bounded by the
 //! session-pool size); [`BlockingKeystore`] is the same thing for threads and CLIs.
 #![forbid(unsafe_code)]
 
 mod admin;
 mod classify;
+#[cfg(feature = "cli")]
+pub mod cli;
 mod config;
 mod error;
 mod kek;
@@ -23,10 +28,10 @@ mod keystore;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use admin::init_token;
+pub use admin::{init_token, token_serial};
 pub use config::{Config, PinSource, RecoveryPolicy, TokenSelector};
 pub use error::Op;
-pub use error::{Error, ErrorKind, Result};
+pub use error::{Cause, Error, ErrorKind, Result};
 pub use kek::KEK_ID_LEN;
 pub use kek::{KekId, KekInfo};
 pub use keystore::{

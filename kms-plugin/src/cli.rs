@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use keyhaven_hsm::{Config, PinSource, TokenSelector};
+use keyhaven_hsm::Config;
 
 use crate::apiserver::KubeArgs;
 use crate::etcd::EtcdArgs;
@@ -180,31 +180,14 @@ pub enum TokenCommand {
     },
 }
 
-/// Default PKCS#11 module (Debian's SoftHSM2).
-pub const DEFAULT_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+pub use keyhaven_hsm::cli::DEFAULT_MODULE;
 
-/// How to reach the HSM.
+/// How to reach the HSM (the flags every binary shares), and this plugin's share of it.
 #[derive(Debug, Clone, Args)]
 pub struct HsmArgs {
-    /// Path of the PKCS#11 module.
-    #[arg(long, env = "KEYHAVEN_PKCS11_MODULE", default_value = DEFAULT_MODULE)]
-    pub pkcs11_module: PathBuf,
-    /// Label of the token holding the KEKs.
-    #[arg(
-        long,
-        env = "KEYHAVEN_TOKEN_LABEL",
-        required_unless_present = "token_serial"
-    )]
-    pub token_label: Option<String>,
-    /// Serial number of the token (instead of its label).
-    #[arg(long, env = "KEYHAVEN_TOKEN_SERIAL", conflicts_with = "token_label")]
-    pub token_serial: Option<String>,
-    /// File holding the user PIN (re-read at every login).
-    #[arg(long, env = "KEYHAVEN_PIN_FILE", required_unless_present = "pin_env")]
-    pub pin_file: Option<PathBuf>,
-    /// Name of an environment variable holding the user PIN.
-    #[arg(long, env = "KEYHAVEN_PIN_ENV", conflicts_with = "pin_file")]
-    pub pin_env: Option<String>,
+    /// Module, token and PIN.
+    #[command(flatten)]
+    pub access: keyhaven_hsm::cli::HsmAccessArgs,
     /// Number of HSM sessions in the pool.
     #[arg(long, env = "KEYHAVEN_SESSION_POOL_SIZE", default_value_t = 8)]
     pub session_pool_size: usize,
@@ -220,17 +203,7 @@ pub struct HsmArgs {
 impl HsmArgs {
     /// The keystore configuration these flags describe.
     pub fn config(&self) -> Config {
-        let token = match (&self.token_label, &self.token_serial) {
-            (_, Some(s)) => TokenSelector::Serial(s.clone()),
-            (Some(l), None) => TokenSelector::Label(l.clone()),
-            (None, None) => TokenSelector::Label(String::new()),
-        };
-        let pin = match (&self.pin_file, &self.pin_env) {
-            (_, Some(v)) => PinSource::Env(v.clone()),
-            (Some(f), None) => PinSource::File(f.clone()),
-            (None, None) => PinSource::Env("KEYHAVEN_PIN".into()),
-        };
-        let mut cfg = Config::new(&self.pkcs11_module, token, pin);
+        let mut cfg = self.access.config();
         cfg.pool_size = self.session_pool_size;
         cfg.kek_label_prefix = self.kek_label_prefix.clone();
         cfg

@@ -21,10 +21,24 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("kms-plugin: {e}");
+            eprintln!("kms-plugin: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and the causes under it that its text does not already say, `: `-separated
+/// (several of our errors repeat their source in their own message).
+fn one_line(e: &anyhow::Error) -> String {
+    let mut s = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+    }
+    s
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {

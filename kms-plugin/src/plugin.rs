@@ -171,10 +171,11 @@ impl Plugin {
         let keks = match self.hsm_call("list", self.keystore.list_keks()).await {
             Ok(r) => r?,
             Err(t) => {
-                return Err(keyhaven_hsm::Error::Unavailable {
-                    op: keyhaven_hsm::Op::FindKey,
-                    reason: format!("no answer within {t:?}"),
-                })
+                tracing::warn!(timeout = ?t, "the HSM did not list the KEKs in time");
+                return Err(keyhaven_hsm::Error::unavailable(
+                    keyhaven_hsm::Op::FindKey,
+                    "no answer within the HSM timeout",
+                ));
             }
         };
         *last = Some(Instant::now());
@@ -210,7 +211,7 @@ impl Plugin {
             }
         }
         if let Err(e) = self.rescan().await {
-            tracing::warn!(error = %e, "KEK rescan failed");
+            tracing::warn!(error = %e.chain(), "KEK rescan failed");
         }
     }
 
@@ -222,8 +223,13 @@ impl Plugin {
             .await
         {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(t) => Err(format!("HSM did not answer within {t:?}")),
+            // The reason goes into Status.healthz (to the apiserver): the error's own words,
+            // never its PKCS#11 cause, which only the log gets.
+            Ok(Err(e)) => Err((e.to_string(), e.chain())),
+            Err(t) => {
+                let reason = format!("HSM did not answer within {t:?}");
+                Err((reason.clone(), reason))
+            }
         };
         let mut h = self.health.write().unwrap_or_else(|p| p.into_inner());
         match result {
@@ -238,9 +244,9 @@ impl Plugin {
                         .unwrap_or_default(),
                 );
             }
-            Err(reason) => {
+            Err((reason, detail)) => {
                 if h.last_failure.is_none() {
-                    tracing::error!(%reason, "HSM self-test failed");
+                    tracing::error!(error = %detail, "HSM self-test failed");
                 }
                 h.last_failure = Some((Instant::now(), reason));
                 self.metrics.self_test_ok.set(0);
@@ -316,7 +322,7 @@ impl Plugin {
                 }
                 let before = p.keyring().primary().map(|k| k.key_id.clone());
                 if let Err(e) = p.rescan().await {
-                    tracing::warn!(error = %e, "KEK rescan failed");
+                    tracing::warn!(error = %e.chain(), "KEK rescan failed");
                 }
                 if before != p.keyring().primary().map(|k| k.key_id.clone()) {
                     // Report on the new primary at once rather than at the next tick.
@@ -329,19 +335,19 @@ impl Plugin {
     async fn encrypt_inner(&self, req: EncryptRequest) -> Result<EncryptResponse, KmsError> {
         let pt = zeroize::Zeroizing::new(req.plaintext);
         if pt.is_empty() {
-            return Err(KmsError::InvalidArgument("plaintext is empty".into()));
+            return Err(KmsError::invalid("plaintext is empty"));
         }
         if pt.len() > envelope::MAX_PLAINTEXT_LEN {
-            return Err(KmsError::InvalidArgument(format!(
+            return Err(KmsError::invalid(format!(
                 "plaintext of {} bytes exceeds the {}-byte limit",
                 pt.len(),
                 envelope::MAX_PLAINTEXT_LEN
             )));
         }
         let ring = self.keyring();
-        let primary = ring.primary().ok_or_else(|| {
-            KmsError::Unavailable("no KEK on the HSM token: run `kms-plugin keys init`".into())
-        })?;
+        let primary = ring
+            .primary()
+            .ok_or_else(|| KmsError::unavailable(crate::error::NO_KEK))?;
         let sealed = match self
             .hsm_call(
                 "encrypt",
@@ -352,9 +358,8 @@ impl Plugin {
         {
             Ok(r) => r.map_err(|e| KmsError::from_hsm(&e, &primary.key_id))?,
             Err(t) => {
-                return Err(KmsError::Unavailable(format!(
-                    "HSM did not answer within {t:?}"
-                )))
+                tracing::warn!(timeout = ?t, "the HSM did not answer in time");
+                return Err(KmsError::unavailable(crate::error::HSM_TIMEOUT));
             }
         };
         primary.metrics.encrypted();
@@ -367,10 +372,10 @@ impl Plugin {
 
     async fn decrypt_inner(&self, req: DecryptRequest) -> Result<DecryptResponse, KmsError> {
         if req.key_id.is_empty() {
-            return Err(KmsError::InvalidArgument("key_id is empty".into()));
+            return Err(KmsError::invalid("key_id is empty"));
         }
         if req.key_id.len() > 1024 {
-            return Err(KmsError::InvalidArgument("key_id longer than 1 KiB".into()));
+            return Err(KmsError::invalid("key_id longer than 1 KiB"));
         }
         envelope::check_annotations(&req.annotations).map_err(bad_envelope)?;
         let (iv, body) = envelope::decode(&req.ciphertext).map_err(bad_envelope)?;
@@ -410,9 +415,8 @@ impl Plugin {
                 return Err(KmsError::from_hsm(&e, &entry.key_id));
             }
             Err(t) => {
-                return Err(KmsError::Unavailable(format!(
-                    "HSM did not answer within {t:?}"
-                )))
+                tracing::warn!(timeout = ?t, "the HSM did not answer in time");
+                return Err(KmsError::unavailable(crate::error::HSM_TIMEOUT));
             }
         };
         entry.metrics.decrypted();
@@ -428,7 +432,7 @@ impl Plugin {
 }
 
 fn bad_envelope(e: EnvelopeError) -> KmsError {
-    KmsError::InvalidArgument(e.to_string())
+    KmsError::invalid(e.to_string())
 }
 
 /// The gRPC face of a [`Plugin`].
@@ -454,10 +458,10 @@ impl KmsService {
             Err(e) => e.code(),
         };
         self.plugin.metrics.request(method, code, t0.elapsed());
-        if let Err(e) = &r {
-            tracing::debug!(method, code = ?code, error = %e, "request failed");
-        }
-        r.map(Response::new).map_err(Status::from)
+        r.map(Response::new).map_err(|e| {
+            let _method = tracing::info_span!("request", method).entered();
+            Status::from(e)
+        })
     }
 }
 

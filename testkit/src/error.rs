@@ -71,6 +71,9 @@ pub enum Error {
     /// A certificate could not be made.
     #[error("certificate generation")]
     Pki(#[from] rcgen::Error),
+    /// A PKCS#11 call (through `keyhaven-hsm`) failed.
+    #[error("PKCS#11")]
+    Hsm(#[from] keyhaven_hsm::Error),
     /// The OS random number generator failed.
     #[error("OS CSPRNG: {0}")]
     Random(getrandom::Error),

@@ -111,35 +111,6 @@ impl SoftHsmDir {
         .map_err(not_installed)
     }
 
-    /// The serial number of the token labelled `label`, as SoftHSM2 reports it.
-    pub fn serial(&self, label: &str) -> Result<String> {
-        let out = run(
-            self.util().arg("--show-slots"),
-            "softhsm2-util --show-slots",
-        )
-        .map_err(not_installed)?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        // Each slot block lists "Label: ..." and "Serial number: ..." for its token.
-        let mut serial = None;
-        let mut current_serial = None;
-        for line in text.lines() {
-            let line = line.trim();
-            if let Some(s) = line.strip_prefix("Serial number:") {
-                current_serial = Some(s.trim().to_owned());
-            }
-            if let Some(l) = line.strip_prefix("Label:") {
-                if l.trim() == label {
-                    serial = current_serial.clone();
-                }
-            }
-        }
-        serial.ok_or_else(|| {
-            Error::Unexpected(format!(
-                "token {label} not listed by softhsm2-util --show-slots:\n{text}"
-            ))
-        })
-    }
-
     fn util(&self) -> Command {
         let mut c = Command::new("softhsm2-util");
         c.env("SOFTHSM2_CONF", &self.conf);
@@ -190,11 +161,14 @@ impl SoftHsm {
         let softhsm = SoftHsmDir::create(&module_path()?, "keyhaven-softhsm-")?;
         let label = crate::random::label("kh-test-")?;
         softhsm.init_token(&label, SO_PIN, USER_PIN)?;
-        let serial = softhsm.serial(&label)?;
         // SoftHSM2 reads this when the module is initialised. Only this token's test uses
         // SoftHSM2 in the process at this point (see PROCESS_TOKEN), so the environment
         // write is not racing another reader of SOFTHSM2_CONF.
         std::env::set_var("SOFTHSM2_CONF", &softhsm.conf);
+        // Through PKCS#11, in this process: the module is not initialised here (the previous
+        // token's drop finalised it), so it reads the variable just set, and `token_serial`
+        // finalises it again after the lookup.
+        let serial = keyhaven_hsm::token_serial(&softhsm.module, &label)?;
         let pin_file = softhsm.dir().join("user.pin");
         write_private(&pin_file, USER_PIN)?;
         Ok(SoftHsm {

@@ -7,7 +7,7 @@ impl BlockingKeystore {
     /// the caller's AAD.
     pub fn encrypt(&self, kek: &KekId, aad: &[u8], plaintext: &[u8]) -> Result<Sealed> {
         if plaintext.len() > MAX_PLAINTEXT_LEN {
-            return Err(Error::InvalidInput(format!(
+            return Err(Error::invalid_input(format!(
                 "plaintext of {} bytes exceeds {MAX_PLAINTEXT_LEN}",
                 plaintext.len()
             )));
@@ -56,7 +56,7 @@ impl BlockingKeystore {
     /// `len` random bytes from the HSM's RNG.
     pub fn random(&self, len: usize) -> Result<Zeroizing<Vec<u8>>> {
         if len > 4096 {
-            return Err(Error::InvalidInput(format!(
+            return Err(Error::invalid_input(format!(
                 "{len} random bytes is too many"
             )));
         }
@@ -94,7 +94,7 @@ impl BlockingKeystore {
 
 pub(super) fn check_aad(aad: &[u8]) -> Result<()> {
     if aad.len() > MAX_AAD_LEN {
-        return Err(Error::InvalidInput(format!(
+        return Err(Error::invalid_input(format!(
             "AAD of {} bytes exceeds {MAX_AAD_LEN}",
             aad.len()
         )));
@@ -109,6 +109,6 @@ pub(super) fn check_aad(aad: &[u8]) -> Result<()> {
 pub(super) fn new_iv() -> Result<[u8; GCM_IV_LEN]> {
     let mut iv = [0u8; GCM_IV_LEN];
     getrandom::fill(&mut iv)
-        .map_err(|e| Error::internal(Op::Encrypt, format!("OS CSPRNG failed: {e}")))?;
+        .map_err(|e| Error::internal_by(Op::Encrypt, "no IV from the OS CSPRNG", e))?;
     Ok(iv)
 }

@@ -29,10 +29,13 @@ impl BlockingKeystore {
                 Ok(*h)
             }
             [] => Err(self.not_found(session, format!("KEK id {id}"))),
-            _ => Err(Failure::Ours(Error::internal(
-                Op::FindKey,
-                format!("several KEKs share id {id}"),
-            ))),
+            _ => {
+                tracing::error!(id = %id, "several KEKs share one CKA_ID");
+                Err(Failure::Ours(Error::internal(
+                    Op::FindKey,
+                    "several KEKs share one id",
+                )))
+            }
         }
     }
 
@@ -146,10 +149,13 @@ impl BlockingKeystore {
             match infos.len() {
                 1 => Ok(infos.remove(0)),
                 0 => Err(self.not_found(s, format!("KEK label '{label}'"))),
-                _ => Err(Failure::Ours(Error::internal(
-                    Op::FindKey,
-                    format!("several KEKs share label '{label}'"),
-                ))),
+                _ => {
+                    tracing::error!(label, "several KEKs share one label");
+                    Err(Failure::Ours(Error::internal(
+                        Op::FindKey,
+                        "several KEKs share one label",
+                    )))
+                }
             }
         })
     }
@@ -196,7 +202,7 @@ impl BlockingKeystore {
     /// label never re-creates an id.
     pub fn generate_kek_with_label(&self, label: &str) -> Result<KekInfo> {
         if !label.starts_with(&self.cfg.kek_label_prefix) {
-            return Err(Error::InvalidInput(format!(
+            return Err(Error::invalid_input(format!(
                 "KEK label '{label}' must start with '{}'",
                 self.cfg.kek_label_prefix
             )));

@@ -21,7 +21,7 @@ impl Keystore {
     pub async fn open(cfg: Config) -> Result<Self> {
         let ks = tokio::task::spawn_blocking(move || BlockingKeystore::open(cfg))
             .await
-            .map_err(|e| Error::internal(Op::Initialize, format!("open task failed: {e}")))??;
+            .map_err(|e| Error::internal_by(Op::Initialize, "open task failed", e))??;
         Ok(Self::from_blocking(ks))
     }
 
@@ -56,7 +56,7 @@ impl Keystore {
             f(&inner)
         })
         .await
-        .map_err(|e| Error::internal(op, format!("blocking task failed: {e}")))?
+        .map_err(|e| Error::internal_by(op, "blocking task failed", e))?
     }
 
     /// See [`BlockingKeystore::list_keks`].

@@ -24,7 +24,7 @@ use zeroize::Zeroizing;
 use crate::classify::{classify, Recovery};
 use crate::config::{Config, TokenSelector};
 use crate::error::Op;
-use crate::error::{Error, Result};
+use crate::error::{Cause, Error, Result};
 use crate::kek::{self, KekId, KekInfo, KEK_ID_LEN};
 
 /// Length of the AES-GCM IV (96 bits).

@@ -19,8 +19,12 @@ impl BlockingKeystore {
     pub fn open(cfg: Config) -> Result<Self> {
         cfg.validate()?;
         let token_name = cfg.token.to_string();
-        let pkcs11 = Pkcs11::new(&cfg.module)
-            .map_err(|e| classify(&e, Op::Initialize, &token_name).error)?;
+        let pkcs11 = Pkcs11::new(&cfg.module).map_err(|e| {
+            Error::config_by(
+                format!("cannot load the PKCS#11 module {}", cfg.module.display()),
+                e,
+            )
+        })?;
         let ks = BlockingKeystore {
             token_name,
             pkcs11,
@@ -87,7 +91,7 @@ impl BlockingKeystore {
             .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
         {
             Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
-            Err(e) => return Err(classify(&e, Op::Initialize, &self.token_name).error),
+            Err(e) => return Err(classify(e, Op::Initialize, &self.token_name).error),
         }
         let slot = match self.find_slot() {
             Ok(slot) => slot,
@@ -101,7 +105,7 @@ impl BlockingKeystore {
                     .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
                 {
                     Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
-                    Err(e) => return Err(classify(&e, Op::Initialize, &self.token_name).error),
+                    Err(e) => return Err(classify(e, Op::Initialize, &self.token_name).error),
                 }
                 self.find_slot()?
             }
@@ -109,7 +113,7 @@ impl BlockingKeystore {
         let session = self
             .pkcs11
             .open_rw_session_no_drop(slot)
-            .map_err(|e| classify(&e, Op::OpenSession, &self.token_name).error)?;
+            .map_err(|e| classify(e, Op::OpenSession, &self.token_name).error)?;
         if let Err(e) = self.login(st, &session) {
             let _ = session.close();
             return Err(e);
@@ -132,15 +136,13 @@ impl BlockingKeystore {
         let slots = self
             .pkcs11
             .get_slots_with_token()
-            .map_err(|e| classify(&e, Op::OpenSession, &self.token_name).error)?;
+            .map_err(|e| classify(e, Op::OpenSession, &self.token_name).error)?;
         slots
             .into_iter()
             .find(|slot| self.token_matches(*slot))
             .ok_or_else(|| {
-                Error::unavailable(
-                    Op::OpenSession,
-                    format!("no token with {} is present", self.cfg.token),
-                )
+                Error::unavailable(Op::OpenSession, "token not present")
+                    .with_cause(Cause::NoSuchToken(self.cfg.token.clone()))
             })
     }
 
@@ -172,7 +174,7 @@ impl BlockingKeystore {
                 Ok(())
             }
             Err(e) => {
-                let c = classify(&e, Op::Login, &self.token_name);
+                let c = classify(e, Op::Login, &self.token_name);
                 if c.error.kind() == crate::ErrorKind::PinIncorrect {
                     tracing::error!(token = %self.token_name, "HSM refused the PIN; not retrying until the PIN source changes");
                     st.failed_pin = Some(pin);
@@ -194,7 +196,7 @@ impl BlockingKeystore {
         match self.connect(st) {
             Ok(()) => Ok(()),
             Err(e) => {
-                tracing::warn!(token = %self.token_name, error = %e, backoff_ms = st.backoff.as_millis() as u64, "HSM reconnect failed");
+                tracing::warn!(token = %self.token_name, error = %e.chain(), backoff_ms = st.backoff.as_millis() as u64, "HSM reconnect failed");
                 st.next_attempt = Some(Instant::now() + st.backoff);
                 st.backoff = (st.backoff * 2).min(self.cfg.recovery.max_backoff);
                 st.last_error = Some(e.clone());
@@ -263,7 +265,7 @@ impl BlockingKeystore {
                         });
                     }
                     Err(e) => {
-                        let c = classify(&e, Op::OpenSession, &self.token_name);
+                        let c = classify(e, Op::OpenSession, &self.token_name);
                         if c.recovery == Recovery::None || Instant::now() >= deadline {
                             return Err(c.error);
                         }
@@ -275,12 +277,15 @@ impl BlockingKeystore {
             }
             let now = Instant::now();
             if now >= deadline {
+                tracing::warn!(
+                    token = %self.token_name,
+                    timeout = ?self.cfg.recovery.checkout_timeout,
+                    pool_size = self.cfg.pool_size,
+                    "no free HSM session within the checkout timeout"
+                );
                 return Err(Error::unavailable(
                     Op::OpenSession,
-                    format!(
-                        "no free HSM session within {:?} (pool size {})",
-                        self.cfg.recovery.checkout_timeout, self.cfg.pool_size
-                    ),
+                    "no free HSM session within the checkout timeout",
                 ));
             }
             st = self
@@ -318,7 +323,7 @@ impl BlockingKeystore {
                 }
                 Err(Failure::Ck(err, op)) => (op, err),
             };
-            let mut c = classify(&err, op, &self.token_name);
+            let mut c = classify(err, op, &self.token_name);
             if c.ambiguous_decrypt_failure {
                 // SoftHSM2 reports a failed tag check as CKR_GENERAL_ERROR. Only call it
                 // invalid ciphertext if the session itself is fine.
@@ -327,14 +332,14 @@ impl BlockingKeystore {
                         self.checkin(checkout);
                         return Err(Error::InvalidCiphertext);
                     }
-                    Err(e) => c = classify(&e, op, &self.token_name),
+                    Err(e) => c = classify(e, op, &self.token_name),
                 }
             }
             if c.recovery == Recovery::None {
                 self.checkin(checkout);
                 return Err(c.error);
             }
-            tracing::warn!(%op, error = %c.error, attempt, "HSM session problem; recovering");
+            tracing::warn!(%op, error = %c.error.chain(), attempt, "HSM session problem; recovering");
             if c.recovery <= Recovery::Relogin {
                 self.checkin(checkout);
             } else {
