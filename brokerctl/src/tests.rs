@@ -224,7 +224,7 @@ async fn fixture() -> Fixture {
 }
 
 struct Ran {
-    result: anyhow::Result<()>,
+    result: Result<(), CtlError>,
     out: String,
     err: String,
 }
@@ -320,9 +320,9 @@ async fn refusals_are_one_line_with_code_and_exit_1() {
     let f = fixture().await;
     let r = ctl(f.args(&["keys", "status"])).await;
     let e = r.result.unwrap_err();
-    assert_eq!(exit_code(&e), 1);
-    assert!(remote::is_code(&e, tonic::Code::PermissionDenied));
-    let line = describe(&e);
+    assert_eq!(e.exit_code(), 1);
+    assert_eq!(e.grpc_code(), Some(tonic::Code::PermissionDenied));
+    let line = e.describe();
     assert_eq!(
         line,
         "KeyStatus failed: PERMISSION_DENIED: system:serviceaccount:team:app may not use `audit`"
@@ -331,9 +331,9 @@ async fn refusals_are_one_line_with_code_and_exit_1() {
 
     let r = ctl(f.args(&["audit", "verify"])).await;
     let e = r.result.unwrap_err();
-    assert_eq!(exit_code(&e), 1);
+    assert_eq!(e.exit_code(), 1);
     assert_eq!(
-        describe(&e),
+        e.describe(),
         "audit log verification FAILED: record 42: hash mismatch"
     );
 }
@@ -354,17 +354,17 @@ async fn rotate_prints_the_new_kek_and_retire_needs_yes_and_a_kek_id() {
     let id = "c".repeat(32);
     let r = ctl(f.args(&["keys", "retire", &id])).await;
     let e = r.result.unwrap_err();
-    assert_eq!(exit_code(&e), 2);
-    assert!(describe(&e).contains("--yes"), "{}", describe(&e));
+    assert_eq!(e.exit_code(), 2);
+    assert!(e.describe().contains("--yes"), "{}", e.describe());
     let r = ctl(f.args(&["keys", "retire", "not-a-kek", "--yes"])).await;
-    assert_eq!(exit_code(&r.result.unwrap_err()), 2);
+    assert_eq!(r.result.unwrap_err().exit_code(), 2);
     assert!(f.seen.lock().unwrap().retired.is_empty());
 
     // Sent with --yes; the broker's refusal comes back as one line.
     let r = ctl(f.args(&["keys", "retire", &id, "--yes"])).await;
     let e = r.result.unwrap_err();
-    assert_eq!(exit_code(&e), 1);
-    assert!(remote::is_code(&e, tonic::Code::FailedPrecondition));
+    assert_eq!(e.exit_code(), 1);
+    assert_eq!(e.grpc_code(), Some(tonic::Code::FailedPrecondition));
     assert_eq!(f.seen.lock().unwrap().retired, vec![id]);
 }
 
@@ -408,11 +408,11 @@ async fn selectors_reach_the_server_and_bad_ones_never_leave() {
     r.result.unwrap();
     assert_eq!(r.out, "team/app/abc\n");
     let r = ctl(f.args(&["leases", "revoke"])).await;
-    assert_eq!(exit_code(&r.result.unwrap_err()), 2);
+    assert_eq!(r.result.unwrap_err().exit_code(), 2);
     let r = ctl(f.args(&["leases", "revoke", "--everything"])).await;
-    assert_eq!(exit_code(&r.result.unwrap_err()), 2);
+    assert_eq!(r.result.unwrap_err().exit_code(), 2);
     let r = ctl(f.args(&["leases", "list", "--namespace", ""])).await;
-    assert_eq!(exit_code(&r.result.unwrap_err()), 2);
+    assert_eq!(r.result.unwrap_err().exit_code(), 2);
     ctl(f.args(&["leases", "list", "--namespace", "team"]))
         .await
         .result
@@ -479,13 +479,13 @@ async fn tls_failures_are_clear() {
         "list".into(),
     ]);
     let r = ctl(args).await;
-    let line = describe(&r.result.unwrap_err());
+    let line = r.result.unwrap_err().describe();
     assert!(line.contains("certificate"), "{line}");
     assert!(line.contains("UnknownIssuer"), "{line}");
 
     // The certificate is not for this name.
     let r = ctl(f.args(&["--tls-server-name", "broker.example", "secrets", "list"])).await;
-    let line = describe(&r.result.unwrap_err());
+    let line = r.result.unwrap_err().describe();
     assert!(
         line.contains("not valid for name \"broker.example\""),
         "{line}"
@@ -502,13 +502,13 @@ async fn tls_failures_are_clear() {
     let args = [args, vec!["secrets".into(), "list".into()]].concat();
     let r = ctl(args).await;
     let e = r.result.unwrap_err();
-    assert_eq!(exit_code(&e), 1);
-    let line = describe(&e);
+    assert_eq!(e.exit_code(), 1);
+    let line = e.describe();
     assert!(
         line.starts_with("the connection broke; if the broker requires client certificates, give --client-cert and --client-key: ListSecrets failed: UNKNOWN: transport error"),
         "{line}"
     );
-    no_token_in(&[&describe(&e)]);
+    no_token_in(&[&e.describe()]);
 
     assert!(f.seen.lock().unwrap().authorization.len() == 1);
 }
@@ -551,7 +551,7 @@ async fn local_commands_need_no_server_or_credential() {
         policy.display().to_string(),
     ])
     .await;
-    let line = describe(&r.result.unwrap_err());
+    let line = r.result.unwrap_err().describe();
     assert!(line.contains("not a valid policy document"), "{line}");
 
     // A remote command without a credential is a usage error, before any connection.
@@ -564,5 +564,5 @@ async fn local_commands_need_no_server_or_credential() {
     ])
     .await;
     let e = r.result.unwrap_err();
-    assert_eq!(exit_code(&e), 2, "{e}");
+    assert_eq!(e.exit_code(), 2, "{e}");
 }

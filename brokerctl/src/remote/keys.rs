@@ -7,7 +7,7 @@ pub async fn key_status(
     conn: &ConnArgs,
     args: &KeyStatusArgs,
     io: &mut Io<'_>,
-) -> anyhow::Result<()> {
+) -> Result<(), CtlError> {
     let mut s = Session::open(conn).await?;
     let mut drew_bar = false;
     let r = loop {
@@ -15,7 +15,7 @@ pub async fn key_status(
             .admin
             .key_status(pb::KeyStatusRequest {})
             .await
-            .map_err(remote("KeyStatus"))?
+            .map_err(CtlError::remote("KeyStatus"))?
             .into_inner();
         let w = r.rewrap.unwrap_or_default();
         if !args.wait || w.remaining == 0 {
@@ -162,13 +162,13 @@ pub(crate) fn rewrap_line(w: &pb::RewrapProgress, bar: bool) -> String {
 }
 
 /// `brokerctl keys rotate`.
-pub async fn key_rotate(conn: &ConnArgs, io: &mut Io<'_>) -> anyhow::Result<()> {
+pub async fn key_rotate(conn: &ConnArgs, io: &mut Io<'_>) -> Result<(), CtlError> {
     let r = Session::open(conn)
         .await?
         .admin
         .rotate_key(pb::RotateKeyRequest {})
         .await
-        .map_err(remote("RotateKey"))?
+        .map_err(CtlError::remote("RotateKey"))?
         .into_inner();
     match io.output {
         Output::Json => output::json(
@@ -194,7 +194,11 @@ pub async fn key_rotate(conn: &ConnArgs, io: &mut Io<'_>) -> anyhow::Result<()> 
 }
 
 /// `brokerctl keys retire <id> --yes`.
-pub async fn key_retire(conn: &ConnArgs, args: &RetireArgs, io: &mut Io<'_>) -> anyhow::Result<()> {
+pub async fn key_retire(
+    conn: &ConnArgs,
+    args: &RetireArgs,
+    io: &mut Io<'_>,
+) -> Result<(), CtlError> {
     let id = args.kek_id.trim();
     if id.len() != 32 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(Usage(format!(
@@ -218,7 +222,7 @@ pub async fn key_retire(conn: &ConnArgs, args: &RetireArgs, io: &mut Io<'_>) -> 
             kek_id: id.to_ascii_lowercase(),
         })
         .await
-        .map_err(remote("RetireKey"))?
+        .map_err(CtlError::remote("RetireKey"))?
         .into_inner();
     match io.output {
         Output::Json => output::json(
