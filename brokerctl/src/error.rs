@@ -87,9 +87,9 @@ pub enum CtlError {
     Policy {
         /// The file name, or `stdin`.
         name: String,
-        /// What is wrong with it.
+        /// What is wrong with it (boxed: it is the largest cause).
         #[source]
-        source: PolicyError,
+        source: Box<PolicyError>,
     },
     /// `dev-ca` would replace existing files and `--force` is not given.
     #[error("refusing to overwrite {files} (use --force to replace them)")]
@@ -312,7 +312,7 @@ mod tests {
         let text = yaml.to_string();
         let e = CtlError::Policy {
             name: "p.yaml".into(),
-            source: PolicyError::Yaml { source: yaml },
+            source: Box::new(PolicyError::Yaml { source: yaml }),
         };
         // PolicyError::Yaml shows its source already: said once.
         assert_eq!(e.describe().matches(&text).count(), 1, "{}", e.describe());

@@ -228,8 +228,10 @@ pub fn policy_document(
         })?;
         (path.display().to_string(), s)
     };
-    let set = PolicySet::from_yaml(&yaml, max_ttl_cap)
-        .map_err(|source| CtlError::Policy { name, source })?;
+    let set = PolicySet::from_yaml(&yaml, max_ttl_cap).map_err(|e| CtlError::Policy {
+        name,
+        source: Box::new(e),
+    })?;
     Ok((yaml, set.policies().len()))
 }
 

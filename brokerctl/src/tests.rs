@@ -368,6 +368,42 @@ async fn rotate_prints_the_new_kek_and_retire_needs_yes_and_a_kek_id() {
     assert_eq!(f.seen.lock().unwrap().retired, vec![id]);
 }
 
+/// A terminal for indicatif that keeps what is written to it.
+#[derive(Debug, Clone, Default)]
+struct Screen(Arc<Mutex<String>>);
+
+impl indicatif::TermLike for Screen {
+    fn width(&self) -> u16 {
+        120
+    }
+    fn move_cursor_up(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_down(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_right(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_left(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn write_line(&self, s: &str) -> std::io::Result<()> {
+        self.write_str(&format!("{s}\n"))
+    }
+    fn write_str(&self, s: &str) -> std::io::Result<()> {
+        self.0.lock().unwrap().push_str(s);
+        Ok(())
+    }
+    fn clear_line(&self) -> std::io::Result<()> {
+        self.0.lock().unwrap().clear();
+        Ok(())
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 #[test]
 fn rewrap_progress_lines() {
     let mut w = pb::RewrapProgress {
@@ -380,21 +416,41 @@ fn rewrap_progress_lines() {
         unknown_kek_deks: 0,
     };
     assert_eq!(
-        remote::keys::rewrap_line(&w, false),
+        remote::keys::rewrap_line(&w),
         "re-wrap: 250 moved, 750 to go (25.0% done), 125 DEKs/s from 2 replicas, ETA 6s"
     );
-    let bar = remote::keys::rewrap_line(&w, true);
-    assert!(
-        bar.starts_with("re-wrap: [#######-----------------------]  25.0%  250 moved"),
-        "{bar}"
+
+    // The terminal form, drawn by indicatif.
+    let screen = Screen::default();
+    let bar = remote::keys::RewrapBar::new(indicatif::ProgressDrawTarget::term_like(Box::new(
+        screen.clone(),
+    )));
+    bar.show(&w);
+    assert_eq!((bar.0.position(), bar.0.length()), (250, Some(1000)));
+    let drawn = screen.0.lock().unwrap().trim_end().to_owned();
+    assert_eq!(
+        drawn,
+        "re-wrap: [#######-----------------------]  25.0%  250 moved, 750 to go, \
+         125 DEKs/s from 2 replicas, ETA 6s"
     );
+    w.moved = 999;
+    w.remaining = 1;
+    bar.show(&w);
+    let drawn = screen.0.lock().unwrap().clone();
+    assert!(
+        drawn.starts_with("re-wrap: [#############################-]  99.9%  999 moved, 1 to go"),
+        "{drawn}"
+    );
+    // Off a terminal indicatif draws nothing, whatever the state.
+    let hidden = remote::keys::RewrapBar::new(indicatif::ProgressDrawTarget::hidden());
+    hidden.show(&w);
+    assert!(hidden.0.is_hidden());
+
     w.rate_per_second = 0.0;
     w.eta_seconds = -1;
-    assert!(
-        remote::keys::rewrap_line(&w, false).ends_with("no batch in the last minute, ETA unknown")
-    );
+    assert!(remote::keys::rewrap_line(&w).ends_with("no batch in the last minute, ETA unknown"));
     w.remaining = 0;
-    assert!(remote::keys::rewrap_line(&w, true).starts_with("re-wrap: done"));
+    assert!(remote::keys::rewrap_line(&w).starts_with("re-wrap: done"));
 }
 
 #[tokio::test]
