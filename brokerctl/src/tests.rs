@@ -441,6 +441,10 @@ fn rewrap_progress_lines() {
         drawn.starts_with("re-wrap: [#############################-]  99.9%  999 moved, 1 to go"),
         "{drawn}"
     );
+    // The summary's bar stays as it is (indicatif's `finish` would fill it).
+    bar.leave();
+    assert!(bar.0.is_finished());
+    assert_eq!(*screen.0.lock().unwrap(), drawn);
     // Off a terminal indicatif draws nothing, whatever the state.
     let hidden = remote::keys::RewrapBar::new(indicatif::ProgressDrawTarget::hidden());
     hidden.show(&w);

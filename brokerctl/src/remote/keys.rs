@@ -107,7 +107,7 @@ pub async fn key_status(
                 io.out.flush()?;
                 let bar = RewrapBar::new(ProgressDrawTarget::stdout());
                 bar.show(&w);
-                bar.0.finish();
+                bar.leave();
             } else {
                 writeln!(io.out, "{}", rewrap_line(&w))?;
             }
@@ -212,6 +212,11 @@ impl RewrapBar {
         });
         // Asks are seconds apart: never let the draw rate limit hold back the last state.
         self.0.force_draw();
+    }
+
+    /// Stops drawing and leaves the last line as it is (`finish` would show 100%).
+    pub(crate) fn leave(&self) {
+        self.0.abandon();
     }
 }
 
