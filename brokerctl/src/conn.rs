@@ -6,7 +6,6 @@ use std::fmt;
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use keyhaven_proto::endpoint::{client_tls, TlsFiles};
 use secrecy::{ExposeSecret, SecretString};
 use tonic::metadata::{Ascii, MetadataValue};
@@ -19,7 +18,7 @@ use keyhaven_proto::broker::v1::admin_client::AdminClient;
 use keyhaven_proto::broker::v1::leases_client::LeasesClient;
 
 use super::cli::ConnArgs;
-use super::Usage;
+use super::{CtlError, Usage};
 
 /// Longest we wait for the TCP + TLS handshake, whatever `--timeout` says.
 const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -33,7 +32,7 @@ pub fn parse_addr(addr: &str) -> Result<Target, Usage> {
 }
 
 /// Builds and connects the channel `--addr` and the TLS flags describe.
-pub async fn connect(conn: &ConnArgs) -> anyhow::Result<Channel> {
+pub async fn connect(conn: &ConnArgs) -> Result<Channel, CtlError> {
     let target = parse_addr(&conn.addr)?;
     let mut endpoint = Endpoint::from(target.uri.clone())
         .connect_timeout(conn.timeout.min(MAX_CONNECT_TIMEOUT))
@@ -41,7 +40,7 @@ pub async fn connect(conn: &ConnArgs) -> anyhow::Result<Channel> {
     if target.tls {
         endpoint = endpoint
             .tls_config(tls_config(conn)?)
-            .context("TLS configuration")?;
+            .map_err(CtlError::TlsConfig)?;
     } else {
         let given: Vec<&str> = [
             ("--ca-file", conn.ca_file.is_some()),
@@ -63,11 +62,14 @@ pub async fn connect(conn: &ConnArgs) -> anyhow::Result<Channel> {
     endpoint
         .connect()
         .await
-        .map_err(|e| anyhow::anyhow!("cannot connect to {}: {}", conn.addr, causes(&e)))
+        .map_err(|source| CtlError::Connect {
+            addr: conn.addr.clone(),
+            source,
+        })
 }
 
 /// The rustls client configuration: trust exactly `--ca-file`, optional client identity.
-fn tls_config(conn: &ConnArgs) -> anyhow::Result<ClientTlsConfig> {
+fn tls_config(conn: &ConnArgs) -> Result<ClientTlsConfig, CtlError> {
     if conn.ca_file.is_none() {
         return Err(Usage(
             "--ca-file (or KEYHAVEN_BROKER_CA) is required for https: the PEM CA bundle that \
@@ -82,7 +84,7 @@ fn tls_config(conn: &ConnArgs) -> anyhow::Result<ClientTlsConfig> {
         client_key: conn.client_key.as_deref(),
         server_name: conn.tls_server_name.as_deref(),
     };
-    client_tls(files, "--ca-file").map_err(anyhow::Error::msg)
+    client_tls(files, "--ca-file").map_err(CtlError::TlsFiles)
 }
 
 /// Where the credential came from (for messages; never the credential itself).
@@ -96,7 +98,7 @@ pub enum CredentialKind {
 
 /// Reads the credential named by `--token-file` or `--bootstrap-file`: trailing newline
 /// removed, kept as a secret. Errors name the file, never the content.
-pub fn load_credential(conn: &ConnArgs) -> anyhow::Result<(CredentialKind, SecretString)> {
+pub fn load_credential(conn: &ConnArgs) -> Result<(CredentialKind, SecretString), CtlError> {
     let (kind, path) =
         match (&conn.token_file, &conn.bootstrap_file) {
             (Some(_), Some(_)) => return Err(Usage(
@@ -119,7 +121,7 @@ pub fn load_credential(conn: &ConnArgs) -> anyhow::Result<(CredentialKind, Secre
 }
 
 /// Reads one credential file.
-pub fn read_credential(path: &Path) -> anyhow::Result<SecretString> {
+pub fn read_credential(path: &Path) -> Result<SecretString, CtlError> {
     use keyhaven_process::secret_file::{read, Rules};
     let v = read(path, Rules::bearer("credential file"))?;
     Ok(SecretString::from(v.as_str()))
@@ -132,10 +134,11 @@ pub struct Bearer(MetadataValue<Ascii>);
 
 impl Bearer {
     /// The header value for `credential` (checked by [`read_credential`]).
-    pub fn new(credential: &SecretString) -> anyhow::Result<Bearer> {
+    pub fn new(credential: &SecretString) -> Result<Bearer, CtlError> {
         let text = Zeroizing::new(format!("Bearer {}", credential.expose_secret()));
         let mut value = MetadataValue::try_from(text.as_str())
-            .map_err(|_| anyhow::anyhow!("the credential is not a valid header value"))?;
+            // The value's error says nothing more (and must not quote the credential).
+            .map_err(|_| CtlError::CredentialNotAHeader)?;
         value.set_sensitive(true);
         Ok(Bearer(value))
     }
@@ -172,7 +175,7 @@ pub struct Session {
 
 impl Session {
     /// Reads the credential, then connects.
-    pub async fn open(conn: &ConnArgs) -> anyhow::Result<Session> {
+    pub async fn open(conn: &ConnArgs) -> Result<Session, CtlError> {
         let (credential, secret) = load_credential(conn)?;
         let bearer = Bearer::new(&secret)?;
         drop(secret);
@@ -183,115 +186,6 @@ impl Session {
             credential,
         })
     }
-}
-
-/// A call the broker refused or that did not reach it: one line with the method, the gRPC
-/// code and the broker's message.
-#[derive(Debug)]
-pub struct RemoteError {
-    /// The RPC, e.g. `PutSecret`.
-    pub method: &'static str,
-    /// The gRPC status code.
-    pub code: tonic::Code,
-    /// The broker's message (control characters escaped) plus, for transport failures,
-    /// the underlying cause.
-    pub message: String,
-}
-
-impl RemoteError {
-    /// From a failed call's status.
-    pub fn new(method: &'static str, status: &tonic::Status) -> RemoteError {
-        let mut message = one_line(status.message());
-        let cause = causes(status);
-        if cause.starts_with(&message) {
-            // tonic's transport statuses repeat their first cause as the message.
-            message = cause;
-        } else if !message.contains(&cause) {
-            message.push_str(": ");
-            message.push_str(&cause);
-        }
-        RemoteError {
-            method,
-            code: status.code(),
-            message,
-        }
-    }
-}
-
-impl fmt::Display for RemoteError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} failed: {}", self.method, code_name(self.code))?;
-        if !self.message.is_empty() {
-            write!(f, ": {}", self.message)?;
-        }
-        match self.code {
-            tonic::Code::Unauthenticated => {
-                f.write_str(" (check the --token-file / --bootstrap-file credential)")
-            }
-            tonic::Code::DeadlineExceeded => f.write_str(" (see --timeout)"),
-            _ => Ok(()),
-        }
-    }
-}
-
-impl std::error::Error for RemoteError {}
-
-/// Maps a failed call to a [`RemoteError`] (for `map_err`).
-pub fn remote(method: &'static str) -> impl FnOnce(tonic::Status) -> anyhow::Error {
-    move |s| RemoteError::new(method, &s).into()
-}
-
-/// The canonical name of a gRPC code (`NOT_FOUND`, ...).
-pub fn code_name(code: tonic::Code) -> &'static str {
-    use tonic::Code::*;
-    match code {
-        Ok => "OK",
-        Cancelled => "CANCELLED",
-        Unknown => "UNKNOWN",
-        InvalidArgument => "INVALID_ARGUMENT",
-        DeadlineExceeded => "DEADLINE_EXCEEDED",
-        NotFound => "NOT_FOUND",
-        AlreadyExists => "ALREADY_EXISTS",
-        PermissionDenied => "PERMISSION_DENIED",
-        ResourceExhausted => "RESOURCE_EXHAUSTED",
-        FailedPrecondition => "FAILED_PRECONDITION",
-        Aborted => "ABORTED",
-        OutOfRange => "OUT_OF_RANGE",
-        Unimplemented => "UNIMPLEMENTED",
-        Internal => "INTERNAL",
-        Unavailable => "UNAVAILABLE",
-        DataLoss => "DATA_LOSS",
-        Unauthenticated => "UNAUTHENTICATED",
-    }
-}
-
-/// The `source()` chain of `e` (not `e` itself) on one line, repeated texts dropped.
-fn causes(e: &dyn std::error::Error) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    let mut next = e.source();
-    while let Some(c) = next {
-        let text = one_line(&c.to_string());
-        if !text.is_empty() && !parts.iter().any(|p| p.contains(&text)) {
-            parts.push(text);
-        }
-        next = c.source();
-    }
-    parts.join(": ")
-}
-
-/// `s` with control characters escaped, so a message stays one line.
-pub fn one_line(s: &str) -> String {
-    s.chars()
-        .flat_map(|c| {
-            if c.is_control() {
-                c.escape_default().collect::<Vec<_>>()
-            } else {
-                vec![c]
-            }
-        })
-        .collect::<String>()
-        .trim()
-        .to_owned()
 }
 
 #[cfg(test)]
@@ -379,21 +273,23 @@ mod tests {
             .to_string()
             .contains("empty"));
         c.token_file = Some(dir.path().join("missing"));
-        let e = format!("{:#}", load_credential(&c).unwrap_err());
-        assert!(e.contains("missing"), "{e}");
+        let e = load_credential(&c).unwrap_err();
+        assert!(matches!(e, CtlError::Credential(_)), "{e:?}");
+        let e = e.describe();
+        assert!(e.contains("missing") && e.contains("No such file"), "{e}");
 
         c.token_file = None;
         let e = load_credential(&c).unwrap_err();
-        assert!(e.downcast_ref::<Usage>().is_some());
+        assert!(matches!(e, CtlError::Usage(_)), "{e:?}");
         c.bootstrap_file = Some(f.clone());
         std::fs::write(&f, "bootstrap-s3cr3t\n").unwrap();
         let (kind, _) = load_credential(&c).unwrap();
         assert_eq!(kind, CredentialKind::Bootstrap);
         c.token_file = Some(f);
-        assert!(load_credential(&c)
-            .unwrap_err()
-            .downcast_ref::<Usage>()
-            .is_some());
+        assert!(matches!(
+            load_credential(&c).unwrap_err(),
+            CtlError::Usage(_)
+        ));
     }
 
     #[tokio::test]
@@ -401,38 +297,38 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let c = conn();
         let e = connect(&c).await.unwrap_err();
-        assert!(e.downcast_ref::<Usage>().unwrap().0.contains("--ca-file"));
+        assert!(
+            matches!(&e, CtlError::Usage(u) if u.0.contains("--ca-file")),
+            "{e:?}"
+        );
 
         let mut c = conn();
         let not_pem = dir.path().join("ca.pem");
         std::fs::write(&not_pem, "hello").unwrap();
         c.ca_file = Some(not_pem);
-        let e = connect(&c).await.unwrap_err().to_string();
-        assert!(e.contains("no PEM certificate"), "{e}");
+        let e = connect(&c).await.unwrap_err();
+        assert!(matches!(e, CtlError::TlsFiles(_)), "{e:?}");
+        assert!(e.describe().contains("no PEM certificate"), "{e}");
 
         let mut c = conn();
         c.addr = "http://127.0.0.1:1".into();
         c.ca_file = Some(dir.path().join("ca.pem"));
         let e = connect(&c).await.unwrap_err();
-        assert!(e.downcast_ref::<Usage>().unwrap().0.contains("--ca-file"));
-    }
+        assert!(
+            matches!(&e, CtlError::Usage(u) if u.0.contains("--ca-file")),
+            "{e:?}"
+        );
 
-    #[test]
-    fn remote_errors_are_one_line_with_the_code() {
-        let s = tonic::Status::permission_denied("caller ns/sa may not\nwrite team/app");
-        let e = RemoteError::new("PutSecret", &s);
-        let text = e.to_string();
-        assert_eq!(
-            text,
-            "PutSecret failed: PERMISSION_DENIED: caller ns/sa may not\\nwrite team/app"
+        // Nothing listens on the port: the cause is shown, tonic's bare wrapper is not.
+        let mut c = conn();
+        c.addr = "http://127.0.0.1:1".into();
+        let e = connect(&c).await.unwrap_err();
+        assert!(matches!(e, CtlError::Connect { .. }), "{e:?}");
+        let line = e.describe();
+        assert!(
+            line.starts_with("cannot connect to http://127.0.0.1:1: "),
+            "{line}"
         );
-        let e = RemoteError::new(
-            "ListSecrets",
-            &tonic::Status::unauthenticated("token expired"),
-        );
-        assert!(e
-            .to_string()
-            .starts_with("ListSecrets failed: UNAUTHENTICATED: token expired"));
-        assert_eq!(code_name(tonic::Code::Unavailable), "UNAVAILABLE");
+        assert!(!line.contains("transport error"), "{line}");
     }
 }

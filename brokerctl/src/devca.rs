@@ -6,7 +6,6 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use anyhow::Context as _;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose,
@@ -14,7 +13,7 @@ use rcgen::{
 use zeroize::Zeroizing;
 
 use super::cli::DevCaArgs;
-use super::Usage;
+use super::{CtlError, Usage};
 
 /// CA certificate file name.
 pub const CA_CERT: &str = "ca.pem";
@@ -43,7 +42,7 @@ struct Out {
 }
 
 /// Generates and writes the six files; returns their paths.
-pub fn dev_ca(args: &DevCaArgs) -> anyhow::Result<Vec<PathBuf>> {
+pub fn dev_ca(args: &DevCaArgs) -> Result<Vec<PathBuf>, CtlError> {
     let hosts: Vec<String> = args
         .hosts
         .iter()
@@ -62,36 +61,41 @@ pub fn dev_ca(args: &DevCaArgs) -> anyhow::Result<Vec<PathBuf>> {
         .map(|p| p.display().to_string())
         .collect();
     if !existing.is_empty() && !args.force {
-        anyhow::bail!(
-            "refusing to overwrite {} (use --force to replace them)",
-            existing.join(", ")
-        );
+        return Err(CtlError::WouldOverwrite {
+            files: existing.join(", "),
+        });
     }
     if !args.out.exists() {
         let mut b = std::fs::DirBuilder::new();
         b.recursive(true);
         #[cfg(unix)]
         std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
-        b.create(&args.out)
-            .with_context(|| format!("cannot create {}", args.out.display()))?;
+        b.create(&args.out).map_err(|source| CtlError::Io {
+            what: format!("cannot create {}", args.out.display()),
+            source,
+        })?;
     }
     let mut written = Vec::with_capacity(files.len());
     for f in &files {
         let path = args.out.join(f.name);
-        write_file(&path, f.contents.as_bytes(), f.mode, args.force)
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        write_file(&path, f.contents.as_bytes(), f.mode, args.force).map_err(|source| {
+            CtlError::Io {
+                what: format!("cannot write {}", path.display()),
+                source,
+            }
+        })?;
         written.push(path);
     }
     Ok(written)
 }
 
 /// The certificates and keys, in memory.
-fn generate(hosts: &[String]) -> anyhow::Result<Vec<Out>> {
-    let ca_key = KeyPair::generate().context("cannot generate the CA key")?;
-    let mut ca = CertificateParams::new(Vec::<String>::new()).context("CA parameters")?;
+fn generate(hosts: &[String]) -> Result<Vec<Out>, CtlError> {
+    let ca_key = KeyPair::generate().map_err(cert_err("cannot generate the CA key"))?;
+    let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(cert_err("CA parameters"))?;
     // A random suffix keeps two dev CAs apart (same name would look like one issuer).
     let mut tag = [0u8; 4];
-    getrandom::fill(&mut tag).map_err(|e| anyhow::anyhow!("no randomness available: {e}"))?;
+    getrandom::fill(&mut tag).map_err(CtlError::Random)?;
     ca.distinguished_name = name(&format!("Keyhaven dev CA {}", hex::encode(tag)));
     ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     ca.key_usages = vec![
@@ -102,11 +106,11 @@ fn generate(hosts: &[String]) -> anyhow::Result<Vec<Out>> {
     set_validity(&mut ca)?;
     let ca_cert = ca
         .self_signed(&ca_key)
-        .context("cannot sign the CA certificate")?;
+        .map_err(cert_err("cannot sign the CA certificate"))?;
     let issuer = Issuer::from_params(&ca, &ca_key);
 
     let leaf = |cn: &str, sans: Vec<String>, eku: ExtendedKeyUsagePurpose| {
-        let key = KeyPair::generate().context("cannot generate a key")?;
+        let key = KeyPair::generate().map_err(cert_err("cannot generate a key"))?;
         let mut p = CertificateParams::new(sans)
             .map_err(|e| Usage(format!("--hosts: not a DNS name or IP address ({e})")))?;
         p.distinguished_name = name(cn);
@@ -116,8 +120,8 @@ fn generate(hosts: &[String]) -> anyhow::Result<Vec<Out>> {
         set_validity(&mut p)?;
         let cert = p
             .signed_by(&key, &issuer)
-            .with_context(|| format!("cannot sign the certificate of {cn}"))?;
-        anyhow::Ok((cert, key))
+            .map_err(cert_err(format!("cannot sign the certificate of {cn}")))?;
+        Ok::<_, CtlError>((cert, key))
     };
     let (server_cert, server_key) = leaf(
         &hosts[0],
@@ -147,6 +151,14 @@ fn generate(hosts: &[String]) -> anyhow::Result<Vec<Out>> {
     ])
 }
 
+/// Maps rcgen's error to [`CtlError::Certificate`] with the step that failed.
+fn cert_err(what: impl Into<String>) -> impl FnOnce(rcgen::Error) -> CtlError {
+    move |source| CtlError::Certificate {
+        what: what.into(),
+        source,
+    }
+}
+
 fn name(cn: &str) -> DistinguishedName {
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, cn);
@@ -154,20 +166,31 @@ fn name(cn: &str) -> DistinguishedName {
 }
 
 /// Valid from the start of yesterday (UTC), to tolerate clock skew, for [`VALIDITY`].
-fn set_validity(p: &mut CertificateParams) -> anyhow::Result<()> {
+fn set_validity(p: &mut CertificateParams) -> Result<(), CtlError> {
     // `format_rfc3339` always starts with `YYYY-MM-DD`.
     let today = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
-    let field = |r: std::ops::Range<usize>| {
-        today
-            .get(r)
-            .and_then(|s| s.parse::<u16>().ok())
-            .ok_or_else(|| anyhow::anyhow!("cannot read today's date from {today}"))
-    };
-    let (y, m, d) = (field(0..4)?, field(5..7)?, field(8..10)?);
-    let midnight = rcgen::date_time_ymd(i32::from(y), u8::try_from(m)?, u8::try_from(d)?);
+    let (y, m, d) = (
+        date_field::<i32>(&today, 0..4)?,
+        date_field::<u8>(&today, 5..7)?,
+        date_field::<u8>(&today, 8..10)?,
+    );
+    let midnight = rcgen::date_time_ymd(y, m, d);
     p.not_before = midnight - Duration::from_secs(24 * 60 * 60);
     p.not_after = p.not_before + VALIDITY;
     Ok(())
+}
+
+/// One number of an RFC 3339 date (`0..4` the year, `5..7` the month, `8..10` the day).
+fn date_field<T: std::str::FromStr>(
+    today: &str,
+    range: std::ops::Range<usize>,
+) -> Result<T, CtlError> {
+    today
+        .get(range)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| CtlError::Clock {
+            today: today.to_owned(),
+        })
 }
 
 /// Writes `bytes` to `path` with `mode`. Without `overwrite` it never replaces a file
@@ -254,7 +277,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         dev_ca(&args(dir.path(), false)).unwrap();
         let before = std::fs::read(dir.path().join("pki").join(CA_KEY)).unwrap();
-        let e = dev_ca(&args(dir.path(), false)).unwrap_err().to_string();
+        let e = dev_ca(&args(dir.path(), false)).unwrap_err();
+        assert!(matches!(e, CtlError::WouldOverwrite { .. }), "{e:?}");
+        let e = e.describe();
         assert!(
             e.contains("refusing to overwrite") && e.contains("--force"),
             "{e}"
@@ -292,7 +317,7 @@ mod tests {
         let mut a = args(dir.path(), false);
         a.hosts = vec![" ".into()];
         let e = dev_ca(&a).unwrap_err();
-        assert!(e.downcast_ref::<Usage>().is_some());
+        assert!(matches!(e, CtlError::Usage(_)), "{e:?}");
         assert!(!dir.path().join("pki").exists());
     }
 }

@@ -7,13 +7,12 @@ use std::io::Read as _;
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use zeroize::Zeroizing;
 
 use keyhaven_proto::broker::v1::LeaseSelector;
 
 use super::cli::{check_data_key, KeyFile, KeyLiteral, PutArgs, SelectorArgs};
-use super::Usage;
+use super::{CtlError, Usage};
 use keyhaven_broker_core::policy::{validate_secret_path, PolicySet};
 
 /// Largest value read from one `--from-file` (the broker's message limit is the real bound).
@@ -113,7 +112,7 @@ impl SecretValues {
 pub fn secret_values(
     args: &PutArgs,
     stdin: &mut dyn std::io::Read,
-) -> anyhow::Result<SecretValues> {
+) -> Result<SecretValues, CtlError> {
     let mut out = SecretValues::default();
     if let Some(json) = &args.from_json {
         return from_json(json, stdin);
@@ -133,25 +132,28 @@ pub fn secret_values(
 }
 
 /// Reads one `--from-file` value as bytes, unchanged (a trailing newline is kept).
-fn read_value(path: &Path) -> anyhow::Result<Zeroizing<Vec<u8>>> {
-    let file = std::fs::File::open(path)
-        .with_context(|| format!("cannot read --from-file {}", path.display()))?;
+fn read_value(path: &Path) -> Result<Zeroizing<Vec<u8>>, CtlError> {
+    let io = |source| CtlError::Io {
+        what: format!("cannot read --from-file {}", path.display()),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
     let mut buf = Zeroizing::new(Vec::new());
     file.take(MAX_VALUE_BYTES + 1)
         .read_to_end(&mut buf)
-        .with_context(|| format!("cannot read --from-file {}", path.display()))?;
+        .map_err(io)?;
     if buf.len() as u64 > MAX_VALUE_BYTES {
-        anyhow::bail!(
+        return Err(CtlError::Input(format!(
             "--from-file {} is larger than {MAX_VALUE_BYTES} bytes",
             path.display()
-        );
+        )));
     }
     Ok(buf)
 }
 
 /// Reads a JSON object of string values (from a file, or stdin for `-`). Errors name keys
 /// and positions, never values.
-fn from_json(path: &Path, stdin: &mut dyn std::io::Read) -> anyhow::Result<SecretValues> {
+fn from_json(path: &Path, stdin: &mut dyn std::io::Read) -> Result<SecretValues, CtlError> {
     let name = if path == Path::new("-") {
         "stdin".to_owned()
     } else {
@@ -161,19 +163,25 @@ fn from_json(path: &Path, stdin: &mut dyn std::io::Read) -> anyhow::Result<Secre
     if path == Path::new("-") {
         stdin
             .read_to_string(&mut text)
-            .context("cannot read --from-json from stdin")?;
+            .map_err(|source| CtlError::Io {
+                what: "cannot read --from-json from stdin".into(),
+                source,
+            })?;
     } else {
         std::fs::File::open(path)
             .and_then(|mut f| f.read_to_string(&mut text))
-            .with_context(|| format!("cannot read --from-json {name}"))?;
+            .map_err(|source| CtlError::Io {
+                what: format!("cannot read --from-json {name}"),
+                source,
+            })?;
     }
-    // serde_json's messages give line and column only, never the text.
+    // Only line and column of serde_json's error: its message may quote the text.
     let map: BTreeMap<String, serde_json::Value> = serde_json::from_str(&text).map_err(|e| {
-        anyhow::anyhow!(
+        CtlError::Input(format!(
             "--from-json {name}: expected a JSON object of string values (line {}, column {})",
             e.line(),
             e.column()
-        )
+        ))
     })?;
     let mut out = SecretValues::default();
     for (key, value) in map {
@@ -203,20 +211,27 @@ pub fn policy_document(
     path: &Path,
     max_ttl_cap: Duration,
     stdin: &mut dyn std::io::Read,
-) -> anyhow::Result<(String, usize)> {
+) -> Result<(String, usize), CtlError> {
     let (name, yaml) = if path == Path::new("-") {
         let mut s = String::new();
         stdin
             .read_to_string(&mut s)
-            .context("cannot read the policy document from stdin")?;
+            .map_err(|source| CtlError::Io {
+                what: "cannot read the policy document from stdin".into(),
+                source,
+            })?;
         ("stdin".to_owned(), s)
     } else {
-        let s = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read policy file {}", path.display()))?;
+        let s = std::fs::read_to_string(path).map_err(|source| CtlError::Io {
+            what: format!("cannot read policy file {}", path.display()),
+            source,
+        })?;
         (path.display().to_string(), s)
     };
-    let set = PolicySet::from_yaml(&yaml, max_ttl_cap)
-        .map_err(|e| anyhow::anyhow!("{name} is not a valid policy document: {e}"))?;
+    let set = PolicySet::from_yaml(&yaml, max_ttl_cap).map_err(|e| CtlError::Policy {
+        name,
+        source: Box::new(e),
+    })?;
     Ok((yaml, set.policies().len()))
 }
 
@@ -341,7 +356,10 @@ mod tests {
             None,
         );
         let e = secret_values(&dup, &mut std::io::empty()).unwrap_err();
-        assert!(e.downcast_ref::<Usage>().unwrap().0.contains("`user`"));
+        assert!(
+            matches!(&e, CtlError::Usage(u) if u.0.contains("`user`")),
+            "{e:?}"
+        );
 
         let missing = put(
             vec![KeyFile {
@@ -351,11 +369,10 @@ mod tests {
             &[],
             None,
         );
-        let e = format!(
-            "{:#}",
-            secret_values(&missing, &mut std::io::empty()).unwrap_err()
-        );
-        assert!(e.contains("nope"), "{e}");
+        let e = secret_values(&missing, &mut std::io::empty()).unwrap_err();
+        assert!(matches!(e, CtlError::Io { .. }), "{e:?}");
+        let e = e.describe();
+        assert!(e.contains("nope") && e.contains("No such file"), "{e}");
 
         let big = dir.path().join("big");
         std::fs::write(&big, vec![b'x'; MAX_VALUE_BYTES as usize + 1]).unwrap();
@@ -371,6 +388,7 @@ mod tests {
             &mut std::io::empty(),
         )
         .unwrap_err();
+        assert!(matches!(e, CtlError::Input(_)), "{e:?}");
         assert!(e.to_string().contains("larger"), "{e}");
     }
 
@@ -395,11 +413,9 @@ mod tests {
             ("{}", "empty"),
         ] {
             std::fs::write(&f, doc).unwrap();
-            let e = format!(
-                "{:#}",
-                secret_values(&put(vec![], &[], Some(f.clone())), &mut std::io::empty())
-                    .unwrap_err()
-            );
+            let e = secret_values(&put(vec![], &[], Some(f.clone())), &mut std::io::empty())
+                .unwrap_err()
+                .describe();
             assert!(e.contains(want), "{doc}: {e}");
             assert!(!e.contains("s3cr3t") && !e.contains("12345"), "{doc}: {e}");
         }
@@ -418,16 +434,16 @@ mod tests {
         assert_eq!(n, 1);
 
         std::fs::write(&f, good.replace("max_ttl: 1h", "max_ttl: 48h")).unwrap();
-        let e = policy_document(&f, cap, &mut std::io::empty())
-            .unwrap_err()
-            .to_string();
+        let e = policy_document(&f, cap, &mut std::io::empty()).unwrap_err();
+        assert!(matches!(e, CtlError::Policy { .. }), "{e:?}");
+        let e = e.describe();
         assert!(e.contains("p.yaml") && e.contains("app"), "{e}");
         policy_document(&f, Duration::from_secs(72 * 3600), &mut std::io::empty()).unwrap();
 
         std::fs::write(&f, good.replace("capabilities", "capabilitys")).unwrap();
         let e = policy_document(&f, cap, &mut std::io::empty())
             .unwrap_err()
-            .to_string();
+            .describe();
         assert!(e.contains("capabilitys"), "{e}");
     }
 

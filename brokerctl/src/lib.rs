@@ -3,8 +3,8 @@
 //! init` on the HSM, `dev-token`, `dev-ca`).
 //!
 //! The binary (`src/main.rs`) only parses [`Cli`], builds a runtime and calls
-//! [`run`]; errors become one line on stderr and exit code 1 ([`Usage`] errors: 2, as clap's
-//! own). Credentials are read from files at each run and held as `SecretString`; they are
+//! [`run`]; a [`CtlError`] becomes one line on stderr with its causes
+//! ([`CtlError::describe`]) and exit code 1 ([`Usage`] errors: 2, as clap's own). Credentials are read from files at each run and held as `SecretString`; they are
 //! never flags, never printed. There is deliberately no `secrets get`: values leave the
 //! broker only through leases.
 //!
@@ -16,6 +16,7 @@ use std::io::{Read, Write};
 mod cli;
 mod conn;
 mod devca;
+mod error;
 mod input;
 mod local;
 mod output;
@@ -26,22 +27,11 @@ pub use cli::{
     KeysCommand, LeaseArgs, LeasesCommand, Output, PolicyCommand, PutArgs, RenewArgs, RetireArgs,
     RevokeArgs, SecretsCommand, SelectorArgs,
 };
-pub use conn::{connect, parse_addr, RemoteError, Session, Target};
+pub use conn::{connect, parse_addr, Session, Target};
 pub use devca::dev_ca;
+pub use error::{CtlError, Usage};
 pub use input::lease_selector;
 pub use local::keys_init;
-
-/// A mistake in how the command was called (exit code 2, like clap's parse errors).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Usage(pub String);
-
-impl fmt::Display for Usage {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for Usage {}
 
 /// Where a command writes and reads: stdout, stderr (warnings, notes), stdin (`-`).
 pub struct Io<'a> {
@@ -73,7 +63,7 @@ impl Io<'_> {
 }
 
 /// Runs `cli` against the process's stdout, stderr and stdin.
-pub async fn run(cli: Cli) -> anyhow::Result<()> {
+pub async fn run(cli: Cli) -> Result<(), CtlError> {
     let stdout = std::io::stdout();
     let stderr = std::io::stderr();
     let stdin = std::io::stdin();
@@ -91,38 +81,29 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         .and_then(|()| Ok(io.out.flush()?));
     match r {
         // The reader went away (`brokerctl ... | head`): not our failure.
-        Err(e) if is_broken_pipe(&e) => Ok(()),
+        Err(e) if e.is_broken_pipe() => Ok(()),
         other => other,
     }
 }
 
-fn is_broken_pipe(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| {
-        c.downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
-    })
-}
-
 /// Runs `cli` with the given streams.
-pub async fn run_with(cli: &Cli, io: &mut Io<'_>) -> anyhow::Result<()> {
+pub async fn run_with(cli: &Cli, io: &mut Io<'_>) -> Result<(), CtlError> {
     dispatch(cli, io).await.map_err(|e| hint(e, &cli.conn))
 }
 
 /// Adds what the operator can do about a connection that broke during the TLS handshake.
-fn hint(e: anyhow::Error, conn: &ConnArgs) -> anyhow::Error {
-    let transport = e
-        .downcast_ref::<RemoteError>()
-        .is_some_and(|r| r.message.starts_with("transport error"));
+fn hint(e: CtlError, conn: &ConnArgs) -> CtlError {
+    // tonic says so in the status's message, or keeps its transport error as the source.
+    let transport = matches!(&e, CtlError::Remote { status, .. }
+        if status.message().starts_with("transport error")
+            || std::error::Error::source(status).is_some_and(|s| s.is::<tonic::transport::Error>()));
     if transport && conn.client_cert.is_none() {
-        return e.context(
-            "the connection broke; if the broker requires client certificates, give \
-             --client-cert and --client-key",
-        );
+        return CtlError::NoClientCert(Box::new(e));
     }
     e
 }
 
-async fn dispatch(cli: &Cli, io: &mut Io<'_>) -> anyhow::Result<()> {
+async fn dispatch(cli: &Cli, io: &mut Io<'_>) -> Result<(), CtlError> {
     match &cli.command {
         Command::DevCa(args) => {
             let files = dev_ca(args)?;
@@ -144,7 +125,9 @@ async fn dispatch(cli: &Cli, io: &mut Io<'_>) -> anyhow::Result<()> {
             command: KeysCommand::Init(hsm),
         } => {
             let hsm = hsm.clone();
-            let r = tokio::task::spawn_blocking(move || local::keys_init(&hsm)).await??;
+            let r = tokio::task::spawn_blocking(move || local::keys_init(&hsm))
+                .await
+                .map_err(CtlError::Task)??;
             local::print_keys_init(&r, io)
         }
         // Each checks its input locally, then connects.
@@ -165,20 +148,6 @@ async fn dispatch(cli: &Cli, io: &mut Io<'_>) -> anyhow::Result<()> {
             command: KeysCommand::Retire(args),
         } => remote::key_retire(&cli.conn, args, io).await,
     }
-}
-
-/// The exit code for an error of [`run`]: 2 for [`Usage`], 1 otherwise.
-pub fn exit_code(e: &anyhow::Error) -> u8 {
-    if e.downcast_ref::<Usage>().is_some() {
-        2
-    } else {
-        1
-    }
-}
-
-/// An error of [`run`] as one line (its causes joined by `: `).
-pub fn describe(e: &anyhow::Error) -> String {
-    conn::one_line(&format!("{e:#}"))
 }
 
 /// Logs (from the libraries, e.g. the HSM layer) go to stderr; `KEYHAVEN_LOG` sets the filter

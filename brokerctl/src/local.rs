@@ -3,12 +3,11 @@
 
 use std::path::Path;
 
-use anyhow::Context as _;
 use keyhaven_hsm::BlockingKeystore;
 use serde_json::json;
 
 use super::cli::{DevTokenArgs, HsmArgs, Output};
-use super::{output, Io};
+use super::{output, CtlError, Io};
 use keyhaven_broker_core::dev_token::DevIssuer;
 
 /// What `keys init` found or did.
@@ -24,17 +23,24 @@ pub struct KeysInit {
 
 /// Creates the first broker KEK unless the token already has one with the prefix.
 /// Blocking (PKCS#11): run it off the async runtime.
-pub fn keys_init(hsm: &HsmArgs) -> anyhow::Result<KeysInit> {
+pub fn keys_init(hsm: &HsmArgs) -> Result<KeysInit, CtlError> {
+    let hsm_err =
+        |what: &'static str| move |source: keyhaven_hsm::Error| CtlError::Hsm { what, source };
     let cfg = hsm.config();
-    let ks = BlockingKeystore::open(cfg).context("cannot open the HSM token")?;
-    if let Some(k) = ks.newest_kek().context("cannot list KEKs on the token")? {
+    let ks = BlockingKeystore::open(cfg).map_err(hsm_err("cannot open the HSM token"))?;
+    if let Some(k) = ks
+        .newest_kek()
+        .map_err(hsm_err("cannot list KEKs on the token"))?
+    {
         return Ok(KeysInit {
             kek_id: k.id.to_string(),
             label: k.label,
             created: false,
         });
     }
-    let k = ks.generate_kek().context("cannot create the broker KEK")?;
+    let k = ks
+        .generate_kek()
+        .map_err(hsm_err("cannot create the broker KEK"))?;
     Ok(KeysInit {
         kek_id: k.id.to_string(),
         label: k.label,
@@ -43,7 +49,7 @@ pub fn keys_init(hsm: &HsmArgs) -> anyhow::Result<KeysInit> {
 }
 
 /// Prints the result of [`keys_init`].
-pub fn print_keys_init(r: &KeysInit, io: &mut Io<'_>) -> anyhow::Result<()> {
+pub fn print_keys_init(r: &KeysInit, io: &mut Io<'_>) -> Result<(), CtlError> {
     match io.output {
         Output::Json => output::json(
             io.out,
@@ -66,14 +72,16 @@ pub fn print_keys_init(r: &KeysInit, io: &mut Io<'_>) -> anyhow::Result<()> {
 }
 
 /// Mints a dev token; the token goes to stdout (the dev-mode exception), a warning to stderr.
-pub fn dev_token(args: &DevTokenArgs, io: &mut Io<'_>) -> anyhow::Result<()> {
+pub fn dev_token(args: &DevTokenArgs, io: &mut Io<'_>) -> Result<(), CtlError> {
     io.warn(
         "dev tokens are for demos and tests only: a broker trusts them only when started with \
          --dev, which must never be used in production",
     )?;
     ensure_key_dir(&args.dev_key)?;
-    let issuer = DevIssuer::load_or_generate(&args.dev_key)
-        .with_context(|| format!("dev issuer key {}", args.dev_key.display()))?;
+    let issuer = DevIssuer::load_or_generate(&args.dev_key).map_err(|source| CtlError::DevKey {
+        path: args.dev_key.clone(),
+        source,
+    })?;
     let token = secrecy::SecretString::from(
         issuer
             .mint(
@@ -102,7 +110,7 @@ pub fn dev_token(args: &DevTokenArgs, io: &mut Io<'_>) -> anyhow::Result<()> {
 }
 
 /// Creates the key file's directory (mode 0700) if it is missing.
-fn ensure_key_dir(key: &Path) -> anyhow::Result<()> {
+fn ensure_key_dir(key: &Path) -> Result<(), CtlError> {
     let Some(dir) = key.parent().filter(|d| !d.as_os_str().is_empty()) else {
         return Ok(());
     };
@@ -113,8 +121,10 @@ fn ensure_key_dir(key: &Path) -> anyhow::Result<()> {
     b.recursive(true);
     #[cfg(unix)]
     std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
-    b.create(dir)
-        .with_context(|| format!("cannot create {}", dir.display()))
+    b.create(dir).map_err(|source| CtlError::Io {
+        what: format!("cannot create {}", dir.display()),
+        source,
+    })
 }
 
 #[cfg(test)]
@@ -168,7 +178,7 @@ mod tests {
             terminal: false,
         };
         let e = dev_token(&bad, &mut io).unwrap_err();
-        assert!(e.downcast_ref::<crate::Usage>().is_some(), "{e}");
+        assert!(matches!(e, CtlError::Usage(_)), "{e:?}");
         assert!(out.is_empty());
     }
 }

@@ -1,6 +1,7 @@
 //! `brokerctl`: the operator CLI of the Keyhaven broker. Everything lives in
 //! the `brokerctl` library; this only parses the command line, runs it on a small runtime
-//! and turns an error into one line on stderr and an exit code (1, or 2 for usage errors).
+//! and turns an error into one line on stderr (the error and its causes) and an exit code
+//! (1, or 2 for usage errors).
 #![forbid(unsafe_code)]
 
 use std::process::ExitCode;
@@ -24,8 +25,8 @@ fn main() -> ExitCode {
     match runtime.block_on(ctl::run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", ctl::describe(&e));
-            ExitCode::from(ctl::exit_code(&e))
+            eprintln!("error: {}", e.describe());
+            ExitCode::from(e.exit_code())
         }
     }
 }

@@ -230,7 +230,7 @@ async fn fixture() -> Fixture {
 }
 
 struct Ran {
-    result: anyhow::Result<()>,
+    result: Result<(), CtlError>,
     out: String,
     err: String,
 }
@@ -326,9 +326,9 @@ async fn refusals_are_one_line_with_code_and_exit_1() {
     let f = fixture().await;
     let r = ctl(f.args(&["keys", "status"])).await;
     let e = r.result.unwrap_err();
-    assert_eq!(exit_code(&e), 1);
-    assert!(remote::is_code(&e, tonic::Code::PermissionDenied));
-    let line = describe(&e);
+    assert_eq!(e.exit_code(), 1);
+    assert_eq!(e.grpc_code(), Some(tonic::Code::PermissionDenied));
+    let line = e.describe();
     assert_eq!(
         line,
         "KeyStatus failed: PERMISSION_DENIED: system:serviceaccount:team:app may not use `audit`"
@@ -337,9 +337,9 @@ async fn refusals_are_one_line_with_code_and_exit_1() {
 
     let r = ctl(f.args(&["audit", "verify"])).await;
     let e = r.result.unwrap_err();
-    assert_eq!(exit_code(&e), 1);
+    assert_eq!(e.exit_code(), 1);
     assert_eq!(
-        describe(&e),
+        e.describe(),
         "audit log verification FAILED: record 42: hash mismatch"
     );
 }
@@ -360,18 +360,54 @@ async fn rotate_prints_the_new_kek_and_retire_needs_yes_and_a_kek_id() {
     let id = "c".repeat(32);
     let r = ctl(f.args(&["keys", "retire", &id])).await;
     let e = r.result.unwrap_err();
-    assert_eq!(exit_code(&e), 2);
-    assert!(describe(&e).contains("--yes"), "{}", describe(&e));
+    assert_eq!(e.exit_code(), 2);
+    assert!(e.describe().contains("--yes"), "{}", e.describe());
     let r = ctl(f.args(&["keys", "retire", "not-a-kek", "--yes"])).await;
-    assert_eq!(exit_code(&r.result.unwrap_err()), 2);
+    assert_eq!(r.result.unwrap_err().exit_code(), 2);
     assert!(f.seen.lock().unwrap().retired.is_empty());
 
     // Sent with --yes; the broker's refusal comes back as one line.
     let r = ctl(f.args(&["keys", "retire", &id, "--yes"])).await;
     let e = r.result.unwrap_err();
-    assert_eq!(exit_code(&e), 1);
-    assert!(remote::is_code(&e, tonic::Code::FailedPrecondition));
+    assert_eq!(e.exit_code(), 1);
+    assert_eq!(e.grpc_code(), Some(tonic::Code::FailedPrecondition));
     assert_eq!(f.seen.lock().unwrap().retired, vec![id]);
+}
+
+/// A terminal for indicatif that keeps what is written to it.
+#[derive(Debug, Clone, Default)]
+struct Screen(Arc<Mutex<String>>);
+
+impl indicatif::TermLike for Screen {
+    fn width(&self) -> u16 {
+        120
+    }
+    fn move_cursor_up(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_down(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_right(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_left(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn write_line(&self, s: &str) -> std::io::Result<()> {
+        self.write_str(&format!("{s}\n"))
+    }
+    fn write_str(&self, s: &str) -> std::io::Result<()> {
+        self.0.lock().unwrap().push_str(s);
+        Ok(())
+    }
+    fn clear_line(&self) -> std::io::Result<()> {
+        self.0.lock().unwrap().clear();
+        Ok(())
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 #[test]
@@ -386,21 +422,45 @@ fn rewrap_progress_lines() {
         unknown_kek_deks: 0,
     };
     assert_eq!(
-        remote::keys::rewrap_line(&w, false),
+        remote::keys::rewrap_line(&w),
         "re-wrap: 250 moved, 750 to go (25.0% done), 125 DEKs/s from 2 replicas, ETA 6s"
     );
-    let bar = remote::keys::rewrap_line(&w, true);
-    assert!(
-        bar.starts_with("re-wrap: [#######-----------------------]  25.0%  250 moved"),
-        "{bar}"
+
+    // The terminal form, drawn by indicatif.
+    let screen = Screen::default();
+    let bar = remote::keys::RewrapBar::new(indicatif::ProgressDrawTarget::term_like(Box::new(
+        screen.clone(),
+    )));
+    bar.show(&w);
+    assert_eq!((bar.0.position(), bar.0.length()), (250, Some(1000)));
+    let drawn = screen.0.lock().unwrap().trim_end().to_owned();
+    assert_eq!(
+        drawn,
+        "re-wrap: [#######-----------------------]  25.0%  250 moved, 750 to go, \
+         125 DEKs/s from 2 replicas, ETA 6s"
     );
+    w.moved = 999;
+    w.remaining = 1;
+    bar.show(&w);
+    let drawn = screen.0.lock().unwrap().clone();
+    assert!(
+        drawn.starts_with("re-wrap: [#############################-]  99.9%  999 moved, 1 to go"),
+        "{drawn}"
+    );
+    // The summary's bar stays as it is (indicatif's `finish` would fill it).
+    bar.leave();
+    assert!(bar.0.is_finished());
+    assert_eq!(*screen.0.lock().unwrap(), drawn);
+    // Off a terminal indicatif draws nothing, whatever the state.
+    let hidden = remote::keys::RewrapBar::new(indicatif::ProgressDrawTarget::hidden());
+    hidden.show(&w);
+    assert!(hidden.0.is_hidden());
+
     w.rate_per_second = 0.0;
     w.eta_seconds = -1;
-    assert!(
-        remote::keys::rewrap_line(&w, false).ends_with("no batch in the last minute, ETA unknown")
-    );
+    assert!(remote::keys::rewrap_line(&w).ends_with("no batch in the last minute, ETA unknown"));
     w.remaining = 0;
-    assert!(remote::keys::rewrap_line(&w, true).starts_with("re-wrap: done"));
+    assert!(remote::keys::rewrap_line(&w).starts_with("re-wrap: done"));
 }
 
 #[tokio::test]
@@ -414,11 +474,11 @@ async fn selectors_reach_the_server_and_bad_ones_never_leave() {
     r.result.unwrap();
     assert_eq!(r.out, "team/app/abc\n");
     let r = ctl(f.args(&["leases", "revoke"])).await;
-    assert_eq!(exit_code(&r.result.unwrap_err()), 2);
+    assert_eq!(r.result.unwrap_err().exit_code(), 2);
     let r = ctl(f.args(&["leases", "revoke", "--everything"])).await;
-    assert_eq!(exit_code(&r.result.unwrap_err()), 2);
+    assert_eq!(r.result.unwrap_err().exit_code(), 2);
     let r = ctl(f.args(&["leases", "list", "--namespace", ""])).await;
-    assert_eq!(exit_code(&r.result.unwrap_err()), 2);
+    assert_eq!(r.result.unwrap_err().exit_code(), 2);
     ctl(f.args(&["leases", "list", "--namespace", "team"]))
         .await
         .result
@@ -485,13 +545,13 @@ async fn tls_failures_are_clear() {
         "list".into(),
     ]);
     let r = ctl(args).await;
-    let line = describe(&r.result.unwrap_err());
+    let line = r.result.unwrap_err().describe();
     assert!(line.contains("certificate"), "{line}");
     assert!(line.contains("UnknownIssuer"), "{line}");
 
     // The certificate is not for this name.
     let r = ctl(f.args(&["--tls-server-name", "broker.example", "secrets", "list"])).await;
-    let line = describe(&r.result.unwrap_err());
+    let line = r.result.unwrap_err().describe();
     assert!(
         line.contains("not valid for name \"broker.example\""),
         "{line}"
@@ -508,13 +568,13 @@ async fn tls_failures_are_clear() {
     let args = [args, vec!["secrets".into(), "list".into()]].concat();
     let r = ctl(args).await;
     let e = r.result.unwrap_err();
-    assert_eq!(exit_code(&e), 1);
-    let line = describe(&e);
+    assert_eq!(e.exit_code(), 1);
+    let line = e.describe();
     assert!(
         line.starts_with("the connection broke; if the broker requires client certificates, give --client-cert and --client-key: ListSecrets failed: UNKNOWN: transport error"),
         "{line}"
     );
-    no_token_in(&[&describe(&e)]);
+    no_token_in(&[&e.describe()]);
 
     assert!(f.seen.lock().unwrap().authorization.len() == 1);
 }
@@ -557,7 +617,7 @@ async fn local_commands_need_no_server_or_credential() {
         policy.display().to_string(),
     ])
     .await;
-    let line = describe(&r.result.unwrap_err());
+    let line = r.result.unwrap_err().describe();
     assert!(line.contains("not a valid policy document"), "{line}");
 
     // A remote command without a credential is a usage error, before any connection.
@@ -570,5 +630,5 @@ async fn local_commands_need_no_server_or_credential() {
     ])
     .await;
     let e = r.result.unwrap_err();
-    assert_eq!(exit_code(&e), 2, "{e}");
+    assert_eq!(e.exit_code(), 2, "{e}");
 }

@@ -6,7 +6,7 @@ use super::*;
 pub(super) const TAIL_PAGE: u32 = 1000;
 
 /// `brokerctl audit ...`
-pub async fn audit(conn: &ConnArgs, cmd: &AuditCommand, io: &mut Io<'_>) -> anyhow::Result<()> {
+pub async fn audit(conn: &ConnArgs, cmd: &AuditCommand, io: &mut Io<'_>) -> Result<(), CtlError> {
     match cmd {
         AuditCommand::Verify { anchor } => {
             let r = Session::open(conn)
@@ -16,7 +16,7 @@ pub async fn audit(conn: &ConnArgs, cmd: &AuditCommand, io: &mut Io<'_>) -> anyh
                     anchor: anchor.as_ref().map(ToString::to_string).unwrap_or_default(),
                 })
                 .await
-                .map_err(remote("AuditVerify"))?
+                .map_err(CtlError::remote("AuditVerify"))?
                 .into_inner();
             match io.output {
                 Output::Json => output::json(
@@ -38,9 +38,9 @@ pub async fn audit(conn: &ConnArgs, cmd: &AuditCommand, io: &mut Io<'_>) -> anyh
                 let why = if r.error.is_empty() {
                     "no reason given".to_owned()
                 } else {
-                    crate::conn::one_line(&r.error)
+                    crate::error::one_line(&r.error)
                 };
-                anyhow::bail!("audit log verification FAILED: {why}");
+                return Err(CtlError::AuditBroken(why));
             }
         }
         AuditCommand::Tail {
@@ -89,18 +89,21 @@ pub(super) async fn tail_page(
     s: &mut Session,
     after_seq: i64,
     limit: u32,
-) -> anyhow::Result<Vec<String>> {
+) -> Result<Vec<String>, CtlError> {
     Ok(s.admin
         .audit_tail(pb::AuditTailRequest { after_seq, limit })
         .await
-        .map_err(remote("AuditTail"))?
+        .map_err(CtlError::remote("AuditTail"))?
         .into_inner()
         .records)
 }
 
 /// The last `n` records, found by reading the log page by page (the API counts from the
 /// start), and the seq of the very last record (0 for an empty log).
-pub(super) async fn last_records(s: &mut Session, n: usize) -> anyhow::Result<(Vec<String>, i64)> {
+pub(super) async fn last_records(
+    s: &mut Session,
+    n: usize,
+) -> Result<(Vec<String>, i64), CtlError> {
     let mut ring: VecDeque<String> = VecDeque::with_capacity(n.min(10_000));
     let mut after = 0;
     loop {
@@ -108,12 +111,14 @@ pub(super) async fn last_records(s: &mut Session, n: usize) -> anyhow::Result<(V
         let full = page.len() >= TAIL_PAGE as usize;
         for line in page {
             let seq = record_seq(&line).ok_or_else(|| {
-                anyhow::anyhow!("the broker sent an audit record without a seq after {after}")
+                CtlError::BadResponse(format!(
+                    "the broker sent an audit record without a seq after {after}"
+                ))
             })?;
             if seq <= after {
-                anyhow::bail!(
+                return Err(CtlError::BadResponse(format!(
                     "the broker sent audit records out of order (seq {seq} after {after})"
-                );
+                )));
             }
             after = seq;
             if ring.len() == n {
@@ -132,7 +137,7 @@ pub(super) fn print_records(
     records: &[String],
     mut last: i64,
     io: &mut Io<'_>,
-) -> anyhow::Result<i64> {
+) -> Result<i64, CtlError> {
     for line in records {
         if let Some(seq) = record_seq(line) {
             last = last.max(seq);

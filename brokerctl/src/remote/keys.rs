@@ -1,5 +1,7 @@
 //! `brokerctl keys status | rotate | retire`.
 
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
+
 use super::*;
 
 /// `brokerctl keys status [--wait]`.
@@ -7,15 +9,16 @@ pub async fn key_status(
     conn: &ConnArgs,
     args: &KeyStatusArgs,
     io: &mut Io<'_>,
-) -> anyhow::Result<()> {
+) -> Result<(), CtlError> {
     let mut s = Session::open(conn).await?;
-    let mut drew_bar = false;
+    // On a terminal `--wait` redraws one bar; otherwise it prints a line per ask.
+    let mut bar: Option<RewrapBar> = None;
     let r = loop {
         let r = s
             .admin
             .key_status(pb::KeyStatusRequest {})
             .await
-            .map_err(remote("KeyStatus"))?
+            .map_err(CtlError::remote("KeyStatus"))?
             .into_inner();
         let w = r.rewrap.unwrap_or_default();
         if !args.wait || w.remaining == 0 {
@@ -23,17 +26,18 @@ pub async fn key_status(
         }
         if io.output == Output::Text {
             if io.terminal {
-                write!(io.out, "\r\x1b[2K{}", rewrap_line(&w, true))?;
-                drew_bar = true;
+                bar.get_or_insert_with(|| RewrapBar::new(ProgressDrawTarget::stdout()))
+                    .show(&w);
             } else {
-                writeln!(io.out, "{}", rewrap_line(&w, false))?;
+                writeln!(io.out, "{}", rewrap_line(&w))?;
+                io.out.flush()?;
             }
-            io.out.flush()?;
         }
         tokio::time::sleep(args.interval).await;
     };
-    if drew_bar {
-        writeln!(io.out)?;
+    if let Some(bar) = bar {
+        // The summary below has the final state.
+        bar.0.finish_and_clear();
     }
     let w = r.rewrap.unwrap_or_default();
     match io.output {
@@ -98,7 +102,15 @@ pub async fn key_status(
                 &rows,
             )?;
             writeln!(io.out)?;
-            writeln!(io.out, "{}", rewrap_line(&w, io.terminal))?;
+            if io.terminal && w.remaining > 0 {
+                // The bar is drawn straight to stdout: what is buffered goes first.
+                io.out.flush()?;
+                let bar = RewrapBar::new(ProgressDrawTarget::stdout());
+                bar.show(&w);
+                bar.leave();
+            } else {
+                writeln!(io.out, "{}", rewrap_line(&w))?;
+            }
             writeln!(io.out, "automatic rotation: {}", r.auto_rotation)?;
             if w.unknown_kek_deks > 0 {
                 io.warn(&format!(
@@ -120,55 +132,102 @@ pub(super) fn percent(done: u64, total: u64) -> f64 {
     }
 }
 
-/// One line of re-wrap progress; with a progress bar when `bar`.
-pub(crate) fn rewrap_line(w: &pb::RewrapProgress, bar: bool) -> String {
-    const WIDTH: usize = 30;
-    let total = w.moved + w.remaining;
+/// Re-wrap progress as one plain line (not a terminal: logs, pipes, `kubectl exec`).
+pub(crate) fn rewrap_line(w: &pb::RewrapProgress) -> String {
     if w.remaining == 0 {
         return format!(
             "re-wrap: done, every live DEK is wrapped by the primary KEK ({} moved to it)",
             w.moved
         );
     }
-    let pct = percent(w.moved, total);
-    let mut line = String::from("re-wrap: ");
-    if bar {
-        let filled = ((pct / 100.0) * WIDTH as f64).floor() as usize;
-        line.push('[');
-        line.extend(std::iter::repeat_n('#', filled.min(WIDTH)));
-        line.extend(std::iter::repeat_n('-', WIDTH - filled.min(WIDTH)));
-        line.push_str(&format!("] {pct:5.1}%  "));
-    }
-    line.push_str(&format!("{} moved, {} to go", w.moved, w.remaining));
-    if !bar {
-        line.push_str(&format!(" ({pct:.1}% done)"));
-    }
-    if w.rate_per_second > 0.0 {
-        line.push_str(&format!(
+    format!(
+        "re-wrap: {} moved, {} to go ({:.1}% done){}",
+        w.moved,
+        w.remaining,
+        percent(w.moved, w.moved + w.remaining),
+        rate_and_eta(w)
+    )
+}
+
+/// The broker's figures: its rate over the last minute (all replicas) and its ETA.
+fn rate_and_eta(w: &pb::RewrapProgress) -> String {
+    let mut s = if w.rate_per_second > 0.0 {
+        format!(
             ", {:.0} DEKs/s from {} replica{}",
             w.rate_per_second,
             w.replicas,
             if w.replicas == 1 { "" } else { "s" }
-        ));
+        )
     } else {
-        line.push_str(", no batch in the last minute");
-    }
+        ", no batch in the last minute".to_owned()
+    };
     if w.eta_seconds >= 0 {
-        line.push_str(&format!(", ETA {}", secs(w.eta_seconds.unsigned_abs())));
+        s.push_str(&format!(", ETA {}", secs(w.eta_seconds.unsigned_abs())));
     } else {
-        line.push_str(", ETA unknown");
+        s.push_str(", ETA unknown");
     }
-    line
+    s
+}
+
+/// Re-wrap progress as an `indicatif` bar (on a terminal): DEKs moved out of moved + to go,
+/// then the counts and the broker's rate and ETA (not indicatif's: the broker knows what
+/// every replica does).
+pub(crate) struct RewrapBar(pub(crate) ProgressBar);
+
+impl RewrapBar {
+    /// The bar line: `re-wrap: [#######-----------------------]  25.0%  250 moved, ...`.
+    pub(crate) const TEMPLATE: &'static str = "re-wrap: [{bar:30}] {percent_done}%  {msg}";
+
+    /// A bar drawing to `target` (nothing is drawn before [`RewrapBar::show`]).
+    pub(crate) fn new(target: ProgressDrawTarget) -> RewrapBar {
+        let bar = ProgressBar::with_draw_target(Some(0), target);
+        // A fixed template that parses (the tests draw it); else indicatif's default style.
+        if let Ok(style) = ProgressStyle::with_template(Self::TEMPLATE) {
+            bar.set_style(
+                style
+                    .with_key(
+                        "percent_done",
+                        |s: &ProgressState, out: &mut dyn std::fmt::Write| {
+                            // As the plain line and `-o json` count it (tenths, rounded down).
+                            let _ = write!(out, "{:5.1}", percent(s.pos(), s.len().unwrap_or(0)));
+                        },
+                    )
+                    .progress_chars("#-"),
+            );
+        }
+        RewrapBar(bar)
+    }
+
+    /// Sets the bar to `w` and draws it.
+    pub(crate) fn show(&self, w: &pb::RewrapProgress) {
+        self.0.set_message(format!(
+            "{} moved, {} to go{}",
+            w.moved,
+            w.remaining,
+            rate_and_eta(w)
+        ));
+        self.0.update(|s| {
+            s.set_len(w.moved + w.remaining);
+            s.set_pos(w.moved);
+        });
+        // Asks are seconds apart: never let the draw rate limit hold back the last state.
+        self.0.force_draw();
+    }
+
+    /// Stops drawing and leaves the last line as it is (`finish` would show 100%).
+    pub(crate) fn leave(&self) {
+        self.0.abandon();
+    }
 }
 
 /// `brokerctl keys rotate`.
-pub async fn key_rotate(conn: &ConnArgs, io: &mut Io<'_>) -> anyhow::Result<()> {
+pub async fn key_rotate(conn: &ConnArgs, io: &mut Io<'_>) -> Result<(), CtlError> {
     let r = Session::open(conn)
         .await?
         .admin
         .rotate_key(pb::RotateKeyRequest {})
         .await
-        .map_err(remote("RotateKey"))?
+        .map_err(CtlError::remote("RotateKey"))?
         .into_inner();
     match io.output {
         Output::Json => output::json(
@@ -194,7 +253,11 @@ pub async fn key_rotate(conn: &ConnArgs, io: &mut Io<'_>) -> anyhow::Result<()> 
 }
 
 /// `brokerctl keys retire <id> --yes`.
-pub async fn key_retire(conn: &ConnArgs, args: &RetireArgs, io: &mut Io<'_>) -> anyhow::Result<()> {
+pub async fn key_retire(
+    conn: &ConnArgs,
+    args: &RetireArgs,
+    io: &mut Io<'_>,
+) -> Result<(), CtlError> {
     let id = args.kek_id.trim();
     if id.len() != 32 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(Usage(format!(
@@ -218,7 +281,7 @@ pub async fn key_retire(conn: &ConnArgs, args: &RetireArgs, io: &mut Io<'_>) -> 
             kek_id: id.to_ascii_lowercase(),
         })
         .await
-        .map_err(remote("RetireKey"))?
+        .map_err(CtlError::remote("RetireKey"))?
         .into_inner();
     match io.output {
         Output::Json => output::json(

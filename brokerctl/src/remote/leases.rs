@@ -3,7 +3,7 @@
 use super::*;
 
 /// `brokerctl leases ...`
-pub async fn leases(conn: &ConnArgs, cmd: &LeasesCommand, io: &mut Io<'_>) -> anyhow::Result<()> {
+pub async fn leases(conn: &ConnArgs, cmd: &LeasesCommand, io: &mut Io<'_>) -> Result<(), CtlError> {
     match cmd {
         LeasesCommand::List { selector, all } => {
             let selector = lease_selector(selector)?;
@@ -15,7 +15,7 @@ pub async fn leases(conn: &ConnArgs, cmd: &LeasesCommand, io: &mut Io<'_>) -> an
                     include_ended: *all,
                 })
                 .await
-                .map_err(remote("ListLeases"))?
+                .map_err(CtlError::remote("ListLeases"))?
                 .into_inner();
             let now = now_ms();
             match io.output {
@@ -101,7 +101,7 @@ pub async fn leases(conn: &ConnArgs, cmd: &LeasesCommand, io: &mut Io<'_>) -> an
                 .admin
                 .revoke_leases(pb::RevokeLeasesRequest { selector })
                 .await
-                .map_err(remote("RevokeLeases"))?
+                .map_err(CtlError::remote("RevokeLeases"))?
                 .into_inner();
             match io.output {
                 Output::Json => output::json(io.out, &json!({"revoked": r.lease_ids}))?,
@@ -118,7 +118,7 @@ pub async fn leases(conn: &ConnArgs, cmd: &LeasesCommand, io: &mut Io<'_>) -> an
 }
 
 /// `brokerctl lease PATH`.
-pub async fn lease(conn: &ConnArgs, args: &LeaseArgs, io: &mut Io<'_>) -> anyhow::Result<()> {
+pub async fn lease(conn: &ConnArgs, args: &LeaseArgs, io: &mut Io<'_>) -> Result<(), CtlError> {
     let path = secret_path(&args.path)?;
     let ttl_seconds = args
         .ttl
@@ -136,7 +136,7 @@ pub async fn lease(conn: &ConnArgs, args: &LeaseArgs, io: &mut Io<'_>) -> anyhow
             ttl_seconds,
         })
         .await
-        .map_err(remote("Lease"))?
+        .map_err(CtlError::remote("Lease"))?
         .into_inner();
     // Our copies of the values are wiped when this map is dropped.
     let data: std::collections::BTreeMap<String, Zeroizing<Vec<u8>>> = r
@@ -205,7 +205,7 @@ pub async fn lease(conn: &ConnArgs, args: &LeaseArgs, io: &mut Io<'_>) -> anyhow
 }
 
 /// `brokerctl renew LEASE_ID`.
-pub async fn renew(conn: &ConnArgs, args: &RenewArgs, io: &mut Io<'_>) -> anyhow::Result<()> {
+pub async fn renew(conn: &ConnArgs, args: &RenewArgs, io: &mut Io<'_>) -> Result<(), CtlError> {
     let lease_id = lease_id(&args.lease_id)?;
     let increment_seconds = args
         .increment
@@ -220,7 +220,7 @@ pub async fn renew(conn: &ConnArgs, args: &RenewArgs, io: &mut Io<'_>) -> anyhow
             increment_seconds,
         })
         .await
-        .map_err(remote("Renew"))?
+        .map_err(CtlError::remote("Renew"))?
         .into_inner();
     match io.output {
         Output::Json => output::json(
@@ -253,7 +253,7 @@ pub async fn renew(conn: &ConnArgs, args: &RenewArgs, io: &mut Io<'_>) -> anyhow
 }
 
 /// `brokerctl revoke LEASE_ID`.
-pub async fn revoke(conn: &ConnArgs, args: &RevokeArgs, io: &mut Io<'_>) -> anyhow::Result<()> {
+pub async fn revoke(conn: &ConnArgs, args: &RevokeArgs, io: &mut Io<'_>) -> Result<(), CtlError> {
     let lease_id = lease_id(&args.lease_id)?;
     Session::open(conn)
         .await?
@@ -262,7 +262,7 @@ pub async fn revoke(conn: &ConnArgs, args: &RevokeArgs, io: &mut Io<'_>) -> anyh
             lease_id: lease_id.to_owned(),
         })
         .await
-        .map_err(remote("Revoke"))?;
+        .map_err(CtlError::remote("Revoke"))?;
     match io.output {
         Output::Json => output::json(io.out, &json!({"revoked": [lease_id]}))?,
         Output::Text => writeln!(io.out, "revoked {lease_id}")?,

@@ -12,10 +12,10 @@ use super::cli::{
     AuditCommand, ConnArgs, KeyStatusArgs, LeaseArgs, LeasesCommand, Output, PolicyCommand,
     RenewArgs, RetireArgs, RevokeArgs, SecretsCommand,
 };
-use super::conn::{remote, Session};
+use super::conn::Session;
 use super::input::{lease_selector, policy_document, secret_path, secret_values};
 use super::output::{self, lease_state, now_ms, relative, secs, table, time_ms, time_s};
-use super::{Io, Usage};
+use super::{CtlError, Io, Usage};
 use keyhaven_broker_core::audit::AuditRecord;
 
 mod audit;
@@ -82,13 +82,6 @@ pub(super) fn nonempty(s: &str) -> serde_json::Value {
     }
 }
 
-/// Whether an error is a broker refusal with this code.
-#[cfg(test)]
-pub fn is_code(e: &anyhow::Error, code: tonic::Code) -> bool {
-    e.downcast_ref::<super::conn::RemoteError>()
-        .is_some_and(|r| r.code == code)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,9 +100,6 @@ mod tests {
     fn record_seq_reads_the_json_line() {
         assert_eq!(record_seq(r#"{"seq": 42, "hash": "x"}"#), Some(42));
         assert_eq!(record_seq("garbage"), None);
-        assert_eq!(
-            super::super::conn::code_name(tonic::Code::NotFound),
-            "NOT_FOUND"
-        );
+        assert_eq!(crate::error::code_name(tonic::Code::NotFound), "NOT_FOUND");
     }
 }

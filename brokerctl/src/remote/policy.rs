@@ -3,7 +3,7 @@
 use super::*;
 
 /// `brokerctl policy ...`: `apply` validates the document locally before connecting.
-pub async fn policy(conn: &ConnArgs, cmd: &PolicyCommand, io: &mut Io<'_>) -> anyhow::Result<()> {
+pub async fn policy(conn: &ConnArgs, cmd: &PolicyCommand, io: &mut Io<'_>) -> Result<(), CtlError> {
     match cmd {
         PolicyCommand::Apply {
             file,
@@ -28,7 +28,7 @@ pub async fn policy(conn: &ConnArgs, cmd: &PolicyCommand, io: &mut Io<'_>) -> an
                     dry_run: false,
                 })
                 .await
-                .map_err(remote("ApplyPolicies"))?
+                .map_err(CtlError::remote("ApplyPolicies"))?
                 .into_inner();
             match io.output {
                 Output::Json => output::json(io.out, &json!({"applied": r.policies}))?,
@@ -45,13 +45,12 @@ pub async fn policy(conn: &ConnArgs, cmd: &PolicyCommand, io: &mut Io<'_>) -> an
                 .admin
                 .list_policies(pb::ListPoliciesRequest {})
                 .await
-                .map_err(remote("ListPolicies"))?
+                .map_err(CtlError::remote("ListPolicies"))?
                 .into_inner();
             match io.output {
                 Output::Json => {
-                    let doc: serde_json::Value = serde_yaml_ng::from_str(&r.yaml).map_err(|e| {
-                        anyhow::anyhow!("the broker sent a policy document that is not YAML: {e}")
-                    })?;
+                    let doc: serde_json::Value =
+                        serde_yaml_ng::from_str(&r.yaml).map_err(CtlError::BadPolicyYaml)?;
                     output::json(io.out, &doc)?
                 }
                 Output::Text => {

@@ -3,7 +3,11 @@
 use super::*;
 
 /// `brokerctl secrets ...`
-pub async fn secrets(conn: &ConnArgs, cmd: &SecretsCommand, io: &mut Io<'_>) -> anyhow::Result<()> {
+pub async fn secrets(
+    conn: &ConnArgs,
+    cmd: &SecretsCommand,
+    io: &mut Io<'_>,
+) -> Result<(), CtlError> {
     match cmd {
         SecretsCommand::Put(args) => {
             let path = secret_path(&args.path)?;
@@ -24,7 +28,7 @@ pub async fn secrets(conn: &ConnArgs, cmd: &SecretsCommand, io: &mut Io<'_>) -> 
                     data: values.to_wire(),
                 })
                 .await
-                .map_err(remote("PutSecret"))?
+                .map_err(CtlError::remote("PutSecret"))?
                 .into_inner();
             drop(values);
             match io.output {
@@ -48,7 +52,7 @@ pub async fn secrets(conn: &ConnArgs, cmd: &SecretsCommand, io: &mut Io<'_>) -> 
                     prefix: prefix.clone().unwrap_or_default(),
                 })
                 .await
-                .map_err(remote("ListSecrets"))?
+                .map_err(CtlError::remote("ListSecrets"))?
                 .into_inner();
             match io.output {
                 Output::Json => output::json(io.out, &json!(r.paths))?,
@@ -68,7 +72,7 @@ pub async fn secrets(conn: &ConnArgs, cmd: &SecretsCommand, io: &mut Io<'_>) -> 
                     path: path.to_owned(),
                 })
                 .await
-                .map_err(remote("SecretMetadata"))?
+                .map_err(CtlError::remote("SecretMetadata"))?
                 .into_inner();
             match io.output {
                 Output::Json => {
@@ -144,7 +148,7 @@ pub async fn secrets(conn: &ConnArgs, cmd: &SecretsCommand, io: &mut Io<'_>) -> 
     Ok(())
 }
 
-pub(super) async fn delete(conn: &ConnArgs, path: &str, destroy: bool) -> anyhow::Result<u64> {
+pub(super) async fn delete(conn: &ConnArgs, path: &str, destroy: bool) -> Result<u64, CtlError> {
     Ok(Session::open(conn)
         .await?
         .admin
@@ -153,7 +157,7 @@ pub(super) async fn delete(conn: &ConnArgs, path: &str, destroy: bool) -> anyhow
             destroy,
         })
         .await
-        .map_err(remote("DeleteSecret"))?
+        .map_err(CtlError::remote("DeleteSecret"))?
         .into_inner()
         .versions)
 }
