@@ -129,6 +129,9 @@ pub enum Command {
         #[command(subcommand)]
         command: LeasesCommand,
     },
+    /// The broker replicas sharing the database: version, heartbeat, policy generation,
+    /// primary KEK.
+    Replicas,
     /// Lease a secret as the calling workload (demos and tests).
     Lease(LeaseArgs),
     /// Renew one of the calling workload's leases.
@@ -305,12 +308,18 @@ pub enum PolicyCommand {
             value_parser = humantime::parse_duration
         )]
         max_ttl_cap: Duration,
+        /// Ask the broker what the new set would do (the active leases it would end), changing
+        /// nothing.
+        #[arg(long, conflicts_with = "validate_only")]
+        dry_run: bool,
         /// Only validate locally; send nothing.
         #[arg(long)]
-        dry_run: bool,
+        validate_only: bool,
     },
     /// Print the current policy document.
     List,
+    /// The stored policy generation and the one each broker replica enforces.
+    Status,
 }
 
 /// Which leases (`leases list` / `leases revoke`): one lease, a namespace, a service account,

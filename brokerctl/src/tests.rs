@@ -602,11 +602,15 @@ async fn local_commands_need_no_server_or_credential() {
         "apply".into(),
         "-f".into(),
         policy.display().to_string(),
-        "--dry-run".into(),
+        "--validate-only".into(),
     ])
     .await;
     r.result.unwrap();
-    assert!(r.out.contains("valid: 0 policies"), "{}", r.out);
+    assert!(
+        r.out.contains("valid: 0 policies (nothing sent)"),
+        "{}",
+        r.out
+    );
 
     std::fs::write(&policy, "policies:\n  - name: x\n").unwrap();
     let r = ctl(vec![

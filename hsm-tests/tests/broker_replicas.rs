@@ -276,6 +276,49 @@ fn a_policy_change_on_one_replica_holds_on_every_replica_and_ends_the_leases_it_
             r.audit_verifies().await;
         }
     });
+
+    // The operator's view through brokerctl.
+    let ctl = |args: &[&str]| {
+        let out = b.ctl_admin(&hsm, &pki.ca, args);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{args:?}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    };
+    let status = ctl(&["policy", "status"]);
+    assert!(status.contains("stored policy generation: 3"), "{status}");
+    assert_eq!(status.matches(" ok\n").count(), 3, "{status}");
+    assert!(status.contains("gone-host/1"), "{status}");
+    let json: serde_json::Value =
+        serde_json::from_str(&ctl(&["--output", "json", "replicas"])).unwrap();
+    let states: Vec<&str> = json["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states.iter().filter(|s| **s == "ok").count(), 3, "{json}");
+    assert_eq!(
+        states.iter().filter(|s| **s == "stale").count(),
+        1,
+        "{json}"
+    );
+    let file = hsm.dir().join("no-grant.yaml");
+    std::fs::write(&file, NO_GRANT).unwrap();
+    let plan = ctl(&["policy", "apply", "-f", file.to_str().unwrap(), "--dry-run"]);
+    assert!(
+        plan.contains("would end 1 active lease(s)") && plan.contains("generation stays 3"),
+        "{plan}"
+    );
+    let applied = ctl(&["policy", "apply", "-f", file.to_str().unwrap()]);
+    assert!(
+        applied.contains("policy generation 4")
+            && applied.contains("1 active lease(s) it no longer allows ended"),
+        "{applied}"
+    );
     drop((a, b, c));
 }
 

@@ -1,5 +1,5 @@
 //! The commands that call the broker: `secrets`, `policy`, `leases`, `lease` / `renew` /
-//! `revoke`, `audit`, `keys status` / `rotate` / `retire`.
+//! `revoke`, `audit`, `keys status` / `rotate` / `retire`, `replicas`.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -22,6 +22,7 @@ mod audit;
 pub(crate) mod keys;
 mod leases;
 mod policy;
+mod replicas;
 mod secrets;
 
 #[allow(unused_imports)]
@@ -30,6 +31,7 @@ pub use audit::audit;
 pub use keys::{key_retire, key_rotate, key_status};
 pub use leases::{lease, leases, renew, revoke};
 pub use policy::policy;
+pub use replicas::replicas;
 pub use secrets::secrets;
 
 pub(super) fn lease_id(id: &str) -> Result<&str, Usage> {
