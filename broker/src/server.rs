@@ -57,19 +57,9 @@ pub struct ServeArgs {
     /// Serve without TLS. Only allowed on a loopback address.
     #[arg(long, env = "KEYHAVEN_INSECURE_PLAINTEXT")]
     pub insecure_plaintext: bool,
-    /// PKCS#11 module.
-    #[arg(
-        long,
-        env = "KEYHAVEN_PKCS11_MODULE",
-        default_value = "/usr/lib/softhsm/libsofthsm2.so"
-    )]
-    pub pkcs11_module: PathBuf,
-    /// HSM token label.
-    #[arg(long, env = "KEYHAVEN_TOKEN_LABEL")]
-    pub token_label: String,
-    /// File holding the HSM user PIN.
-    #[arg(long, env = "KEYHAVEN_PIN_FILE")]
-    pub pin_file: PathBuf,
+    /// PKCS#11 module, token and PIN.
+    #[command(flatten)]
+    pub hsm: keyhaven_hsm::cli::HsmAccessArgs,
     /// Label prefix of the broker's KEKs.
     #[arg(
         long,
@@ -243,11 +233,7 @@ pub async fn assemble(args: &ServeArgs) -> Result<Arc<Broker>, ServeError> {
     let store = Store::connect(url.expose_secret())
         .await
         .map_err(|e| ServeError::Start(format!("database: {e}")))?;
-    let mut cfg = keyhaven_hsm::Config::new(
-        &args.pkcs11_module,
-        keyhaven_hsm::TokenSelector::Label(args.token_label.clone()),
-        keyhaven_hsm::PinSource::File(args.pin_file.clone()),
-    );
+    let mut cfg = args.hsm.config();
     cfg.kek_label_prefix = args.kek_label_prefix.clone();
     let ks = keyhaven_hsm::Keystore::open(cfg)
         .await
