@@ -549,6 +549,184 @@ async fn a_lease_never_hands_out_a_version_another_replica_replaced(env: Env) {
     assert!(store.verify_audit().await.unwrap().is_ok());
 }
 
+/// Makes every insert into the audit table fail (or, `false`, work again), behind the
+/// broker's back: the audit log refuses while the rest of the database works.
+async fn refuse_audit(store: &keyhaven_broker::store::Store, refuse: bool) {
+    use keyhaven_broker::store::Pool;
+    match (store.pool(), refuse) {
+        (Pool::Sqlite(p), true) => {
+            sqlx::query(
+                "CREATE TRIGGER audit_refused BEFORE INSERT ON audit \
+                 BEGIN SELECT RAISE(ABORT, 'audit refused by the test'); END",
+            )
+            .execute(p)
+            .await
+            .unwrap();
+        }
+        (Pool::Sqlite(p), false) => {
+            sqlx::query("DROP TRIGGER audit_refused")
+                .execute(p)
+                .await
+                .unwrap();
+        }
+        (Pool::Postgres(p), true) => {
+            sqlx::query(
+                "CREATE FUNCTION audit_refused() RETURNS trigger LANGUAGE plpgsql AS \
+                 $$ BEGIN RAISE EXCEPTION 'audit refused by the test'; END $$",
+            )
+            .execute(p)
+            .await
+            .unwrap();
+            sqlx::query(
+                "CREATE TRIGGER audit_refused BEFORE INSERT ON audit \
+                 FOR EACH ROW EXECUTE FUNCTION audit_refused()",
+            )
+            .execute(p)
+            .await
+            .unwrap();
+        }
+        (Pool::Postgres(p), false) => {
+            sqlx::query("DROP TRIGGER audit_refused ON audit")
+                .execute(p)
+                .await
+                .unwrap();
+            sqlx::query("DROP FUNCTION audit_refused()")
+                .execute(p)
+                .await
+                .unwrap();
+        }
+    }
+}
+
+/// Every change is stored in the same transaction as its audit record: with the audit log
+/// refusing, each one fails and leaves nothing changed — secrets put, delete and destroy,
+/// policy apply, operator revocation by every selector, the holder's revocation, and the
+/// reaper — and once the log works again the chain verifies and the changes go through.
+async fn no_change_without_its_audit_record(env: Env) {
+    env.put("shared/x", &[("k", "v1")]).await;
+    let c = env.login("team-q", "sa").await;
+    let g = env.broker.lease(&c, "shared/x", None).await.unwrap();
+    let store = env.broker.store().clone();
+    // An expired lease for the reaper.
+    let now = keyhaven_broker::audit::now_ms();
+    let mut expired = store
+        .list_leases(&LeaseFilter::Id(g.lease_id.clone()), now, false)
+        .await
+        .unwrap()
+        .remove(0);
+    expired.id = format!("{}-expired", g.lease_id);
+    expired.expires_ms = now - 1_000;
+    store.insert_lease(&expired).await.unwrap();
+    let head = store.audit_head().await.unwrap();
+    let active = |store: keyhaven_broker::store::Store| async move {
+        let now = keyhaven_broker::audit::now_ms();
+        let mut ids: Vec<String> = store
+            .list_leases(&LeaseFilter::All, now, false)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|l| l.id)
+            .collect();
+        ids.sort();
+        ids
+    };
+    let before = active(store.clone()).await;
+    let all_before = store
+        .list_leases(&LeaseFilter::All, now, true)
+        .await
+        .unwrap();
+    let generation = store.policy_generation().await.unwrap();
+
+    refuse_audit(&store, true).await;
+    let data = SecretData::from_pairs([("k".to_string(), b"v2".to_vec())]);
+    let e = env
+        .broker
+        .put_secret(&env.admin, "shared/x", data)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            BrokerError::Unavailable { .. } | BrokerError::Internal { .. }
+        ),
+        "{e:?}"
+    );
+    assert_eq!(
+        store.latest_version("shared/x").await.unwrap(),
+        1,
+        "put stored a version"
+    );
+    for destroy in [false, true] {
+        env.broker
+            .delete_secret(&env.admin, "shared/x", destroy)
+            .await
+            .unwrap_err();
+        let v = store.versions("shared/x").await.unwrap();
+        assert!(
+            v.iter()
+                .all(|v| v.deleted_ms.is_none() && v.sealed.is_some()),
+            "delete (destroy: {destroy}) changed a version"
+        );
+    }
+    let no_grant = POLICIES.replace("shared/**", "other/**");
+    env.broker
+        .apply_policies(&env.admin, &no_grant, false)
+        .await
+        .unwrap_err();
+    assert_eq!(store.policy_generation().await.unwrap(), generation);
+    for filter in [
+        LeaseFilter::Id(g.lease_id.clone()),
+        LeaseFilter::Namespace("team-q".into()),
+        LeaseFilter::Identity {
+            namespace: "team-q".into(),
+            service_account: "sa".into(),
+        },
+        LeaseFilter::Pod {
+            namespace: "team-q".into(),
+            pod: "pod-1".into(),
+        },
+        LeaseFilter::PathPrefix("shared".into()),
+        LeaseFilter::All,
+    ] {
+        env.broker
+            .revoke_leases(&env.admin, &filter)
+            .await
+            .unwrap_err();
+        assert_eq!(active(store.clone()).await, before, "revoke {filter:?}");
+    }
+    env.broker.revoke(&c, &g.lease_id).await.unwrap_err();
+    env.broker.reap(100).await.unwrap_err();
+    assert_eq!(
+        store
+            .list_leases(&LeaseFilter::All, now, true)
+            .await
+            .unwrap(),
+        all_before,
+        "a lease row changed"
+    );
+    assert_eq!(
+        store.audit_head().await.unwrap(),
+        head,
+        "a record was written"
+    );
+
+    // The log works again: the chain is whole, and the same changes go through.
+    refuse_audit(&store, false).await;
+    assert!(store.verify_audit().await.unwrap().is_ok());
+    assert_eq!(env.broker.reap(100).await.unwrap(), 1);
+    env.broker.revoke(&c, &g.lease_id).await.unwrap();
+    assert!(active(store.clone()).await.is_empty());
+    assert_eq!(env.put("shared/x", &[("k", "v2")]).await, 2);
+    assert_eq!(
+        env.broker
+            .delete_secret(&env.admin, "shared/x", true)
+            .await
+            .unwrap(),
+        2
+    );
+    assert!(store.verify_audit().await.unwrap().is_ok());
+}
+
 macro_rules! scenarios {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -567,6 +745,7 @@ scenarios!(
     operators_revoke_by_identity_pod_and_prefix,
     two_hundred_concurrent_clients_stay_consistent,
     a_lease_never_hands_out_a_version_another_replica_replaced,
+    no_change_without_its_audit_record,
 );
 
 /// Each record's (kind, outcome), in order.

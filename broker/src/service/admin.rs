@@ -2,6 +2,7 @@
 
 use super::policy_sync::{self, REVOKED_BY_POLICY};
 use super::*;
+use crate::audit::writer::ChangeError;
 
 impl Broker {
     /// Writes a new version of `path`; returns its number.
@@ -45,13 +46,32 @@ impl Broker {
                     }
                     other => other?,
                 };
-                match self.store.insert_version(path, v, now_ms(), &sealed).await {
+                // The new version and its record in one transaction.
+                let (by, at) = (caller.clone(), path.to_owned());
+                let stored = self
+                    .commit_change_or_store_error(move |store| async move {
+                        let records = store
+                            .insert_version_audited(&at, v, now_ms(), &sealed, || {
+                                Self::audit_events(
+                                    None,
+                                    &by,
+                                    EventKind::Admin("secret_put".into()),
+                                    Some(&at),
+                                    None,
+                                    &Ok::<i64, BrokerError>(v),
+                                )
+                            })
+                            .await?;
+                        Ok(((), records))
+                    })
+                    .await;
+                match stored {
                     Ok(()) => {
                         self.reads.forget_versions();
                         return Ok(v);
                     }
-                    Err(StoreError::Conflict(_)) => continue,
-                    Err(StoreError::KekRetired(_)) if !refreshed => {
+                    Err(ChangeError::Store(StoreError::Conflict(_))) => continue,
+                    Err(ChangeError::Store(StoreError::KekRetired(_))) if !refreshed => {
                         refreshed = true;
                         kek = self.refresh_kek().await?.ok_or_else(no_kek)?;
                         continue;
@@ -62,14 +82,21 @@ impl Broker {
             Err(BrokerError::unavailable("secret store (too many concurrent writers on one path)"))
         }
         .await;
-        self.audited(
-            caller,
-            EventKind::Admin("secret_put".into()),
-            Some(path),
-            None,
-            r,
-        )
-        .await
+        match r {
+            // Recorded with the new version.
+            Ok(v) => Ok(v),
+            // Nothing stored: record the refusal.
+            Err(e) => {
+                self.audited(
+                    caller,
+                    EventKind::Admin("secret_put".into()),
+                    Some(path),
+                    None,
+                    Err(e),
+                )
+                .await
+            }
+        }
     }
 
     /// Soft-deletes `path` (history kept) or destroys it (data erased).
@@ -80,15 +107,39 @@ impl Broker {
             (Capability::Delete, "secret_delete")
         };
         self.require(caller, path, cap, verb).await?;
-        let r = if destroy {
-            self.store.destroy(path, now_ms()).await
-        } else {
-            self.store.soft_delete(path, now_ms()).await
-        }
-        .map_err(BrokerError::from);
+        // The change and its record in one transaction.
+        let (by, at) = (caller.clone(), path.to_owned());
+        let r = self
+            .commit_change(move |store| async move {
+                store
+                    .delete_audited(&at, destroy, now_ms(), |n| {
+                        Self::audit_events(
+                            None,
+                            &by,
+                            EventKind::Admin(verb.into()),
+                            Some(&at),
+                            None,
+                            &Ok::<u64, BrokerError>(n),
+                        )
+                    })
+                    .await
+            })
+            .await;
         self.reads.forget_versions();
-        self.audited(caller, EventKind::Admin(verb.into()), Some(path), None, r)
-            .await
+        match r {
+            Ok(n) => Ok(n),
+            // Nothing changed: record the refusal.
+            Err(e) => {
+                self.audited(
+                    caller,
+                    EventKind::Admin(verb.into()),
+                    Some(path),
+                    None,
+                    Err(e),
+                )
+                .await
+            }
+        }
     }
 
     /// Replaces the policy set with `yaml` (validated first) and ends every active lease the
@@ -201,25 +252,50 @@ impl Broker {
         };
         self.require(caller, &path, Capability::Revoke, "lease_revoke")
             .await?;
+        // Every ended lease's record and the call's own, with the change in one transaction.
+        let (by, which, scope) = (caller.clone(), filter.clone(), path.clone());
         let r = self
-            .store
-            .revoke_leases(filter, now_ms(), "revoked:operator")
-            .await
-            .map_err(BrokerError::from);
-        if let Ok(ids) = &r {
-            for id in ids {
-                self.audited::<()>(caller, EventKind::Revoke, None, Some(id), Ok(()))
+            .commit_change(move |store| async move {
+                let (ended, records) = store
+                    .revoke_leases_audited(&which, now_ms(), "revoked:operator", |ended| {
+                        let mut events = Vec::with_capacity(ended.len() + 1);
+                        for l in ended {
+                            events.extend(Self::audit_events(
+                                None,
+                                &by,
+                                EventKind::Revoke,
+                                None,
+                                Some(&l.id),
+                                &Ok::<(), BrokerError>(()),
+                            ));
+                        }
+                        events.extend(Self::audit_events(
+                            None,
+                            &by,
+                            EventKind::Admin("lease_revoke".into()),
+                            (!scope.is_empty()).then_some(scope.as_str()),
+                            None,
+                            &Ok::<(), BrokerError>(()),
+                        ));
+                        events
+                    })
                     .await?;
+                Ok((ended.into_iter().map(|l| l.id).collect(), records))
+            })
+            .await;
+        match r {
+            Ok(ids) => Ok(ids),
+            Err(e) => {
+                self.audited(
+                    caller,
+                    EventKind::Admin("lease_revoke".into()),
+                    (!path.is_empty()).then_some(path.as_str()),
+                    None,
+                    Err(e),
+                )
+                .await
             }
         }
-        self.audited(
-            caller,
-            EventKind::Admin("lease_revoke".into()),
-            (!path.is_empty()).then_some(path.as_str()),
-            None,
-            r,
-        )
-        .await
     }
 }
 

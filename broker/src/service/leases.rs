@@ -275,45 +275,88 @@ impl Broker {
         caller: &Caller,
         lease_id: &str,
     ) -> Result<()> {
-        let r = async {
-            self.own_lease(caller, lease_id).await?;
-            self.store
-                .revoke_leases(
-                    &LeaseFilter::Id(lease_id.to_owned()),
-                    now_ms(),
-                    "revoked:holder",
+        if let Err(e) = self.own_lease(caller, lease_id).await {
+            return self
+                .audited_with(
+                    auth,
+                    None,
+                    caller,
+                    EventKind::Revoke,
+                    None,
+                    Some(lease_id),
+                    Err(e),
                 )
-                .await?;
-            Ok(())
+                .await;
         }
-        .await;
-        self.audited_with(
-            auth,
-            None,
-            caller,
-            EventKind::Revoke,
-            None,
-            Some(lease_id),
-            r,
-        )
-        .await
+        // The lease ends with its record (and the deferred authentication's) or not at all.
+        let (by, id, auth_event) = (caller.clone(), lease_id.to_owned(), auth.clone());
+        let r = self
+            .commit_change(move |store| async move {
+                let (_, records) = store
+                    .revoke_leases_audited(
+                        &LeaseFilter::Id(id.clone()),
+                        now_ms(),
+                        "revoked:holder",
+                        |_| {
+                            Self::audit_events(
+                                auth_event,
+                                &by,
+                                EventKind::Revoke,
+                                None,
+                                Some(&id),
+                                &Ok::<(), BrokerError>(()),
+                            )
+                        },
+                    )
+                    .await?;
+                Ok(((), records))
+            })
+            .await;
+        match r {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.audited_with(
+                    auth,
+                    None,
+                    caller,
+                    EventKind::Revoke,
+                    None,
+                    Some(lease_id),
+                    Err(e),
+                )
+                .await
+            }
+        }
     }
 
     /// One reaper pass: ends expired leases (audited as `expire`); returns how many.
     pub async fn reap(&self, batch: i64) -> Result<usize> {
-        let ended = self.store.reap_expired(now_ms(), batch).await?;
-        self.metrics.reaped.inc_by(ended.len() as u64);
-        for l in &ended {
-            let mut ev = AuditEvent::new(now_ms(), EventKind::Expire, Outcome::Ok)
-                .with_identity(l.identity.subject())
-                .with_path(l.path.clone())
-                .with_lease_id(l.id.clone());
-            if let Some(p) = &l.identity.pod_name {
-                ev = ev.with_pod(p.clone());
-            }
-            self.audit(ev).await?;
-        }
-        Ok(ended.len())
+        // Each expiry with its record, in one transaction.
+        let ended = self
+            .commit_change(move |store| async move {
+                let now = now_ms();
+                let (ended, records) = store
+                    .reap_expired_audited(now, batch, |ended| {
+                        ended
+                            .iter()
+                            .map(|l| {
+                                let mut ev = AuditEvent::new(now, EventKind::Expire, Outcome::Ok)
+                                    .with_identity(l.identity.subject())
+                                    .with_path(l.path.clone())
+                                    .with_lease_id(l.id.clone());
+                                if let Some(p) = &l.identity.pod_name {
+                                    ev = ev.with_pod(p.clone());
+                                }
+                                ev
+                            })
+                            .collect()
+                    })
+                    .await?;
+                Ok((ended.len(), records))
+            })
+            .await?;
+        self.metrics.reaped.inc_by(ended as u64);
+        Ok(ended)
     }
 }
 

@@ -271,6 +271,22 @@ impl Broker {
             + Send
             + 'static,
     {
+        Ok(self.commit_change_or_store_error(f).await?)
+    }
+
+    /// [`Broker::commit_change`], keeping the store's error for callers that act on it
+    /// (a version conflict, a retired KEK).
+    async fn commit_change_or_store_error<T, F, Fut>(
+        &self,
+        f: F,
+    ) -> std::result::Result<T, crate::audit::writer::ChangeError>
+    where
+        T: Send + 'static,
+        F: FnOnce(Store) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<(T, Vec<AuditRecord>), StoreError>>
+            + Send
+            + 'static,
+    {
         let store = self.store.clone();
         let (tx, rx) = tokio::sync::oneshot::channel();
         let change: crate::audit::writer::Change = Box::pin(async move {
@@ -280,7 +296,7 @@ impl Broker {
         });
         self.audit_writer.change(change).await?;
         rx.await
-            .map_err(|_| BrokerError::internal("the audit writer lost a change's outcome"))
+            .map_err(|_| crate::audit::writer::ChangeError::Gone)
     }
 
     fn decide(&self, caller: &Caller, path: &str, cap: Capability) -> Decision {

@@ -121,3 +121,78 @@ impl Store {
         })
     }
 }
+
+/// Ends every active lease matching `$filter` inside `$tx`; evaluates to the ended rows.
+macro_rules! revoke_in {
+    ($tx:ident, $filter:expr, $now_ms:expr, $reason:expr) => {{
+        let (cond, params) = $filter.sql(3);
+        let sql = format!(
+            "UPDATE leases SET ended_ms = $1, end_reason = $2 \
+             WHERE ended_ms IS NULL AND expires_ms > $1 AND {cond} RETURNING {LEASE_COLS}"
+        );
+        let mut q = sqlx::query(&sql).bind($now_ms).bind($reason);
+        for v in &params {
+            q = q.bind(v);
+        }
+        q.fetch_all(&mut *$tx)
+            .await?
+            .iter()
+            .map(lease_from_row)
+            .collect::<Result<Vec<LeaseRow>>>()?
+    }};
+}
+
+impl Store {
+    /// Ends every active lease matching `filter` (`reason`) and appends the records
+    /// `events(ended)` gives, in ONE transaction. Returns the ended rows and the records.
+    pub async fn revoke_leases_audited(
+        &self,
+        filter: &LeaseFilter,
+        now_ms: i64,
+        reason: &str,
+        events: impl FnOnce(&[LeaseRow]) -> Vec<AuditEvent>,
+    ) -> Result<(Vec<LeaseRow>, Vec<AuditRecord>)> {
+        in_audit_tx!(self, tx, Db => {
+            let ended = revoke_in!(tx, filter, now_ms, reason);
+            let records = append_chain_in!(tx, Db, events(&ended));
+            tx.commit().await?;
+            Ok((ended, records))
+        })
+    }
+
+    /// The reaper, atomic with its records: ends up to `batch` leases that expired by `now_ms`
+    /// (`expired`) and appends `events(ended)`, in ONE transaction. Safe with several brokers
+    /// on one PostgreSQL (`FOR UPDATE SKIP LOCKED`: no lease is processed twice).
+    pub async fn reap_expired_audited(
+        &self,
+        now_ms: i64,
+        batch: i64,
+        events: impl FnOnce(&[LeaseRow]) -> Vec<AuditEvent>,
+    ) -> Result<(Vec<LeaseRow>, Vec<AuditRecord>)> {
+        let lock = match &self.pool {
+            Pool::Postgres(_) => " FOR UPDATE SKIP LOCKED",
+            Pool::Sqlite(_) => "",
+        };
+        let sql = format!(
+            "UPDATE leases SET ended_ms = $1, end_reason = 'expired' WHERE id IN \
+             (SELECT id FROM leases WHERE ended_ms IS NULL AND expires_ms <= $1 \
+              ORDER BY expires_ms LIMIT $2{lock}) RETURNING {LEASE_COLS}"
+        );
+        in_audit_tx!(self, tx, Db => {
+            let ended = sqlx::query(&sql)
+                .bind(now_ms)
+                .bind(batch)
+                .fetch_all(&mut *tx)
+                .await?
+                .iter()
+                .map(lease_from_row)
+                .collect::<Result<Vec<LeaseRow>>>()?;
+            if ended.is_empty() {
+                return Ok((ended, Vec::new()));
+            }
+            let records = append_chain_in!(tx, Db, events(&ended));
+            tx.commit().await?;
+            Ok((ended, records))
+        })
+    }
+}

@@ -2,6 +2,13 @@
 
 use super::*;
 
+const SOFT_DELETE_SQL: &str =
+    "UPDATE secret_versions SET deleted_ms = $2 WHERE path = $1 AND deleted_ms IS NULL";
+const DESTROY_SQL: &str =
+    "UPDATE secret_versions SET destroyed_ms = $2, deleted_ms = COALESCE(deleted_ms, $2), \
+     dek_iv = NULL, dek_ct = NULL, nonce = NULL, ciphertext = NULL \
+     WHERE path = $1 AND destroyed_ms IS NULL";
+
 impl Store {
     /// Highest version of `path` (0 if none), including deleted ones.
     pub async fn latest_version(&self, path: &str) -> Result<i64> {
@@ -23,13 +30,30 @@ impl Store {
         now_ms: i64,
         sealed: &SealedVersion,
     ) -> Result<()> {
+        self.insert_version_audited(path, version, now_ms, sealed, Vec::new)
+            .await
+            .map(drop)
+    }
+
+    /// [`Store::insert_version`], appending the records `events()` gives in the same
+    /// transaction (none: no audit lock taken). Lock order: the audit lock, then the KEK lock
+    /// (which [`Store::mark_kek_retired`] takes alone).
+    pub async fn insert_version_audited(
+        &self,
+        path: &str,
+        version: i64,
+        now_ms: i64,
+        sealed: &SealedVersion,
+        events: impl FnOnce() -> Vec<AuditEvent>,
+    ) -> Result<Vec<AuditRecord>> {
         let insert = "INSERT INTO secret_versions \
             (path, version, created_ms, kek_id, dek_iv, dek_ct, nonce, ciphertext) \
             SELECT $1, $2, $3, $4, $5, $6, $7, $8 \
             WHERE NOT EXISTS (SELECT 1 FROM retired_keks WHERE kek_id = $4)";
         let kek = sealed.dek.kek_id.to_string();
+        let events = events();
         macro_rules! body {
-            ($tx:expr) => {{
+            ($tx:ident, $db:ty) => {{
                 let n = sqlx::query(insert)
                     .bind(path)
                     .bind(version)
@@ -49,24 +73,42 @@ impl Store {
                     .bind(&kek)
                     .execute(&mut *$tx)
                     .await?;
+                let records = if events.is_empty() {
+                    Vec::new()
+                } else {
+                    append_chain_in!($tx, $db, events)
+                };
                 $tx.commit().await?;
-                Ok(())
+                Ok(records)
             }};
         }
-        match &self.pool {
-            Pool::Sqlite(p) => {
-                let mut tx = p.begin_with("BEGIN IMMEDIATE").await?;
-                body!(tx)
-            }
-            Pool::Postgres(p) => {
-                let mut tx = p.begin().await?;
-                sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
-                    .bind(KEK_LOCK_KEY)
-                    .execute(&mut *tx)
-                    .await?;
-                body!(tx)
-            }
+        macro_rules! kek_lock {
+            ($tx:ident) => {
+                if let Pool::Postgres(_) = &self.pool {
+                    sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
+                        .bind(KEK_LOCK_KEY)
+                        .execute(&mut *$tx)
+                        .await?;
+                }
+            };
         }
+        if events.is_empty() {
+            return match &self.pool {
+                Pool::Sqlite(p) => {
+                    let mut tx = p.begin_with("BEGIN IMMEDIATE").await?;
+                    body!(tx, sqlx::Sqlite)
+                }
+                Pool::Postgres(p) => {
+                    let mut tx = p.begin().await?;
+                    kek_lock!(tx);
+                    body!(tx, sqlx::Postgres)
+                }
+            };
+        }
+        in_audit_tx!(self, tx, Db => {
+            kek_lock!(tx);
+            body!(tx, Db)
+        })
     }
 
     /// One version, or the newest version that is not deleted when `version` is `None`.
@@ -123,8 +165,7 @@ impl Store {
 
     /// Soft-deletes every live version of `path` (history kept). Returns how many.
     pub async fn soft_delete(&self, path: &str, now_ms: i64) -> Result<u64> {
-        let n = on_pool!(self, p => sqlx::query(
-            "UPDATE secret_versions SET deleted_ms = $2 WHERE path = $1 AND deleted_ms IS NULL")
+        let n = on_pool!(self, p => sqlx::query(SOFT_DELETE_SQL)
             .bind(path).bind(now_ms).execute(p).await.map(|r| r.rows_affected()))?;
         Ok(n)
     }
@@ -132,10 +173,7 @@ impl Store {
     /// Destroys every version of `path`: the encrypted data and wrapped DEKs are erased,
     /// only the metadata row stays. Returns how many.
     pub async fn destroy(&self, path: &str, now_ms: i64) -> Result<u64> {
-        let n = on_pool!(self, p => sqlx::query(
-            "UPDATE secret_versions SET destroyed_ms = $2, deleted_ms = COALESCE(deleted_ms, $2), \
-             dek_iv = NULL, dek_ct = NULL, nonce = NULL, ciphertext = NULL \
-             WHERE path = $1 AND destroyed_ms IS NULL")
+        let n = on_pool!(self, p => sqlx::query(DESTROY_SQL)
             .bind(path).bind(now_ms).execute(p).await.map(|r| r.rows_affected()))?;
         Ok(n)
     }
@@ -150,5 +188,35 @@ impl Store {
             rows.iter().map(|r| Ok((r.text("kek_id")?, r.int("n")?))).collect::<Result<Vec<_>>>()
         })?;
         Ok(rows)
+    }
+}
+
+impl Store {
+    /// Soft-deletes (or, when `destroy`, destroys) every version of `path` — see
+    /// [`Store::soft_delete`] and [`Store::destroy`] — and appends the records `events(n)`
+    /// gives for the `n` versions changed, in ONE transaction.
+    pub async fn delete_audited(
+        &self,
+        path: &str,
+        destroy: bool,
+        now_ms: i64,
+        events: impl FnOnce(u64) -> Vec<AuditEvent>,
+    ) -> Result<(u64, Vec<AuditRecord>)> {
+        let sql = if destroy {
+            DESTROY_SQL
+        } else {
+            SOFT_DELETE_SQL
+        };
+        in_audit_tx!(self, tx, Db => {
+            let n = sqlx::query(sql)
+                .bind(path)
+                .bind(now_ms)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            let records = append_chain_in!(tx, Db, events(n));
+            tx.commit().await?;
+            Ok((n, records))
+        })
     }
 }
