@@ -162,7 +162,7 @@ fn a_policy_change_on_one_replica_holds_on_every_replica_and_ends_the_leases_it_
     broker_keys_init(&hsm);
     let pki = DevPki::write(hsm.dir()).unwrap();
     let a = BrokerProc::start_on(&hsm, &pki, &pg.url(), &[]);
-    let b = BrokerProc::start_on(&hsm, &pki, &pg.url(), &[]);
+    let mut b = BrokerProc::start_on(&hsm, &pki, &pg.url(), &[]);
     let rt = runtime();
     let dev = DevIssuer::load_or_generate(&hsm.dir().join("dev.pem")).unwrap();
     let web = dev
@@ -319,6 +319,20 @@ fn a_policy_change_on_one_replica_holds_on_every_replica_and_ends_the_leases_it_
             && applied.contains("1 active lease(s) it no longer allows ended"),
         "{applied}"
     );
+
+    // A replica down during a change (killed) enforces the stored set from its first request
+    // after the restart.
+    b.kill();
+    rt.block_on(async {
+        assert_eq!(ra.apply(GRANT, false).await.generation, 5);
+    });
+    b.restart();
+    rt.block_on(async {
+        rb.lease(&web, "shop/db").await.unwrap();
+        let e = rb.lease(&batch, "shop/db").await.unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+        rb.audit_verifies().await;
+    });
     drop((a, b, c));
 }
 
