@@ -107,6 +107,8 @@ pub struct Broker {
     policies: RwLock<policy_sync::LoadedPolicies>,
     /// When the loaded policy generation was last confirmed current (Unix ms).
     policy_confirmed_ms: std::sync::atomic::AtomicI64,
+    /// Held by the one request that checks a stale policy generation ([`Broker::fresh_policies`]).
+    policy_check: tokio::sync::Mutex<()>,
     audit_file: Arc<Mutex<Option<JsonlSink>>>,
     audit_writer: AuditWriter,
     kek: RwLock<Option<KekId>>,
@@ -153,6 +155,7 @@ impl Broker {
             authenticator,
             policies: RwLock::default(),
             policy_confirmed_ms: std::sync::atomic::AtomicI64::new(0),
+            policy_check: tokio::sync::Mutex::new(()),
             audit_file: audit_file.clone(),
             audit_writer: AuditWriter::spawn(
                 store_for_audit,

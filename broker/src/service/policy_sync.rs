@@ -86,8 +86,17 @@ impl Broker {
     /// poller normally keeps it so; when it has not (stalled, or the database was away), this
     /// checks now, and fails rather than decide on a set of unknown age.
     pub(super) async fn fresh_policies(&self) -> Result<()> {
-        let age = now_ms() - self.policy_confirmed_ms.load(Ordering::Relaxed);
-        if age <= (POLICY_BOUND / 2).as_millis() as i64 {
+        let fresh = || {
+            now_ms() - self.policy_confirmed_ms.load(Ordering::Relaxed)
+                <= (POLICY_BOUND / 2).as_millis() as i64
+        };
+        if fresh() {
+            return Ok(());
+        }
+        // One check at a time: the requests that arrive meanwhile wait for it instead of each
+        // asking the database (under load the poller's own check can be late).
+        let _one = self.policy_check.lock().await;
+        if fresh() {
             return Ok(());
         }
         self.check_policies().await.map(drop)
