@@ -295,14 +295,7 @@ impl Error {
     /// This error and every cause under it, `: `-separated: for logs and operators, never
     /// for a remote client (it names `CKR_*` return values and module paths).
     pub fn chain(&self) -> String {
-        let mut s = self.to_string();
-        let mut next = std::error::Error::source(self);
-        while let Some(e) = next {
-            s.push_str(": ");
-            s.push_str(&e.to_string());
-            next = e.source();
-        }
-        s
+        error_chain(self)
     }
 
     /// The underlying failure of this error, if there is one (also its `source()`).
@@ -359,4 +352,17 @@ impl std::fmt::Display for Op {
         };
         f.write_str(s)
     }
+}
+
+/// `e` and every cause under it, `: `-separated: for logs, never for a remote client. Shared
+/// by the error types of the crates above this one.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut next = e.source();
+    while let Some(c) = next {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        next = c.source();
+    }
+    s
 }

@@ -31,7 +31,7 @@ pub mod testing;
 pub use admin::{init_token, token_serial};
 pub use config::{Config, PinSource, RecoveryPolicy, TokenSelector};
 pub use error::Op;
-pub use error::{Cause, Error, ErrorKind, Result};
+pub use error::{error_chain, Cause, Error, ErrorKind, Result};
 pub use kek::KEK_ID_LEN;
 pub use kek::{KekId, KekInfo};
 pub use keystore::{

@@ -81,14 +81,7 @@ impl BrokerError {
 
     /// The error and every cause under it, `: `-separated (for the log only).
     pub fn chain(&self) -> String {
-        let mut s = self.to_string();
-        let mut next = std::error::Error::source(self);
-        while let Some(e) = next {
-            s.push_str(": ");
-            s.push_str(&e.to_string());
-            next = e.source();
-        }
-        s
+        keyhaven_hsm::error_chain(self)
     }
 }
 

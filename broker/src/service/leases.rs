@@ -275,45 +275,37 @@ impl Broker {
         caller: &Caller,
         lease_id: &str,
     ) -> Result<()> {
-        if let Err(e) = self.own_lease(caller, lease_id).await {
-            return self
-                .audited_with(
-                    auth,
-                    None,
-                    caller,
-                    EventKind::Revoke,
-                    None,
-                    Some(lease_id),
-                    Err(e),
-                )
-                .await;
-        }
         // The lease ends with its record (and the deferred authentication's) or not at all.
-        let (by, id, auth_event) = (caller.clone(), lease_id.to_owned(), auth.clone());
-        let r = self
-            .commit_change(move |store| async move {
-                let (_, records) = store
-                    .revoke_leases_audited(
-                        &LeaseFilter::Id(id.clone()),
-                        now_ms(),
-                        "revoked:holder",
-                        |_| {
-                            Self::audit_events(
-                                auth_event,
-                                &by,
-                                EventKind::Revoke,
-                                None,
-                                Some(&id),
-                                &Ok::<(), BrokerError>(()),
-                            )
-                        },
-                    )
-                    .await?;
-                Ok(((), records))
-            })
-            .await;
+        let r = match self.own_lease(caller, lease_id).await {
+            Err(e) => Err(e),
+            Ok(_) => {
+                let (by, id, auth_event) = (caller.clone(), lease_id.to_owned(), auth.clone());
+                self.commit_change(move |store| async move {
+                    let (_, records) = store
+                        .revoke_leases_audited(
+                            &LeaseFilter::Id(id.clone()),
+                            now_ms(),
+                            "revoked:holder",
+                            |_| {
+                                Self::audit_events(
+                                    auth_event,
+                                    &by,
+                                    EventKind::Revoke,
+                                    None,
+                                    Some(&id),
+                                    &Ok::<(), BrokerError>(()),
+                                )
+                            },
+                        )
+                        .await?;
+                    Ok(((), records))
+                })
+                .await
+            }
+        };
         match r {
             Ok(()) => Ok(()),
+            // Nothing changed: record the refusal.
             Err(e) => {
                 self.audited_with(
                     auth,

@@ -101,25 +101,6 @@ impl Store {
             .bind(now_ms).fetch_one(p).await)?;
         Ok(n)
     }
-
-    /// The reaper: marks up to `batch` leases that expired by `now_ms` as ended, and returns
-    /// them. Safe with several brokers on one PostgreSQL (`FOR UPDATE SKIP LOCKED`: no lease
-    /// is processed twice); SQLite has a single writer.
-    pub async fn reap_expired(&self, now_ms: i64, batch: i64) -> Result<Vec<LeaseRow>> {
-        let lock = match &self.pool {
-            Pool::Postgres(_) => " FOR UPDATE SKIP LOCKED",
-            Pool::Sqlite(_) => "",
-        };
-        let sql = format!(
-            "UPDATE leases SET ended_ms = $1, end_reason = 'expired' WHERE id IN \
-             (SELECT id FROM leases WHERE ended_ms IS NULL AND expires_ms <= $1 \
-              ORDER BY expires_ms LIMIT $2{lock}) RETURNING {LEASE_COLS}"
-        );
-        on_pool!(self, p => {
-            let rows = sqlx::query(&sql).bind(now_ms).bind(batch).fetch_all(p).await?;
-            rows.iter().map(lease_from_row).collect()
-        })
-    }
 }
 
 /// Ends every active lease matching `$filter` inside `$tx`; evaluates to the ended rows.
@@ -160,6 +141,14 @@ impl Store {
         })
     }
 
+    /// [`Store::reap_expired_audited`] with no records (tests of the row selection).
+    pub async fn reap_expired(&self, now_ms: i64, batch: i64) -> Result<Vec<LeaseRow>> {
+        Ok(self
+            .reap_expired_audited(now_ms, batch, |_| Vec::new())
+            .await?
+            .0)
+    }
+
     /// The reaper, atomic with its records: ends up to `batch` leases that expired by `now_ms`
     /// (`expired`) and appends `events(ended)`, in ONE transaction. Safe with several brokers
     /// on one PostgreSQL (`FOR UPDATE SKIP LOCKED`: no lease is processed twice).
@@ -169,6 +158,7 @@ impl Store {
         batch: i64,
         events: impl FnOnce(&[LeaseRow]) -> Vec<AuditEvent>,
     ) -> Result<(Vec<LeaseRow>, Vec<AuditRecord>)> {
+        // Several brokers on one PostgreSQL skip each other's rows; SQLite has one writer.
         let lock = match &self.pool {
             Pool::Postgres(_) => " FOR UPDATE SKIP LOCKED",
             Pool::Sqlite(_) => "",
