@@ -694,6 +694,7 @@ async fn no_change_without_its_audit_record(env: Env) {
             .unwrap_err();
         assert_eq!(active(store.clone()).await, before, "revoke {filter:?}");
     }
+    env.broker.renew(&c, &g.lease_id, None).await.unwrap_err();
     env.broker.revoke(&c, &g.lease_id).await.unwrap_err();
     env.broker.reap(100).await.unwrap_err();
     assert_eq!(
@@ -714,6 +715,16 @@ async fn no_change_without_its_audit_record(env: Env) {
     refuse_audit(&store, false).await;
     assert!(store.verify_audit().await.unwrap().is_ok());
     assert_eq!(env.broker.reap(100).await.unwrap(), 1);
+    env.broker.renew(&c, &g.lease_id, None).await.unwrap();
+    assert_eq!(
+        store
+            .get_lease(&g.lease_id)
+            .await
+            .unwrap()
+            .unwrap()
+            .renewals,
+        1
+    );
     env.broker.revoke(&c, &g.lease_id).await.unwrap();
     assert!(active(store.clone()).await.is_empty());
     assert_eq!(env.put("shared/x", &[("k", "v2")]).await, 2);

@@ -7,9 +7,12 @@ use std::future::Future;
 use std::time::Duration;
 
 use hsm_tests::broker::{broker_keystore, test_store};
+use keyhaven_broker::audit::{AuditEvent, AuditRecord, EventKind, Outcome};
 use keyhaven_broker::crypto::{CryptoError, DekCache, Envelope, SecretData};
 use keyhaven_broker::identity::Identity;
-use keyhaven_broker::store::{LeaseFilter, LeaseRow, Pool, Store, StoreError};
+use keyhaven_broker::store::{
+    AuditAppender, LeaseFilter, LeaseRow, Pool, RenewedLease, Renewing, Store, StoreError,
+};
 use keyhaven_hsm::KekId;
 use testkit::postgres::Postgres;
 use testkit::softhsm::SoftHsm;
@@ -281,6 +284,31 @@ fn lease(
     }
 }
 
+/// Renews `id` at `now` to `expires_ms` through the audit appender, with a renewal record
+/// (refusal: outcome error, reason "refused by the test"); returns the record stored and the
+/// renewed lease.
+async fn renew(
+    appender: &mut AuditAppender,
+    id: &str,
+    now: i64,
+    expires_ms: i64,
+) -> (AuditRecord, Option<RenewedLease>) {
+    let event = AuditEvent::new(now, EventKind::Renew, Outcome::Ok).with_lease_id(id);
+    let renewing = Renewing {
+        lease_id: id.to_owned(),
+        now_ms: now,
+        expires_ms,
+        refused: AuditEvent::new(now, EventKind::Renew, Outcome::Error)
+            .with_lease_id(id)
+            .with_reason("refused by the test"),
+    };
+    let (mut recs, mut renewed) = appender
+        .append_renewing(&[event], &[], &[(0, &renewing)], None)
+        .await
+        .unwrap();
+    (recs.pop().unwrap(), renewed.pop().unwrap())
+}
+
 /// An active lease `id` of `ns/sa` (pod `p`) on `team/app`, one minute long.
 fn lease_at(id: &str, now: i64) -> LeaseRow {
     lease(id, "ns", "sa", "p", "team/app", now, 60_000, 60_000)
@@ -343,26 +371,26 @@ async fn leases_renew_up_to_max_and_revoke_by_id_identity_pod_and_prefix(env: En
         .collect();
     assert_eq!(in_ns2, HashSet::from(["l3".into(), "l4".into()]));
 
-    // Renew extends, capped at max.
-    let r = s
-        .renew_lease("l1", now, now + 90_000)
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!((r.expires_ms, r.renewals), (now + 90_000, 1));
-    let r = s
-        .renew_lease("l1", now, now + 500_000)
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(r.expires_ms, now + 120_000, "never past max");
-    // Expired: cannot renew.
-    assert!(s
-        .renew_lease("l2", now + 60_001, now + 100_000)
-        .await
-        .unwrap()
-        .is_none());
-    assert!(s.renew_lease("nope", now, now + 1).await.unwrap().is_none());
+    // Renew extends, capped at max, with its record in the same transaction.
+    let mut appender = s.audit_appender();
+    let (rec, r) = renew(&mut appender, "l1", now, now + 90_000).await;
+    let r = r.unwrap();
+    assert_eq!(rec.event.outcome, Outcome::Ok);
+    assert_eq!(
+        (r.expires_ms, r.max_expires_ms),
+        (now + 90_000, now + 120_000)
+    );
+    assert_eq!((r.version, r.latest_version), (1, None), "no secret stored");
+    let l1 = s.get_lease("l1").await.unwrap().unwrap();
+    assert_eq!((l1.expires_ms, l1.renewals), (now + 90_000, 1));
+    let (_, r) = renew(&mut appender, "l1", now, now + 500_000).await;
+    assert_eq!(r.unwrap().expires_ms, now + 120_000, "never past max");
+    // Expired, or unknown: not renewed, and the record stored is the refusal.
+    let (rec, r) = renew(&mut appender, "l2", now + 60_001, now + 100_000).await;
+    assert_eq!((r, rec.event.outcome), (None, Outcome::Error));
+    assert_eq!(rec.event.reason.as_deref(), Some("refused by the test"));
+    assert_eq!(s.get_lease("l2").await.unwrap().unwrap().renewals, 0);
+    assert_eq!(renew(&mut appender, "nope", now, now + 1).await.1, None);
 
     // Revoke by prefix takes whole segments only.
     let ids = s
@@ -377,11 +405,9 @@ async fn leases_renew_up_to_max_and_revoke_by_id_identity_pod_and_prefix(env: En
         ids.into_iter().collect::<HashSet<_>>(),
         HashSet::from(["l1".into(), "l2".into()])
     );
-    assert!(
-        s.renew_lease("l1", now, now + 1000)
-            .await
-            .unwrap()
-            .is_none(),
+    assert_eq!(
+        renew(&mut appender, "l1", now, now + 1000).await.1,
+        None,
         "revoked cannot renew"
     );
     let ids = s

@@ -17,20 +17,26 @@ use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{AuditEvent, AuditRecord, JsonlSink};
-use crate::store::{AuditAppender, LeaseFilter, LeaseRow, Store, StoreError};
+use crate::store::{
+    AuditAppender, LeaseFilter, LeaseRow, RenewedLease, Renewing, Store, StoreError,
+};
 
 /// Most jobs in one commit.
 const MAX_BATCH: usize = 512;
 /// Jobs waiting for the writer before senders wait too.
 const QUEUE: usize = 8192;
 
-/// Audit records (and possibly a new lease row) waiting for the writer.
+/// Audit records (and possibly a new lease row, or a renewal) waiting for the writer.
 #[derive(Debug)]
 struct AuditJob {
     /// The records to append, in order.
     events: Vec<AuditEvent>,
     /// A lease row stored in the same transaction: it exists iff its record does.
     lease: Option<LeaseRow>,
+    /// A renewal made in the same transaction: the lease is extended iff the job's last
+    /// record (the renewal's) is stored; if the lease was no longer renewable, that record is
+    /// replaced by the renewal's refusal.
+    renewal: Option<Renewing>,
     /// The secrets generation the lease's version was read under, when it came from memory.
     generation: Option<i64>,
     /// Where the answer goes.
@@ -74,6 +80,9 @@ pub enum ChangeError {
 pub enum Committed {
     /// Stored; the job's last record.
     Record(Box<AuditRecord>),
+    /// Stored; the renewal's record, and the lease as renewed (`None`: it was no longer
+    /// renewable, and the record is the refusal).
+    Renewal(Box<AuditRecord>, Option<RenewedLease>),
     /// Nothing stored: a secret changed since the job's lease version was read.
     Stale,
 }
@@ -143,6 +152,7 @@ impl AuditWriter {
         let job = AuditJob {
             events,
             lease,
+            renewal: None,
             generation,
             reply,
         };
@@ -151,6 +161,33 @@ impl AuditWriter {
             .await
             .map_err(|_| WriteError::Gone)?;
         answer.await.map_err(|_| WriteError::Gone)?
+    }
+
+    /// Queues `events`, whose last is the record of `renewal`, and waits until the renewal and
+    /// the records are durable together, or refused. Returns the last record stored and the
+    /// lease as renewed (`None`: it was no longer renewable; the last record is then
+    /// `renewal.refused`).
+    pub async fn renew(
+        &self,
+        events: Vec<AuditEvent>,
+        renewal: Renewing,
+    ) -> Result<(AuditRecord, Option<RenewedLease>), WriteError> {
+        let (reply, answer) = oneshot::channel();
+        let job = AuditJob {
+            events,
+            lease: None,
+            renewal: Some(renewal),
+            generation: None,
+            reply,
+        };
+        self.tx
+            .send(Job::Records(job))
+            .await
+            .map_err(|_| WriteError::Gone)?;
+        match answer.await.map_err(|_| WriteError::Gone)?? {
+            Committed::Renewal(rec, lease) => Ok((*rec, lease)),
+            Committed::Record(_) | Committed::Stale => Err(WriteError::Lost),
+        }
     }
 
     /// Runs `change` (a transaction storing a change with its records) in turn with the
@@ -177,7 +214,7 @@ enum Written {
     /// The append was guarded and a secret changed since: nothing stored.
     Stale,
     /// One answer per job, in order.
-    Answers(Vec<Result<AuditRecord, WriteError>>),
+    Answers(Vec<Result<Committed, WriteError>>),
 }
 
 impl Task {
@@ -238,7 +275,7 @@ impl Task {
                     }
                     Written::Answers(answers) => {
                         for (j, a) in jobs.into_iter().zip(answers) {
-                            let _ = j.reply.send(a.map(|r| Committed::Record(Box::new(r))));
+                            let _ = j.reply.send(a);
                         }
                         break;
                     }
@@ -274,6 +311,8 @@ impl Task {
     async fn write(&mut self, jobs: &mut [AuditJob], generation: Option<i64>) -> Written {
         let mut events = Vec::with_capacity(jobs.len() * 2);
         let mut leases = Vec::new();
+        // Each renewal, with the index of its record (its job's last).
+        let mut renewals = Vec::new();
         // Where each job's events end, and whether it brought a lease row.
         let mut ends = Vec::with_capacity(jobs.len());
         for j in jobs.iter_mut() {
@@ -281,13 +320,19 @@ impl Task {
             let lease = j.lease.take();
             ends.push((events.len(), lease.is_some()));
             leases.extend(lease);
+            if let Some(r) = &j.renewal {
+                renewals.push((events.len().saturating_sub(1), r));
+            }
         }
         self.metrics.batch_records.observe(events.len() as f64);
         let t0 = std::time::Instant::now();
-        let appended = self.appender.append_at(&events, &leases, generation).await;
+        let appended = self
+            .appender
+            .append_renewing(&events, &leases, &renewals, generation)
+            .await;
         self.metrics.commit_secs.observe(t0.elapsed().as_secs_f64());
-        let recs = match appended {
-            Ok(recs) => recs,
+        let (recs, renewed) = match appended {
+            Ok(r) => r,
             Err(StoreError::StaleGeneration { .. }) => {
                 // Each job gets its own events and lease row back, last job first.
                 for (i, j) in jobs.iter_mut().enumerate().rev() {
@@ -328,16 +373,23 @@ impl Task {
                 }
             }
         }
+        let mut renewed = renewed.into_iter();
         Written::Answers(
-            ends.into_iter()
-                // Each job's answer is the last record of its own events.
-                .map(
-                    |(end, _)| match (&file_failed, recs.get(end.saturating_sub(1))) {
-                        (None, Some(rec)) => Ok(rec.clone()),
+            jobs.iter()
+                .zip(ends)
+                // Each job's answer is the last record of its own events (and its renewal's
+                // lease, in job order).
+                .map(|(j, (end, _))| {
+                    let lease = j.renewal.as_ref().map(|_| renewed.next().flatten());
+                    match (&file_failed, recs.get(end.saturating_sub(1))) {
+                        (None, Some(rec)) => Ok(match lease {
+                            Some(l) => Committed::Renewal(Box::new(rec.clone()), l),
+                            None => Committed::Record(Box::new(rec.clone())),
+                        }),
                         (None, None) => Err(WriteError::Lost),
                         (Some(_), _) => Err(WriteError::File),
-                    },
-                )
+                    }
+                })
                 .collect(),
         )
     }

@@ -51,7 +51,7 @@ impl Broker {
                 &r,
             );
             match self.submit_at(events, row, generation).await? {
-                Committed::Record(_) => return r,
+                Committed::Record(_) | Committed::Renewal(..) => return r,
                 Committed::Stale => {
                     self.reads.forget_versions();
                     self.metrics.remembered_stale.inc();
@@ -175,17 +175,44 @@ impl Broker {
         lease_id: &str,
         increment: Option<Duration>,
     ) -> Result<Renewal> {
-        let r = self.renew_inner(caller, lease_id, increment).await;
-        self.audited_with(
+        let renewing = match self.renew_check(caller, lease_id, increment).await {
+            Ok(r) => r,
+            Err(e) => {
+                return self
+                    .audited_with(
+                        auth,
+                        None,
+                        caller,
+                        EventKind::Renew,
+                        None,
+                        Some(lease_id),
+                        Err(e),
+                    )
+                    .await
+            }
+        };
+        // The lease is extended in the audit writer's transaction, with its record: if it
+        // ended since it was read, the refusal is recorded instead.
+        let events = Self::audit_events(
             auth,
-            None,
             caller,
             EventKind::Renew,
             None,
             Some(lease_id),
-            r,
-        )
-        .await
+            &Ok::<(), BrokerError>(()),
+        );
+        let now = renewing.now_ms;
+        let t0 = std::time::Instant::now();
+        let written = self.audit_writer.renew(events, renewing).await;
+        self.metrics.audit_wait.observe(t0.elapsed().as_secs_f64());
+        match written? {
+            (_, Some(l)) => Ok(Renewal {
+                ttl: Duration::from_millis((l.expires_ms - now).max(0) as u64),
+                renewable_until_unix: to_secs(l.max_expires_ms),
+                newer_version: l.latest_version.is_some_and(|v| v > l.version),
+            }),
+            (_, None) => Err(not_renewable(lease_id)),
+        }
     }
 
     async fn own_lease(&self, caller: &Caller, lease_id: &str) -> Result<LeaseRow> {
@@ -207,18 +234,18 @@ impl Broker {
         Ok(lease)
     }
 
-    async fn renew_inner(
+    /// Decides a renewal (nothing stored): the caller's own active lease, a grant that still
+    /// lets it read the path, room below the max TTL. A lease whose grant is gone ends here.
+    async fn renew_check(
         &self,
         caller: &Caller,
         lease_id: &str,
         increment: Option<Duration>,
-    ) -> Result<Renewal> {
+    ) -> Result<Renewing> {
         let lease = self.own_lease(caller, lease_id).await?;
         let now = now_ms();
         if !lease.is_active(now) {
-            return Err(BrokerError::FailedPrecondition(format!(
-                "lease {lease_id} has expired or was revoked"
-            )));
+            return Err(not_renewable(lease_id));
         }
         self.fresh_policies().await?;
         let Decision::Allow {
@@ -238,24 +265,21 @@ impl Broker {
             )));
         }
         let inc = increment.filter(|t| !t.is_zero()).unwrap_or(default_ttl);
-        let updated = self
-            .store
-            .renew_lease(lease_id, now, now + inc.as_millis() as i64)
-            .await?
-            .ok_or_else(|| {
-                BrokerError::FailedPrecondition(format!(
-                    "lease {lease_id} has expired or was revoked"
-                ))
-            })?;
-        let latest = self
-            .reads
-            .latest_version(&updated.path)
-            .await?
-            .map(|v| v.version);
-        Ok(Renewal {
-            ttl: Duration::from_millis((updated.expires_ms - now).max(0) as u64),
-            renewable_until_unix: to_secs(updated.max_expires_ms),
-            newer_version: latest.is_some_and(|v| v > updated.version),
+        let refused = Self::audit_events(
+            None,
+            caller,
+            EventKind::Renew,
+            None,
+            Some(lease_id),
+            &Err::<(), _>(not_renewable(lease_id)),
+        )
+        .pop()
+        .ok_or_else(|| BrokerError::internal("no renewal record"))?;
+        Ok(Renewing {
+            lease_id: lease_id.to_owned(),
+            now_ms: now,
+            expires_ms: now.saturating_add(i64::try_from(inc.as_millis()).unwrap_or(i64::MAX)),
+            refused,
         })
     }
 
@@ -350,6 +374,10 @@ impl Broker {
         self.metrics.reaped.inc_by(ended as u64);
         Ok(ended)
     }
+}
+
+fn not_renewable(lease_id: &str) -> BrokerError {
+    BrokerError::FailedPrecondition(format!("lease {lease_id} has expired or was revoked"))
 }
 
 /// `namespace/serviceaccount/path/<128 random bits hex>`.

@@ -17,7 +17,7 @@ pub use crate::auth::Caller;
 use crate::crypto::{CryptoError, Envelope, SecretData};
 use crate::identity::Identity;
 use crate::policy::{validate_secret_path, Capability, Decision, PolicySet};
-use crate::store::{LeaseFilter, LeaseRow, Store, StoreError};
+use crate::store::{LeaseFilter, LeaseRow, Renewing, Store, StoreError};
 
 mod admin;
 mod authn;
@@ -242,7 +242,7 @@ impl Broker {
         lease: Option<LeaseRow>,
     ) -> Result<AuditRecord> {
         match self.submit_at(events, lease, None).await? {
-            Committed::Record(r) => Ok(*r),
+            Committed::Record(r) | Committed::Renewal(r, _) => Ok(*r),
             Committed::Stale => Err(BrokerError::internal(
                 "an unguarded audit append was refused as stale",
             )),

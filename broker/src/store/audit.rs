@@ -155,6 +155,30 @@ macro_rules! append_chain_in {
     }};
 }
 
+/// Stores a batch inside `$tx` (see [`in_audit_tx`]), which it does not commit: when
+/// `$generation` is given and the secrets generation is another, returns
+/// [`StoreError::StaleGeneration`] (the caller's transaction is dropped, rolling back);
+/// otherwise inserts `$leases` and appends `$events` to the chain. Evaluates to the records.
+macro_rules! store_batch_in {
+    ($tx:ident, $db:ty, $events:expr, $leases:expr, $generation:expr) => {{
+        if let Some(read) = $generation {
+            let current: i64 = sqlx::query_scalar(SECRETS_GENERATION_SQL)
+                .fetch_one(&mut *$tx)
+                .await?;
+            if current != read {
+                return Err(StoreError::StaleGeneration { current, read });
+            }
+        }
+        for chunk in $leases.chunks(ROWS_PER_INSERT) {
+            let mut q = sqlx::QueryBuilder::<$db>::new(INSERT_LEASES);
+            push_lease_values!(q, chunk);
+            // Not cached: each row count is another statement text.
+            q.build().persistent(false).execute(&mut *$tx).await?;
+        }
+        append_chain_in!($tx, $db, $events)
+    }};
+}
+
 /// Adds `AND <the secrets generation is $generation>` to an insert's guard, when given.
 macro_rules! push_generation_guard {
     ($q:expr, $generation:expr) => {
@@ -250,6 +274,52 @@ impl AuditAppender {
                 Err(e) => return Err(e),
             }
         }
+    }
+}
+
+impl AuditAppender {
+    /// [`AuditAppender::append_at`] for a batch that also renews leases: `renewals` each with
+    /// the index of its record in `events` (see [`HeldConn::append_renewing`]). Returns the
+    /// records and, per renewal, the renewed lease (`None`: it was no longer renewable, and its
+    /// record is the renewal's refusal).
+    pub async fn append_renewing(
+        &mut self,
+        events: &[AuditEvent],
+        leases: &[LeaseRow],
+        renewals: &[(usize, &Renewing)],
+        generation: Option<i64>,
+    ) -> Result<(Vec<AuditRecord>, Vec<Option<RenewedLease>>)> {
+        if renewals.is_empty() {
+            return Ok((
+                self.append_at(events, leases, generation).await?,
+                Vec::new(),
+            ));
+        }
+        // The head is read under the lock, inside the transaction.
+        self.head = None;
+        let mut conn = match self.conn.take() {
+            Some(c) => c,
+            None => HeldConn::acquire(&self.store).await?,
+        };
+        let r = conn
+            .append_renewing(
+                &self.store.locks.write,
+                events.to_vec(),
+                leases,
+                renewals,
+                generation,
+            )
+            .await;
+        match &r {
+            Ok((recs, _)) => {
+                self.head = recs.last().map(AuditRecord::checkpoint);
+                self.conn = Some(conn);
+            }
+            // Nothing stored; the dropped transaction rolls back before the next statement.
+            Err(StoreError::StaleGeneration { .. }) => self.conn = Some(conn),
+            Err(_) => conn.discard(),
+        }
+        r
     }
 }
 
@@ -438,30 +508,11 @@ impl Store {
         leases: &[LeaseRow],
         generation: Option<i64>,
     ) -> Result<Vec<AuditRecord>> {
-        // Reads the head inside the (already locked) transaction, chains after it, inserts.
-        macro_rules! append_in {
-            ($tx:ident, $db:ty) => {{
-                if let Some(read) = generation {
-                    let current: i64 = sqlx::query_scalar(SECRETS_GENERATION_SQL)
-                        .fetch_one(&mut *$tx)
-                        .await?;
-                    if current != read {
-                        // Dropping the transaction rolls it back.
-                        return Err(StoreError::StaleGeneration { current, read });
-                    }
-                }
-                for chunk in leases.chunks(ROWS_PER_INSERT) {
-                    let mut q = sqlx::QueryBuilder::<$db>::new(INSERT_LEASES);
-                    push_lease_values!(q, chunk);
-                    // Not cached: each row count is another statement text.
-                    q.build().persistent(false).execute(&mut *$tx).await?;
-                }
-                let recs = append_chain_in!($tx, $db, events);
-                $tx.commit().await?;
-                Ok(recs)
-            }};
-        }
-        in_audit_tx!(self, tx, Db => append_in!(tx, Db))
+        in_audit_tx!(self, tx, Db => {
+            let recs = store_batch_in!(tx, Db, events, leases, generation);
+            tx.commit().await?;
+            Ok(recs)
+        })
     }
 
     /// [`Store::append_audit_batch_with`] for a writer that knows where the chain ends: `head`

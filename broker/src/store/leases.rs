@@ -1,4 +1,5 @@
-//! Lease rows: insert, read, renew, revoke by filter, list, count and reap.
+//! Lease rows: insert, read, revoke by filter, list, count and reap (renewals are stored
+//! with their records: renewals.rs).
 
 use super::*;
 
@@ -20,27 +21,6 @@ impl Store {
     /// One lease by id.
     pub async fn get_lease(&self, id: &str) -> Result<Option<LeaseRow>> {
         on_pool!(self, p => match sqlx::query(GET_LEASE_SQL).bind(id).fetch_optional(p).await? {
-            Some(r) => Ok(Some(lease_from_row(&r)?)),
-            None => Ok(None),
-        })
-    }
-
-    /// Extends an active lease to `new_expires_ms` (capped by its max). Atomic: returns the
-    /// updated row, or `None` if the lease is unknown, ended or already expired at `now_ms`.
-    pub async fn renew_lease(
-        &self,
-        id: &str,
-        now_ms: i64,
-        new_expires_ms: i64,
-    ) -> Result<Option<LeaseRow>> {
-        let sql = format!(
-            "UPDATE leases SET expires_ms = CASE WHEN $3 < max_expires_ms THEN $3 ELSE max_expires_ms END, \
-             renewals = renewals + 1 \
-             WHERE id = $1 AND ended_ms IS NULL AND expires_ms > $2 RETURNING {LEASE_COLS}"
-        );
-        let _g = self.sqlite_write_lock().await;
-        on_pool!(self, p => match sqlx::query(&sql).bind(id).bind(now_ms).bind(new_expires_ms)
-            .fetch_optional(p).await? {
             Some(r) => Ok(Some(lease_from_row(&r)?)),
             None => Ok(None),
         })
