@@ -1102,7 +1102,9 @@ fn retire_is_refused_while_in_use_allowed_after_audited_and_the_kek_is_gone() {
     assert_eq!(code, Some(1));
     assert!(err.contains("NOT_FOUND"), "{err}");
 
-    // Audited: the rotation, the refusals and the retirement, with the KEK id; chain intact.
+    // Audited: the rotation (its start before the HSM call, then its outcome), the refusals
+    // and the retirement (its start stored with the retired mark), with the KEK id; chain
+    // intact.
     let (code, out, err) = ctl(&["-o", "json", "audit", "tail", "--limit", "500"]);
     assert_eq!(code, Some(0), "{err}");
     let recs: Vec<serde_json::Value> = out
@@ -1124,6 +1126,7 @@ fn retire_is_refused_while_in_use_allowed_after_audited_and_the_kek_is_gone() {
     assert_eq!(
         keys,
         vec![
+            ("admin:key_rotate_begin".into(), "ok".into(), String::new()),
             ("admin:key_rotate".into(), "ok".into(), kek(&new)),
             ("admin:key_retire".into(), "denied".into(), kek(&old)),
             ("admin:key_retire".into(), "denied".into(), kek(&new)),
@@ -1132,6 +1135,7 @@ fn retire_is_refused_while_in_use_allowed_after_audited_and_the_kek_is_gone() {
                 "denied".into(),
                 kek(&"0".repeat(32))
             ),
+            ("admin:key_retire_begin".into(), "ok".into(), kek(&old)),
             ("admin:key_retire".into(), "ok".into(), kek(&old)),
             ("admin:key_retire".into(), "denied".into(), kek(&old)),
         ],

@@ -617,7 +617,6 @@ async fn no_change_without_its_audit_record(env: Env) {
     expired.id = format!("{}-expired", g.lease_id);
     expired.expires_ms = now - 1_000;
     store.insert_lease(&expired).await.unwrap();
-    let head = store.audit_head().await.unwrap();
     let active = |store: keyhaven_broker::store::Store| async move {
         let now = keyhaven_broker::audit::now_ms();
         let mut ids: Vec<String> = store
@@ -636,8 +635,34 @@ async fn no_change_without_its_audit_record(env: Env) {
         .await
         .unwrap();
     let generation = store.policy_generation().await.unwrap();
+    // A spare KEK that wraps nothing, to retire.
+    let keys = env.broker.envelope().keystore().clone();
+    env.broker.rotate_key(&env.admin).await.unwrap();
+    let spare = env
+        .broker
+        .rotate_key(&env.admin)
+        .await
+        .unwrap()
+        .previous
+        .unwrap()
+        .to_string();
+    let keks = keys.list_keks().await.unwrap().len();
+    let head = store.audit_head().await.unwrap();
 
     refuse_audit(&store, true).await;
+    // Key operations: no record, no HSM call.
+    env.broker.rotate_key(&env.admin).await.unwrap_err();
+    assert_eq!(
+        keys.list_keks().await.unwrap().len(),
+        keks,
+        "a KEK was made"
+    );
+    env.broker.retire_key(&env.admin, &spare).await.unwrap_err();
+    assert_eq!(
+        keys.list_keks().await.unwrap().len(),
+        keks,
+        "a KEK was destroyed"
+    );
     let data = SecretData::from_pairs([("k".to_string(), b"v2".to_vec())]);
     let e = env
         .broker
@@ -714,6 +739,8 @@ async fn no_change_without_its_audit_record(env: Env) {
     // The log works again: the chain is whole, and the same changes go through.
     refuse_audit(&store, false).await;
     assert!(store.verify_audit().await.unwrap().is_ok());
+    env.broker.retire_key(&env.admin, &spare).await.unwrap();
+    assert_eq!(keys.list_keks().await.unwrap().len(), keks - 1);
     assert_eq!(env.broker.reap(100).await.unwrap(), 1);
     env.broker.renew(&c, &g.lease_id, None).await.unwrap();
     assert_eq!(

@@ -19,6 +19,7 @@ use keyhaven_hsm::{KekId, KekInfo};
 
 use super::{Broker, BrokerError, Caller, KekStatus, Result};
 use crate::audit::now_ms;
+use crate::audit::writer::ChangeError;
 use crate::audit::{AuditEvent, EventKind, Outcome};
 use crate::crypto::CryptoError;
 use crate::policy::Capability;
@@ -143,6 +144,20 @@ fn created_ms(k: &KekInfo) -> Option<i64> {
         .and_then(|d| i64::try_from(d.as_millis()).ok())
 }
 
+/// The record of a key operation's start (`admin:<verb>`, by `caller`, on `kek` when known),
+/// stored before the HSM is asked to make or destroy a key.
+fn key_intent(caller: &Caller, verb: &str, kek: Option<KekId>) -> AuditEvent {
+    let mut ev = AuditEvent::new(now_ms(), EventKind::Admin(verb.into()), Outcome::Ok)
+        .with_identity(caller.audit_name());
+    if let Some(p) = caller.pod() {
+        ev = ev.with_pod(p);
+    }
+    if let Some(k) = kek {
+        ev = ev.with_path(kek_ref(k));
+    }
+    ev
+}
+
 /// How a KEK appears in audit records (in the `path` field).
 fn kek_ref(id: KekId) -> String {
     format!("kek:{id}")
@@ -254,7 +269,8 @@ impl Broker {
         let r = async {
             // Not at the same time as another replica's automatic rotation.
             let _guard = self.store().rotation_lock(true).await?;
-            self.rotate_locked().await
+            self.rotate_locked(key_intent(caller, "key_rotate_begin", None))
+                .await
         }
         .await;
         let path = r.as_ref().ok().map(|x| kek_ref(x.kek.id));
@@ -268,9 +284,11 @@ impl Broker {
         .await
     }
 
-    /// The rotation itself; the caller holds the rotation lock.
-    async fn rotate_locked(&self) -> Result<Rotated> {
+    /// The rotation itself; the caller holds the rotation lock. `intent` is recorded before
+    /// the HSM makes the KEK (no record, no KEK); the caller records the outcome.
+    async fn rotate_locked(&self, intent: AuditEvent) -> Result<Rotated> {
         let previous = self.fresh_keks().await?.last().map(|k| k.id);
+        self.audit(intent).await?;
         let kek = self
             .envelope()
             .keystore()
@@ -318,7 +336,7 @@ impl Broker {
             .await?;
         let id = KekId::from_hex(kek_id.trim());
         let r = match id {
-            Some(id) => self.retire(id).await,
+            Some(id) => self.retire(caller, id).await,
             None => Err(BrokerError::InvalidArgument(format!(
                 "'{}' is not a KEK id (32 hex digits, as `brokerctl keys status` shows)",
                 kek_id.escape_debug()
@@ -335,7 +353,7 @@ impl Broker {
         .await
     }
 
-    async fn retire(&self, id: KekId) -> Result<KekInfo> {
+    async fn retire(&self, caller: &Caller, id: KekId) -> Result<KekInfo> {
         let keks = self.fresh_keks().await?;
         let info = keks.iter().find(|k| k.id == id).cloned().ok_or_else(|| {
             BrokerError::NotFound(format!(
@@ -349,10 +367,20 @@ impl Broker {
             )));
         }
         // From here on no DEK can be wrapped by it again (every wrap checks the mark under
-        // the KEK lock), and none is wrapped by it now.
-        match self.store().mark_kek_retired(id, now_ms()).await {
+        // the KEK lock), and none is wrapped by it now. The mark is stored with the record of
+        // the retirement's start: no record, no mark, and no destruction in the HSM.
+        let intent = key_intent(caller, "key_retire_begin", Some(id));
+        let marked = self
+            .commit_change_or_store_error(move |store| async move {
+                let records = store
+                    .mark_kek_retired_audited(id, now_ms(), || vec![intent])
+                    .await?;
+                Ok(((), records))
+            })
+            .await;
+        match marked {
             Ok(()) => {}
-            Err(StoreError::KekInUse { deks, .. }) => {
+            Err(ChangeError::Store(StoreError::KekInUse { deks, .. })) => {
                 return Err(BrokerError::FailedPrecondition(format!(
                     "KEK {id} still wraps {deks} DEK(s) (soft-deleted versions count too): wait \
                      until `brokerctl keys status` shows the re-wrap done, then retry"
@@ -495,7 +523,14 @@ impl Broker {
         let Some(reason) = self.rotation_due().await? else {
             return Ok(None);
         };
-        let r = self.rotate_locked().await;
+        let intent = AuditEvent::new(
+            now_ms(),
+            EventKind::Admin("key_rotate_begin".into()),
+            Outcome::Ok,
+        )
+        .with_identity("broker:auto-rotation")
+        .with_reason(reason);
+        let r = self.rotate_locked(intent).await;
         drop(guard);
         let mut ev = AuditEvent::new(
             now_ms(),

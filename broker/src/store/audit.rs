@@ -130,6 +130,47 @@ macro_rules! in_audit_tx {
     };
 }
 
+/// Runs `$body` with `$tx`, a transaction holding the KEK lock (on PostgreSQL the advisory
+/// lock `$lock` — `pg_advisory_xact_lock` or `pg_advisory_xact_lock_shared` — takes on
+/// `KEK_LOCK_KEY`; on SQLite the single writer's `BEGIN IMMEDIATE`), after the audit append
+/// lock when `$audited` (see [`in_audit_tx`]): the lock order every KEK change keeps.
+macro_rules! in_kek_tx {
+    ($self:expr, $lock:literal, $audited:expr, $tx:ident, $db:ident => $body:expr) => {{
+        macro_rules! kek_lock {
+            ($t:ident) => {
+                if let Pool::Postgres(_) = &$self.pool {
+                    sqlx::query(concat!("SELECT ", $lock, "($1)"))
+                        .bind(KEK_LOCK_KEY)
+                        .execute(&mut *$t)
+                        .await?;
+                }
+            };
+        }
+        if $audited {
+            in_audit_tx!($self, $tx, $db => {
+                kek_lock!($tx);
+                $body
+            })
+        } else {
+            match &$self.pool {
+                Pool::Sqlite(p) => {
+                    #[allow(dead_code)]
+                    type $db = sqlx::Sqlite;
+                    let mut $tx = p.begin_with("BEGIN IMMEDIATE").await?;
+                    $body
+                }
+                Pool::Postgres(p) => {
+                    #[allow(dead_code)]
+                    type $db = sqlx::Postgres;
+                    let mut $tx = p.begin().await?;
+                    kek_lock!($tx);
+                    $body
+                }
+            }
+        }
+    }};
+}
+
 /// Appends `$events` to the audit chain inside `$tx` (see [`in_audit_tx`]): reads the head,
 /// chains after it, inserts. Evaluates to the records.
 macro_rules! append_chain_in {

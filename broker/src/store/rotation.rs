@@ -237,13 +237,28 @@ impl Store {
     /// (`pg_advisory_xact_lock` on PostgreSQL, `BEGIN IMMEDIATE` on SQLite): once this commits,
     /// no DEK can be wrapped by `kek` again. Idempotent.
     pub async fn mark_kek_retired(&self, kek: KekId, now_ms: i64) -> Result<()> {
+        self.mark_kek_retired_audited(kek, now_ms, Vec::new)
+            .await
+            .map(drop)
+    }
+
+    /// [`Store::mark_kek_retired`], appending the records `events()` gives in the same
+    /// transaction (none: no audit lock taken). Lock order: the audit lock, then the KEK lock,
+    /// as [`Store::insert_version_audited`].
+    pub async fn mark_kek_retired_audited(
+        &self,
+        kek: KekId,
+        now_ms: i64,
+        events: impl FnOnce() -> Vec<AuditEvent>,
+    ) -> Result<Vec<AuditRecord>> {
         let id = kek.to_string();
         let count =
             "SELECT COUNT(*) FROM secret_versions WHERE kek_id = $1 AND destroyed_ms IS NULL";
         let mark = "INSERT INTO retired_keks (kek_id, retired_ms) VALUES ($1, $2) \
                     ON CONFLICT (kek_id) DO NOTHING";
+        let events = events();
         macro_rules! body {
-            ($tx:expr) => {{
+            ($tx:ident, $db:ty) => {{
                 let n: i64 = sqlx::query_scalar(count)
                     .bind(&id)
                     .fetch_one(&mut *$tx)
@@ -259,24 +274,16 @@ impl Store {
                     .bind(now_ms)
                     .execute(&mut *$tx)
                     .await?;
+                let records = if events.is_empty() {
+                    Vec::new()
+                } else {
+                    append_chain_in!($tx, $db, events)
+                };
                 $tx.commit().await?;
-                Ok(())
+                Ok(records)
             }};
         }
-        match &self.pool {
-            Pool::Sqlite(p) => {
-                let mut tx = p.begin_with("BEGIN IMMEDIATE").await?;
-                body!(tx)
-            }
-            Pool::Postgres(p) => {
-                let mut tx = p.begin().await?;
-                sqlx::query("SELECT pg_advisory_xact_lock($1)")
-                    .bind(KEK_LOCK_KEY)
-                    .execute(&mut *tx)
-                    .await?;
-                body!(tx)
-            }
-        }
+        in_kek_tx!(self, "pg_advisory_xact_lock", !events.is_empty(), tx, Db => body!(tx, Db))
     }
 
     /// Whether `kek` is marked retired.

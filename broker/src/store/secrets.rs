@@ -82,33 +82,7 @@ impl Store {
                 Ok(records)
             }};
         }
-        macro_rules! kek_lock {
-            ($tx:ident) => {
-                if let Pool::Postgres(_) = &self.pool {
-                    sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
-                        .bind(KEK_LOCK_KEY)
-                        .execute(&mut *$tx)
-                        .await?;
-                }
-            };
-        }
-        if events.is_empty() {
-            return match &self.pool {
-                Pool::Sqlite(p) => {
-                    let mut tx = p.begin_with("BEGIN IMMEDIATE").await?;
-                    body!(tx, sqlx::Sqlite)
-                }
-                Pool::Postgres(p) => {
-                    let mut tx = p.begin().await?;
-                    kek_lock!(tx);
-                    body!(tx, sqlx::Postgres)
-                }
-            };
-        }
-        in_audit_tx!(self, tx, Db => {
-            kek_lock!(tx);
-            body!(tx, Db)
-        })
+        in_kek_tx!(self, "pg_advisory_xact_lock_shared", !events.is_empty(), tx, Db => body!(tx, Db))
     }
 
     /// One version, or the newest version that is not deleted when `version` is `None`.
