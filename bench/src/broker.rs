@@ -160,9 +160,11 @@ async fn measure(
          memory    : VmRSS of the broker from /proc/<pid>/status; {} active leases INSERTed \
          straight into its leases table while it runs (namespace {}), then {TOUCH_ROUNDS} \
          Lease+Renew and a /metrics scrape, then the reading\n\
+         Lease x2  : (postgres) the Lease load with the clients' connections spread over two \
+         broker replicas on the same database\n\
          ratios    : throughput, broker / baseline; each Lease is one audit transaction \
-         (authentication + lease records and the lease row, group-committed), Renew the \
-         same plus its own row update\n",
+         (authentication + lease records and the lease row, group-committed), each Renew the \
+         same with its lease's update instead of the row\n",
         humantime::format_duration(args.duration),
         humantime::format_duration(args.warmup),
         broker_bin.display(),
@@ -255,7 +257,7 @@ async fn measure_db(
     testkit::write_private(&bootstrap_file, &bootstrap)?;
     let bootstrap = SecretString::from(bootstrap.as_str());
 
-    let mut broker = BrokerProcess::spawn(&BrokerSetup {
+    let setup = |log: &str| BrokerSetup {
         bin: broker_bin,
         softhsm_conf: &hsm.conf,
         module: &hsm.module,
@@ -264,9 +266,10 @@ async fn measure_db(
         pki: &pki,
         dev_key: &dev_key,
         bootstrap_file: &bootstrap_file,
-        log: dir.join("broker.log"),
+        log: dir.join(log),
         extra: Vec::new(),
-    })?;
+    };
+    let mut broker = BrokerProcess::spawn(&setup("broker.log"))?;
     broker.wait_ready(READY_TIMEOUT).await?;
     let started = Memory::of(broker.pid())?;
     eprintln!(
@@ -276,6 +279,21 @@ async fn measure_db(
     );
 
     let ep = leases::endpoint(&broker.endpoint(), &pki.ca)?;
+    // PostgreSQL: a second replica on the same database, for the two-replica Lease row. It
+    // idles (a heartbeat, the policy poll) while the other cells run.
+    let mut second = match db {
+        Db::Postgres => {
+            let mut b = BrokerProcess::spawn(&setup("broker-2.log"))?;
+            b.wait_ready(READY_TIMEOUT).await?;
+            eprintln!("second replica ready (pid {})", b.pid());
+            Some(b)
+        }
+        Db::Sqlite => None,
+    };
+    let both = match &second {
+        Some(b) => vec![ep.clone(), leases::endpoint(&b.endpoint(), &pki.ca)?],
+        None => Vec::new(),
+    };
     let secrets = Arc::new(leases::secrets()?);
     leases::setup(&ep, &bootstrap, &secrets)
         .await
@@ -287,10 +305,20 @@ async fn measure_db(
 
     let mut rows = Vec::new();
     for &n in &args.clients {
-        let lease = leases::lease(&ep, &ids, n, per_channel, &secrets, window).await?;
+        let one = std::slice::from_ref(&ep);
+        let lease = leases::lease(one, &ids, n, per_channel, &secrets, window).await?;
         progress(db, n, "Lease", &lease);
         broker.ensure_running()?;
-        let renew = leases::renew(&ep, &ids, n, per_channel, &secrets, window).await?;
+        let lease_replicas = match &mut second {
+            Some(b) => {
+                let two = leases::lease(&both, &ids, n, per_channel, &secrets, window).await?;
+                progress(db, n, "Lease x2", &two);
+                b.ensure_running()?;
+                Some(two)
+            }
+            None => None,
+        };
+        let renew = leases::renew(one, &ids, n, per_channel, &secrets, window).await?;
         progress(db, n, "Renew", &renew);
         broker.ensure_running()?;
         let insert = baseline::insert(&raw, &ids, n, window).await?;
@@ -301,6 +329,7 @@ async fn measure_db(
             db,
             clients: n,
             lease,
+            lease_replicas,
             renew,
             insert,
             jwt,
@@ -338,6 +367,7 @@ async fn measure_db(
         leases: args.leases,
         active,
     };
+    drop(second);
     drop(broker);
     drop(pg);
     Ok((rows, mem, line))

@@ -9,10 +9,10 @@ use crate::broker_proc::Memory;
 use crate::cli::Db;
 use crate::load::Summary;
 
-/// Lease throughput target: at least this fraction of the raw-insert baseline, at every
-/// measured concurrency.
+/// Lease and Renew throughput target: at least this fraction of the raw-insert baseline, at
+/// every measured concurrency.
 pub const THROUGHPUT_TARGET: f64 = 0.5;
-/// Lease p99 target...
+/// Lease and Renew p99 target...
 pub const P99_TARGET: Duration = Duration::from_millis(20);
 /// ...judged at this many clients.
 pub const P99_CLIENTS: usize = 128;
@@ -30,6 +30,9 @@ pub struct Row {
     pub clients: usize,
     /// Lease through the broker.
     pub lease: Summary,
+    /// Lease through two broker replicas on one database, the clients' connections spread
+    /// over both (PostgreSQL only).
+    pub lease_replicas: Option<Summary>,
     /// Renew through the broker.
     pub renew: Summary,
     /// sqlx INSERT + SELECT of one row.
@@ -80,19 +83,18 @@ fn clients_text(n: usize) -> String {
 }
 
 impl Row {
-    /// The four cells with their names, broker first.
-    pub fn cells(&self) -> [(&'static str, &Summary); 4] {
-        [
-            ("Lease", &self.lease),
+    /// The cells with their names, broker first.
+    pub fn cells(&self) -> Vec<(&'static str, &Summary)> {
+        let mut cells = vec![("Lease", &self.lease)];
+        if let Some(two) = &self.lease_replicas {
+            cells.push(("Lease x2", two));
+        }
+        cells.extend([
             ("Renew", &self.renew),
             ("raw-insert", &self.insert),
             ("raw-jwt", &self.jwt),
-        ]
-    }
-
-    /// Lease throughput over the raw-insert baseline's.
-    pub fn lease_vs_insert(&self) -> Option<f64> {
-        ratio(self.lease.throughput, self.insert.throughput)
+        ]);
+        cells
     }
 }
 
@@ -186,104 +188,170 @@ fn mark(pass: bool) -> &'static str {
     }
 }
 
-/// The verdict lines for `db`: Lease throughput against raw-insert (at every measured
-/// concurrency), Lease p99 at [`P99_CLIENTS`], and memory with [`RSS_LEASES`] leases. A cell
-/// with failed broker requests is a MISS.
-pub fn verdicts(db: Db, rows: &[Row], mem: Option<&MemRow>) -> [String; 3] {
+/// A broker operation the verdicts judge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// Lease, through one replica.
+    Lease,
+    /// Renew, through one replica.
+    Renew,
+}
+
+impl Op {
+    fn name(self) -> &'static str {
+        match self {
+            Op::Lease => "Lease",
+            Op::Renew => "Renew",
+        }
+    }
+
+    fn of(self, r: &Row) -> &Summary {
+        match self {
+            Op::Lease => &r.lease,
+            Op::Renew => &r.renew,
+        }
+    }
+}
+
+/// Every verdict line for `db`: throughput and p99 of Lease and of Renew, memory, and (when
+/// measured) the two-replica Lease line, which has no target.
+pub fn verdicts(db: Db, rows: &[Row], mem: Option<&MemRow>) -> Vec<String> {
+    let mut out = Vec::new();
+    for op in [Op::Lease, Op::Renew] {
+        out.push(throughput_verdict(db, op, rows));
+        out.push(p99_verdict(db, op, rows));
+    }
+    out.push(memory_verdict(db, mem));
+    out.extend(replicas_line(db, rows));
+    out
+}
+
+/// `op`'s throughput against raw-insert, judged at **each** measured concurrency of `db`. A
+/// cell with failed requests is a MISS.
+pub fn throughput_verdict(db: Db, op: Op, rows: &[Row]) -> String {
     let rows: Vec<&Row> = rows.iter().filter(|r| r.db == db).collect();
-
-    let thr_name = format!(
-        "[{db}] Lease throughput >= {THROUGHPUT_TARGET}x the raw-insert baseline at every concurrency"
+    let name = format!(
+        "[{db}] {} throughput >= {THROUGHPUT_TARGET}x the raw-insert baseline at every concurrency",
+        op.name()
     );
-    let thr = if rows.is_empty() {
-        format!("{thr_name}: n/a (not measured)")
-    } else {
-        let parts: Vec<String> = rows
-            .iter()
-            .map(|r| {
-                let failed = if r.lease.errors > 0 {
-                    format!(", {} failed", r.lease.errors)
-                } else {
-                    String::new()
-                };
-                format!(
-                    "{}: {:.0}/{:.0} ops/s = {}{failed}",
-                    clients_text(r.clients),
-                    r.lease.throughput,
-                    r.insert.throughput,
-                    fmt_ratio(r.lease_vs_insert())
-                )
-            })
-            .collect();
-        let pass = rows.iter().all(|r| {
-            r.lease.errors == 0 && r.lease_vs_insert().is_some_and(|x| x >= THROUGHPUT_TARGET)
-        });
-        format!("{thr_name}: {} ({})", mark(pass), parts.join("; "))
-    };
+    if rows.is_empty() {
+        return format!("{name}: n/a (not measured)");
+    }
+    let vs_insert = |r: &Row| ratio(op.of(r).throughput, r.insert.throughput);
+    let parts: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            let s = op.of(r);
+            let failed = if s.errors > 0 {
+                format!(", {} failed", s.errors)
+            } else {
+                String::new()
+            };
+            format!(
+                "{}: {:.0}/{:.0} ops/s = {}{failed}",
+                clients_text(r.clients),
+                s.throughput,
+                r.insert.throughput,
+                fmt_ratio(vs_insert(r))
+            )
+        })
+        .collect();
+    let pass = rows
+        .iter()
+        .all(|r| op.of(r).errors == 0 && vs_insert(r).is_some_and(|x| x >= THROUGHPUT_TARGET));
+    format!("{name}: {} ({})", mark(pass), parts.join("; "))
+}
 
-    let p99_name = format!(
-        "[{db}] Lease p99 < {} ms at {}",
+/// `op`'s p99 at [`P99_CLIENTS`] on `db`; the other concurrencies for information.
+pub fn p99_verdict(db: Db, op: Op, rows: &[Row]) -> String {
+    let rows: Vec<&Row> = rows.iter().filter(|r| r.db == db).collect();
+    let name = format!(
+        "[{db}] {} p99 < {} ms at {}",
+        op.name(),
         P99_TARGET.as_millis(),
         clients_text(P99_CLIENTS)
     );
-    let p99 = match rows.iter().find(|r| r.clients == P99_CLIENTS) {
-        None => format!(
-            "{p99_name}: n/a ({} not measured)",
-            clients_text(P99_CLIENTS)
-        ),
-        Some(r) => {
-            let others: Vec<String> = rows
-                .iter()
-                .filter(|o| o.clients != P99_CLIENTS)
-                .map(|o| format!("{}: {:.1} ms", clients_text(o.clients), ms(o.lease.p99)))
-                .collect();
+    let Some(r) = rows.iter().find(|r| r.clients == P99_CLIENTS) else {
+        return format!("{name}: n/a ({} not measured)", clients_text(P99_CLIENTS));
+    };
+    let s = op.of(r);
+    let others: Vec<String> = rows
+        .iter()
+        .filter(|o| o.clients != P99_CLIENTS)
+        .map(|o| format!("{}: {:.1} ms", clients_text(o.clients), ms(op.of(o).p99)))
+        .collect();
+    format!(
+        "{name}: {} (p99 {:.1} ms, p50 {:.1} ms{}{})",
+        mark(s.p99 < P99_TARGET && s.ops > 0 && s.errors == 0),
+        ms(s.p99),
+        ms(s.p50),
+        if s.errors > 0 {
+            format!("; {} failed", s.errors)
+        } else {
+            String::new()
+        },
+        if others.is_empty() {
+            String::new()
+        } else {
+            format!("; for information {}", others.join(", "))
+        }
+    )
+}
+
+/// Resident memory with [`RSS_LEASES`] active leases.
+pub fn memory_verdict(db: Db, mem: Option<&MemRow>) -> String {
+    let name = format!("[{db}] broker RSS < {RSS_TARGET_MIB} MiB with {RSS_LEASES} active leases");
+    let Some(m) = mem else {
+        return format!("{name}: n/a (not measured)");
+    };
+    match m.filled {
+        Some(f) if m.leases >= RSS_LEASES => {
+            let active_ok = m.active.is_some_and(|a| a >= RSS_LEASES as i64);
             format!(
-                "{p99_name}: {} (p99 {:.1} ms, p50 {:.1} ms{}{})",
-                mark(r.lease.p99 < P99_TARGET && r.lease.ops > 0 && r.lease.errors == 0),
-                ms(r.lease.p99),
-                ms(r.lease.p50),
-                if r.lease.errors > 0 {
-                    format!("; {} failed", r.lease.errors)
+                "{name}: {} (VmRSS {:.1} MiB, peak VmHWM {:.1} MiB; {} active per /metrics{})",
+                mark(mib(f.rss_kib) < RSS_TARGET_MIB && active_ok),
+                mib(f.rss_kib),
+                mib(f.hwm_kib),
+                m.active.map_or_else(|| "?".to_owned(), |a| a.to_string()),
+                if active_ok {
+                    ""
                 } else {
-                    String::new()
-                },
-                if others.is_empty() {
-                    String::new()
-                } else {
-                    format!("; for information {}", others.join(", "))
+                    ", fewer than the target"
                 }
             )
         }
-    };
+        _ => format!(
+            "{name}: n/a (--leases {}; VmRSS after load {:.1} MiB)",
+            m.leases,
+            mib(m.loaded.rss_kib)
+        ),
+    }
+}
 
-    let rss_name =
-        format!("[{db}] broker RSS < {RSS_TARGET_MIB} MiB with {RSS_LEASES} active leases");
-    let rss = match mem {
-        None => format!("{rss_name}: n/a (not measured)"),
-        Some(m) => match m.filled {
-            Some(f) if m.leases >= RSS_LEASES => {
-                let active_ok = m.active.is_some_and(|a| a >= RSS_LEASES as i64);
-                format!(
-                    "{rss_name}: {} (VmRSS {:.1} MiB, peak VmHWM {:.1} MiB; {} active per /metrics{})",
-                    mark(mib(f.rss_kib) < RSS_TARGET_MIB && active_ok),
-                    mib(f.rss_kib),
-                    mib(f.hwm_kib),
-                    m.active.map_or_else(|| "?".to_owned(), |a| a.to_string()),
-                    if active_ok {
-                        ""
-                    } else {
-                        ", fewer than the target"
-                    }
-                )
-            }
-            _ => format!(
-                "{rss_name}: n/a (--leases {}; VmRSS after load {:.1} MiB)",
-                m.leases,
-                mib(m.loaded.rss_kib)
-            ),
-        },
-    };
-    [thr, p99, rss]
+/// Lease through two replicas beside one, per concurrency (no target: for information).
+pub fn replicas_line(db: Db, rows: &[Row]) -> Option<String> {
+    let parts: Vec<String> = rows
+        .iter()
+        .filter(|r| r.db == db)
+        .filter_map(|r| {
+            let two = r.lease_replicas.as_ref()?;
+            Some(format!(
+                "{}: {:.0} vs {:.0} ops/s = {}, p99 {:.1} vs {:.1} ms",
+                clients_text(r.clients),
+                two.throughput,
+                r.lease.throughput,
+                fmt_ratio(ratio(two.throughput, r.lease.throughput)),
+                ms(two.p99),
+                ms(r.lease.p99)
+            ))
+        })
+        .collect();
+    (!parts.is_empty()).then(|| {
+        format!(
+            "[{db}] Lease with 2 replicas beside 1 (for information): {}",
+            parts.join("; ")
+        )
+    })
 }
 
 #[cfg(test)]
@@ -305,6 +373,7 @@ mod tests {
             db,
             clients,
             lease: s(lease, p99_ms),
+            lease_replicas: None,
             renew: s(lease * 1.5, p99_ms),
             insert: s(insert, 1),
             jwt: s(10_000.0, 1),
@@ -333,22 +402,32 @@ mod tests {
             row(Db::Sqlite, 16, 500.0, 8, 1000.0),
             row(Db::Postgres, 1, 100.0, 2, 1000.0),
         ];
-        let [thr, p99, _] = verdicts(Db::Sqlite, &rows, None);
+        let thr = throughput_verdict(Db::Sqlite, Op::Lease, &rows);
+        let p99 = p99_verdict(Db::Sqlite, Op::Lease, &rows);
         assert!(
             thr.contains(": PASS (1 client: 600/1000 ops/s = 0.60x; 16 clients: 500/1000"),
             "{thr}"
         );
         assert!(p99.ends_with("n/a (128 clients not measured)"), "{p99}");
-        let [thr, ..] = verdicts(Db::Postgres, &rows, None);
+        let thr = throughput_verdict(Db::Postgres, Op::Lease, &rows);
         assert!(
             thr.contains(": MISS (1 client: 100/1000 ops/s = 0.10x)"),
             "{thr}"
         );
         let mut failing = rows.clone();
         failing[1].lease.errors = 2;
-        let [thr, ..] = verdicts(Db::Sqlite, &failing, None);
+        let thr = throughput_verdict(Db::Sqlite, Op::Lease, &failing);
         assert!(thr.contains("MISS") && thr.contains("2 failed"), "{thr}");
-        let [thr, p99, rss] = verdicts(Db::Sqlite, &[], None);
+        // Renew is judged on its own cells: 1.5x Lease here.
+        let thr = throughput_verdict(Db::Sqlite, Op::Renew, &failing);
+        assert!(
+            thr.contains("Renew throughput") && thr.contains(": PASS (1 client: 900/1000"),
+            "{thr}"
+        );
+        let all = verdicts(Db::Sqlite, &[], None);
+        let [thr, p99, _, _, rss] = &all[..] else {
+            panic!("{all:?}")
+        };
         assert!(
             thr.ends_with("n/a (not measured)") && p99.contains("n/a"),
             "{thr}"
@@ -362,32 +441,34 @@ mod tests {
             row(Db::Postgres, 16, 900.0, 5, 1000.0),
             row(Db::Postgres, 128, 900.0, 19, 1000.0),
         ];
-        let [_, p99, _] = verdicts(Db::Postgres, &rows, None);
+        let p99 = p99_verdict(Db::Postgres, Op::Lease, &rows);
         assert!(p99.contains(": PASS (p99 19.0 ms, p50 9.0 ms"), "{p99}");
         assert!(
             p99.ends_with("for information 16 clients: 5.0 ms)"),
             "{p99}"
         );
         let slow = [row(Db::Postgres, 128, 900.0, 20, 1000.0)];
-        let [_, p99, _] = verdicts(Db::Postgres, &slow, None);
+        let p99 = p99_verdict(Db::Postgres, Op::Lease, &slow);
         assert!(p99.contains(": MISS (p99 20.0 ms"), "{p99}");
+        let p99 = p99_verdict(Db::Postgres, Op::Renew, &slow);
+        assert!(p99.starts_with("[postgres] Renew p99"), "{p99}");
     }
 
     #[test]
-    fn memory_verdict() {
-        let [.., rss] = verdicts(Db::Sqlite, &[], Some(&mem(60, 100_000, 100_050)));
+    fn memory_verdict_against_the_target() {
+        let rss = memory_verdict(Db::Sqlite, Some(&mem(60, 100_000, 100_050)));
         assert!(
             rss.contains(": PASS (VmRSS 60.0 MiB, peak VmHWM 60.5 MiB; 100050 active"),
             "{rss}"
         );
-        let [.., rss] = verdicts(Db::Sqlite, &[], Some(&mem(120, 100_000, 100_050)));
+        let rss = memory_verdict(Db::Sqlite, Some(&mem(120, 100_000, 100_050)));
         assert!(rss.contains(": MISS (VmRSS 120.0 MiB"), "{rss}");
-        let [.., rss] = verdicts(Db::Sqlite, &[], Some(&mem(60, 100_000, 10)));
+        let rss = memory_verdict(Db::Sqlite, Some(&mem(60, 100_000, 10)));
         assert!(
             rss.contains(": MISS") && rss.contains("fewer than the target"),
             "{rss}"
         );
-        let [.., rss] = verdicts(Db::Sqlite, &[], Some(&mem(60, 0, 0)));
+        let rss = memory_verdict(Db::Sqlite, Some(&mem(60, 0, 0)));
         assert!(
             rss.ends_with("n/a (--leases 0; VmRSS after load 60.0 MiB)"),
             "{rss}"
@@ -399,6 +480,25 @@ mod tests {
                 .is_some_and(|l| l.contains("60.0 (100000)")),
             "{t}"
         );
+    }
+
+    #[test]
+    fn two_replica_lease_is_a_table_line_and_an_information_line() {
+        let mut r = row(Db::Postgres, 16, 500.0, 8, 1000.0);
+        assert_eq!(replicas_line(Db::Postgres, &[r.clone()]), None);
+        r.lease_replicas = Some(s(750.0, 12));
+        let t = table(&[r.clone()]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(
+            lines[2].contains("Lease x2") && lines[2].ends_with("0.75x   0.07x"),
+            "{t}"
+        );
+        let line = replicas_line(Db::Postgres, &[r.clone()]).unwrap();
+        assert!(
+            line.ends_with("16 clients: 750 vs 500 ops/s = 1.50x, p99 12.0 vs 8.0 ms"),
+            "{line}"
+        );
+        assert_eq!(verdicts(Db::Postgres, &[r], None).len(), 6);
     }
 
     #[test]

@@ -144,14 +144,16 @@ pub fn endpoint(url: &str, ca: &Path) -> anyhow::Result<Endpoint> {
 }
 
 /// `clients` Leases clients, `per_channel` sharing each channel (one TLS connection).
+/// `clients` clients, `per_channel` to a connection, the connections spread over `eps` (one
+/// per broker replica) in turn.
 async fn clients(
-    ep: &Endpoint,
+    eps: &[Endpoint],
     clients: usize,
     per_channel: usize,
 ) -> anyhow::Result<Vec<LeasesClient<Channel>>> {
     let per_channel = per_channel.max(1);
     let mut channels = Vec::new();
-    for _ in 0..clients.div_ceil(per_channel) {
+    for (_, ep) in (0..clients.div_ceil(per_channel)).zip(eps.iter().cycle()) {
         channels.push(ep.connect().await.context("connect to the broker")?);
     }
     Ok((0..clients)
@@ -306,16 +308,16 @@ fn prefix(c: &ClientId) -> String {
 }
 
 /// Lease load: the first `n` clients, each leasing the secrets in turn (client `i` starts
-/// at secret `i`) with its own token, for `window`.
+/// at secret `i`) with its own token, for `window`; their connections spread over `eps`.
 pub async fn lease(
-    ep: &Endpoint,
+    eps: &[Endpoint],
     ids: &[ClientId],
     n: usize,
     per_channel: usize,
     secrets: &Arc<Vec<BenchSecret>>,
     window: Window,
 ) -> anyhow::Result<Summary> {
-    let workers = clients(ep, n, per_channel)
+    let workers = clients(eps, n, per_channel)
         .await?
         .into_iter()
         .zip(ids)
@@ -336,7 +338,7 @@ pub async fn lease(
 /// Renew load: the first `n` clients each take one lease (before the window, not
 /// measured), then renew it back to back for `window`.
 pub async fn renew(
-    ep: &Endpoint,
+    eps: &[Endpoint],
     ids: &[ClientId],
     n: usize,
     per_channel: usize,
@@ -344,7 +346,7 @@ pub async fn renew(
     window: Window,
 ) -> anyhow::Result<Summary> {
     let mut workers = Vec::with_capacity(n);
-    for (i, (mut client, id)) in clients(ep, n, per_channel)
+    for (i, (mut client, id)) in clients(eps, n, per_channel)
         .await?
         .into_iter()
         .zip(ids)
