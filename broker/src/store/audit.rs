@@ -230,17 +230,24 @@ macro_rules! push_generation_guard {
     };
 }
 
-/// Appends batches to the audit log for its one owner (the broker's audit task): on a
-/// connection it keeps (no pool checkout, and so no liveness ping, per batch), after the head
-/// its previous append left ([`Store::append_audit_batch_after`]), and under the lock
-/// ([`Store::append_audit_batch_with`]) when it knows no head yet or another writer (a
-/// replica on the same PostgreSQL) moved the chain on. After any error the connection is
-/// closed (rolling back whatever it had open) and the head forgotten.
+/// Appends batches to the audit log for its one owner (the broker's audit task), on a
+/// connection it keeps (no pool checkout, and so no liveness ping, per batch): after the head
+/// its previous append left, unlocked, as one statement ([`Store::append_audit_batch_after`]);
+/// under the lock, reading the head, when it knows no head yet, when the batch renews leases,
+/// and for a while after another writer (a replica on the same PostgreSQL) moved the chain on
+/// ([`AuditAppender::append_renewing`]). After any error but a stale generation the connection
+/// is closed (rolling back whatever it had open) and the head forgotten.
 pub struct AuditAppender {
     store: Store,
     conn: Option<HeldConn>,
     head: Option<Checkpoint>,
+    /// Until when appends go under the lock at once: another writer appended lately.
+    contended_until: Option<std::time::Instant>,
 }
+
+/// How long after a conflict appends take the lock at once. While replicas append in turn,
+/// the unlocked attempt would mostly wait for the other's commit only to find the head moved.
+const CONTENDED_FOR: Duration = Duration::from_secs(1);
 
 impl std::fmt::Debug for AuditAppender {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -270,59 +277,21 @@ impl AuditAppender {
         leases: &[LeaseRow],
         generation: Option<i64>,
     ) -> Result<Vec<AuditRecord>> {
-        // A conflict means another writer appended; the locked append that follows reads the
-        // head afresh. Every append takes the same lock, so one retry normally suffices; the
-        // bound only guards against a log that keeps changing under us.
-        const ATTEMPTS: usize = 8;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let r = match self.head.take() {
-                Some(h) => {
-                    let mut conn = match self.conn.take() {
-                        Some(c) => c,
-                        None => HeldConn::acquire(&self.store).await?,
-                    };
-                    let r = conn
-                        .append_after(
-                            &self.store.locks.write,
-                            &h,
-                            events.to_vec(),
-                            leases,
-                            generation,
-                        )
-                        .await;
-                    match &r {
-                        Ok(_) => self.conn = Some(conn),
-                        Err(_) => conn.discard(),
-                    }
-                    r
-                }
-                None => {
-                    self.store
-                        .append_audit_batch_at(events.to_vec(), leases, generation)
-                        .await
-                }
-            };
-            match r {
-                Ok(recs) => {
-                    self.head = recs.last().map(AuditRecord::checkpoint);
-                    return Ok(recs);
-                }
-                Err(StoreError::Conflict(e)) if attempt < ATTEMPTS => {
-                    tracing::debug!(attempt, error = %e, "audit chain moved on; appending under the lock");
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        Ok(self
+            .append_renewing(events, leases, &[], generation)
+            .await?
+            .0)
     }
-}
 
-impl AuditAppender {
-    /// [`AuditAppender::append_at`] for a batch that also renews leases: `renewals` each with
-    /// the index of its record in `events` (see [`HeldConn::append_renewing`]). Returns the
+    /// [`AuditAppender::append_at`] for a batch that may also renew leases: `renewals` each
+    /// with the index of its record in `events` (see [`HeldConn::append_locked`]). Returns the
     /// records and, per renewal, the renewed lease (`None`: it was no longer renewable, and its
     /// record is the renewal's refusal).
+    ///
+    /// Without renewals, after its own last append and with no other writer lately, the batch
+    /// goes in unlocked after the known head ([`HeldConn::append_after`]); otherwise, or when
+    /// that finds the chain moved on, under the lock reading the head
+    /// ([`HeldConn::append_locked`]).
     pub async fn append_renewing(
         &mut self,
         events: &[AuditEvent],
@@ -330,37 +299,52 @@ impl AuditAppender {
         renewals: &[(usize, &Renewing)],
         generation: Option<i64>,
     ) -> Result<(Vec<AuditRecord>, Vec<Option<RenewedLease>>)> {
-        if renewals.is_empty() {
-            return Ok((
-                self.append_at(events, leases, generation).await?,
-                Vec::new(),
-            ));
-        }
-        // The head is read under the lock, inside the transaction.
-        self.head = None;
-        let mut conn = match self.conn.take() {
-            Some(c) => c,
-            None => HeldConn::acquire(&self.store).await?,
-        };
-        let r = conn
-            .append_renewing(
-                &self.store.locks.write,
-                events.to_vec(),
-                leases,
-                renewals,
-                generation,
-            )
-            .await;
-        match &r {
-            Ok((recs, _)) => {
-                self.head = recs.last().map(AuditRecord::checkpoint);
-                self.conn = Some(conn);
+        // A conflict means another writer appended; the locked append that follows reads the
+        // head afresh. Every append takes the same lock, so one retry normally suffices; the
+        // bound only guards against a log that keeps changing under us.
+        const ATTEMPTS: usize = 8;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let contended = self
+                .contended_until
+                .is_some_and(|t| std::time::Instant::now() < t);
+            let mut conn = match self.conn.take() {
+                Some(c) => c,
+                None => HeldConn::acquire(&self.store).await?,
+            };
+            let lock = &self.store.locks.write;
+            let r = match self
+                .head
+                .take()
+                .filter(|_| !contended && renewals.is_empty())
+            {
+                Some(h) => conn
+                    .append_after(lock, &h, events.to_vec(), leases, generation)
+                    .await
+                    .map(|recs| (recs, Vec::new())),
+                None => {
+                    conn.append_locked(lock, events.to_vec(), leases, renewals, generation)
+                        .await
+                }
+            };
+            match &r {
+                // Nothing stored; a dropped transaction rolls back before the next statement.
+                Ok(_) | Err(StoreError::StaleGeneration { .. }) => self.conn = Some(conn),
+                Err(_) => conn.discard(),
             }
-            // Nothing stored; the dropped transaction rolls back before the next statement.
-            Err(StoreError::StaleGeneration { .. }) => self.conn = Some(conn),
-            Err(_) => conn.discard(),
+            match r {
+                Ok((recs, renewed)) => {
+                    self.head = recs.last().map(AuditRecord::checkpoint);
+                    return Ok((recs, renewed));
+                }
+                Err(StoreError::Conflict(e)) if attempt < ATTEMPTS => {
+                    tracing::debug!(attempt, error = %e, "audit chain moved on; appending under the lock");
+                    self.contended_until = Some(std::time::Instant::now() + CONTENDED_FOR);
+                }
+                Err(e) => return Err(e),
+            }
         }
-        r
     }
 }
 
@@ -589,6 +573,7 @@ impl Store {
             store: self.clone(),
             conn: None,
             head: None,
+            contended_until: None,
         }
     }
 

@@ -107,12 +107,12 @@ macro_rules! renew_and_store_in {
 }
 
 impl HeldConn {
-    /// Renews the leases of `renewals` (each with the index of its record in `events`), then
-    /// stores `leases` and `events` — the records of leases not renewed replaced by their
-    /// refusals — all in one transaction under the audit append lock, reading the chain's head
-    /// inside it. Guarded by the secrets generation when given, as
-    /// [`AuditAppender::append_at`].
-    pub(super) async fn append_renewing(
+    /// The locked append: renews the leases of `renewals` (each with the index of its record
+    /// in `events`; none: no statement), then stores `leases` and `events` — the records of
+    /// leases not renewed replaced by their refusals — all in one transaction under the audit
+    /// append lock, reading the chain's head inside it. Guarded by the secrets generation when
+    /// given, as [`AuditAppender::append_at`].
+    pub(super) async fn append_locked(
         &mut self,
         write_lock: &tokio::sync::Mutex<()>,
         events: Vec<AuditEvent>,
@@ -125,6 +125,7 @@ impl HeldConn {
                 let _g = write_lock.lock().await;
                 let mut tx = sqlx::Connection::begin_with(&mut **conn, "BEGIN IMMEDIATE").await?;
                 let mut renewed = HashMap::with_capacity(renewals.len());
+                // No chunk, no statement.
                 for chunk in renewals.chunks(ROWS_PER_INSERT) {
                     let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(SQLITE_RENEW_HEAD);
                     q.push_values(chunk, |mut b, (_, r)| {
