@@ -268,6 +268,31 @@ async fn renew_until_max_then_refused_and_revoke(env: Env) {
     // At max: refused.
     let e = env.broker.renew(&api, &g.lease_id, None).await.unwrap_err();
     assert!(matches!(e, BrokerError::FailedPrecondition(_)), "{e:?}");
+    // Increments too large for milliseconds since the epoch are capped at the max TTL, never
+    // wrapped into the past.
+    for secs in [9_223_372_036_854_775, u64::MAX] {
+        let g = env.broker.lease(&api, "payments/db", None).await.unwrap();
+        let r = env
+            .broker
+            .renew(&api, &g.lease_id, Some(Duration::from_secs(secs)))
+            .await
+            .unwrap();
+        assert!(
+            r.ttl > Duration::from_secs(3) && r.ttl <= Duration::from_secs(5),
+            "increment {secs} s: {:?}",
+            r.ttl
+        );
+        let l = env
+            .broker
+            .store()
+            .get_lease(&g.lease_id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(l.expires_ms, l.max_expires_ms, "increment {secs} s");
+    }
+    let e = env.broker.renew(&api, &g.lease_id, None).await.unwrap_err();
+    assert!(matches!(e, BrokerError::FailedPrecondition(_)), "{e:?}");
     // Someone else cannot renew or revoke it (and cannot tell it exists).
     let team = env.login("team-x", "y").await;
     assert!(matches!(
