@@ -391,3 +391,75 @@ fn log_ended(kind: HolderKind, deleted: Option<&Holder>, ended: &[String]) {
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(pod: Option<(&str, Option<&str>)>) -> LeaseRow {
+        LeaseRow {
+            id: "l".into(),
+            identity: Identity {
+                namespace: "shop".into(),
+                service_account: "web".into(),
+                pod_name: pod.map(|p| p.0.to_owned()),
+                pod_uid: pod.and_then(|p| p.1.map(str::to_owned)),
+            },
+            path: "shop/db".into(),
+            version: 1,
+            created_ms: 0,
+            expires_ms: 1,
+            max_expires_ms: 1,
+            renewals: 0,
+            ended_ms: None,
+            end_reason: None,
+        }
+    }
+
+    #[test]
+    fn a_lease_names_its_pod_only_with_name_and_uid() {
+        let pod = Holder::Pod {
+            namespace: "shop".into(),
+            name: "web-0".into(),
+            uid: "u1".into(),
+        };
+        assert_eq!(
+            HolderKind::Pods.of_lease(&lease(Some(("web-0", Some("u1"))))),
+            Some(pod.clone())
+        );
+        assert_eq!(
+            HolderKind::Pods.of_lease(&lease(Some(("web-0", None)))),
+            None
+        );
+        assert_eq!(HolderKind::Pods.of_lease(&lease(None)), None);
+        assert_eq!(
+            HolderKind::ServiceAccounts.of_lease(&lease(None)),
+            Some(Holder::ServiceAccount {
+                namespace: "shop".into(),
+                name: "web".into()
+            })
+        );
+        assert_eq!(
+            pod.filter(),
+            LeaseFilter::PodUid {
+                namespace: "shop".into(),
+                pod: "web-0".into(),
+                uid: "u1".into()
+            }
+        );
+        assert_eq!(pod.end_reason(), REVOKED_POD_DELETED);
+    }
+
+    #[test]
+    fn an_object_without_a_uid_is_no_pod() {
+        let mut m = ObjectMeta {
+            namespace: Some("shop".into()),
+            name: Some("web-0".into()),
+            ..ObjectMeta::default()
+        };
+        assert_eq!(HolderKind::Pods.holder(&m), None);
+        m.uid = Some("u1".into());
+        assert!(HolderKind::Pods.holder(&m).is_some());
+        assert!(HolderKind::ServiceAccounts.holder(&m).is_some());
+    }
+}
