@@ -179,6 +179,40 @@ impl DevIssuer {
         pod: Option<&str>,
         ttl: Duration,
     ) -> Result<String, DevTokenError> {
+        let pod = pod.map(|p| (p, dev_uid("pod", namespace, p)));
+        self.mint_claims(namespace, service_account, pod, ttl)
+    }
+
+    /// [`DevIssuer::mint`] for the pod `pod` whose uid is `pod_uid` (a pod re-created under
+    /// the same name has another uid).
+    pub fn mint_for_pod_uid(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        pod: &str,
+        pod_uid: &str,
+        ttl: Duration,
+    ) -> Result<String, DevTokenError> {
+        if pod_uid.is_empty() || pod_uid.len() > 64 {
+            return Err(DevTokenError::InvalidInput(
+                "pod uid must have 1 to 64 characters".to_string(),
+            ));
+        }
+        self.mint_claims(
+            namespace,
+            service_account,
+            Some((pod, pod_uid.to_string())),
+            ttl,
+        )
+    }
+
+    fn mint_claims(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        pod: Option<(&str, String)>,
+        ttl: Duration,
+    ) -> Result<String, DevTokenError> {
         if !is_dns_label(namespace) {
             return Err(DevTokenError::InvalidInput(format!(
                 "namespace {namespace:?} is not a DNS label"
@@ -189,7 +223,7 @@ impl DevIssuer {
                 "service account {service_account:?} is not a DNS subdomain"
             )));
         }
-        if let Some(p) = pod {
+        if let Some((p, _)) = &pod {
             if !is_dns_subdomain(p) {
                 return Err(DevTokenError::InvalidInput(format!(
                     "pod {p:?} is not a DNS subdomain"
@@ -215,8 +249,8 @@ impl DevIssuer {
                 "uid": dev_uid("serviceaccount", namespace, service_account),
             },
         });
-        if let Some(p) = pod {
-            k8s["pod"] = serde_json::json!({ "name": p, "uid": dev_uid("pod", namespace, p) });
+        if let Some((p, uid)) = pod {
+            k8s["pod"] = serde_json::json!({ "name": p, "uid": uid });
         }
         let claims = serde_json::json!({
             "iss": DEV_ISSUER,

@@ -77,6 +77,19 @@ pub struct Metrics {
     pub audit_batch: Histogram,
     /// Seconds a request's records waited for the audit writer, then for their commit.
     pub audit_wait: Histogram,
+    /// Leases the pod / service-account watch ended, by end reason.
+    pub holder_gone_ended: Family<Reason, Counter>,
+    /// Full lists the pod / service-account watch made (its start, each re-list), by resource.
+    pub holder_watch_lists: Family<Resource, Counter>,
+    /// Errors of the pod / service-account watch (apiserver or database), by resource.
+    pub holder_watch_errors: Family<Resource, Counter>,
+}
+
+/// A single `resource` label (`pods`, `serviceaccounts`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Resource {
+    /// The Kubernetes resource.
+    pub resource: &'static str,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -218,6 +231,24 @@ impl Metrics {
             "Audit records in the log",
             audit_records.clone(),
         );
+        let holder_gone_ended = Family::<Reason, Counter>::default();
+        let holder_watch_lists = Family::<Resource, Counter>::default();
+        let holder_watch_errors = Family::<Resource, Counter>::default();
+        registry.register(
+            "holder_gone_ended_leases",
+            "Leases ended because the pod or service account holding them was deleted (reason: revoked:pod_deleted, revoked:serviceaccount_deleted)",
+            holder_gone_ended.clone(),
+        );
+        registry.register(
+            "holder_watch_lists",
+            "Full lists made by the pod / service-account watch (its start and every re-list: 410 Gone, periodic resync, after an error)",
+            holder_watch_lists.clone(),
+        );
+        registry.register(
+            "holder_watch_errors",
+            "Errors of the pod / service-account watch (apiserver unreachable or refusing, database failures while ending leases)",
+            holder_watch_errors.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -241,6 +272,9 @@ impl Metrics {
             audit_commit,
             audit_batch,
             audit_wait,
+            holder_gone_ended,
+            holder_watch_lists,
+            holder_watch_errors,
         }
     }
 

@@ -134,6 +134,18 @@ pub struct ServeArgs {
     /// expiry; at most 60s; 0s disables the cache).
     #[arg(long, env = "KEYHAVEN_TOKEN_REVIEW_CACHE_TTL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub token_review_cache_ttl: Duration,
+    /// The pod / service-account watch: ends the leases of deleted pods (matched by name and
+    /// uid) and service accounts within seconds. `auto`: on when the broker runs in a pod
+    /// (`KUBERNETES_SERVICE_HOST` set) or in TokenReview mode. It reaches the apiserver as
+    /// TokenReview does (`--apiserver-url`, `--apiserver-ca-file`, `--apiserver-token-file`)
+    /// and needs `get,list,watch` on pods and serviceaccounts. Off: leases of deleted pods
+    /// end at their expiry.
+    #[arg(long, env = "KEYHAVEN_POD_WATCH", value_enum, default_value_t = PodWatch::Auto)]
+    pub pod_watch: PodWatch,
+    /// How often the pod / service-account watch lists everything again while healthy (it
+    /// also lists after 410 Gone and after a failure to end leases).
+    #[arg(long, env = "KEYHAVEN_POD_WATCH_RELIST_INTERVAL", default_value = "5m", value_parser = parse_positive_duration)]
+    pub pod_watch_relist_interval: Duration,
     /// Dev mode: also trust tokens minted by `brokerctl dev-token` with this key. Demos and
     /// tests only.
     #[arg(long, env = "KEYHAVEN_DEV")]
@@ -186,6 +198,17 @@ pub struct ServeArgs {
     /// number of live DEKs.
     #[arg(long, env = "KEYHAVEN_ROTATE_AFTER_ENCRYPTIONS", value_parser = clap::value_parser!(u64).range(1..))]
     pub rotate_after_encryptions: Option<u64>,
+}
+
+/// `--pod-watch`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PodWatch {
+    /// On in a pod or in TokenReview mode.
+    Auto,
+    /// On (the broker does not start without a usable apiserver configuration).
+    On,
+    /// Off.
+    Off,
 }
 
 fn parse_positive_duration(s: &str) -> Result<Duration, String> {
@@ -453,6 +476,22 @@ pub async fn serve(
     crate::service::spawn_policy_watch(&broker);
     crate::service::spawn_heartbeat(&broker);
 
+    // Pod / service-account watch: every replica with a Kubernetes API runs it.
+    if let Some(client) = pod_watch_client(&args).await? {
+        tracing::info!(
+            url = %args.apiserver_url,
+            relist_every = ?args.pod_watch_relist_interval,
+            "pod / service-account watch on: leases of deleted pods and service accounts end within seconds"
+        );
+        crate::service::spawn_holder_watch(
+            &broker,
+            client,
+            crate::service::HolderWatchConfig {
+                relist_every: args.pod_watch_relist_interval,
+            },
+        );
+    }
+
     // Reaper.
     {
         let b = Arc::downgrade(&broker);
@@ -531,4 +570,63 @@ pub async fn serve(
         .serve_with_shutdown(args.listen, stop(stop_rx))
         .await
         .map_err(|e| ServeError::Start(format!("gRPC server: {e}")))
+}
+
+/// The Kubernetes client of the pod / service-account watch, when it is on: the apiserver
+/// TokenReview asks (`--apiserver-url`), trusting `--apiserver-ca-file`, with the token in
+/// `--apiserver-token-file` (re-read as the kubelet rotates it).
+async fn pod_watch_client(args: &ServeArgs) -> Result<Option<kube::Client>, ServeError> {
+    let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+    let on = match args.pod_watch {
+        PodWatch::On => true,
+        PodWatch::Off => false,
+        PodWatch::Auto => in_cluster || args.token_review,
+    };
+    if !on {
+        tracing::info!(
+            "pod / service-account watch off (no Kubernetes API configured: --pod-watch); leases of deleted pods and service accounts end at their expiry"
+        );
+        return Ok(None);
+    }
+    let fail = |e: String| ServeError::Config(format!("--pod-watch: {e}"));
+    let uri = reqwest::Url::parse(&args.apiserver_url)
+        .map_err(|e| fail(format!("--apiserver-url: {e}")))?;
+    let mut cluster = serde_json::json!({ "server": args.apiserver_url });
+    match uri.scheme() {
+        "https" => {
+            cluster["certificate-authority"] = args.apiserver_ca_file.display().to_string().into();
+        }
+        "http" if is_loopback_host(uri.host_str().unwrap_or_default()) => {}
+        _ => {
+            return Err(fail(format!(
+                "--apiserver-url {} must be https:// (http:// only on a loopback host)",
+                args.apiserver_url
+            )))
+        }
+    }
+    let kubeconfig = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{ "name": "apiserver", "cluster": cluster }],
+        "users": [{ "name": "broker", "user": {
+            "tokenFile": args.apiserver_token_file.display().to_string(),
+        } }],
+        "contexts": [{ "name": "broker", "context": { "cluster": "apiserver", "user": "broker" } }],
+        "current-context": "broker",
+    });
+    let kc: kube::config::Kubeconfig =
+        serde_json::from_value(kubeconfig).map_err(|e| fail(e.to_string()))?;
+    let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+        .await
+        .map_err(|e| fail(keyhaven_hsm::error_chain(&e)))?;
+    let client = kube::Client::try_from(config).map_err(|e| fail(keyhaven_hsm::error_chain(&e)))?;
+    Ok(Some(client))
+}
+
+fn is_loopback_host(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }

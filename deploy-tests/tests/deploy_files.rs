@@ -20,8 +20,8 @@
 //!   refused path must stay refused);
 //! - the Kubernetes specifics: the agent as a native sidecar, the projected token (audience
 //!   `keyhaven`, short-lived) where `--token-file` reads it, an in-memory `emptyDir` at
-//!   `--output-dir` mounted read-only by the app, `create` on `tokenreviews` bound to the
-//!   broker's ServiceAccount, probes on the metrics port, the Service reaching `--listen`.
+//!   `--output-dir` mounted read-only by the app, `create` on `tokenreviews` (and `get,list,watch`
+//!   on pods and serviceaccounts) bound to the broker's ServiceAccount, probes on the metrics port, the Service reaching `--listen`.
 //!
 //! `every_mutation_is_caught` breaks the files one way at a time (a misspelt flag, an undeclared
 //! volume, a missing `restartPolicy: Always`, ...) and checks that each breakage is reported, so
@@ -332,6 +332,12 @@ const MUTATIONS: &[Mutation] = &[
         from: "    resources: [\"tokenreviews\"]\n    verbs: [\"create\"]\n",
         to: "    resources: [\"tokenreviews\"]\n    verbs: [\"get\"]\n",
         expect: &["broker.yaml", "tokenreviews"],
+    },
+    Mutation {
+        file: "deploy/kubernetes/broker.yaml",
+        from: "    resources: [\"pods\", \"serviceaccounts\"]\n    verbs: [\"get\", \"list\", \"watch\"]\n",
+        to: "    resources: [\"pods\", \"serviceaccounts\"]\n    verbs: [\"get\", \"list\"]\n",
+        expect: &["broker.yaml", "`pods`", "pod / service-account watch"],
     },
     Mutation {
         file: "deploy/kubernetes/broker.yaml",
@@ -2747,6 +2753,23 @@ fn check_broker_manifest(docs: &[Doc], containers: &[K8sContainer], problems: &m
         problems.push(format!(
             "{file}: no ClusterRole grants `create` on `tokenreviews` (authentication.k8s.io), which --token-review needs"
         ));
+    }
+    // The pod / service-account watch needs get, list, watch on pods and serviceaccounts
+    // (core group), in the same ClusterRole.
+    for res in ["pods", "serviceaccounts"] {
+        let grants_watch = |d: &Doc| {
+            seq_of(&d.v, "rules").any(|r| {
+                let has = |k: &str, x: &str| seq_of(r, k).any(|v| v.as_str() == Some(x));
+                has("apiGroups", "")
+                    && has("resources", res)
+                    && ["get", "list", "watch"].iter().all(|v| has("verbs", v))
+            })
+        };
+        if !roles.is_empty() && !roles.iter().any(|d| grants_watch(d)) {
+            problems.push(format!(
+                "{file}: the broker's ClusterRole does not grant get, list, watch on `{res}`, which the pod / service-account watch needs"
+            ));
+        }
     }
     let bound = docs.iter().any(|d| {
         d.kind() == "ClusterRoleBinding"

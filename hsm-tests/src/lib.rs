@@ -9,11 +9,12 @@
 //!
 //! Here: the `kms-plugin` and `broker` processes as the tests drive them ([`process`],
 //! [`broker`]), panicking shorthands for the kit's process helpers, and a small apiserver over
-//! etcd ([`apiserver`]).
+//! etcd ([`apiserver`]), and a pod / service-account watch server ([`kube_watch`]).
 #![forbid(unsafe_code)]
 // Test support: a fixture that cannot set up its part should fail the test loudly.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 pub mod apiserver;
 pub mod broker;
+pub mod kube_watch;
 pub mod process;

@@ -49,6 +49,22 @@ mod tests {
         assert_eq!(header.kid.as_deref(), Some(dev.kid()));
     }
 
+    #[tokio::test]
+    async fn a_token_for_a_pod_uid_carries_that_uid() {
+        let dev = DevIssuer::generate().unwrap();
+        let v = Verifier::new(dev_verifier_config(), dev_jwks_source(&dev)).unwrap();
+        let token = dev
+            .mint_for_pod_uid("team-a", "app", "app-0", "uid-b", Duration::from_secs(60))
+            .unwrap();
+        let verified = v.verify_token(&token).await.unwrap();
+        assert_eq!(verified.identity.pod_name.as_deref(), Some("app-0"));
+        assert_eq!(verified.identity.pod_uid.as_deref(), Some("uid-b"));
+        let err = dev
+            .mint_for_pod_uid("team-a", "app", "app-0", "", Duration::from_secs(60))
+            .unwrap_err();
+        assert!(matches!(err, DevTokenError::InvalidInput(_)), "{err:?}");
+    }
+
     #[test]
     fn generated_keys_differ_and_round_trip_through_pem() {
         let a = DevIssuer::generate().unwrap();

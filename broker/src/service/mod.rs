@@ -23,6 +23,7 @@ mod admin;
 mod authn;
 mod error;
 mod health;
+mod holder_watch;
 mod leases;
 mod policy_sync;
 mod replicas;
@@ -30,6 +31,10 @@ pub mod rotation;
 
 pub use admin::{KekStatus, PolicyApply};
 pub use error::{BrokerError, Result};
+pub use holder_watch::{
+    spawn_holder_watch, Holder, HolderKind, HolderWatchConfig, DEFAULT_RELIST_EVERY,
+    REVOKED_POD_DELETED, REVOKED_SERVICEACCOUNT_DELETED,
+};
 pub use policy_sync::{spawn_policy_watch, POLICY_BOUND, POLICY_POLL, REVOKED_BY_POLICY};
 pub use replicas::{spawn_heartbeat, ReplicaStatus, HEARTBEAT_EVERY, HEARTBEAT_STALE};
 

@@ -92,6 +92,16 @@ pub enum LeaseFilter {
         /// Pod name.
         pod: String,
     },
+    /// Every lease held by one pod object: its name within a namespace **and** its uid (a
+    /// later pod of the same name has another uid and keeps its leases).
+    PodUid {
+        /// Namespace.
+        namespace: String,
+        /// Pod name.
+        pod: String,
+        /// Pod uid (`metadata.uid`; the token's `kubernetes.io.pod.uid`).
+        uid: String,
+    },
     /// Every lease on a path or below it (`team/app` matches `team/app` and `team/app/...`).
     PathPrefix(String),
     /// All leases.
@@ -116,6 +126,18 @@ impl LeaseFilter {
             LeaseFilter::Pod { namespace, pod } => (
                 format!("namespace = ${first} AND pod_name = ${}", first + 1),
                 vec![namespace.clone(), pod.clone()],
+            ),
+            LeaseFilter::PodUid {
+                namespace,
+                pod,
+                uid,
+            } => (
+                format!(
+                    "namespace = ${first} AND pod_name = ${} AND pod_uid = ${}",
+                    first + 1,
+                    first + 2
+                ),
+                vec![namespace.clone(), pod.clone(), uid.clone()],
             ),
             LeaseFilter::PathPrefix(p) => {
                 let p = p.trim_end_matches('/').to_owned();
