@@ -391,6 +391,11 @@ async fn leases_renew_up_to_max_and_revoke_by_id_identity_pod_and_prefix(env: En
     assert_eq!(rec.event.reason.as_deref(), Some("refused by the test"));
     assert_eq!(s.get_lease("l2").await.unwrap().unwrap().renewals, 0);
     assert_eq!(renew(&mut appender, "nope", now, now + 1).await.1, None);
+    // One record per renewal, refusals included: on PostgreSQL the refused ones were first
+    // tried in one statement after the known head, which stored nothing when a renewal did
+    // not apply.
+    assert_eq!(s.audit_head().await.unwrap().seq, 4);
+    assert!(s.verify_audit().await.unwrap().is_ok());
 
     // Revoke by prefix takes whole segments only.
     let ids = s

@@ -314,15 +314,15 @@ impl AuditAppender {
                 None => HeldConn::acquire(&self.store).await?,
             };
             let lock = &self.store.locks.write;
-            let r = match self
-                .head
-                .take()
-                .filter(|_| !contended && renewals.is_empty())
-            {
-                Some(h) => conn
-                    .append_after(lock, &h, events.to_vec(), leases, generation)
-                    .await
-                    .map(|recs| (recs, Vec::new())),
+            // SQLite appends renewals under the lock: its locked append is a few calls to
+            // its worker thread, not round trips to a server.
+            let unlocked =
+                !contended && (renewals.is_empty() || matches!(self.store.pool, Pool::Postgres(_)));
+            let r = match self.head.take().filter(|_| unlocked) {
+                Some(h) => {
+                    conn.append_after(lock, &h, events.to_vec(), leases, renewals, generation)
+                        .await
+                }
                 None => {
                     conn.append_locked(lock, events.to_vec(), leases, renewals, generation)
                         .await
@@ -349,22 +349,31 @@ impl AuditAppender {
 }
 
 impl HeldConn {
+    /// The unlocked append after `head` (see [`Store::append_audit_batch_after`]). Renewals
+    /// only on PostgreSQL (SQLite appends them under the lock: [`HeldConn::append_locked`]).
     async fn append_after(
         &mut self,
         write_lock: &tokio::sync::Mutex<()>,
         head: &Checkpoint,
         events: Vec<AuditEvent>,
         leases: &[LeaseRow],
+        renewals: &[(usize, &Renewing)],
         generation: Option<i64>,
-    ) -> Result<Vec<AuditRecord>> {
+    ) -> Result<(Vec<AuditRecord>, Vec<Option<RenewedLease>>)> {
         if head.seq < 1 {
             return Err(StoreError::Conflict("no audit head known yet".into()));
         }
         if events.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), Vec::new()));
         }
         let recs = chain_after(head.clone(), events);
+        let mut renewed = std::collections::HashMap::new();
         let inserted = match self {
+            HeldConn::Sqlite(_) if !renewals.is_empty() => {
+                return Err(StoreError::Other(
+                    "renewals are appended under the lock on SQLite".into(),
+                ))
+            }
             HeldConn::Sqlite(conn) => {
                 // Small batches (one or two requests: the latency-bound case) keep their
                 // prepared statement; larger ones vary in row count and would fill the cache.
@@ -426,7 +435,7 @@ impl HeldConn {
                 let atext = |f: &dyn Fn(&AuditRecord) -> Option<String>| -> Vec<Option<String>> {
                     recs.iter().map(f).collect()
                 };
-                sqlx::query(PG_APPEND_AFTER_SQL)
+                let rows = sqlx::query(PG_APPEND_AFTER_SQL)
                     .bind(AUDIT_LOCK_KEY)
                     .bind(head.seq)
                     .bind(&head.hash)
@@ -455,13 +464,42 @@ impl HeldConn {
                     .bind(atext(&|r| Some(r.prev_hash.clone())))
                     .bind(atext(&|r| Some(r.hash.clone())))
                     .bind(generation)
-                    .fetch_one(&mut **conn)
-                    .await?
-                    .try_get::<i64, _>(0)? as usize
+                    .bind(
+                        renewals
+                            .iter()
+                            .map(|(_, r)| r.lease_id.as_str())
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(renewals.iter().map(|(_, r)| r.now_ms).collect::<Vec<_>>())
+                    .bind(
+                        renewals
+                            .iter()
+                            .map(|(_, r)| r.expires_ms)
+                            .collect::<Vec<_>>(),
+                    )
+                    .fetch_all(&mut **conn)
+                    .await?;
+                for row in &rows {
+                    if row.opt_text("id")?.is_some() {
+                        let (id, l) = super::renewals::renewed_from_row(row)?;
+                        renewed.insert(id, l);
+                    }
+                }
+                match rows.first() {
+                    Some(r) => r.int("appended")? as usize,
+                    None => return Err(StoreError::Other("audit append: no count".into())),
+                }
             }
         };
         match inserted {
-            n if n == recs.len() => Ok(recs),
+            n if n == recs.len() => {
+                // Every renewal applied (or the statement was aborted).
+                let outcome = renewals
+                    .iter()
+                    .map(|(_, r)| renewed.get(&r.lease_id).copied())
+                    .collect();
+                Ok((recs, outcome))
+            }
             // Or the generation moved on: the locked append that follows tells which.
             0 => Err(StoreError::Conflict(format!(
                 "audit head {} is no longer the end of the log",
@@ -475,12 +513,19 @@ impl HeldConn {
     }
 }
 
+/// SQLSTATE of `keyhaven_renewals_changed()` (migration 0005): a one-statement append whose
+/// renewals did not all apply was aborted.
+pub(super) const RENEWALS_CHANGED: &str = "KH001";
+
 /// The unlocked PostgreSQL append ([`Store::append_audit_batch_after`]): the append lock is
-/// still taken (inside the statement, before the inserts, which depend on `ok`) — without it,
-/// a replica appending under the lock after a conflict could lose every race to unlocked
-/// appends. `$28`, when not null, is the secrets generation the batch's versions were read
-/// under. Returns the number of audit rows written (0: the head is gone or moved on, or the
-/// generation did).
+/// still taken (inside the statement, before the inserts and the renewals, which depend on
+/// `ok`) — without it, a replica appending under the lock after a conflict could lose every
+/// race to unlocked appends. `$28`, when not null, is the secrets generation the batch's
+/// versions were read under. `$29..$31` are the batch's renewals (ids, each one's `now`, new
+/// expiries); if one of them does not apply (its lease ended since the Renew's check), the
+/// statement is aborted ([`RENEWALS_CHANGED`]): nothing is stored. Returns rows of the number
+/// of audit rows written (0: the head is gone or moved on, or the generation did) beside each
+/// renewed lease (one row with a null id when none).
 pub(super) const PG_APPEND_AFTER_SQL: &str = concat!(
     "WITH ok AS (SELECT 1 FROM (SELECT pg_advisory_xact_lock($1)) lk, audit ",
     "WHERE audit.seq = $2 AND audit.hash = $3 AND ($28::int8 IS NULL OR ",
@@ -494,8 +539,20 @@ pub(super) const PG_APPEND_AFTER_SQL: &str = concat!(
     audit_cols!(),
     ") SELECT * FROM UNNEST($17::int8[], $18::int8[], $19::text[], $20::text[], $21::text[], ",
     "$22::text[], $23::text[], $24::text[], $25::text[], $26::text[], $27::text[]) ",
-    "WHERE EXISTS (SELECT 1 FROM ok) RETURNING 1) ",
-    "SELECT count(*) FROM a"
+    "WHERE EXISTS (SELECT 1 FROM ok) RETURNING 1), ",
+    "rn AS (UPDATE leases rl SET expires_ms = LEAST(r.expires_ms, rl.max_expires_ms), ",
+    "renewals = rl.renewals + 1 ",
+    "FROM UNNEST($29::text[], $30::int8[], $31::int8[]) AS r(id, now_ms, expires_ms) ",
+    "WHERE EXISTS (SELECT 1 FROM ok) AND rl.id = r.id AND rl.ended_ms IS NULL ",
+    "AND rl.expires_ms > r.now_ms ",
+    renewed_cols!("rl"),
+    "), ",
+    "n AS (SELECT (SELECT count(*) FROM a) AS appended, ",
+    "(SELECT count(*) FROM rn) AS renewed) ",
+    "SELECT n.appended, rn.id, rn.expires_ms, rn.max_expires_ms, rn.version, rn.latest, ",
+    "CASE WHEN n.appended > 0 AND n.renewed <> cardinality($29::text[]) ",
+    "THEN keyhaven_renewals_changed() END AS guard ",
+    "FROM n LEFT JOIN rn ON true"
 );
 
 impl Store {
@@ -559,12 +616,12 @@ impl Store {
     ) -> Result<Vec<AuditRecord>> {
         let mut conn = HeldConn::acquire(self).await?;
         let r = conn
-            .append_after(&self.locks.write, head, events, leases, None)
+            .append_after(&self.locks.write, head, events, leases, &[], None)
             .await;
         if r.is_err() {
             conn.discard();
         }
-        r
+        Ok(r?.0)
     }
 
     /// The audit log's single writer in this process (the broker's audit task).

@@ -46,7 +46,9 @@ impl From<sqlx::Error> for StoreError {
             | sqlx::Error::Tls(_)
             | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e.to_string()),
             sqlx::Error::Database(db) => {
-                if db.is_unique_violation() {
+                if db.is_unique_violation()
+                    || db.code().as_deref() == Some(super::audit::RENEWALS_CHANGED)
+                {
                     StoreError::Conflict(db.message().to_owned())
                 } else if matches!(db.code().as_deref(), Some(c) if c.starts_with("08") || c.starts_with("57P") || c == "5" || c == "6")
                 {

@@ -34,25 +34,6 @@ pub struct RenewedLease {
     pub latest_version: Option<i64>,
 }
 
-/// What the renewal statements return per lease renewed.
-macro_rules! renewed_cols {
-    ($t:literal) => {
-        concat!(
-            "RETURNING ",
-            $t,
-            ".id, ",
-            $t,
-            ".expires_ms, ",
-            $t,
-            ".max_expires_ms, ",
-            $t,
-            ".version, (SELECT max(v.version) FROM secret_versions v WHERE v.path = ",
-            $t,
-            ".path AND v.deleted_ms IS NULL AND v.destroyed_ms IS NULL) AS latest"
-        )
-    };
-}
-
 /// Renews the leases in `$1` (ids), `$2` (each renewal's `now`), `$3` (new expiries): only
 /// active ones, never past their max.
 const PG_RENEW_SQL: &str = concat!(
@@ -70,7 +51,7 @@ const SQLITE_RENEW_TAIL: &str = concat!(
     renewed_cols!("leases")
 );
 
-fn renewed_from_row(r: &impl RowExt) -> Result<(String, RenewedLease)> {
+pub(super) fn renewed_from_row(r: &impl RowExt) -> Result<(String, RenewedLease)> {
     Ok((
         r.text("id")?,
         RenewedLease {

@@ -14,6 +14,25 @@ macro_rules! lease_cols {
          created_ms, expires_ms, max_expires_ms, renewals, ended_ms, end_reason"
     };
 }
+/// What the renewal statements return per lease renewed (`$t`: the leases table's alias).
+macro_rules! renewed_cols {
+    ($t:literal) => {
+        concat!(
+            "RETURNING ",
+            $t,
+            ".id, ",
+            $t,
+            ".expires_ms, ",
+            $t,
+            ".max_expires_ms, ",
+            $t,
+            ".version, (SELECT max(v.version) FROM secret_versions v WHERE v.path = ",
+            $t,
+            ".path AND v.deleted_ms IS NULL AND v.destroyed_ms IS NULL) AS latest"
+        )
+    };
+}
+
 macro_rules! audit_cols {
     () => {
         "seq, time_ms, kind, identity, pod, path, lease_id, outcome, reason, prev_hash, hash"
