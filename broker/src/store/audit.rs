@@ -435,7 +435,12 @@ impl HeldConn {
                 let atext = |f: &dyn Fn(&AuditRecord) -> Option<String>| -> Vec<Option<String>> {
                     recs.iter().map(f).collect()
                 };
-                let rows = sqlx::query(PG_APPEND_AFTER_SQL)
+                let sql = if renewals.is_empty() {
+                    PG_APPEND_AFTER_SQL
+                } else {
+                    PG_APPEND_AFTER_RENEWING_SQL
+                };
+                let mut q = sqlx::query(sql)
                     .bind(AUDIT_LOCK_KEY)
                     .bind(head.seq)
                     .bind(&head.hash)
@@ -463,22 +468,22 @@ impl HeldConn {
                     .bind(atext(&|r| r.event.reason.clone()))
                     .bind(atext(&|r| Some(r.prev_hash.clone())))
                     .bind(atext(&|r| Some(r.hash.clone())))
-                    .bind(generation)
-                    .bind(
-                        renewals
-                            .iter()
-                            .map(|(_, r)| r.lease_id.as_str())
-                            .collect::<Vec<_>>(),
-                    )
-                    .bind(renewals.iter().map(|(_, r)| r.now_ms).collect::<Vec<_>>())
-                    .bind(
-                        renewals
-                            .iter()
-                            .map(|(_, r)| r.expires_ms)
-                            .collect::<Vec<_>>(),
-                    )
-                    .fetch_all(&mut **conn)
-                    .await?;
+                    .bind(generation);
+                if !renewals.is_empty() {
+                    let ids: Vec<&str> =
+                        renewals.iter().map(|(_, r)| r.lease_id.as_str()).collect();
+                    q = q
+                        .bind(ids)
+                        .bind(renewals.iter().map(|(_, r)| r.now_ms).collect::<Vec<_>>())
+                        .bind(
+                            renewals
+                                .iter()
+                                .map(|(_, r)| r.expires_ms)
+                                .collect::<Vec<_>>(),
+                        )
+                        .persistent(false);
+                }
+                let rows = q.fetch_all(&mut **conn).await?;
                 for row in &rows {
                     if row.opt_text("id")?.is_some() {
                         let (id, l) = super::renewals::renewed_from_row(row)?;
@@ -513,6 +518,28 @@ impl HeldConn {
     }
 }
 
+/// The CTEs of the one-statement PostgreSQL append (see [`PG_APPEND_AFTER_SQL`]); more CTEs
+/// or the final SELECT follow.
+macro_rules! pg_append_after_ctes {
+    () => {
+        concat!(
+            "WITH ok AS (SELECT 1 FROM (SELECT pg_advisory_xact_lock($1)) lk, audit ",
+            "WHERE audit.seq = $2 AND audit.hash = $3 AND ($28::int8 IS NULL OR ",
+            "(SELECT n FROM secrets_generation WHERE id = 1) = $28::int8)), ",
+            "l AS (INSERT INTO leases (",
+            lease_cols!(),
+            ") SELECT * FROM UNNEST($4::text[], $5::text[], $6::text[], $7::text[], $8::text[], ",
+            "$9::text[], $10::int8[], $11::int8[], $12::int8[], $13::int8[], $14::int8[], ",
+            "$15::int8[], $16::text[]) WHERE EXISTS (SELECT 1 FROM ok)), ",
+            "a AS (INSERT INTO audit (",
+            audit_cols!(),
+            ") SELECT * FROM UNNEST($17::int8[], $18::int8[], $19::text[], $20::text[], $21::text[], ",
+            "$22::text[], $23::text[], $24::text[], $25::text[], $26::text[], $27::text[]) ",
+            "WHERE EXISTS (SELECT 1 FROM ok) RETURNING 1)"
+        )
+    };
+}
+
 /// SQLSTATE of `keyhaven_renewals_changed()` (migration 0005): a one-statement append whose
 /// renewals did not all apply was aborted.
 pub(super) const RENEWALS_CHANGED: &str = "KH001";
@@ -527,20 +554,18 @@ pub(super) const RENEWALS_CHANGED: &str = "KH001";
 /// of audit rows written (0: the head is gone or moved on, or the generation did) beside each
 /// renewed lease (one row with a null id when none).
 pub(super) const PG_APPEND_AFTER_SQL: &str = concat!(
-    "WITH ok AS (SELECT 1 FROM (SELECT pg_advisory_xact_lock($1)) lk, audit ",
-    "WHERE audit.seq = $2 AND audit.hash = $3 AND ($28::int8 IS NULL OR ",
-    "(SELECT n FROM secrets_generation WHERE id = 1) = $28::int8)), ",
-    "l AS (INSERT INTO leases (",
-    lease_cols!(),
-    ") SELECT * FROM UNNEST($4::text[], $5::text[], $6::text[], $7::text[], $8::text[], ",
-    "$9::text[], $10::int8[], $11::int8[], $12::int8[], $13::int8[], $14::int8[], ",
-    "$15::int8[], $16::text[]) WHERE EXISTS (SELECT 1 FROM ok)), ",
-    "a AS (INSERT INTO audit (",
-    audit_cols!(),
-    ") SELECT * FROM UNNEST($17::int8[], $18::int8[], $19::text[], $20::text[], $21::text[], ",
-    "$22::text[], $23::text[], $24::text[], $25::text[], $26::text[], $27::text[]) ",
-    "WHERE EXISTS (SELECT 1 FROM ok) RETURNING 1), ",
-    "rn AS (UPDATE leases rl SET expires_ms = LEAST(r.expires_ms, rl.max_expires_ms), ",
+    pg_append_after_ctes!(),
+    " SELECT count(*) AS appended, NULL::text AS id, NULL::int8 AS expires_ms, ",
+    "NULL::int8 AS max_expires_ms, NULL::int8 AS version, NULL::int8 AS latest FROM a"
+);
+
+/// [`PG_APPEND_AFTER_SQL`] for a batch with renewals. Sent unprepared: a cached generic plan,
+/// made while the leases table was small, may find the renewed rows by scanning every active
+/// lease (the partial expiry index) instead of by primary key; planned per batch, with the
+/// batch's arrays and the table's current size, it looks each one up by its key.
+pub(super) const PG_APPEND_AFTER_RENEWING_SQL: &str = concat!(
+    pg_append_after_ctes!(),
+    ", rn AS (UPDATE leases rl SET expires_ms = LEAST(r.expires_ms, rl.max_expires_ms), ",
     "renewals = rl.renewals + 1 ",
     "FROM UNNEST($29::text[], $30::int8[], $31::int8[]) AS r(id, now_ms, expires_ms) ",
     "WHERE EXISTS (SELECT 1 FROM ok) AND rl.id = r.id AND rl.ended_ms IS NULL ",
