@@ -143,26 +143,28 @@ impl HeldConn {
                     .bind(AUDIT_LOCK_KEY)
                     .execute(&mut *tx)
                     .await?;
-                let rows = sqlx::query(PG_RENEW_SQL)
-                    .bind(
-                        renewals
-                            .iter()
-                            .map(|(_, r)| r.lease_id.as_str())
-                            .collect::<Vec<_>>(),
-                    )
-                    .bind(renewals.iter().map(|(_, r)| r.now_ms).collect::<Vec<_>>())
-                    .bind(
-                        renewals
-                            .iter()
-                            .map(|(_, r)| r.expires_ms)
-                            .collect::<Vec<_>>(),
-                    )
-                    .fetch_all(&mut *tx)
-                    .await?;
-                let renewed = rows
-                    .iter()
-                    .map(renewed_from_row)
-                    .collect::<Result<HashMap<_, _>>>()?;
+                let renewed = if renewals.is_empty() {
+                    HashMap::new()
+                } else {
+                    let ids: Vec<&str> =
+                        renewals.iter().map(|(_, r)| r.lease_id.as_str()).collect();
+                    // Unprepared, as PG_APPEND_AFTER_RENEWING_SQL: planned per batch.
+                    sqlx::query(PG_RENEW_SQL)
+                        .bind(ids)
+                        .bind(renewals.iter().map(|(_, r)| r.now_ms).collect::<Vec<_>>())
+                        .bind(
+                            renewals
+                                .iter()
+                                .map(|(_, r)| r.expires_ms)
+                                .collect::<Vec<_>>(),
+                        )
+                        .persistent(false)
+                        .fetch_all(&mut *tx)
+                        .await?
+                        .iter()
+                        .map(renewed_from_row)
+                        .collect::<Result<HashMap<_, _>>>()?
+                };
                 renew_and_store_in!(
                     tx,
                     sqlx::Postgres,
