@@ -281,7 +281,7 @@ pub fn p99_verdict(db: Db, op: Op, rows: &[Row]) -> String {
         .map(|o| format!("{}: {:.1} ms", clients_text(o.clients), ms(op.of(o).p99)))
         .collect();
     format!(
-        "{name}: {} (p99 {:.1} ms, p50 {:.1} ms{}{})",
+        "{name}: {} (p99 {:.1} ms, p50 {:.1} ms{}{}){}",
         mark(s.p99 < P99_TARGET && s.ops > 0 && s.errors == 0),
         ms(s.p99),
         ms(s.p50),
@@ -294,7 +294,28 @@ pub fn p99_verdict(db: Db, op: Op, rows: &[Row]) -> String {
             String::new()
         } else {
             format!("; for information {}", others.join(", "))
-        }
+        },
+        closed_loop_bound(P99_CLIENTS, s.throughput)
+    )
+}
+
+/// The bound closed-loop clients put on latency, printed beside the p99 verdict: `clients`
+/// each waiting for its answer before the next request make the mean latency clients /
+/// throughput (Little's law), and the p99 is at least that. Empty when the bound is below the
+/// target (it then says nothing about the verdict).
+fn closed_loop_bound(clients: usize, throughput: f64) -> String {
+    if throughput <= 0.0 {
+        return String::new();
+    }
+    let mean = Duration::from_secs_f64(clients as f64 / throughput);
+    if mean < P99_TARGET {
+        return String::new();
+    }
+    format!(
+        "; closed-loop bound: mean latency = {clients} / {throughput:.0} ops/s = {:.1} ms \
+         >= the target, which needs > {:.0} ops/s at this concurrency",
+        ms(mean),
+        clients as f64 / P99_TARGET.as_secs_f64()
     )
 }
 
@@ -439,7 +460,7 @@ mod tests {
     fn p99_verdict_at_128_clients() {
         let rows = [
             row(Db::Postgres, 16, 900.0, 5, 1000.0),
-            row(Db::Postgres, 128, 900.0, 19, 1000.0),
+            row(Db::Postgres, 128, 9000.0, 19, 1000.0),
         ];
         let p99 = p99_verdict(Db::Postgres, Op::Lease, &rows);
         assert!(p99.contains(": PASS (p99 19.0 ms, p50 9.0 ms"), "{p99}");
@@ -450,6 +471,17 @@ mod tests {
         let slow = [row(Db::Postgres, 128, 900.0, 20, 1000.0)];
         let p99 = p99_verdict(Db::Postgres, Op::Lease, &slow);
         assert!(p99.contains(": MISS (p99 20.0 ms"), "{p99}");
+        // 128 clients at 900 ops/s wait 142 ms on average: the bound is printed.
+        assert!(
+            p99.ends_with(
+                "closed-loop bound: mean latency = 128 / 900 ops/s = 142.2 ms >= the target, \
+                 which needs > 6400 ops/s at this concurrency"
+            ),
+            "{p99}"
+        );
+        let fast = [row(Db::Postgres, 128, 9000.0, 25, 1000.0)];
+        let p99 = p99_verdict(Db::Postgres, Op::Lease, &fast);
+        assert!(p99.contains(": MISS") && !p99.contains("bound"), "{p99}");
         let p99 = p99_verdict(Db::Postgres, Op::Renew, &slow);
         assert!(p99.starts_with("[postgres] Renew p99"), "{p99}");
     }
