@@ -16,5 +16,6 @@
 
 pub mod apiserver;
 pub mod broker;
+pub mod broker_client;
 pub mod kube_watch;
 pub mod process;

@@ -8,18 +8,15 @@
 
 use std::time::{Duration, Instant};
 
-use hsm_tests::broker::{authed, broker_keys_init, tls_channel, BrokerProc, BOOTSTRAP};
+use hsm_tests::broker::{broker_keys_init, BrokerProc};
+use hsm_tests::broker_client::BrokerClient;
 use hsm_tests::kube_watch::{FakeKube, Kind};
 use hsm_tests::process::{http_get, runtime};
 use keyhaven_broker::auth::DevIssuer;
 use keyhaven_broker::service::{REVOKED_POD_DELETED, REVOKED_SERVICEACCOUNT_DELETED};
-use keyhaven_proto::broker::v1::admin_client::AdminClient;
-use keyhaven_proto::broker::v1::leases_client::LeasesClient;
-use keyhaven_proto::broker::v1::*;
 use testkit::pki::DevPki;
 use testkit::postgres::Postgres;
 use testkit::softhsm::SoftHsm;
-use tonic::transport::Channel;
 use tonic::Code;
 
 const POLICY: &str = r#"
@@ -77,97 +74,42 @@ fn wait_watching(kube: &FakeKube, n: usize) {
     }
 }
 
-struct Client {
-    admin: AdminClient<Channel>,
-    leases: LeasesClient<Channel>,
+/// A [`BrokerClient`] with this file's policy and secret.
+struct Client(BrokerClient);
+
+impl std::ops::Deref for Client {
+    type Target = BrokerClient;
+    fn deref(&self) -> &BrokerClient {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Client {
+    fn deref_mut(&mut self) -> &mut BrokerClient {
+        &mut self.0
+    }
 }
 
 impl Client {
     async fn connect(b: &BrokerProc, pki: &DevPki) -> Client {
-        let ch = tls_channel(&b.addr, &pki.ca).await;
-        Client {
-            admin: AdminClient::new(ch.clone()),
-            leases: LeasesClient::new(ch),
-        }
+        Client(BrokerClient::connect(b, pki).await)
     }
 
     async fn setup(&mut self) {
-        self.admin
-            .apply_policies(authed(
-                ApplyPoliciesRequest {
-                    yaml: POLICY.into(),
-                    dry_run: false,
-                },
-                BOOTSTRAP,
-            ))
-            .await
-            .unwrap();
-        self.admin
-            .put_secret(authed(
-                PutSecretRequest {
-                    path: "shop/db".into(),
-                    data: [("password".to_string(), b"s3cret-value".to_vec())].into(),
-                },
-                BOOTSTRAP,
-            ))
-            .await
-            .unwrap();
+        self.apply(POLICY, false).await;
+        self.put("shop/db").await;
     }
 
-    async fn lease(&mut self, token: &str) -> String {
-        self.leases
-            .lease(authed(
-                LeaseRequest {
-                    path: "shop/db".into(),
-                    ttl_seconds: 0,
-                },
-                token,
-            ))
-            .await
-            .unwrap()
-            .into_inner()
-            .lease_id
-    }
-
-    async fn renew(&mut self, token: &str, id: &str) -> Result<RenewResponse, tonic::Status> {
-        self.leases
-            .renew(authed(
-                RenewRequest {
-                    lease_id: id.into(),
-                    increment_seconds: 0,
-                },
-                token,
-            ))
-            .await
-            .map(tonic::Response::into_inner)
-    }
-
-    async fn info(&mut self, id: &str) -> LeaseInfo {
-        let mut l = self
-            .admin
-            .list_leases(authed(
-                ListLeasesRequest {
-                    selector: Some(LeaseSelector {
-                        lease_id: id.into(),
-                        ..Default::default()
-                    }),
-                    include_ended: true,
-                },
-                BOOTSTRAP,
-            ))
-            .await
-            .unwrap()
-            .into_inner()
-            .leases;
-        assert_eq!(l.len(), 1, "{l:?}");
-        l.remove(0)
+    /// Leases `shop/db` with `token`; the lease id.
+    async fn lease_db(&mut self, token: &str) -> String {
+        self.lease(token, "shop/db").await.unwrap().lease_id
     }
 
     /// Waits up to [`BOUND`] for lease `id` to end; returns its end reason.
     async fn ended(&mut self, id: &str, log: impl Fn() -> String) -> String {
         let deadline = Instant::now() + BOUND;
         loop {
-            let l = self.info(id).await;
+            let l = self.lease_info(id).await;
             if l.ended_unix_ms != 0 {
                 return l.end_reason;
             }
@@ -177,17 +119,7 @@ impl Client {
     }
 
     async fn active(&mut self, id: &str) -> bool {
-        self.info(id).await.ended_unix_ms == 0
-    }
-
-    async fn audit_verifies(&mut self) {
-        let v = self
-            .admin
-            .audit_verify(authed(AuditVerifyRequest::default(), BOOTSTRAP))
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(v.ok, "{v:?}");
+        self.lease_info(id).await.ended_unix_ms == 0
     }
 }
 
@@ -222,8 +154,8 @@ fn a_deleted_pod_loses_its_leases_and_a_namesake_pod_keeps_its_own() {
     rt.block_on(async {
         let mut c = Client::connect(&b, &pki).await;
         c.setup().await;
-        let gone = [c.lease(&web0).await, c.lease(&web0).await];
-        let other = c.lease(&web1).await;
+        let gone = [c.lease_db(&web0).await, c.lease_db(&web0).await];
+        let other = c.lease_db(&web1).await;
 
         kube.delete(Kind::Pods, "shop", "web-0");
         for id in &gone {
@@ -239,7 +171,7 @@ fn a_deleted_pod_loses_its_leases_and_a_namesake_pod_keeps_its_own() {
         // deletion event of the old web-0 does not touch is tested with a broken watch below).
         kube.add(Kind::Pods, "shop", "web-0", "uid-web-0-b");
         let web0b = mint(&hsm, "web", "web-0", "uid-web-0-b");
-        let again = c.lease(&web0b).await;
+        let again = c.lease_db(&web0b).await;
         // Deleting a pod that holds no lease changes nothing.
         kube.add(Kind::Pods, "shop", "web-9", "uid-web-9");
         kube.delete(Kind::Pods, "shop", "web-9");
@@ -271,8 +203,8 @@ fn a_deleted_service_account_loses_its_leases() {
     runtime().block_on(async {
         let mut c = Client::connect(&b, &pki).await;
         c.setup().await;
-        let gone = c.lease(&batch).await;
-        let kept = c.lease(&web).await;
+        let gone = c.lease_db(&batch).await;
+        let kept = c.lease_db(&web).await;
         kube.delete(Kind::ServiceAccounts, "shop", "batch");
         assert_eq!(
             c.ended(&gone, || b.log_text()).await,
@@ -308,9 +240,9 @@ fn a_watch_broken_by_a_dropped_connection_or_410_gone_misses_no_deletion() {
     runtime().block_on(async {
         let mut c = Client::connect(&b, &pki).await;
         c.setup().await;
-        let l0 = c.lease(&web0).await;
-        let l1 = c.lease(&web1).await;
-        let l2 = c.lease(&web2).await;
+        let l0 = c.lease_db(&web0).await;
+        let l1 = c.lease_db(&web1).await;
+        let l2 = c.lease_db(&web2).await;
         assert_eq!(lists(&kube), 1);
 
         // The connection drops and the apiserver is away while web-0 is deleted (and made
@@ -320,7 +252,7 @@ fn a_watch_broken_by_a_dropped_connection_or_410_gone_misses_no_deletion() {
         kube.delete(Kind::Pods, "shop", "web-0");
         kube.add(Kind::Pods, "shop", "web-0", "uid-web-0-b");
         let web0b = mint(&hsm, "web", "web-0", "uid-web-0-b");
-        let l0b = c.lease(&web0b).await;
+        let l0b = c.lease_db(&web0b).await;
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert!(c.active(&l0).await, "acted while the apiserver was away");
         kube.set_down(false);
@@ -375,11 +307,11 @@ fn two_replicas_watching_the_same_apiserver_end_each_lease_once() {
         let mut ids = Vec::new();
         for i in 0..PODS {
             let t = mint(&hsm, "web", &format!("app-{i}"), &format!("uid-app-{i}"));
-            ids.push(ca.lease(&t).await);
-            ids.push(cb.lease(&t).await);
+            ids.push(ca.lease_db(&t).await);
+            ids.push(cb.lease_db(&t).await);
         }
         let batch = mint(&hsm, "batch", "batch-0", "uid-batch-0");
-        let by_sa = ca.lease(&batch).await;
+        let by_sa = ca.lease_db(&batch).await;
         for i in 0..PODS {
             kube.delete(Kind::Pods, "shop", &format!("app-{i}"));
         }
