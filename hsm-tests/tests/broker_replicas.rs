@@ -6,18 +6,16 @@
 
 use std::time::Duration;
 
-use hsm_tests::broker::{authed, broker_keys_init, tls_channel, BrokerProc, BOOTSTRAP};
+use hsm_tests::broker::{authed, broker_keys_init, BrokerProc, BOOTSTRAP};
+use hsm_tests::broker_client::BrokerClient;
 use hsm_tests::process::runtime;
 use keyhaven_broker::auth::DevIssuer;
 use keyhaven_broker::service::{POLICY_BOUND, REVOKED_BY_POLICY};
 use keyhaven_broker::store::{ReplicaRow, Store};
-use keyhaven_proto::broker::v1::admin_client::AdminClient;
-use keyhaven_proto::broker::v1::leases_client::LeasesClient;
 use keyhaven_proto::broker::v1::*;
 use testkit::pki::DevPki;
 use testkit::postgres::Postgres;
 use testkit::softhsm::SoftHsm;
-use tonic::transport::Channel;
 use tonic::Code;
 
 const GRANT: &str = r#"
@@ -40,114 +38,6 @@ policies:
   ttl: 5m
   max_ttl: 1h
 "#;
-
-/// A replica as a workload and an operator reach it.
-struct Replica {
-    admin: AdminClient<Channel>,
-    leases: LeasesClient<Channel>,
-}
-
-impl Replica {
-    async fn connect(b: &BrokerProc, pki: &DevPki) -> Replica {
-        let ch = tls_channel(&b.addr, &pki.ca).await;
-        Replica {
-            admin: AdminClient::new(ch.clone()),
-            leases: LeasesClient::new(ch),
-        }
-    }
-
-    async fn apply(&mut self, yaml: &str, dry_run: bool) -> ApplyPoliciesResponse {
-        self.admin
-            .apply_policies(authed(
-                ApplyPoliciesRequest {
-                    yaml: yaml.into(),
-                    dry_run,
-                },
-                BOOTSTRAP,
-            ))
-            .await
-            .unwrap()
-            .into_inner()
-    }
-
-    async fn put(&mut self, path: &str) {
-        self.admin
-            .put_secret(authed(
-                PutSecretRequest {
-                    path: path.into(),
-                    data: [("password".to_string(), b"s3cret-value".to_vec())].into(),
-                },
-                BOOTSTRAP,
-            ))
-            .await
-            .unwrap();
-    }
-
-    async fn lease(&mut self, token: &str, path: &str) -> Result<LeaseResponse, tonic::Status> {
-        self.leases
-            .lease(authed(
-                LeaseRequest {
-                    path: path.into(),
-                    ttl_seconds: 0,
-                },
-                token,
-            ))
-            .await
-            .map(tonic::Response::into_inner)
-    }
-
-    async fn renew(&mut self, token: &str, id: &str) -> Result<RenewResponse, tonic::Status> {
-        self.leases
-            .renew(authed(
-                RenewRequest {
-                    lease_id: id.into(),
-                    increment_seconds: 0,
-                },
-                token,
-            ))
-            .await
-            .map(tonic::Response::into_inner)
-    }
-
-    async fn lease_info(&mut self, id: &str) -> LeaseInfo {
-        let mut l = self
-            .admin
-            .list_leases(authed(
-                ListLeasesRequest {
-                    selector: Some(LeaseSelector {
-                        lease_id: id.into(),
-                        ..Default::default()
-                    }),
-                    include_ended: true,
-                },
-                BOOTSTRAP,
-            ))
-            .await
-            .unwrap()
-            .into_inner()
-            .leases;
-        assert_eq!(l.len(), 1, "{l:?}");
-        l.remove(0)
-    }
-
-    async fn replicas(&mut self) -> ListReplicasResponse {
-        self.admin
-            .list_replicas(authed(ListReplicasRequest {}, BOOTSTRAP))
-            .await
-            .unwrap()
-            .into_inner()
-    }
-
-    async fn audit_verifies(&mut self) {
-        let v = self
-            .admin
-            .audit_verify(authed(AuditVerifyRequest::default(), BOOTSTRAP))
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(v.ok, "{v:?}");
-    }
-}
 
 fn ids(leases: &[LeaseInfo]) -> Vec<String> {
     let mut v: Vec<String> = leases.iter().map(|l| l.lease_id.clone()).collect();
@@ -173,8 +63,8 @@ fn a_policy_change_on_one_replica_holds_on_every_replica_and_ends_the_leases_it_
         .unwrap();
 
     let (mut ra, mut rb) = rt.block_on(async {
-        let mut ra = Replica::connect(&a, &pki).await;
-        let rb = Replica::connect(&b, &pki).await;
+        let mut ra = BrokerClient::connect(&a, &pki).await;
+        let rb = BrokerClient::connect(&b, &pki).await;
         let applied = ra.apply(GRANT, false).await;
         assert_eq!(applied.generation, 1);
         assert!(applied.ended.is_empty());
@@ -184,7 +74,7 @@ fn a_policy_change_on_one_replica_holds_on_every_replica_and_ends_the_leases_it_
     // A replica started after the apply enforces it from its first request.
     let c = BrokerProc::start_on(&hsm, &pki, &pg.url(), &[]);
     rt.block_on(async {
-        let mut rc = Replica::connect(&c, &pki).await;
+        let mut rc = BrokerClient::connect(&c, &pki).await;
         // B, started before, within the bound.
         tokio::time::sleep(POLICY_BOUND).await;
         let on_b = rb
@@ -372,7 +262,7 @@ fn a_replica_that_reloads_ends_the_leases_the_new_set_forbids() {
         .unwrap();
     rt.block_on(async {
         let now = keyhaven_broker::audit::now_ms;
-        let mut r = Replica::connect(&b, &pki).await;
+        let mut r = BrokerClient::connect(&b, &pki).await;
         r.apply(GRANT, false).await;
         r.put("shop/db").await;
         let store = Store::connect(&url).await.unwrap();
@@ -429,3 +319,88 @@ fn a_replica_that_reloads_ends_the_leases_the_new_set_forbids() {
         r.audit_verifies().await;
     });
 }
+
+#[test]
+fn renewals_on_two_replicas_each_extend_their_lease_once_with_their_record() {
+    let pg = Postgres::start().unwrap();
+    let hsm = SoftHsm::new().unwrap();
+    broker_keys_init(&hsm);
+    let pki = DevPki::write(hsm.dir()).unwrap();
+    let a = BrokerProc::start_on(&hsm, &pki, &pg.url(), &[]);
+    let b = BrokerProc::start_on(&hsm, &pki, &pg.url(), &[]);
+    let rt = runtime();
+    let dev = DevIssuer::load_or_generate(&hsm.dir().join("dev.pem")).unwrap();
+    let web = dev
+        .mint("shop", "web", Some("web-0"), Duration::from_secs(600))
+        .unwrap();
+    rt.block_on(async {
+        let mut ra = BrokerClient::connect(&a, &pki).await;
+        let mut rb = BrokerClient::connect(&b, &pki).await;
+        ra.apply(GRANT, false).await;
+        ra.put("shop/db").await;
+        tokio::time::sleep(POLICY_BOUND).await;
+        // Eight leases, four made on each replica; then every lease renewed ten times, on
+        // both replicas at once (their appends alternate on the one chain), while both keep
+        // leasing.
+        let mut ids = Vec::new();
+        for r in [&mut ra, &mut rb] {
+            for _ in 0..4 {
+                ids.push(r.lease(&web, "shop/db").await.unwrap().lease_id);
+            }
+        }
+        let work = |mut r: BrokerClient, ids: Vec<String>, web: String| async move {
+            for _ in 0..RENEWALS {
+                for id in &ids {
+                    let got = r.renew(&web, id).await.unwrap();
+                    assert_eq!(got.ttl_seconds, 300, "{got:?}");
+                    assert!(!got.newer_version);
+                }
+                r.lease(&web, "shop/db").await.unwrap();
+            }
+            r
+        };
+        let (x, y) = ids.split_at(4);
+        let (ra2, rb2) = tokio::join!(
+            work(ra, y.to_vec(), web.clone()),
+            work(rb, x.to_vec(), web.clone())
+        );
+        let (mut ra, mut rb) = (ra2, rb2);
+        for id in &ids {
+            assert_eq!(ra.lease_info(id).await.renewals, RENEWALS, "{id}");
+        }
+        // A lease revoked on one replica is not renewed on the other, and says so.
+        rb.admin
+            .revoke_leases(authed(
+                RevokeLeasesRequest {
+                    selector: Some(LeaseSelector {
+                        lease_id: ids[0].clone(),
+                        ..Default::default()
+                    }),
+                },
+                BOOTSTRAP,
+            ))
+            .await
+            .unwrap();
+        let e = ra.renew(&web, &ids[0]).await.unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        assert_eq!(ra.lease_info(&ids[0]).await.renewals, RENEWALS);
+        ra.audit_verifies().await;
+        rb.audit_verifies().await;
+    });
+    // One `renew ok` record per renewal, one refusal, in the shared chain.
+    let store = rt.block_on(Store::connect(&pg.url())).unwrap();
+    let recs = rt.block_on(store.audit_records(0, 100_000)).unwrap();
+    let renews = |outcome: &str| {
+        recs.iter()
+            .filter(|r| r.event.kind.as_text() == "renew" && r.event.outcome.as_str() == outcome)
+            .count() as u64
+    };
+    assert_eq!(renews("ok"), 8 * RENEWALS);
+    assert_eq!(
+        renews("ok") + renews("denied") + renews("error"),
+        8 * RENEWALS + 1
+    );
+}
+
+/// Renewals per lease in [`renewals_on_two_replicas_each_extend_their_lease_once_with_their_record`].
+const RENEWALS: u64 = 10;
