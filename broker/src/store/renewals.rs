@@ -51,6 +51,17 @@ const SQLITE_RENEW_TAIL: &str = concat!(
     renewed_cols!("leases")
 );
 
+/// The renewals as the PostgreSQL statements bind them: ids, each one's `now`, new expiries.
+pub(super) fn renewal_arrays<'a>(
+    renewals: &[(usize, &'a Renewing)],
+) -> (Vec<&'a str>, Vec<i64>, Vec<i64>) {
+    (
+        renewals.iter().map(|(_, r)| r.lease_id.as_str()).collect(),
+        renewals.iter().map(|(_, r)| r.now_ms).collect(),
+        renewals.iter().map(|(_, r)| r.expires_ms).collect(),
+    )
+}
+
 pub(super) fn renewed_from_row(r: &impl RowExt) -> Result<(String, RenewedLease)> {
     Ok((
         r.text("id")?,
@@ -146,18 +157,12 @@ impl HeldConn {
                 let renewed = if renewals.is_empty() {
                     HashMap::new()
                 } else {
-                    let ids: Vec<&str> =
-                        renewals.iter().map(|(_, r)| r.lease_id.as_str()).collect();
+                    let (ids, nows, expiries) = renewal_arrays(renewals);
                     // Unprepared, as PG_APPEND_AFTER_RENEWING_SQL: planned per batch.
                     sqlx::query(PG_RENEW_SQL)
                         .bind(ids)
-                        .bind(renewals.iter().map(|(_, r)| r.now_ms).collect::<Vec<_>>())
-                        .bind(
-                            renewals
-                                .iter()
-                                .map(|(_, r)| r.expires_ms)
-                                .collect::<Vec<_>>(),
-                        )
+                        .bind(nows)
+                        .bind(expiries)
                         .persistent(false)
                         .fetch_all(&mut *tx)
                         .await?
