@@ -470,18 +470,8 @@ impl HeldConn {
                     .bind(atext(&|r| Some(r.hash.clone())))
                     .bind(generation);
                 if !renewals.is_empty() {
-                    let ids: Vec<&str> =
-                        renewals.iter().map(|(_, r)| r.lease_id.as_str()).collect();
-                    q = q
-                        .bind(ids)
-                        .bind(renewals.iter().map(|(_, r)| r.now_ms).collect::<Vec<_>>())
-                        .bind(
-                            renewals
-                                .iter()
-                                .map(|(_, r)| r.expires_ms)
-                                .collect::<Vec<_>>(),
-                        )
-                        .persistent(false);
+                    let (ids, nows, expiries) = super::renewals::renewal_arrays(renewals);
+                    q = q.bind(ids).bind(nows).bind(expiries).persistent(false);
                 }
                 let rows = q.fetch_all(&mut **conn).await?;
                 for row in &rows {
@@ -615,11 +605,17 @@ impl Store {
         leases: &[LeaseRow],
         generation: Option<i64>,
     ) -> Result<Vec<AuditRecord>> {
-        in_audit_tx!(self, tx, Db => {
-            let recs = store_batch_in!(tx, Db, events, leases, generation);
-            tx.commit().await?;
-            Ok(recs)
-        })
+        // The audit appender's locked append, on a connection of the pool.
+        let mut conn = HeldConn::acquire(self).await?;
+        let r = conn
+            .append_locked(&self.locks.write, events, leases, &[], generation)
+            .await;
+        // Nothing stored on a stale generation; the dropped transaction rolls back before the
+        // connection's next statement.
+        if matches!(&r, Err(e) if !matches!(e, StoreError::StaleGeneration { .. })) {
+            conn.discard();
+        }
+        Ok(r?.0)
     }
 
     /// [`Store::append_audit_batch_with`] for a writer that knows where the chain ends: `head`
