@@ -146,16 +146,16 @@ fn created_ms(k: &KekInfo) -> Option<i64> {
 
 /// The record of a key operation's start (`admin:<verb>`, by `caller`, on `kek` when known),
 /// stored before the HSM is asked to make or destroy a key.
-fn key_intent(caller: &Caller, verb: &str, kek: Option<KekId>) -> AuditEvent {
-    let mut ev = AuditEvent::new(now_ms(), EventKind::Admin(verb.into()), Outcome::Ok)
-        .with_identity(caller.audit_name());
-    if let Some(p) = caller.pod() {
-        ev = ev.with_pod(p);
-    }
-    if let Some(k) = kek {
-        ev = ev.with_path(kek_ref(k));
-    }
-    ev
+fn key_intent(caller: &Caller, verb: &str, kek: Option<KekId>) -> Vec<AuditEvent> {
+    let path = kek.map(kek_ref);
+    Broker::audit_events(
+        None,
+        caller,
+        EventKind::Admin(verb.into()),
+        path.as_deref(),
+        None,
+        &Ok::<(), BrokerError>(()),
+    )
 }
 
 /// How a KEK appears in audit records (in the `path` field).
@@ -286,9 +286,9 @@ impl Broker {
 
     /// The rotation itself; the caller holds the rotation lock. `intent` is recorded before
     /// the HSM makes the KEK (no record, no KEK); the caller records the outcome.
-    async fn rotate_locked(&self, intent: AuditEvent) -> Result<Rotated> {
+    async fn rotate_locked(&self, intent: Vec<AuditEvent>) -> Result<Rotated> {
         let previous = self.fresh_keks().await?.last().map(|k| k.id);
-        self.audit(intent).await?;
+        self.submit(intent, None).await?;
         let kek = self
             .envelope()
             .keystore()
@@ -373,7 +373,7 @@ impl Broker {
         let marked = self
             .commit_change_or_store_error(move |store| async move {
                 let records = store
-                    .mark_kek_retired_audited(id, now_ms(), || vec![intent])
+                    .mark_kek_retired_audited(id, now_ms(), || intent)
                     .await?;
                 Ok(((), records))
             })
@@ -530,7 +530,7 @@ impl Broker {
         )
         .with_identity("broker:auto-rotation")
         .with_reason(reason);
-        let r = self.rotate_locked(intent).await;
+        let r = self.rotate_locked(vec![intent]).await;
         drop(guard);
         let mut ev = AuditEvent::new(
             now_ms(),
