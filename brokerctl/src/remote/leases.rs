@@ -48,16 +48,14 @@ pub async fn leases(conn: &ConnArgs, cmd: &LeasesCommand, io: &mut Io<'_>) -> Re
                         .leases
                         .iter()
                         .map(|l| {
-                            vec![
-                                l.lease_id.clone(),
-                                format!("{}/{}", l.namespace, l.service_account),
-                                dash(&l.pod),
-                                l.path.clone(),
+                            let mut row = lease_cells(l);
+                            row.extend([
                                 l.version.to_string(),
                                 time_ms(l.expires_unix_ms),
                                 l.renewals.to_string(),
                                 lease_state(l.ended_unix_ms, &l.end_reason, l.expires_unix_ms, now),
-                            ]
+                            ]);
+                            row
                         })
                         .collect();
                     table(
@@ -118,6 +116,16 @@ pub async fn leases(conn: &ConnArgs, cmd: &LeasesCommand, io: &mut Io<'_>) -> Re
 }
 
 /// `brokerctl lease PATH`.
+/// A lease's first table cells: id, identity, pod, path.
+pub(super) fn lease_cells(l: &keyhaven_proto::broker::v1::LeaseInfo) -> Vec<String> {
+    vec![
+        l.lease_id.clone(),
+        format!("{}/{}", l.namespace, l.service_account),
+        dash(&l.pod),
+        l.path.clone(),
+    ]
+}
+
 pub async fn lease(conn: &ConnArgs, args: &LeaseArgs, io: &mut Io<'_>) -> Result<(), CtlError> {
     let path = secret_path(&args.path)?;
     let ttl_seconds = args

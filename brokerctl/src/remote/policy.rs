@@ -109,18 +109,8 @@ fn print_apply(
                 )?;
             }
             if !r.ended.is_empty() {
-                let rows: Vec<Vec<String>> = r
-                    .ended
-                    .iter()
-                    .map(|l| {
-                        vec![
-                            l.lease_id.clone(),
-                            format!("{}/{}", l.namespace, l.service_account),
-                            dash(&l.pod),
-                            l.path.clone(),
-                        ]
-                    })
-                    .collect();
+                let rows: Vec<Vec<String>> =
+                    r.ended.iter().map(super::leases::lease_cells).collect();
                 table(io.out, &["LEASE_ID", "IDENTITY", "POD", "PATH"], &rows)?;
             }
         }
