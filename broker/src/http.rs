@@ -1,27 +1,28 @@
-//! `/healthz` (alive), `/readyz` (database answers and a KEK exists), `/metrics` (Prometheus).
+//! `/healthz` (alive), `/readyz` (logged in to the HSM; database and HSM answer: see
+//! [`crate::health`]), `/metrics` (Prometheus). Up before the HSM login.
 
 use std::sync::Arc;
 
-use crate::service::Broker;
+use crate::health::Health;
 
 /// Serves until `shutdown` resolves.
 pub async fn serve_http(
     listener: tokio::net::TcpListener,
-    broker: Arc<Broker>,
+    health: Arc<Health>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     use axum::http::StatusCode;
     use axum::routing::get;
-    let b1 = broker.clone();
-    let b2 = broker;
+    let h1 = health.clone();
+    let h2 = health;
     let app = axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
             "/readyz",
             get(move || {
-                let b = b1.clone();
+                let h = h1.clone();
                 async move {
-                    match b.readiness().await {
+                    match h.check() {
                         Ok(()) => (StatusCode::OK, "ok\n".to_string()),
                         Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
                     }
@@ -31,8 +32,8 @@ pub async fn serve_http(
         .route(
             "/metrics",
             get(move || {
-                let b = b2.clone();
-                async move { b.metrics_text().await }
+                let h = h2.clone();
+                async move { h.metrics_text().await }
             }),
         );
     axum::serve(listener, app)

@@ -9,6 +9,7 @@ pub mod audit;
 pub mod auth;
 pub mod crypto;
 pub mod grpc;
+pub mod health;
 pub mod http;
 pub mod metrics;
 pub mod rate_limit;

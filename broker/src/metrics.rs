@@ -83,6 +83,11 @@ pub struct Metrics {
     pub holder_watch_lists: Family<Resource, Counter>,
     /// Errors of the pod / service-account watch (apiserver or database), by resource.
     pub holder_watch_errors: Family<Resource, Counter>,
+    /// 1 while the last database and HSM probe passed (see [`crate::health`]).
+    pub ready: Gauge,
+    login_attempts: Gauge<u64, AtomicU64>,
+    pin_refused: Gauge,
+    pin_source_checks: Gauge<u64, AtomicU64>,
 }
 
 /// A single `resource` label (`pods`, `serviceaccounts`).
@@ -249,6 +254,30 @@ impl Metrics {
             "Errors of the pod / service-account watch (apiserver unreachable or refusing, database failures while ending leases)",
             holder_watch_errors.clone(),
         );
+        let ready = Gauge::default();
+        let login_attempts = Gauge::<u64, AtomicU64>::default();
+        let pin_refused = Gauge::default();
+        let pin_source_checks = Gauge::<u64, AtomicU64>::default();
+        registry.register(
+            "ready",
+            "1 while the last database and HSM probe passed",
+            ready.clone(),
+        );
+        registry.register(
+            "hsm_login_attempts",
+            "C_Login calls this process made (a refused PIN is offered once)",
+            login_attempts.clone(),
+        );
+        registry.register(
+            "hsm_pin_refused",
+            "1 while the token refused the PIN and the broker waits for the PIN source to change",
+            pin_refused.clone(),
+        );
+        registry.register(
+            "hsm_pin_source_checks",
+            "Times the PIN source was read again while waiting for a new PIN",
+            pin_source_checks.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -275,7 +304,19 @@ impl Metrics {
             holder_gone_ended,
             holder_watch_lists,
             holder_watch_errors,
+            ready,
+            login_attempts,
+            pin_refused,
+            pin_source_checks,
         }
+    }
+
+    /// Copies the login figures of `login` (and of this process) into their metrics.
+    pub fn set_login(&self, login: &keyhaven_hsm::login::LoginStatus) {
+        self.login_attempts
+            .set(keyhaven_hsm::process_login_attempts());
+        self.pin_refused.set(login.pin_refused());
+        self.pin_source_checks.set(login.pin_source_checks());
     }
 
     /// One finished RPC.

@@ -18,6 +18,7 @@ use crate::auth::{
 };
 use crate::crypto::{DekCache, Envelope};
 use crate::grpc::Edge;
+use crate::health::Health;
 use crate::rate_limit::RateLimiter;
 use crate::service::{Broker, BrokerConfig};
 use crate::store::Store;
@@ -241,8 +242,13 @@ fn read_secret_file(p: &std::path::Path, what: &'static str) -> Result<SecretStr
     Ok(SecretString::from(v.as_str()))
 }
 
-/// Builds the broker from flags.
-pub async fn assemble(args: &ServeArgs) -> Result<Arc<Broker>, ServeError> {
+/// Builds the broker from flags. The HSM login goes through `login` (a refused PIN is never
+/// offered twice: see `keyhaven_hsm::login`); `Ok(None)` when `stop` resolved while waiting.
+pub async fn assemble(
+    args: &ServeArgs,
+    login: &keyhaven_hsm::login::LoginStatus,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<Option<Arc<Broker>>, ServeError> {
     use secrecy::ExposeSecret;
     let url = match (&args.database_url, &args.database_url_file) {
         (_, Some(f)) => read_secret_file(f, "database URL file")?,
@@ -258,9 +264,12 @@ pub async fn assemble(args: &ServeArgs) -> Result<Arc<Broker>, ServeError> {
         .map_err(|e| ServeError::Start(format!("database: {e}")))?;
     let mut cfg = args.hsm.config();
     cfg.kek_label_prefix = args.kek_label_prefix.clone();
-    let ks = keyhaven_hsm::Keystore::open(cfg)
+    let Some(ks) = keyhaven_hsm::login::open_when_pin_accepted(cfg, login, stop)
         .await
-        .map_err(|e| ServeError::Start(format!("HSM: {}", e.chain())))?;
+        .map_err(|e| ServeError::Start(format!("HSM: {}", e.chain())))?
+    else {
+        return Ok(None);
+    };
     let envelope = Envelope::new(ks, DekCache::new(10_000, Duration::from_secs(300)));
 
     let dev = if args.dev {
@@ -385,7 +394,7 @@ pub async fn assemble(args: &ServeArgs) -> Result<Arc<Broker>, ServeError> {
             .map_err(|e| ServeError::Start(format!("audit file {}: {e}", f.display())))?;
         broker = broker.with_audit_file(sink);
     }
-    Ok(Arc::new(broker))
+    Ok(Some(Arc::new(broker)))
 }
 
 /// Serves until `shutdown` resolves.
@@ -419,12 +428,6 @@ pub async fn serve(
         }
         Some(t)
     };
-    let broker = assemble(&args).await?;
-    let edge = Edge::new(
-        broker.clone(),
-        Arc::new(RateLimiter::new(args.rate_limit, args.rate_limit * 2.0)),
-    );
-
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
@@ -434,6 +437,69 @@ pub async fn serve(
     let stop = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
+
+    // Health first: `/readyz`, `/metrics` and gRPC health (NOT_SERVING) answer while the
+    // database connects and the HSM login waits (see crate::health).
+    let (health, health_service) = Health::new().await;
+    let metrics_task = match args.metrics_addr {
+        Some(maddr) => {
+            let l = tokio::net::TcpListener::bind(maddr)
+                .await
+                .map_err(|e| ServeError::Start(format!("bind {maddr}: {e}")))?;
+            Some(tokio::spawn(crate::http::serve_http(
+                l,
+                health.clone(),
+                stop(stop_rx.clone()),
+            )))
+        }
+        None => None,
+    };
+    let listener = std::net::TcpListener::bind(args.listen)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .map_err(|e| ServeError::Start(format!("bind {}: {e}", args.listen)))?;
+    let incoming = |l: &std::net::TcpListener| {
+        l.try_clone()
+            .and_then(tokio::net::TcpListener::from_std)
+            .map(tokio_stream::wrappers::TcpListenerStream::new)
+            .map_err(|e| ServeError::Start(format!("listener {}: {e}", args.listen)))
+    };
+    let grpc_builder = || -> Result<tonic::transport::Server, ServeError> {
+        let mut builder = tonic::transport::Server::builder()
+            .timeout(Duration::from_secs(30))
+            .concurrency_limit_per_connection(256);
+        if let Some(t) = tls.clone() {
+            builder = builder
+                .tls_config(t)
+                .map_err(|e| ServeError::Config(format!("TLS: {e}")))?;
+        }
+        Ok(builder)
+    };
+    // Until the broker is assembled the listener serves the health service, and UNAVAILABLE.
+    let (assembled_tx, mut assembled_rx) = tokio::sync::watch::channel(false);
+    let early = {
+        let server = grpc_builder()?
+            .add_service(health_service.clone())
+            .add_service(crate::health::Starting::<LeasesServer<Edge>>::new())
+            .add_service(crate::health::Starting::<AdminServer<Edge>>::new())
+            .serve_with_incoming_shutdown(incoming(&listener)?, async move {
+                let _ = assembled_rx.wait_for(|a| *a).await;
+            });
+        tokio::spawn(server)
+    };
+    let broker = assemble(&args, &health.login, stop(stop_rx.clone())).await;
+    let _ = assembled_tx.send(true);
+    let _ = early.await;
+    let Some(broker) = broker? else {
+        if let Some(t) = metrics_task {
+            let _ = t.await;
+        }
+        return Ok(());
+    };
+    health.start_probing(broker.clone());
+    let edge = Edge::new(
+        broker.clone(),
+        Arc::new(RateLimiter::new(args.rate_limit, args.rate_limit * 2.0)),
+    );
 
     // KEK refresh, automatic rotation and re-wrap: every replica runs this loop.
     {
@@ -539,37 +605,18 @@ pub async fn serve(
         });
     }
 
-    if let Some(maddr) = args.metrics_addr {
-        let l = tokio::net::TcpListener::bind(maddr)
-            .await
-            .map_err(|e| ServeError::Start(format!("bind {maddr}: {e}")))?;
-        let b = broker.clone();
-        let rx = stop_rx.clone();
-        tokio::spawn(async move {
-            let _ = crate::http::serve_http(l, b, stop(rx)).await;
-        });
-    }
-
-    let (reporter, health) = tonic_health::server::health_reporter();
-    reporter.set_serving::<LeasesServer<Edge>>().await;
-    reporter.set_serving::<AdminServer<Edge>>().await;
-
-    let mut builder = tonic::transport::Server::builder()
-        .timeout(Duration::from_secs(30))
-        .concurrency_limit_per_connection(256);
-    if let Some(t) = tls {
-        builder = builder
-            .tls_config(t)
-            .map_err(|e| ServeError::Config(format!("TLS: {e}")))?;
-    }
     tracing::info!(listen = %args.listen, store = broker.store().kind(), tls = !args.insecure_plaintext, "broker serving");
-    builder
-        .add_service(health)
+    let served = grpc_builder()?
+        .add_service(health_service)
         .add_service(LeasesServer::new(edge.clone()).max_decoding_message_size(1 << 20))
         .add_service(AdminServer::new(edge).max_decoding_message_size(4 << 20))
-        .serve_with_shutdown(args.listen, stop(stop_rx))
+        .serve_with_incoming_shutdown(incoming(&listener)?, stop(stop_rx))
         .await
-        .map_err(|e| ServeError::Start(format!("gRPC server: {e}")))
+        .map_err(|e| ServeError::Start(format!("gRPC server: {e}")));
+    if let Some(t) = metrics_task {
+        let _ = t.await;
+    }
+    served
 }
 
 /// The Kubernetes client of the pod / service-account watch, when it is on: the apiserver

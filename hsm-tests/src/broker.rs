@@ -52,8 +52,21 @@ impl BrokerProc {
         BrokerProc::start_on(hsm, pki, &url, extra)
     }
 
-    /// Starts a broker on `database_url` (SQLite or PostgreSQL).
+    /// Starts a broker on `database_url` (SQLite or PostgreSQL) and waits until it serves.
     pub fn start_on(hsm: &SoftHsm, pki: &DevPki, database_url: &str, extra: &[&str]) -> BrokerProc {
+        let b = BrokerProc::spawn_on(hsm, pki, database_url, extra);
+        b.wait_serving();
+        b
+    }
+
+    /// Starts a broker on SQLite and waits only for its port, which answers gRPC health (and
+    /// UNAVAILABLE) before the broker is logged in to the HSM and serves.
+    pub fn start_unready(hsm: &SoftHsm, pki: &DevPki, extra: &[&str]) -> BrokerProc {
+        let url = format!("sqlite://{}", hsm.dir().join("broker.db").display());
+        BrokerProc::spawn_on(hsm, pki, &url, extra)
+    }
+
+    fn spawn_on(hsm: &SoftHsm, pki: &DevPki, database_url: &str, extra: &[&str]) -> BrokerProc {
         let dir = hsm.dir().to_path_buf();
         std::fs::write(dir.join("bootstrap"), BOOTSTRAP).expect("write bootstrap");
         let flags = BrokerFlags {
@@ -81,13 +94,21 @@ impl BrokerProc {
             log,
             dir,
         };
-        b.wait_listening();
+        b.wait_listening(false);
         b
     }
 
-    fn wait_listening(&self) {
+    fn wait_serving(&self) {
+        self.wait_listening(true);
+    }
+
+    /// Waits until the port accepts connections and, with `serving`, until the broker logged
+    /// that it serves its services (its port answers gRPC health before that).
+    fn wait_listening(&self, serving: bool) {
         let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err()
+            || (serving && !self.log_text().contains("broker serving"))
+        {
             assert!(
                 Instant::now() < deadline,
                 "broker did not start:\n{}",
@@ -121,8 +142,22 @@ impl BrokerProc {
     /// [`BrokerProc::kill`] or [`BrokerProc::terminate`].
     pub fn restart(&mut self) {
         self.kill();
+        let before = self.log_text().len();
         self.process = spawn(&self.flags, &self.log);
-        self.wait_listening();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self
+            .log_text()
+            .get(before..)
+            .unwrap_or_default()
+            .contains("broker serving")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "broker did not start again:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// A TLS channel to this broker, trusting `ca`.

@@ -193,6 +193,48 @@ pub fn runtime() -> tokio::runtime::Runtime {
 
 pub use kms_plugin::client::connect;
 
+/// Polls `f` until it returns true or `within` passes.
+pub fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The value of the sample named `sample` (name and labels, as printed) on
+/// `http://addr/metrics`; 0 when absent.
+pub fn metric(addr: &str, sample: &str) -> f64 {
+    let (_, body) = http_get(addr, "/metrics");
+    body.lines()
+        .find_map(|l| {
+            l.strip_prefix(sample)
+                .filter(|v| v.starts_with(' '))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0.0)
+}
+
+/// `grpc.health.v1` status of `service` (`""`: the whole server) over `channel`: `Ok(status)`
+/// (1 SERVING, 2 NOT_SERVING) or the call's error code.
+pub async fn grpc_health(
+    channel: tonic::transport::Channel,
+    service: &str,
+) -> Result<i32, tonic::Code> {
+    tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: service.to_owned(),
+        })
+        .await
+        .map(|r| r.into_inner().status)
+        .map_err(|s| s.code())
+}
+
 /// [`testkit::http::get`], panicking: GET `http://addr/path`; returns (status, body).
 pub fn http_get(addr: &str, path: &str) -> (u16, String) {
     testkit::http::get(addr, path).expect("GET")

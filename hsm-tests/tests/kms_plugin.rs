@@ -6,7 +6,10 @@ use std::collections::HashMap;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::time::{Duration, Instant};
 
-use hsm_tests::process::{connect, http_get, kms_plugin_cli, runtime, KmsPlugin, PluginOpts};
+use hsm_tests::process::{
+    connect, eventually, grpc_health, http_get, kms_plugin_cli, metric, runtime, KmsPlugin,
+    PluginOpts,
+};
 use keyhaven_hsm::{BlockingKeystore, KekId};
 use keyhaven_proto::kms::v2::*;
 use testkit::softhsm::{SoftHsm, USER_PIN};
@@ -74,20 +77,6 @@ async fn decrypt_with(
     })
     .await
     .map(|r| r.into_inner().plaintext)
-}
-
-/// Polls `f` until it returns true or `within` passes.
-fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    loop {
-        if f() {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]
@@ -329,6 +318,20 @@ fn hsm_fault_turns_unhealthy_fails_fast_and_recovers_without_restart() {
         "Status stayed ok with the token gone"
     );
     assert!(reason.contains("HSM"), "{reason}");
+    // The gRPC health service of the socket and /readyz say the same.
+    let health = |service: &'static str| {
+        rt.block_on(async {
+            let ch = kms_plugin::client::channel(&p.listen).await.unwrap();
+            grpc_health(ch, service).await
+        })
+    };
+    const KMS: &str = "v2.KeyManagementService";
+    assert!(
+        eventually(Duration::from_secs(5), || health("") == Ok(2)
+            && health(KMS) == Ok(2)),
+        "gRPC health stayed SERVING with the token gone"
+    );
+    assert_eq!(http_get(&p.metrics_addr, "/readyz").0, 503);
     for _ in 0..3 {
         let t0 = Instant::now();
         let err = rt.block_on(decrypt(&p.listen, &e)).unwrap_err();
@@ -351,6 +354,12 @@ fn hsm_fault_turns_unhealthy_fails_fast_and_recovers_without_restart() {
         "did not turn healthy again; log:\n{}",
         p.log()
     );
+    assert!(
+        eventually(Duration::from_secs(5), || health("") == Ok(1)
+            && health(KMS) == Ok(1)),
+        "gRPC health did not return to SERVING"
+    );
+    assert_eq!(http_get(&p.metrics_addr, "/readyz").0, 200);
     assert_eq!(
         rt.block_on(decrypt(&p.listen, &e)).unwrap(),
         b"before the fault"
@@ -697,7 +706,24 @@ fn wrong_pin_at_start_waits_for_a_new_pin_instead_of_crash_looping() {
     init_keys(&hsm);
     hsm.write_pin("0000-wrong-pin").unwrap();
     let mut p = KmsPlugin::spawn(&hsm, PluginOpts::default());
-    std::thread::sleep(Duration::from_millis(2500));
+    let m = p.metrics_addr.clone();
+    // The HTTP listener is up before the login, and the PIN source is read again and again
+    // (once a second) without a second C_Login.
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            http_get_opt(&m, "/metrics").is_some()
+                && metric(&m, "keyhaven_kms_hsm_pin_source_checks") >= 3.0
+        }),
+        "the PIN source was not polled; log:\n{}",
+        p.log()
+    );
+    assert_eq!(metric(&m, "keyhaven_kms_hsm_login_attempts"), 1.0);
+    assert_eq!(metric(&m, "keyhaven_kms_hsm_pin_refused"), 1.0);
+    assert_eq!(http_get(&m, "/healthz").0, 200);
+    let (code, why) = http_get(&m, "/readyz");
+    assert_eq!(code, 503);
+    assert!(why.contains("PIN incorrect"), "{why}");
+    assert!(!why.contains("0000-wrong-pin"), "readyz leaks the PIN");
     assert!(
         p.try_wait().is_none(),
         "must stay up, not exit into a restart loop"
@@ -706,6 +732,18 @@ fn wrong_pin_at_start_waits_for_a_new_pin_instead_of_crash_looping() {
         !p.socket.as_ref().unwrap().exists(),
         "no socket while it cannot log in"
     );
+
+    // Writing the same refused PIN again (a re-applied Secret) is not a new PIN; SIGHUP
+    // reads the source at once, and still offers nothing.
+    hsm.write_pin("0000-wrong-pin").unwrap();
+    p.signal(nix::sys::signal::Signal::SIGHUP);
+    let checks = metric(&m, "keyhaven_kms_hsm_pin_source_checks");
+    assert!(eventually(Duration::from_secs(20), || metric(
+        &m,
+        "keyhaven_kms_hsm_pin_source_checks"
+    ) >= checks + 2.0));
+    assert_eq!(metric(&m, "keyhaven_kms_hsm_login_attempts"), 1.0);
+
     let log = p.log();
     assert_eq!(
         log.matches("HSM refused the PIN; not retrying").count(),
@@ -717,4 +755,14 @@ fn wrong_pin_at_start_waits_for_a_new_pin_instead_of_crash_looping() {
     p.wait_ready();
     let rt = runtime();
     assert_eq!(rt.block_on(status(&p.listen)).healthz, "ok");
+    assert!(eventually(Duration::from_secs(10), || http_get(
+        &m, "/readyz"
+    )
+    .0 == 200));
+    assert_eq!(metric(&m, "keyhaven_kms_hsm_login_attempts"), 2.0);
+    assert_eq!(metric(&m, "keyhaven_kms_hsm_pin_refused"), 0.0);
+}
+
+fn http_get_opt(addr: &str, path: &str) -> Option<(u16, String)> {
+    testkit::http::get(addr, path).ok()
 }

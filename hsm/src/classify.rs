@@ -102,7 +102,7 @@ fn classify_rv(rv: RvError, op: Op, token: &str) -> Classified {
         R::PinIncorrect | R::PinInvalid | R::PinLenRange => plain(Error::PinIncorrect {
             token: token.to_owned(),
         }),
-        R::PinLocked | R::PinExpired => plain(Error::PinLocked {
+        R::PinLocked | R::PinExpired | R::UserPinNotInitialized => plain(Error::PinLocked {
             token: token.to_owned(),
         }),
         R::MechanismInvalid
@@ -197,7 +197,19 @@ mod tests {
             assert_eq!(c.recovery, Recovery::None);
             assert!(!c.error.is_retryable());
         }
-        assert_eq!(kind(RvError::PinLocked, Op::Login).0, ErrorKind::PinLocked);
+        for rv in [
+            RvError::PinLocked,
+            RvError::PinExpired,
+            RvError::UserPinNotInitialized,
+        ] {
+            let c = classify(ck(rv), Op::Login, "tok");
+            assert_eq!(c.error.kind(), ErrorKind::PinLocked);
+            assert!(c.error.is_pin_refusal());
+            assert_eq!(c.recovery, Recovery::None);
+        }
+        assert!(!classify(ck(RvError::DeviceError), Op::Login, "t")
+            .error
+            .is_pin_refusal());
     }
 
     #[test]

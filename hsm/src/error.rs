@@ -38,8 +38,8 @@ pub enum Error {
         /// Token label or serial as configured.
         token: String,
     },
-    /// The PIN is locked or expired on the token; an operator must reset it.
-    #[error("PIN locked or expired for token {token}")]
+    /// The PIN is locked, expired or not initialised on the token; an operator must reset it.
+    #[error("PIN locked, expired or not initialised for token {token}")]
     PinLocked {
         /// Token label or serial as configured.
         token: String,
@@ -220,6 +220,12 @@ impl Error {
             Error::Config { .. } => ErrorKind::Config,
             Error::Internal { .. } => ErrorKind::Internal,
         }
+    }
+
+    /// True when the token refused the PIN (incorrect, locked, expired, not initialised):
+    /// offering the same PIN again can only count towards locking the token.
+    pub fn is_pin_refusal(&self) -> bool {
+        matches!(self.kind(), ErrorKind::PinIncorrect | ErrorKind::PinLocked)
     }
 
     /// True when the same call may succeed later without anyone changing anything.

@@ -6,7 +6,7 @@
 //! AES-256 key-encryption keys (KEKs) that never leave the token, AES-GCM encryption and
 //! decryption *inside* the HSM, random bytes, and a health self-test. When sessions die
 //! (device removed, module re-initialised, token logged out) the pool rebuilds itself and
-//! logs in again with backoff; a wrong PIN is never retried in a loop.
+//! logs in again with backoff; a PIN the token refused is never offered again ([`login`]).
 //!
 //! It is not a general PKCS#11 wrapper: no asymmetric keys, no key export.
 //!
@@ -25,6 +25,7 @@ mod config;
 mod error;
 mod kek;
 mod keystore;
+pub mod login;
 #[cfg(feature = "testing")]
 pub mod testing;
 

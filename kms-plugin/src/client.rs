@@ -11,6 +11,11 @@ use tonic::transport::Channel;
 pub async fn connect(
     listen: &str,
 ) -> Result<KeyManagementServiceClient<Channel>, tonic::transport::Error> {
+    Ok(KeyManagementServiceClient::new(channel(listen).await?))
+}
+
+/// A gRPC channel to `unix:///path` or `unix:///@name` (for the KMS and health services).
+pub async fn channel(listen: &str) -> Result<Channel, tonic::transport::Error> {
     let target = listen.strip_prefix("unix://").unwrap_or(listen).to_owned();
     let channel = tonic::transport::Endpoint::try_from("http://[::]:50051")?
         .connect_timeout(Duration::from_secs(2))
@@ -30,7 +35,7 @@ pub async fn connect(
             }
         }))
         .await?;
-    Ok(KeyManagementServiceClient::new(channel))
+    Ok(channel)
 }
 
 /// What `probe` found.

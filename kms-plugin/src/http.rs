@@ -2,29 +2,29 @@
 
 use std::sync::Arc;
 
-/// Serves the HTTP endpoints until `shutdown` resolves.
+/// Serves the HTTP endpoints until `shutdown` resolves. Up before the HSM login: until the
+/// plugin runs, `/readyz` answers 503 with the login's reason and `/keys` 503.
 pub async fn serve_http(
     listener: tokio::net::TcpListener,
-    plugin: Arc<crate::plugin::Plugin>,
+    ready: Arc<crate::health::Readiness>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     use axum::http::StatusCode;
+    use axum::response::IntoResponse;
     use axum::routing::get;
-    let p1 = plugin.clone();
-    let p2 = plugin.clone();
-    let p3 = plugin;
+    let r1 = ready.clone();
+    let r2 = ready.clone();
+    let r3 = ready;
     let app = axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
             "/readyz",
             get(move || {
-                let p = p1.clone();
+                let r = r1.clone();
                 async move {
-                    let h = p.healthz();
-                    if h == "ok" {
-                        (StatusCode::OK, "ok\n".to_string())
-                    } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, format!("{h}\n"))
+                    match r.check() {
+                        Ok(()) => (StatusCode::OK, "ok\n".to_string()),
+                        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
                     }
                 }
             }),
@@ -32,14 +32,14 @@ pub async fn serve_http(
         .route(
             "/metrics",
             get(move || {
-                let p = p2.clone();
+                let r = r2.clone();
                 async move {
                     (
                         [(
                             axum::http::header::CONTENT_TYPE,
                             "application/openmetrics-text; version=1.0.0; charset=utf-8",
                         )],
-                        p.metrics().encode(),
+                        r.metrics_text(),
                     )
                 }
             }),
@@ -47,8 +47,17 @@ pub async fn serve_http(
         .route(
             "/keys",
             get(move || {
-                let p = p3.clone();
-                async move { axum::Json(p.key_report()) }
+                let r = r3.clone();
+                async move {
+                    match r.plugin() {
+                        Some(p) => axum::Json(p.key_report()).into_response(),
+                        None => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "not logged in to the HSM yet\n",
+                        )
+                            .into_response(),
+                    }
+                }
             }),
         );
     axum::serve(listener, app)

@@ -108,7 +108,7 @@ pub struct Plugin {
     last_decrypt: Mutex<HashMap<String, SystemTime>>,
     last_rescan: tokio::sync::Mutex<Option<Instant>>,
     rescan_now: tokio::sync::Notify,
-    metrics: Metrics,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Plugin {
@@ -123,6 +123,12 @@ impl Plugin {
     /// A plugin over an open keystore. Call [`Plugin::rescan`] and [`Plugin::self_test`]
     /// once before serving.
     pub fn new(keystore: Keystore, timing: Timing) -> Arc<Self> {
+        Self::with_metrics(keystore, timing, Arc::new(Metrics::new()))
+    }
+
+    /// [`Plugin::new`] counting into `metrics` (made before the HSM login, so `/metrics`
+    /// answers while the plugin waits for a PIN).
+    pub fn with_metrics(keystore: Keystore, timing: Timing, metrics: Arc<Metrics>) -> Arc<Self> {
         Arc::new(Plugin {
             keystore,
             timing,
@@ -131,7 +137,7 @@ impl Plugin {
             last_decrypt: Mutex::default(),
             last_rescan: tokio::sync::Mutex::new(None),
             rescan_now: tokio::sync::Notify::new(),
-            metrics: Metrics::new(),
+            metrics,
         })
     }
 

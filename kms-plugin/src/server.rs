@@ -1,5 +1,6 @@
-//! `kms-plugin serve`: open the HSM, load the KEK ring, bind the socket, serve until told
-//! to stop, then clean up the socket file.
+//! `kms-plugin serve`: health and metrics first, then the HSM login (a refused PIN is never
+//! offered twice: see `keyhaven_hsm::login`), the KEK ring, the socket; serve until told to
+//! stop, then clean up the socket file.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -9,6 +10,8 @@ use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::cli::ServeArgs;
 use crate::error::PluginError;
+use crate::health::Readiness;
+use crate::metrics::Metrics;
 use crate::plugin::{KmsService, Plugin, Timing};
 use crate::socket::{self, ListenAddr};
 
@@ -30,35 +33,8 @@ pub async fn serve(
         tracing::info!("shutting down");
         let _ = stop_tx.send(true);
     });
-    let Some(keystore) = open_keystore(args.hsm.config(), stop_rx.clone()).await? else {
-        return Ok(());
-    };
-    let plugin = Plugin::new(
-        keystore,
-        Timing {
-            self_test_interval: args.self_test_interval,
-            rescan_interval: args.rescan_interval,
-            hsm_timeout: args.hsm_timeout,
-        },
-    );
-    plugin.rescan().await?;
-    plugin.self_test().await;
-    plugin.spawn_background();
-
-    let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .map_err(PluginError::io("install SIGHUP handler"))?;
-    {
-        let plugin = Arc::downgrade(&plugin);
-        tokio::spawn(async move {
-            while sighup.recv().await.is_some() {
-                match plugin.upgrade() {
-                    Some(p) => p.request_rescan(),
-                    None => return,
-                }
-            }
-        });
-    }
-
+    // Health and metrics first: they answer (unready, with the reason) while the login waits.
+    let ready = Readiness::new(Arc::default(), Arc::new(Metrics::new()));
     let metrics_task = match args.metrics_addr {
         Some(maddr) => {
             let l = tokio::net::TcpListener::bind(maddr)
@@ -67,12 +43,54 @@ pub async fn serve(
             tracing::info!(addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "metrics listening");
             Some(tokio::spawn(crate::http::serve_http(
                 l,
-                plugin.clone(),
+                ready.clone(),
                 stop(stop_rx.clone()),
             )))
         }
         None => None,
     };
+    // SIGHUP: before the login, read the PIN source again now; after it, re-read the KEKs.
+    let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(PluginError::io("install SIGHUP handler"))?;
+    {
+        let ready = Arc::downgrade(&ready);
+        tokio::spawn(async move {
+            while sighup.recv().await.is_some() {
+                let Some(r) = ready.upgrade() else { return };
+                match r.plugin() {
+                    Some(p) => p.request_rescan(),
+                    None => r.login.recheck_now(),
+                }
+            }
+        });
+    }
+
+    let keystore = keyhaven_hsm::login::open_when_pin_accepted(
+        args.hsm.config(),
+        &ready.login,
+        stop(stop_rx.clone()),
+    )
+    .await?;
+    let Some(keystore) = keystore else {
+        if let Some(t) = metrics_task {
+            let _ = t.await;
+        }
+        return Ok(());
+    };
+    let plugin = Plugin::with_metrics(
+        keystore,
+        Timing {
+            self_test_interval: args.self_test_interval,
+            rescan_interval: args.rescan_interval,
+            hsm_timeout: args.hsm_timeout,
+        },
+        ready.metrics.clone(),
+    );
+    plugin.rescan().await?;
+    plugin.self_test().await;
+    plugin.spawn_background();
+    ready.set_plugin(plugin.clone());
+    let health = crate::health::grpc_health(&plugin, args.self_test_interval).await;
 
     // Bound last, so a failure above never leaves a socket file behind.
     let listener = socket::bind(&addr, args.socket_mode, owner)?;
@@ -112,6 +130,7 @@ pub async fn serve(
         interceptor,
     );
     let grpc = tonic::transport::Server::builder()
+        .add_service(health)
         .add_service(svc)
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), stop(stop_rx));
     let result = grpc.await;
@@ -126,46 +145,4 @@ pub async fn serve(
 
 async fn stop(mut rx: tokio::sync::watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
-}
-
-/// Opens the keystore. A refused PIN is not retried until the PIN source changes: the
-/// process stays up (unhealthy, no socket) instead of exiting, because every restart by a
-/// supervisor would be one more failed login, and real HSMs lock the PIN after a few.
-/// Returns `None` if told to stop while waiting.
-async fn open_keystore(
-    cfg: keyhaven_hsm::Config,
-    stop_rx: tokio::sync::watch::Receiver<bool>,
-) -> Result<Option<keyhaven_hsm::Keystore>, PluginError> {
-    use keyhaven_hsm::ErrorKind;
-    use secrecy::ExposeSecret;
-    loop {
-        let tried = cfg.pin.read().ok();
-        match keyhaven_hsm::Keystore::open(cfg.clone()).await {
-            Ok(ks) => return Ok(Some(ks)),
-            Err(e) if matches!(e.kind(), ErrorKind::PinIncorrect | ErrorKind::PinLocked) => {
-                tracing::error!(
-                    error = %e,
-                    pin_source = %cfg.pin,
-                    "the HSM refused the PIN; waiting for the PIN source to change before trying again"
-                );
-                loop {
-                    tokio::select! {
-                        _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
-                        _ = stop(stop_rx.clone()) => return Ok(None),
-                    }
-                    let now = cfg.pin.read().ok();
-                    let same = match (&now, &tried) {
-                        (Some(a), Some(b)) => a.expose_secret() == b.expose_secret(),
-                        (None, None) => true,
-                        _ => false,
-                    };
-                    if !same {
-                        tracing::info!("PIN source changed; logging in again");
-                        break;
-                    }
-                }
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
 }

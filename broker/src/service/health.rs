@@ -3,22 +3,28 @@
 use super::*;
 
 impl Broker {
-    /// Ready to serve: the database answers and a broker KEK exists.
-    pub async fn readiness(&self) -> std::result::Result<(), String> {
-        self.store
-            .ping()
-            .await
-            .map_err(|e| format!("database: {e}"))?;
-        self.current_kek().map_err(|e| e.to_string())?;
-        Ok(())
+    /// Ready to serve: the database answers, a broker KEK exists and the HSM encrypts and
+    /// decrypts with it, each within `timeout` (see [`crate::health`]).
+    pub async fn probe(&self, timeout: std::time::Duration) -> std::result::Result<(), String> {
+        match tokio::time::timeout(timeout, self.store.ping()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(format!("database: {e}")),
+            Err(_) => return Err(format!("database: no answer within {timeout:?}")),
+        }
+        let kek = self.current_kek().map_err(|e| e.to_string())?;
+        match tokio::time::timeout(timeout, self.envelope.keystore().self_test(Some(kek))).await {
+            Ok(Ok(_)) => Ok(()),
+            // The error's own words (its PKCS#11 cause goes to the log only).
+            Ok(Err(e)) => Err(format!("HSM: {e}")),
+            Err(_) => Err(format!("HSM: no answer within {timeout:?}")),
+        }
     }
 
-    /// The Prometheus text exposition (scrape-time figures refreshed first).
+    /// The Prometheus text exposition (scrape-time figures refreshed first). The database
+    /// figures are read at once and given [`SCRAPE_DB_TIMEOUT`]: with the database gone, a
+    /// scrape answers in time with their last values (and `ready` 0).
     pub async fn metrics_text(&self) -> String {
         let m = &self.metrics;
-        if let Ok(n) = self.store.count_active_leases(now_ms()).await {
-            m.active_leases.set(n);
-        }
         let c = self.envelope.cache().stats();
         m.dek_cache_hits.set(c.hits);
         m.dek_cache_misses.set(c.misses);
@@ -26,12 +32,27 @@ impl Broker {
         let (hits, misses) = self.reads.remembered_stats();
         m.remembered_hits.set(hits);
         m.remembered_misses.set(misses);
-        if let Ok(h) = self.store.audit_head().await {
-            m.audit_records.set(h.seq);
-        }
-        if let Ok(n) = self.rewrap_remaining().await {
-            m.rewrap_remaining.set(n);
+        let db = async {
+            tokio::join!(
+                self.store.count_active_leases(now_ms()),
+                self.store.audit_head(),
+                self.rewrap_remaining()
+            )
+        };
+        if let Ok((active, head, rewrap)) = tokio::time::timeout(SCRAPE_DB_TIMEOUT, db).await {
+            if let Ok(n) = active {
+                m.active_leases.set(n);
+            }
+            if let Ok(h) = head {
+                m.audit_records.set(h.seq);
+            }
+            if let Ok(n) = rewrap {
+                m.rewrap_remaining.set(n);
+            }
         }
         m.encode()
     }
 }
+
+/// How long a scrape waits for its database figures.
+const SCRAPE_DB_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);

@@ -17,13 +17,24 @@ impl BlockingKeystore {
     /// Loads the module, finds the token, logs in. A wrong PIN fails at once with
     /// [`Error::PinIncorrect`] after exactly one `C_Login`.
     pub fn open(cfg: Config) -> Result<Self> {
-        cfg.validate()?;
+        Self::open_refusing(cfg, None).map_err(|(e, _)| e)
+    }
+
+    /// [`BlockingKeystore::open`], never offering `refused` (a PIN the token refused before)
+    /// to the token. On a refused PIN the error comes with the PIN the token refused, for the
+    /// caller to pass back at its next attempt (see [`crate::login`]).
+    pub(crate) fn open_refusing(
+        cfg: Config,
+        refused: Option<SecretString>,
+    ) -> std::result::Result<Self, (Error, Option<SecretString>)> {
+        cfg.validate().map_err(|e| (e, None))?;
         let token_name = cfg.token.to_string();
         let pkcs11 = Pkcs11::new(&cfg.module).map_err(|e| {
-            Error::config_by(
+            let e = Error::config_by(
                 format!("cannot load the PKCS#11 module {}", cfg.module.display()),
                 e,
-            )
+            );
+            (e, None)
         })?;
         let ks = BlockingKeystore {
             token_name,
@@ -36,7 +47,7 @@ impl BlockingKeystore {
                 next_attempt: None,
                 backoff: cfg.recovery.initial_backoff,
                 last_error: None,
-                failed_pin: None,
+                failed_pin: refused,
                 handles: HashMap::new(),
             }),
             returned: Condvar::new(),
@@ -46,7 +57,9 @@ impl BlockingKeystore {
         };
         {
             let mut st = ks.lock();
-            ks.connect(&mut st)?;
+            if let Err(e) = ks.connect(&mut st) {
+                return Err((e, st.failed_pin.take()));
+            }
         }
         Ok(ks)
     }
@@ -161,6 +174,7 @@ impl BlockingKeystore {
         let pin = self.cfg.pin.read()?;
         if let Some(failed) = &st.failed_pin {
             if failed.expose_secret() == pin.expose_secret() {
+                tracing::debug!(token = %self.token_name, "the PIN source still holds the PIN the token refused; not offering it");
                 return Err(Error::PinIncorrect {
                     token: self.token_name.clone(),
                 });
@@ -175,7 +189,7 @@ impl BlockingKeystore {
             }
             Err(e) => {
                 let c = classify(e, Op::Login, &self.token_name);
-                if c.error.kind() == crate::ErrorKind::PinIncorrect {
+                if c.error.is_pin_refusal() {
                     tracing::error!(token = %self.token_name, "HSM refused the PIN; not retrying until the PIN source changes");
                     st.failed_pin = Some(pin);
                 }
