@@ -98,6 +98,7 @@ pub struct Health {
     early_metrics: Metrics,
     verdict: RwLock<Result<(), String>>,
     reporter: HealthReporter,
+    connections: OnceLock<Arc<std::sync::atomic::AtomicUsize>>,
 }
 
 impl std::fmt::Debug for Health {
@@ -126,6 +127,7 @@ impl Health {
             early_metrics: Metrics::new(),
             verdict: RwLock::new(Err("starting".into())),
             reporter,
+            connections: OnceLock::new(),
         });
         (h, service)
     }
@@ -141,15 +143,25 @@ impl Health {
             .clone()
     }
 
-    /// The metrics text (the broker's once it runs), login figures refreshed.
+    /// Reports the open gRPC connections `open` counts in the metrics.
+    pub fn count_connections(&self, open: Arc<std::sync::atomic::AtomicUsize>) {
+        let _ = self.connections.set(open);
+    }
+
+    /// The metrics text (the broker's once it runs), login and connection figures refreshed.
     pub async fn metrics_text(&self) -> String {
+        let open = self.connections.get().map_or(0, |c| {
+            i64::try_from(c.load(std::sync::atomic::Ordering::Relaxed)).unwrap_or(i64::MAX)
+        });
         match self.broker.get() {
             Some(b) => {
                 b.metrics().set_login(&self.login);
+                b.metrics().connections_open.set(open);
                 b.metrics_text().await
             }
             None => {
                 self.early_metrics.set_login(&self.login);
+                self.early_metrics.connections_open.set(open);
                 self.early_metrics.encode()
             }
         }

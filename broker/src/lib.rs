@@ -11,6 +11,7 @@ pub mod crypto;
 pub mod grpc;
 pub mod health;
 pub mod http;
+pub mod listener;
 pub mod metrics;
 pub mod rate_limit;
 pub mod server;

@@ -85,6 +85,8 @@ pub struct Metrics {
     pub holder_watch_errors: Family<Resource, Counter>,
     /// 1 while the last database and HSM probe passed (see [`crate::health`]).
     pub ready: Gauge,
+    /// gRPC connections open (set at scrape time; at most `--max-connections`).
+    pub connections_open: Gauge,
     login_attempts: Gauge<u64, AtomicU64>,
     pin_refused: Gauge,
     pin_source_checks: Gauge<u64, AtomicU64>,
@@ -255,6 +257,12 @@ impl Metrics {
             holder_watch_errors.clone(),
         );
         let ready = Gauge::default();
+        let connections_open = Gauge::default();
+        registry.register(
+            "connections_open",
+            "gRPC connections open (at most --max-connections)",
+            connections_open.clone(),
+        );
         let login_attempts = Gauge::<u64, AtomicU64>::default();
         let pin_refused = Gauge::default();
         let pin_source_checks = Gauge::<u64, AtomicU64>::default();
@@ -305,6 +313,7 @@ impl Metrics {
             holder_watch_lists,
             holder_watch_errors,
             ready,
+            connections_open,
             login_attempts,
             pin_refused,
             pin_source_checks,

@@ -58,6 +58,9 @@ pub struct ServeArgs {
     /// Serve without TLS. Only allowed on a loopback address.
     #[arg(long, env = "KEYHAVEN_INSECURE_PLAINTEXT")]
     pub insecure_plaintext: bool,
+    /// Connection limits of the gRPC listener.
+    #[command(flatten)]
+    pub connections: crate::listener::ConnectionArgs,
     /// PKCS#11 module, token and PIN.
     #[command(flatten)]
     pub hsm: keyhaven_hsm::cli::HsmAccessArgs,
@@ -422,7 +425,8 @@ pub async fn serve(
                 .map_err(|e| ServeError::Config(format!("cannot read {}: {e}", p.display())))
         };
         let mut t = tonic::transport::ServerTlsConfig::new()
-            .identity(tonic::transport::Identity::from_pem(read(c)?, read(k)?));
+            .identity(tonic::transport::Identity::from_pem(read(c)?, read(k)?))
+            .timeout(args.connections.tls_handshake_timeout);
         if let Some(ca) = &args.tls_client_ca {
             t = t.client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?));
         }
@@ -454,19 +458,15 @@ pub async fn serve(
         }
         None => None,
     };
-    let listener = std::net::TcpListener::bind(args.listen)
-        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+    let listener = crate::listener::Listener::bind(args.listen, args.connections.max_connections)
         .map_err(|e| ServeError::Start(format!("bind {}: {e}", args.listen)))?;
-    let incoming = |l: &std::net::TcpListener| {
-        l.try_clone()
-            .and_then(tokio::net::TcpListener::from_std)
-            .map(tokio_stream::wrappers::TcpListenerStream::new)
+    health.count_connections(listener.open_connections());
+    let incoming = |l: &crate::listener::Listener| {
+        l.incoming()
             .map_err(|e| ServeError::Start(format!("listener {}: {e}", args.listen)))
     };
     let grpc_builder = || -> Result<tonic::transport::Server, ServeError> {
-        let mut builder = tonic::transport::Server::builder()
-            .timeout(Duration::from_secs(30))
-            .concurrency_limit_per_connection(256);
+        let mut builder = args.connections.server();
         if let Some(t) = tls.clone() {
             builder = builder
                 .tls_config(t)
