@@ -445,6 +445,16 @@ pub async fn serve(
     // Health first: `/readyz`, `/metrics` and gRPC health (NOT_SERVING) answer while the
     // database connects and the HSM login waits (see crate::health).
     let (health, health_service) = Health::new().await;
+    // SIGHUP: read the PIN source again now (while the login waits for a new PIN).
+    let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(|e| ServeError::Start(format!("install SIGHUP handler: {e}")))?;
+    let login = Arc::downgrade(&health.login);
+    tokio::spawn(async move {
+        while sighup.recv().await.is_some() {
+            let Some(l) = login.upgrade() else { return };
+            l.recheck_now();
+        }
+    });
     let metrics_task = match args.metrics_addr {
         Some(maddr) => {
             let l = tokio::net::TcpListener::bind(maddr)

@@ -116,6 +116,22 @@ fn a_wrong_pin_keeps_the_broker_up_and_unready_and_is_offered_once() {
         "log leaks the PIN"
     );
 
+    // The same refused PIN written again, and SIGHUP (read the source now): nothing offered,
+    // and the process is still there.
+    hsm.write_pin("0000-wrong-pin").unwrap();
+    let checks = metric(&m, "keyhaven_broker_hsm_pin_source_checks");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(b.pid()),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    assert!(eventually(Duration::from_secs(20), || metric(
+        &m,
+        "keyhaven_broker_hsm_pin_source_checks"
+    ) >= checks + 2.0));
+    assert_eq!(metric(&m, "keyhaven_broker_hsm_login_attempts"), 1.0);
+    assert_eq!(http_get(&m, "/healthz").0, 200);
+
     hsm.write_pin(USER_PIN).unwrap();
     assert!(
         eventually(Duration::from_secs(30), || ready(&b).0 == 200),
