@@ -210,6 +210,7 @@ pub fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
 /// The value of the sample named `sample` (name and labels, as printed) on
 /// `http://addr/metrics`; 0 when absent.
 pub fn metric(addr: &str, sample: &str) -> f64 {
+    let sample = sample.trim_end();
     let (_, body) = http_get(addr, "/metrics");
     body.lines()
         .find_map(|l| {

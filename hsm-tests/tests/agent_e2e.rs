@@ -232,10 +232,7 @@ impl Agent {
 
     /// Value of a counter/gauge sample on `/metrics` (0 when absent).
     fn metric(&self, sample: &str) -> f64 {
-        let (_, body) = http_get(&self.metrics, "/metrics");
-        body.lines()
-            .find_map(|l| l.strip_prefix(sample).and_then(|v| v.trim().parse().ok()))
-            .unwrap_or(0.0)
+        hsm_tests::process::metric(&self.metrics, sample)
     }
 
     fn readyz(&self) -> u16 {

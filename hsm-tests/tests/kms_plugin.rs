@@ -711,7 +711,7 @@ fn wrong_pin_at_start_waits_for_a_new_pin_instead_of_crash_looping() {
     // (once a second) without a second C_Login.
     assert!(
         eventually(Duration::from_secs(20), || {
-            http_get_opt(&m, "/metrics").is_some()
+            testkit::http::get(&m, "/metrics").is_ok()
                 && metric(&m, "keyhaven_kms_hsm_pin_source_checks") >= 3.0
         }),
         "the PIN source was not polled; log:\n{}",
@@ -761,8 +761,4 @@ fn wrong_pin_at_start_waits_for_a_new_pin_instead_of_crash_looping() {
     .0 == 200));
     assert_eq!(metric(&m, "keyhaven_kms_hsm_login_attempts"), 2.0);
     assert_eq!(metric(&m, "keyhaven_kms_hsm_pin_refused"), 0.0);
-}
-
-fn http_get_opt(addr: &str, path: &str) -> Option<(u16, String)> {
-    testkit::http::get(addr, path).ok()
 }
