@@ -26,6 +26,10 @@ use crate::store::Store;
 /// starts the log over (`Store::checkpoint_wal`) finds little left to copy and stalls the
 /// writer least (bench/README.md has the measurements). An idle log makes it a no-op.
 const WAL_CHECKPOINT_INTERVAL: Duration = Duration::from_millis(50);
+/// How often a `--jwks-file` is read again by default (a local file: cheap).
+const JWKS_FILE_REFRESH: Duration = Duration::from_secs(2);
+/// How often the apiserver's JWKS is fetched again by default.
+const JWKS_URL_REFRESH: Duration = Duration::from_secs(60);
 
 /// `broker` flags. Every flag also reads an environment variable. Secrets (PIN, database
 /// password, bootstrap credential) come from files or the environment, never argv.
@@ -82,7 +86,9 @@ pub struct ServeArgs {
         default_value = "keyhaven"
     )]
     pub audience: Vec<String>,
-    /// JWKS file with the apiserver's service-account signing keys (re-read on unknown kid).
+    /// JWKS file with the apiserver's service-account signing keys, re-read every
+    /// `--jwks-refresh-interval` and on an unknown kid: a key removed from the file is refused
+    /// within that interval.
     #[arg(long, env = "KEYHAVEN_JWKS_FILE")]
     pub jwks_file: Option<PathBuf>,
     /// URL of the apiserver's JWKS, fetched at startup, every `--jwks-refresh-interval` and on
@@ -101,9 +107,10 @@ pub struct ServeArgs {
     /// `/var/run/secrets/kubernetes.io/serviceaccount/token`).
     #[arg(long, env = "KEYHAVEN_JWKS_TOKEN_FILE")]
     pub jwks_token_file: Option<PathBuf>,
-    /// How often the JWKS from `--jwks-url` is fetched again.
-    #[arg(long, env = "KEYHAVEN_JWKS_REFRESH_INTERVAL", default_value = "5m", value_parser = humantime::parse_duration)]
-    pub jwks_refresh_interval: Duration,
+    /// How often the JWKS is read again, so that a key removed from it stops verifying
+    /// tokens within this bound [default: 2s for `--jwks-file`, 1m for `--jwks-url`].
+    #[arg(long, env = "KEYHAVEN_JWKS_REFRESH_INTERVAL", value_parser = humantime::parse_duration)]
+    pub jwks_refresh_interval: Option<Duration>,
     /// TokenReview mode: after a token verifies locally, also ask the apiserver's TokenReview
     /// API, so that tokens whose pod or service account was deleted are refused. The broker's
     /// service account needs the `system:auth-delegator` cluster role.
@@ -315,13 +322,23 @@ pub async fn assemble(args: &ServeArgs) -> Result<Arc<Broker>, ServeError> {
                 "initial JWKS fetch failed; tokens cannot be verified until a later fetch succeeds"
             ),
         }
-        drop(v.spawn_refresh_task(args.jwks_refresh_interval));
+        drop(v.spawn_refresh_task(args.jwks_refresh_interval.unwrap_or(JWKS_URL_REFRESH)));
         Some(v)
     } else if let Some(f) = &args.jwks_file {
-        Some(Arc::new(
+        let v = Arc::new(
             Verifier::new(cluster_config(), FileJwks::new(f.clone()))
                 .map_err(|e| ServeError::Config(format!("token verifier: {e}")))?,
-        ))
+        );
+        match v.refresh().await {
+            Ok(keys) => tracing::info!(file = %f.display(), keys, "JWKS loaded"),
+            Err(e) => tracing::warn!(
+                file = %f.display(),
+                error = %e,
+                "JWKS file not readable yet; tokens cannot be verified until it is"
+            ),
+        }
+        drop(v.spawn_refresh_task(args.jwks_refresh_interval.unwrap_or(JWKS_FILE_REFRESH)));
+        Some(v)
     } else {
         None
     };
