@@ -176,6 +176,12 @@ pub struct ServeArgs {
     /// Requests per second allowed per identity (0: unlimited).
     #[arg(long, env = "KEYHAVEN_RATE_LIMIT", default_value_t = 50.0)]
     pub rate_limit: f64,
+    /// How long an unwrapped DEK stays in memory (swept within a tenth of this, at most 30 s).
+    #[arg(long, env = "KEYHAVEN_DEK_CACHE_TTL", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub dek_cache_ttl: Duration,
+    /// Most unwrapped DEKs held in memory (0: none; every read unwraps in the HSM).
+    #[arg(long, env = "KEYHAVEN_DEK_CACHE_SIZE", default_value_t = 10_000)]
+    pub dek_cache_size: usize,
     /// How often the reaper looks for expired leases.
     #[arg(long, env = "KEYHAVEN_REAP_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub reap_interval: Duration,
@@ -268,7 +274,7 @@ pub async fn assemble(args: &ServeArgs) -> Result<Arc<Broker>, ServeError> {
     let ks = keyhaven_hsm::Keystore::open(cfg)
         .await
         .map_err(|e| ServeError::Start(format!("HSM: {}", e.chain())))?;
-    let envelope = Envelope::new(ks, DekCache::new(10_000, Duration::from_secs(300)));
+    let envelope = Envelope::new(ks, DekCache::new(args.dek_cache_size, args.dek_cache_ttl));
 
     let dev = if args.dev {
         if let Some(dir) = args.dev_key.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -489,8 +495,10 @@ pub async fn serve(
         });
     }
 
-    // Policy generation watch and the replica heartbeat: every replica runs these.
+    // Policy generation watch, DEK cache watch and the replica heartbeat: every replica runs
+    // these.
     crate::service::spawn_policy_watch(&broker);
+    crate::service::spawn_dek_watch(&broker);
     crate::service::spawn_heartbeat(&broker);
 
     // Pod / service-account watch: every replica with a Kubernetes API runs it.
