@@ -40,6 +40,8 @@ pub struct Slot {
     pub written: bool,
     /// The lease behind the file, if any.
     pub lease: Option<(String, SystemTime)>,
+    /// Why the file's lease ended with no lease to replace it (until one is granted).
+    pub ended: Option<String>,
 }
 
 /// State shared between the lease tasks, the HTTP listener and shutdown.
@@ -76,7 +78,7 @@ impl Shared {
             self.metrics
                 .leases_held
                 .set(slots.iter().filter(|s| s.lease.is_some()).count() as i64);
-            slots.iter().all(|s| s.written)
+            slots.iter().all(|s| s.written && s.ended.is_none())
         };
         self.set_ready(all_written);
     }
@@ -99,20 +101,27 @@ impl Shared {
             }
         }
         if now_ready {
-            tracing::info!("ready: every secret file is written");
+            tracing::info!("ready: every secret file is written under a lease");
         } else {
-            tracing::warn!("not ready: a secret file is missing");
+            tracing::warn!("not ready: a secret file is missing or its lease ended");
         }
     }
 
-    /// Files not (or no longer) written.
+    /// What keeps the agent from being ready: each file not (or no longer) written, or whose
+    /// lease ended with none to replace it, with the reason.
     pub fn not_ready(&self) -> Vec<String> {
         let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         self.specs
             .iter()
             .zip(slots.iter())
-            .filter(|(_, s)| !s.written)
-            .map(|(spec, _)| spec.file.display().to_string())
+            .filter_map(|(spec, s)| {
+                let file = spec.file.display();
+                match (&s.ended, s.written) {
+                    (Some(why), _) => Some(format!("{file}: lease ended ({why})")),
+                    (None, false) => Some(format!("{file}: not written")),
+                    (None, true) => None,
+                }
+            })
             .collect()
     }
 
@@ -287,22 +296,30 @@ impl Ctx {
         self.shared.update(i, |s| {
             s.written = true;
             s.lease = Some((id, exp));
+            s.ended = None;
         });
         Ok(held)
     }
 
-    fn lease_ended(&self, i: usize, why: &str) {
+    /// The lease behind file `i` ended (`kind`: `expired` or `revoked`) with none to replace
+    /// it: `--on-expiry` applies, and the agent is not ready until a lease is granted again.
+    fn lease_ended(&self, i: usize, kind: &'static str, why: &str) {
         let spec = &self.shared.specs[i];
+        self.shared.metrics.lease_end(kind);
         match self.on_expiry {
             OnExpiry::Keep => {
                 tracing::warn!(path = %spec.path, file = %spec.file.display(), why, "lease ended; keeping the last file (--on-expiry keep)");
-                self.shared.update(i, |s| s.lease = None);
             }
             OnExpiry::Delete => {
                 tracing::warn!(path = %spec.path, file = %spec.file.display(), why, "lease ended; deleting the file (--on-expiry delete)");
                 self.delete_file(i);
             }
         }
+        let why = why.to_owned();
+        self.shared.update(i, |s| {
+            s.lease = None;
+            s.ended = Some(why);
+        });
     }
 
     fn delete_file(&self, i: usize) {
@@ -377,6 +394,9 @@ pub async fn run_secret(ctx: Arc<Ctx>, i: usize, mut stop: watch::Receiver<bool>
     let mut backoff = Backoff::new(ctx.backoff_max);
     let mut held: Option<Held> = None;
     let mut relet = false;
+    // Set when the broker refused a renewal (the lease was revoked) and the agent leases
+    // again: if that fails, the lease has ended with nothing to replace it.
+    let mut revoked = false;
     loop {
         if *stop.borrow() {
             return;
@@ -386,16 +406,28 @@ pub async fn run_secret(ctx: Arc<Ctx>, i: usize, mut stop: watch::Receiver<bool>
             if SystemTime::now() >= h.expires {
                 held = None;
                 relet = false;
-                ctx.lease_ended(i, "expired before it could be renewed");
+                ctx.lease_ended(
+                    i,
+                    "expired",
+                    "expired before it could be renewed or replaced",
+                );
             }
         }
         let Some(mut h) = held.take() else {
             match ctx.lease_and_write(i).await {
                 Ok(new) => {
                     backoff.reset();
+                    revoked = false;
                     held = Some(new);
                 }
                 Err(e) => {
+                    if std::mem::take(&mut revoked) {
+                        ctx.lease_ended(
+                            i,
+                            "revoked",
+                            &format!("revoked, and leasing again failed: {e}"),
+                        );
+                    }
                     let wait = backoff.next_wait();
                     tracing::warn!(path = %spec.path, error = %e, retry_in_ms = wait.as_millis() as u64, "cannot lease");
                     if !sleep_for(wait, &mut stop).await {
@@ -476,6 +508,7 @@ pub async fn run_secret(ctx: Arc<Ctx>, i: usize, mut stop: watch::Receiver<bool>
                             tracing::warn!(path = %spec.path, lease_id = %h.id, error = %describe(&status), "renewal refused; leasing again");
                             ctx.shared.update(i, |s| s.lease = None);
                             // held stays None: the loop leases at once.
+                            revoked = true;
                         }
                         OnRevoked::Delete => {
                             tracing::warn!(path = %spec.path, lease_id = %h.id, error = %describe(&status), "renewal refused; deleting the file and stopping (--on-revoked delete)");

@@ -53,7 +53,9 @@ pub struct Cli {
     /// a clear message when any secret could not be written. Leases are left to expire.
     #[arg(long, env = "KEYHAVEN_AGENT_ONCE")]
     pub once: bool,
-    /// What happens to a file whose lease ended while the broker could not be reached.
+    /// What happens to a file whose lease ended with no lease to replace it: expired while the
+    /// broker could not be reached, or revoked and leasing again failed. Either way the agent
+    /// is not ready (`/readyz` 503) until a lease is granted again.
     #[arg(long, env = "KEYHAVEN_ON_EXPIRY", value_enum, default_value = "keep")]
     pub on_expiry: OnExpiry,
     /// What happens when the broker refuses a renewal (lease revoked, policy changed).

@@ -1,4 +1,4 @@
-//! The agent's HTTP listener: `/healthz`, `/readyz` (every file in place) and `/metrics`.
+//! The agent's HTTP listener: `/healthz`, `/readyz` (every file in place under a lease) and `/metrics`.
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -32,7 +32,7 @@ async fn readyz(State(s): State<Arc<Shared>>) -> impl IntoResponse {
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {} not written\n", missing.join(", ")),
+            format!("not ready: {}\n", missing.join("; ")),
         )
     }
 }

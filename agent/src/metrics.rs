@@ -40,6 +40,8 @@ pub struct Metrics {
     pub failures: Family<Reason, Counter>,
     /// Files written.
     pub file_writes: Counter,
+    /// Leases that ended with none to replace them, by `reason` (`expired`, `revoked`).
+    pub lease_ends: Family<Reason, Counter>,
     /// Seconds until each file's lease expires (negative: ended).
     pub expiry_seconds: Family<FileLabel, Gauge>,
     /// 1 when every file is in place.
@@ -65,6 +67,15 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts a lease that ended with none to replace it.
+    pub fn lease_end(&self, reason: &str) {
+        self.lease_ends
+            .get_or_create(&Reason {
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
     /// Counts one failure.
     pub fn failure(&self, reason: &str) {
         self.failures
@@ -86,6 +97,11 @@ impl Metrics {
         r.register("renewals", "Renew calls by outcome", self.renewals.clone());
         r.register("failures", "Failures by reason", self.failures.clone());
         r.register(
+            "lease_ends",
+            "Leases that ended with none to replace them, by reason",
+            self.lease_ends.clone(),
+        );
+        r.register(
             "file_writes",
             "Secret files written",
             self.file_writes.clone(),
@@ -97,7 +113,7 @@ impl Metrics {
         );
         r.register(
             "ready",
-            "1 when every secret file is in place",
+            "1 when every secret file is in place under a lease",
             self.ready.clone(),
         );
         r

@@ -4,14 +4,16 @@
 //! or copied elsewhere fails to open. A bounded, expiring cache of unwrapped DEKs keeps the HSM
 //! off most reads; cached DEKs are zeroized when evicted or dropped.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use keyhaven_hsm::{KekId, Keystore};
 use zeroize::{Zeroize, Zeroizing};
+
+mod dek_cache;
+pub use dek_cache::{CacheStats, DekCache};
 
 /// Length of a DEK.
 pub const DEK_LEN: usize = 32;
@@ -133,157 +135,6 @@ pub fn dek_aad(path: &str, version: i64) -> Vec<u8> {
     format!("keyhaven-dek-v1\0{path}\0{version}").into_bytes()
 }
 
-/// Counters of the DEK cache, for metrics.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct CacheStats {
-    /// Lookups served from the cache.
-    pub hits: u64,
-    /// Lookups that went to the HSM.
-    pub misses: u64,
-    /// Entries currently held.
-    pub entries: usize,
-}
-
-struct CacheEntry {
-    dek: Zeroizing<[u8; DEK_LEN]>,
-    at: Instant,
-}
-
-/// Bounded, expiring cache of unwrapped DEKs, keyed by the wrapped form (so a re-wrap or a
-/// tampered row never hits a wrong entry). Entries zeroize on eviction.
-pub struct DekCache {
-    inner: Mutex<CacheInner>,
-    capacity: usize,
-    ttl: Duration,
-}
-
-#[derive(Default)]
-struct CacheInner {
-    map: HashMap<Vec<u8>, CacheEntry>,
-    order: VecDeque<Vec<u8>>,
-    hits: u64,
-    misses: u64,
-}
-
-impl std::fmt::Debug for DekCache {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DekCache")
-            .field("capacity", &self.capacity)
-            .field("ttl", &self.ttl)
-            .finish_non_exhaustive()
-    }
-}
-
-impl DekCache {
-    /// A cache of at most `capacity` DEKs, each kept at most `ttl`.
-    pub fn new(capacity: usize, ttl: Duration) -> Self {
-        DekCache {
-            inner: Mutex::default(),
-            capacity,
-            ttl,
-        }
-    }
-
-    fn key(w: &WrappedDek) -> Vec<u8> {
-        use sha2::Digest;
-        let mut h = sha2::Sha256::new();
-        h.update(w.kek_id.as_bytes());
-        h.update((w.iv.len() as u32).to_be_bytes());
-        h.update(&w.iv);
-        h.update(&w.ciphertext);
-        h.finalize().to_vec()
-    }
-
-    fn get(&self, w: &WrappedDek) -> Option<Zeroizing<[u8; DEK_LEN]>> {
-        let key = Self::key(w);
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let hit = match g.map.get(&key) {
-            Some(e) if e.at.elapsed() <= self.ttl => Some(e.dek.clone()),
-            Some(_) => {
-                g.map.remove(&key);
-                None
-            }
-            None => None,
-        };
-        if hit.is_some() {
-            g.hits += 1;
-        } else {
-            g.misses += 1;
-        }
-        hit
-    }
-
-    fn put(&self, w: &WrappedDek, dek: &Zeroizing<[u8; DEK_LEN]>) {
-        if self.capacity == 0 {
-            return;
-        }
-        let key = Self::key(w);
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        while g.map.len() >= self.capacity {
-            match g.order.pop_front() {
-                Some(old) => {
-                    g.map.remove(&old);
-                }
-                None => break,
-            }
-        }
-        if g.map
-            .insert(
-                key.clone(),
-                CacheEntry {
-                    dek: dek.clone(),
-                    at: Instant::now(),
-                },
-            )
-            .is_none()
-        {
-            g.order.push_back(key);
-        }
-    }
-
-    /// The entry for `w`, if fresh, without counting a hit or a miss.
-    #[cfg(test)]
-    fn peek(&self, w: &WrappedDek) -> Option<Zeroizing<[u8; DEK_LEN]>> {
-        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        g.map
-            .get(&Self::key(w))
-            .filter(|e| e.at.elapsed() <= self.ttl)
-            .map(|e| e.dek.clone())
-    }
-
-    /// After a re-wrap is stored: the DEK cached under its old wrapped form (if any) is now
-    /// cached under the new one, so a hot secret stays a cache hit and no copy of the DEK is
-    /// kept under a form that no longer exists. Nothing is added for a DEK that was not cached.
-    pub fn rekey(&self, old: &WrappedDek, new: &WrappedDek) {
-        let (old_key, new_key) = (Self::key(old), Self::key(new));
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(entry) = g.map.remove(&old_key) else {
-            return;
-        };
-        g.order.retain(|k| *k != old_key);
-        if g.map.insert(new_key.clone(), entry).is_none() {
-            g.order.push_back(new_key);
-        }
-    }
-
-    /// Drops every entry (zeroizing them).
-    pub fn clear(&self) {
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        g.map.clear();
-        g.order.clear();
-    }
-
-    /// Hit/miss counters and size.
-    pub fn stats(&self) -> CacheStats {
-        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        CacheStats {
-            hits: g.hits,
-            misses: g.misses,
-            entries: g.map.len(),
-        }
-    }
-}
-
 /// Told the duration of each HSM call (`wrap`, `unwrap`, `rewrap`), e.g. for a histogram.
 pub type HsmObserver = Arc<dyn Fn(&'static str, std::time::Duration) + Send + Sync>;
 
@@ -375,7 +226,7 @@ impl Envelope {
             iv: sealed.iv.to_vec(),
             ciphertext: sealed.ciphertext,
         };
-        self.cache.put(&wrapped, &dek);
+        self.cache.put(path, &wrapped, &dek);
         Ok(SealedVersion {
             nonce: nonce.to_vec(),
             ciphertext,
@@ -412,7 +263,7 @@ impl Envelope {
         }
         let mut dek = Zeroizing::new([0u8; DEK_LEN]);
         dek.copy_from_slice(&plain);
-        self.cache.put(w, &dek);
+        self.cache.put(path, w, &dek);
         Ok(dek)
     }
 
@@ -527,49 +378,5 @@ mod tests {
         assert!(SecretData::decode(&[0, 0, 0, 9, b'x']).is_none());
         assert_eq!(SecretData::decode(&[]).unwrap(), SecretData::default());
         assert!(!format!("{d:?}").contains("app"));
-    }
-
-    #[test]
-    fn cache_is_bounded_and_expires() {
-        let c = DekCache::new(2, Duration::from_millis(50));
-        let w = |b: u8| WrappedDek {
-            kek_id: KekId([b; 16]),
-            iv: vec![b; 12],
-            ciphertext: vec![b; 48],
-        };
-        let dek = Zeroizing::new([7u8; DEK_LEN]);
-        c.put(&w(1), &dek);
-        c.put(&w(2), &dek);
-        c.put(&w(3), &dek);
-        assert_eq!(c.stats().entries, 2);
-        assert!(c.get(&w(1)).is_none(), "oldest evicted");
-        assert!(c.get(&w(3)).is_some());
-        std::thread::sleep(Duration::from_millis(60));
-        assert!(c.get(&w(3)).is_none(), "expired");
-        let s = c.stats();
-        assert_eq!((s.hits, s.misses), (1, 2));
-    }
-
-    #[test]
-    fn rekey_moves_a_cached_dek_and_adds_nothing_otherwise() {
-        let c = DekCache::new(4, Duration::from_secs(60));
-        let w = |b: u8| WrappedDek {
-            kek_id: KekId([b; 16]),
-            iv: vec![b; 12],
-            ciphertext: vec![b; 48],
-        };
-        let dek = Zeroizing::new([7u8; DEK_LEN]);
-        c.put(&w(1), &dek);
-        c.rekey(&w(1), &w(2));
-        assert!(c.peek(&w(1)).is_none(), "the old form is gone");
-        assert_eq!(c.peek(&w(2)).unwrap(), dek);
-        c.rekey(&w(3), &w(4));
-        assert!(c.peek(&w(4)).is_none(), "an uncached DEK is not added");
-        assert_eq!(c.stats().entries, 1);
-        assert_eq!(
-            (c.stats().hits, c.stats().misses),
-            (0, 0),
-            "peek counts nothing"
-        );
     }
 }

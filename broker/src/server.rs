@@ -27,6 +27,10 @@ use crate::store::Store;
 /// starts the log over (`Store::checkpoint_wal`) finds little left to copy and stalls the
 /// writer least (bench/README.md has the measurements). An idle log makes it a no-op.
 const WAL_CHECKPOINT_INTERVAL: Duration = Duration::from_millis(50);
+/// How often a `--jwks-file` is read again by default (a local file: cheap).
+const JWKS_FILE_REFRESH: Duration = Duration::from_secs(2);
+/// How often the apiserver's JWKS is fetched again by default.
+const JWKS_URL_REFRESH: Duration = Duration::from_secs(60);
 
 /// `broker` flags. Every flag also reads an environment variable. Secrets (PIN, database
 /// password, bootstrap credential) come from files or the environment, never argv.
@@ -86,7 +90,9 @@ pub struct ServeArgs {
         default_value = "keyhaven"
     )]
     pub audience: Vec<String>,
-    /// JWKS file with the apiserver's service-account signing keys (re-read on unknown kid).
+    /// JWKS file with the apiserver's service-account signing keys, re-read every
+    /// `--jwks-refresh-interval` and on an unknown kid: a key removed from the file is refused
+    /// within that interval.
     #[arg(long, env = "KEYHAVEN_JWKS_FILE")]
     pub jwks_file: Option<PathBuf>,
     /// URL of the apiserver's JWKS, fetched at startup, every `--jwks-refresh-interval` and on
@@ -105,9 +111,10 @@ pub struct ServeArgs {
     /// `/var/run/secrets/kubernetes.io/serviceaccount/token`).
     #[arg(long, env = "KEYHAVEN_JWKS_TOKEN_FILE")]
     pub jwks_token_file: Option<PathBuf>,
-    /// How often the JWKS from `--jwks-url` is fetched again.
-    #[arg(long, env = "KEYHAVEN_JWKS_REFRESH_INTERVAL", default_value = "5m", value_parser = humantime::parse_duration)]
-    pub jwks_refresh_interval: Duration,
+    /// How often the JWKS is read again, so that a key removed from it stops verifying
+    /// tokens within this bound [default: 2s for `--jwks-file`, 1m for `--jwks-url`].
+    #[arg(long, env = "KEYHAVEN_JWKS_REFRESH_INTERVAL", value_parser = humantime::parse_duration)]
+    pub jwks_refresh_interval: Option<Duration>,
     /// TokenReview mode: after a token verifies locally, also ask the apiserver's TokenReview
     /// API, so that tokens whose pod or service account was deleted are refused. The broker's
     /// service account needs the `system:auth-delegator` cluster role.
@@ -173,6 +180,12 @@ pub struct ServeArgs {
     /// Requests per second allowed per identity (0: unlimited).
     #[arg(long, env = "KEYHAVEN_RATE_LIMIT", default_value_t = 50.0)]
     pub rate_limit: f64,
+    /// How long an unwrapped DEK stays in memory (swept within a tenth of this, at most 30 s).
+    #[arg(long, env = "KEYHAVEN_DEK_CACHE_TTL", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub dek_cache_ttl: Duration,
+    /// Most unwrapped DEKs held in memory (0: none; every read unwraps in the HSM).
+    #[arg(long, env = "KEYHAVEN_DEK_CACHE_SIZE", default_value_t = 10_000)]
+    pub dek_cache_size: usize,
     /// How often the reaper looks for expired leases.
     #[arg(long, env = "KEYHAVEN_REAP_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub reap_interval: Duration,
@@ -273,7 +286,7 @@ pub async fn assemble(
     else {
         return Ok(None);
     };
-    let envelope = Envelope::new(ks, DekCache::new(10_000, Duration::from_secs(300)));
+    let envelope = Envelope::new(ks, DekCache::new(args.dek_cache_size, args.dek_cache_ttl));
 
     let dev = if args.dev {
         if let Some(dir) = args.dev_key.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -327,13 +340,23 @@ pub async fn assemble(
                 "initial JWKS fetch failed; tokens cannot be verified until a later fetch succeeds"
             ),
         }
-        drop(v.spawn_refresh_task(args.jwks_refresh_interval));
+        drop(v.spawn_refresh_task(args.jwks_refresh_interval.unwrap_or(JWKS_URL_REFRESH)));
         Some(v)
     } else if let Some(f) = &args.jwks_file {
-        Some(Arc::new(
+        let v = Arc::new(
             Verifier::new(cluster_config(), FileJwks::new(f.clone()))
                 .map_err(|e| ServeError::Config(format!("token verifier: {e}")))?,
-        ))
+        );
+        match v.refresh().await {
+            Ok(keys) => tracing::info!(file = %f.display(), keys, "JWKS loaded"),
+            Err(e) => tracing::warn!(
+                file = %f.display(),
+                error = %e,
+                "JWKS file not readable yet; tokens cannot be verified until it is"
+            ),
+        }
+        drop(v.spawn_refresh_task(args.jwks_refresh_interval.unwrap_or(JWKS_FILE_REFRESH)));
+        Some(v)
     } else {
         None
     };
@@ -548,8 +571,10 @@ pub async fn serve(
         });
     }
 
-    // Policy generation watch and the replica heartbeat: every replica runs these.
+    // Policy generation watch, DEK cache watch and the replica heartbeat: every replica runs
+    // these.
     crate::service::spawn_policy_watch(&broker);
+    crate::service::spawn_dek_watch(&broker);
     crate::service::spawn_heartbeat(&broker);
 
     // Pod / service-account watch: every replica with a Kubernetes API runs it.

@@ -56,17 +56,7 @@ impl World {
             rt,
             dev,
         };
-        w.admin(|mut a| async move {
-            a.apply_policies(authed(
-                ApplyPoliciesRequest {
-                    yaml: POLICY.into(),
-                    ..Default::default()
-                },
-                BOOTSTRAP,
-            ))
-            .await
-            .unwrap();
-        });
+        w.apply(POLICY);
         w.put("shop/db", &[("user", "shop"), ("password", DB_PASSWORD)]);
         w.put("shop/api", &[("token", API_TOKEN)]);
         w.put(
@@ -74,6 +64,21 @@ impl World {
             &[("db-url", "postgres://db/shop"), ("quote", "a\"b")],
         );
         w
+    }
+
+    fn apply(&self, yaml: &str) {
+        let yaml = yaml.to_string();
+        self.admin(|mut a| async move {
+            a.apply_policies(authed(
+                ApplyPoliciesRequest {
+                    yaml,
+                    ..Default::default()
+                },
+                BOOTSTRAP,
+            ))
+            .await
+            .unwrap();
+        });
     }
 
     fn admin<F, Fut, T>(&self, f: F) -> T
@@ -481,6 +486,69 @@ fn operator_revocation_leases_again_or_deletes_per_config() {
     assert_eq!(b.readyz(), 503);
     assert!(w.leases("pod-b", false).is_empty());
     assert!(b.metric("keyhaven_agent_renewals_total{outcome=\"refused\"}") >= 1.0);
+}
+
+/// The policy without `shop/web`'s grant.
+const NO_GRANT: &str = r#"
+policies:
+- name: shop-batch
+  subjects: [{namespace: shop, serviceaccount: batch}]
+  paths: ["shop/*"]
+  capabilities: [read]
+  ttl: 6s
+  max_ttl: 1h
+"#;
+
+#[test]
+fn a_revoked_lease_nothing_replaces_applies_on_expiry_until_the_grant_returns() {
+    let w = World::new();
+    // A keeps its file when the lease ends (the default), B deletes it.
+    let (a, out_a, b, out_b) = w.two_agents("shop/api=token", "token", ["--on-expiry", "delete"]);
+    let logs = || format!("{}\n--- b ---\n{}", a.log_text(), b.log_text());
+    wait_for("both ready", Duration::from_secs(30), &logs, || {
+        a.readyz() == 200 && b.readyz() == 200
+    });
+
+    // The grant is removed: the apply ends both leases; at its next renewal each agent is
+    // refused, leases again and is refused again.
+    w.apply(NO_GRANT);
+    wait_for(
+        "pod-b's file removed",
+        Duration::from_secs(30),
+        &logs,
+        || !out_b.join("token").exists(),
+    );
+    wait_for("pod-a not ready", Duration::from_secs(30), &logs, || {
+        a.readyz() == 503
+    });
+    let (status, why) = http_get(&a.metrics, "/readyz");
+    assert_eq!(status, 503);
+    assert!(why.contains("token: lease ended (revoked"), "{why}");
+    assert_eq!(b.readyz(), 503);
+    assert_eq!(
+        std::fs::read(out_a.join("token")).unwrap(),
+        API_TOKEN.as_bytes(),
+        "--on-expiry keep keeps the last file"
+    );
+    for agent in [&a, &b] {
+        assert_eq!(
+            agent.metric("keyhaven_agent_lease_ends_total{reason=\"revoked\"}"),
+            1.0
+        );
+        assert_eq!(agent.metric("keyhaven_agent_ready "), 0.0);
+    }
+
+    // The grant returns: both lease again (still backing off) and are ready.
+    w.apply(POLICY);
+    wait_for("both ready again", Duration::from_secs(30), &logs, || {
+        a.readyz() == 200 && b.readyz() == 200
+    });
+    assert_eq!(
+        std::fs::read(out_b.join("token")).unwrap(),
+        API_TOKEN.as_bytes()
+    );
+    assert_eq!(w.leases("pod-a", false).len(), 1);
+    assert_eq!(w.leases("pod-b", false).len(), 1);
 }
 
 #[test]

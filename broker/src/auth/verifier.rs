@@ -15,7 +15,8 @@
 //! A token that passed is remembered by its SHA-256 (never the token) for at most
 //! [`VERDICT_CACHE_TTL`], so a workload that calls again with the same token skips the
 //! signature check. A remembered verdict is used only while the token is unexpired (no
-//! leeway), within the maximum age, and its signing key is still in the current key set.
+//! leeway), within the maximum age, and its signing key is still in the current key set; a
+//! changed key set forgets every verdict.
 
 use std::fmt;
 use std::sync::{Arc, PoisonError, RwLock};
@@ -118,6 +119,8 @@ pub struct VerifiedToken {
 
 struct RefreshState {
     last_attempt: Option<Instant>,
+    /// SHA-256 of the document the key set in use was read from.
+    document: Option<[u8; 32]>,
 }
 
 /// Verifies ServiceAccount tokens. Cheap to share behind an `Arc`; all methods take `&self`.
@@ -169,7 +172,10 @@ impl Verifier {
             config,
             source: Arc::new(source),
             keys: RwLock::new(Arc::new(Jwks::default())),
-            refresh: tokio::sync::Mutex::new(RefreshState { last_attempt: None }),
+            refresh: tokio::sync::Mutex::new(RefreshState {
+                last_attempt: None,
+                document: None,
+            }),
             verdicts: std::sync::Mutex::default(),
         })
     }
@@ -267,7 +273,9 @@ impl Verifier {
     }
 
     /// Fetches the key set now and installs it. On failure, or if the new set holds no usable
-    /// key, the old set stays in use. For a periodic task; see
+    /// key, the old set stays in use. A document that changed also ends every remembered
+    /// verdict (a removed key's tokens are checked again, and refused); an unchanged one is
+    /// not parsed again. For a periodic task; see
     /// [`Verifier::spawn_refresh_task`].
     pub async fn refresh(&self) -> Result<usize, AuthError> {
         let mut state = self.refresh.lock().await;
@@ -330,9 +338,18 @@ impl Verifier {
 
     async fn fetch_locked(&self, state: &mut RefreshState) -> Result<usize, AuthError> {
         state.last_attempt = Some(Instant::now());
+        let mut document = None;
         let result =
             match tokio::time::timeout(self.config.jwks_fetch_timeout, self.source.fetch()).await {
-                Ok(Ok(bytes)) => Jwks::from_json(&bytes),
+                Ok(Ok(bytes)) => {
+                    use sha2::Digest as _;
+                    let digest: [u8; 32] = sha2::Sha256::digest(&bytes).into();
+                    if state.document == Some(digest) {
+                        return Ok(self.snapshot().len());
+                    }
+                    document = Some(digest);
+                    Jwks::from_json(&bytes)
+                }
                 Ok(Err(e)) => Err(e),
                 Err(_) => Err(AuthError::jwks_unavailable_msg("JWKS fetch timed out")),
             };
@@ -353,6 +370,17 @@ impl Verifier {
             tracing::info!(keys = ?new, previous = ?old, "JWKS key set changed");
         }
         *slot = Arc::new(jwks);
+        drop(slot);
+        if state.document.is_some() {
+            // A key removed or replaced under the same kid: no verdict made with the old set
+            // outlives it.
+            self.verdicts
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .entries
+                .clear();
+        }
+        state.document = document;
         Ok(count)
     }
 

@@ -127,7 +127,11 @@ impl Broker {
             .await;
         self.reads.forget_versions();
         match r {
-            Ok(n) => Ok(n),
+            Ok(n) => {
+                // The other replicas purge theirs within DEK_POLL (dek_sync).
+                self.envelope.cache().purge_path(path);
+                Ok(n)
+            }
             // Nothing changed: record the refusal.
             Err(e) => {
                 self.audited(

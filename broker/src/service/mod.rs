@@ -21,6 +21,7 @@ use crate::store::{LeaseFilter, LeaseRow, Renewing, Store, StoreError};
 
 mod admin;
 mod authn;
+mod dek_sync;
 mod error;
 mod health;
 mod holder_watch;
@@ -30,6 +31,7 @@ mod replicas;
 pub mod rotation;
 
 pub use admin::{KekStatus, PolicyApply};
+pub use dek_sync::{spawn_dek_watch, DEK_POLL};
 pub use error::{BrokerError, Result};
 pub use holder_watch::{
     spawn_holder_watch, Holder, HolderKind, HolderWatchConfig, DEFAULT_RELIST_EVERY,

@@ -471,7 +471,7 @@ impl HeldConn {
                     .bind(generation);
                 if !renewals.is_empty() {
                     let (ids, nows, expiries) = super::renewals::renewal_arrays(renewals);
-                    q = q.bind(ids).bind(nows).bind(expiries).persistent(false);
+                    q = q.bind(ids).bind(nows).bind(expiries);
                 }
                 let rows = q.fetch_all(&mut **conn).await?;
                 for row in &rows {
@@ -549,18 +549,15 @@ pub(super) const PG_APPEND_AFTER_SQL: &str = concat!(
     "NULL::int8 AS max_expires_ms, NULL::int8 AS version, NULL::int8 AS latest FROM a"
 );
 
-/// [`PG_APPEND_AFTER_SQL`] for a batch with renewals. Sent unprepared: a cached generic plan,
-/// made while the leases table was small, may find the renewed rows by scanning every active
-/// lease (the partial expiry index) instead of by primary key; planned per batch, with the
-/// batch's arrays and the table's current size, it looks each one up by its key.
+/// [`PG_APPEND_AFTER_SQL`] for a batch with renewals, prepared as well: `keyhaven_renew`
+/// (migration 0006) renews only once the head is confirmed (`ok`), and finds each lease by
+/// its key whatever the table's statistics.
 pub(super) const PG_APPEND_AFTER_RENEWING_SQL: &str = concat!(
     pg_append_after_ctes!(),
-    ", rn AS (UPDATE leases rl SET expires_ms = LEAST(r.expires_ms, rl.max_expires_ms), ",
-    "renewals = rl.renewals + 1 ",
-    "FROM UNNEST($29::text[], $30::int8[], $31::int8[]) AS r(id, now_ms, expires_ms) ",
-    "WHERE EXISTS (SELECT 1 FROM ok) AND rl.id = r.id AND rl.ended_ms IS NULL ",
-    "AND rl.expires_ms > r.now_ms ",
-    renewed_cols!("rl"),
+    ", rn AS (",
+    pg_renew_from!(
+        "CASE WHEN EXISTS (SELECT 1 FROM ok) THEN $29::text[] END, $30::int8[], $31::int8[]"
+    ),
     "), ",
     "n AS (SELECT (SELECT count(*) FROM a) AS appended, ",
     "(SELECT count(*) FROM rn) AS renewed) ",

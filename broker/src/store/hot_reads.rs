@@ -267,4 +267,34 @@ impl Store {
     pub async fn secrets_generation(&self) -> Result<i64> {
         Ok(on_pool!(self, p => sqlx::query_scalar(SECRETS_GENERATION_SQL).fetch_one(p).await?))
     }
+
+    /// The secrets generation and the audit log's last sequence number, read together (one
+    /// snapshot): a secret changed after this read has a record after that number.
+    pub async fn secrets_generation_and_head(&self) -> Result<(i64, i64)> {
+        Ok(on_pool!(self, p => {
+            let row = sqlx::query(GENERATION_AND_HEAD_SQL).fetch_one(p).await?;
+            (row.int("generation")?, row.int("head")?)
+        }))
+    }
+
+    /// The paths deleted or destroyed by the records after `after` up to `upto` (sequence
+    /// numbers), each once.
+    pub async fn secrets_ended_between(&self, after: i64, upto: i64) -> Result<Vec<String>> {
+        Ok(
+            on_pool!(self, p => sqlx::query_scalar::<_, String>(SECRETS_ENDED_SQL)
+            .bind(after)
+            .bind(upto)
+            .fetch_all(p)
+            .await?),
+        )
+    }
 }
+
+const GENERATION_AND_HEAD_SQL: &str = concat!(
+    "SELECT (SELECT n FROM secrets_generation WHERE id = 1) AS generation, ",
+    "COALESCE((SELECT max(seq) FROM audit), 0) AS head"
+);
+const SECRETS_ENDED_SQL: &str = concat!(
+    "SELECT DISTINCT path FROM audit WHERE seq > $1 AND seq <= $2 AND path IS NOT NULL ",
+    "AND outcome = 'ok' AND kind IN ('admin:secret_delete', 'admin:secret_destroy')"
+);

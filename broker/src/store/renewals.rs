@@ -35,14 +35,9 @@ pub struct RenewedLease {
 }
 
 /// Renews the leases in `$1` (ids), `$2` (each renewal's `now`), `$3` (new expiries): only
-/// active ones, never past their max.
-const PG_RENEW_SQL: &str = concat!(
-    "UPDATE leases l SET expires_ms = LEAST(r.expires_ms, l.max_expires_ms), ",
-    "renewals = l.renewals + 1 ",
-    "FROM UNNEST($1::text[], $2::int8[], $3::int8[]) AS r(id, now_ms, expires_ms) ",
-    "WHERE l.id = r.id AND l.ended_ms IS NULL AND l.expires_ms > r.now_ms ",
-    renewed_cols!("l")
-);
+/// active ones, never past their max. Prepared: `keyhaven_renew` finds each lease by its key
+/// whatever the statistics (migration 0006).
+const PG_RENEW_SQL: &str = pg_renew_from!("$1::text[], $2::int8[], $3::int8[]");
 const SQLITE_RENEW_HEAD: &str = "WITH r(id, now_ms, expires_ms) AS (";
 const SQLITE_RENEW_TAIL: &str = concat!(
     ") UPDATE leases SET expires_ms = min(r.expires_ms, leases.max_expires_ms), ",
@@ -158,12 +153,10 @@ impl HeldConn {
                     HashMap::new()
                 } else {
                     let (ids, nows, expiries) = renewal_arrays(renewals);
-                    // Unprepared, as PG_APPEND_AFTER_RENEWING_SQL: planned per batch.
                     sqlx::query(PG_RENEW_SQL)
                         .bind(ids)
                         .bind(nows)
                         .bind(expiries)
-                        .persistent(false)
                         .fetch_all(&mut *tx)
                         .await?
                         .iter()

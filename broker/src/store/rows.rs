@@ -14,6 +14,19 @@ macro_rules! lease_cols {
          created_ms, expires_ms, max_expires_ms, renewals, ended_ms, end_reason"
     };
 }
+/// A PostgreSQL SELECT of the leases `keyhaven_renew($args)` renewed (migration 0006), in the
+/// columns [`renewed_cols`] names.
+macro_rules! pg_renew_from {
+    ($args:literal) => {
+        concat!(
+            "SELECT lease_id AS id, lease_expires_ms AS expires_ms, ",
+            "lease_max_expires_ms AS max_expires_ms, lease_version AS version, ",
+            "latest_version AS latest FROM keyhaven_renew(",
+            $args,
+            ")"
+        )
+    };
+}
 /// What the renewal statements return per lease renewed (`$t`: the leases table's alias).
 macro_rules! renewed_cols {
     ($t:literal) => {

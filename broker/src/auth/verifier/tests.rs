@@ -480,6 +480,25 @@ async fn refresh_failure_or_empty_set_keeps_old_keys_and_rotation_drops_them() {
 }
 
 #[tokio::test]
+async fn a_changed_key_set_forgets_remembered_verdicts() {
+    let (v, source) = verifier();
+    v.refresh().await.unwrap();
+    let token = rs(&claims(ISSUER));
+    v.verify(&token).await.unwrap();
+    // An unchanged document keeps the verdict.
+    v.refresh().await.unwrap();
+    v.verify(&token).await.unwrap();
+    // The kid is still published, but for another key: the token is checked again (and the
+    // key's own algorithm refuses it), not answered from memory.
+    source.set(jwks_json(&[ec_jwk("rsa-1")]));
+    assert_eq!(v.refresh().await.unwrap(), 1);
+    assert_eq!(
+        v.verify(&token).await.unwrap_err().reason(),
+        "bad_algorithm"
+    );
+}
+
+#[tokio::test]
 async fn a_remembered_verdict_never_outlives_the_token() {
     let mut cfg = VerifierConfig::new(ISSUER);
     cfg.leeway = Duration::ZERO;
