@@ -114,7 +114,7 @@ impl Edge {
 }
 
 fn secs(d: Duration) -> u64 {
-    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+    d.as_secs().saturating_add(u64::from(d.subsec_nanos() > 0))
 }
 
 #[tonic::async_trait]

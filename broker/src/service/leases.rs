@@ -127,8 +127,8 @@ impl Broker {
             path: path.to_owned(),
             version: row.version,
             created_ms: now,
-            expires_ms: now + ttl.as_millis() as i64,
-            max_expires_ms: now + max_ttl.as_millis() as i64,
+            expires_ms: deadline_ms(now, ttl),
+            max_expires_ms: deadline_ms(now, max_ttl),
             renewals: 0,
             ended_ms: None,
             end_reason: None,
@@ -207,7 +207,7 @@ impl Broker {
         self.metrics.audit_wait.observe(t0.elapsed().as_secs_f64());
         match written? {
             (_, Some(l)) => Ok(Renewal {
-                ttl: Duration::from_millis((l.expires_ms - now).max(0) as u64),
+                ttl: Duration::from_millis(l.expires_ms.saturating_sub(now).max(0) as u64),
                 renewable_until_unix: to_secs(l.max_expires_ms),
                 newer_version: l.latest_version.is_some_and(|v| v > l.version),
             }),
@@ -278,7 +278,7 @@ impl Broker {
         Ok(Renewing {
             lease_id: lease_id.to_owned(),
             now_ms: now,
-            expires_ms: now.saturating_add(i64::try_from(inc.as_millis()).unwrap_or(i64::MAX)),
+            expires_ms: deadline_ms(now, inc),
             refused,
         })
     }
@@ -376,6 +376,11 @@ impl Broker {
     }
 }
 
+/// `now_ms + d` in Unix milliseconds, saturating: no TTL or increment wraps into the past.
+pub(super) fn deadline_ms(now_ms: i64, d: Duration) -> i64 {
+    now_ms.saturating_add(i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
 fn not_renewable(lease_id: &str) -> BrokerError {
     BrokerError::FailedPrecondition(format!("lease {lease_id} has expired or was revoked"))
 }
@@ -391,4 +396,22 @@ fn new_lease_id(id: &Identity, path: &str) -> Result<String> {
         path,
         hex::encode(&r[..])
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deadlines_saturate_instead_of_wrapping() {
+        let now = 1_700_000_000_000;
+        assert_eq!(deadline_ms(now, Duration::ZERO), now);
+        assert_eq!(deadline_ms(now, Duration::from_secs(1)), now + 1000);
+        for secs in [1 << 53, (1u64 << 63) / 1000, u64::MAX] {
+            let d = deadline_ms(now, Duration::from_secs(secs));
+            assert!(d >= now, "{secs} s wrapped to {d}");
+        }
+        assert_eq!(deadline_ms(now, Duration::from_secs(u64::MAX)), i64::MAX);
+        assert_eq!(deadline_ms(i64::MAX, Duration::from_secs(1)), i64::MAX);
+    }
 }
