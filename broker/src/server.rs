@@ -18,7 +18,7 @@ use crate::auth::{
 };
 use crate::crypto::{DekCache, Envelope};
 use crate::grpc::Edge;
-use crate::rate_limit::RateLimiter;
+use crate::rate_limit::{PreAuthLimits, RateLimiter};
 use crate::service::{Broker, BrokerConfig};
 use crate::store::Store;
 
@@ -169,6 +169,17 @@ pub struct ServeArgs {
     /// Requests per second allowed per identity (0: unlimited).
     #[arg(long, env = "KEYHAVEN_RATE_LIMIT", default_value_t = 50.0)]
     pub rate_limit: f64,
+    /// Authentication attempts per second allowed per peer address for tokens not verified
+    /// recently (bad tokens among them), twice that at once (0: unlimited).
+    #[arg(long, env = "KEYHAVEN_AUTH_ATTEMPTS_PER_PEER", default_value_t = 10.0)]
+    pub auth_attempts_per_peer: f64,
+    /// The same for the whole replica (0: unlimited).
+    #[arg(long, env = "KEYHAVEN_AUTH_ATTEMPTS", default_value_t = 200.0)]
+    pub auth_attempts: f64,
+    /// How often failed authentications without an identity are written, as one audit record
+    /// per peer address and reason.
+    #[arg(long, env = "KEYHAVEN_AUTH_FAILURE_AUDIT_INTERVAL", default_value = "10s", value_parser = parse_positive_duration)]
+    pub auth_failure_audit_interval: Duration,
     /// How often the reaper looks for expired leases.
     #[arg(long, env = "KEYHAVEN_REAP_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub reap_interval: Duration,
@@ -423,7 +434,12 @@ pub async fn serve(
     let edge = Edge::new(
         broker.clone(),
         Arc::new(RateLimiter::new(args.rate_limit, args.rate_limit * 2.0)),
+        Arc::new(PreAuthLimits::new(
+            args.auth_attempts_per_peer,
+            args.auth_attempts,
+        )),
     );
+    crate::service::spawn_auth_failure_flush(&broker, args.auth_failure_audit_interval);
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
@@ -565,11 +581,21 @@ pub async fn serve(
     tracing::info!(listen = %args.listen, store = broker.store().kind(), tls = !args.insecure_plaintext, "broker serving");
     builder
         .add_service(health)
-        .add_service(LeasesServer::new(edge.clone()).max_decoding_message_size(1 << 20))
-        .add_service(AdminServer::new(edge).max_decoding_message_size(4 << 20))
+        .add_service(
+            LeasesServer::new(edge.clone())
+                .max_decoding_message_size(crate::grpc::MAX_LEASES_MESSAGE_BYTES),
+        )
+        .add_service(
+            AdminServer::new(edge).max_decoding_message_size(crate::grpc::MAX_ADMIN_MESSAGE_BYTES),
+        )
         .serve_with_shutdown(args.listen, stop(stop_rx))
         .await
-        .map_err(|e| ServeError::Start(format!("gRPC server: {e}")))
+        .map_err(|e| ServeError::Start(format!("gRPC server: {e}")))?;
+    // The failed authentications counted since the last flush.
+    if let Err(e) = broker.flush_auth_failures().await {
+        tracing::warn!(error = %e.chain(), "failed-authentication records not written at shutdown");
+    }
+    Ok(())
 }
 
 /// The Kubernetes client of the pod / service-account watch, when it is on: the apiserver

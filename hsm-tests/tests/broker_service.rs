@@ -230,15 +230,28 @@ async fn bad_tokens_are_unauthenticated_and_audited(env: Env) {
         let e = env.broker.authenticate(bad).await.unwrap_err();
         assert!(matches!(e, BrokerError::Unauthenticated(_)), "{e:?}");
     }
+    // Refusals with no identity are counted, and written as one record per peer and reason
+    // when flushed.
+    assert_eq!(env.broker.store().audit_head().await.unwrap().seq, before);
+    let written = env.broker.flush_auth_failures().await.unwrap();
     let recs = env.broker.store().audit_records(before, 100).await.unwrap();
-    assert_eq!(recs.len(), 4);
+    assert_eq!(recs.len(), written);
+    assert!((1..=4).contains(&written), "{written}");
+    let mut total = 0;
     for r in &recs {
-        assert_eq!(r.event.kind, EventKind::Authenticate);
+        let EventKind::AuthFailures(n) = r.event.kind else {
+            panic!("{r:?}")
+        };
+        total += n;
         assert_eq!(r.event.outcome, Outcome::Denied);
+        assert_eq!(r.event.identity.as_deref(), Some("peer:unknown"));
         assert!(r.event.reason.is_some());
         let line = r.to_json_line();
         assert!(!line.contains(&good[..20]), "a token in the audit log");
     }
+    assert_eq!(total, 4, "every refusal counted once");
+    assert_eq!(env.broker.flush_auth_failures().await.unwrap(), 0);
+    assert!(env.broker.store().verify_audit().await.unwrap().is_ok());
 }
 
 async fn renew_until_max_then_refused_and_revoke(env: Env) {

@@ -69,7 +69,7 @@ impl Broker {
         remembered: bool,
     ) -> Result<(LeaseGrant, LeaseRow, Option<i64>)> {
         validate_secret_path(path)
-            .map_err(|e| BrokerError::InvalidArgument(format!("path '{path}': {e}")))?;
+            .map_err(|e| BrokerError::InvalidArgument(format!("path '{}': {e}", echo(path))))?;
         let Caller::Workload(id) = caller else {
             return Err(BrokerError::PermissionDenied(
                 "the bootstrap credential cannot lease secrets".into(),
@@ -216,7 +216,7 @@ impl Broker {
     }
 
     async fn own_lease(&self, caller: &Caller, lease_id: &str) -> Result<LeaseRow> {
-        let not_found = || BrokerError::NotFound(format!("lease {lease_id}"));
+        let not_found = || BrokerError::NotFound(format!("lease {}", echo(lease_id)));
         let Caller::Workload(id) = caller else {
             return Err(not_found());
         };
@@ -255,13 +255,15 @@ impl Broker {
             // The grant is gone: the lease ends now, not at its expiry.
             self.end_forbidden_lease(&lease).await?;
             return Err(BrokerError::PermissionDenied(format!(
-                "no policy lets this identity read {} any more; lease {lease_id} has ended",
-                lease.path
+                "no policy lets this identity read {} any more; lease {} has ended",
+                lease.path,
+                echo(lease_id)
             )));
         };
         if lease.expires_ms >= lease.max_expires_ms {
             return Err(BrokerError::FailedPrecondition(format!(
-                "lease {lease_id} is at its maximum TTL"
+                "lease {} is at its maximum TTL",
+                echo(lease_id)
             )));
         }
         let inc = increment.filter(|t| !t.is_zero()).unwrap_or(default_ttl);
@@ -382,7 +384,10 @@ pub(super) fn deadline_ms(now_ms: i64, d: Duration) -> i64 {
 }
 
 fn not_renewable(lease_id: &str) -> BrokerError {
-    BrokerError::FailedPrecondition(format!("lease {lease_id} has expired or was revoked"))
+    BrokerError::FailedPrecondition(format!(
+        "lease {} has expired or was revoked",
+        echo(lease_id)
+    ))
 }
 
 /// `namespace/serviceaccount/path/<128 random bits hex>`.
