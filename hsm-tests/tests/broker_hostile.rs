@@ -49,6 +49,14 @@ fn audit_lines(file: &Path) -> Vec<AuditRecord> {
         .collect()
 }
 
+/// Bytes of the broker's SQLite database and its write-ahead log.
+fn db_bytes(dir: &Path) -> u64 {
+    ["broker.db", "broker.db-wal"]
+        .iter()
+        .map(|f| std::fs::metadata(dir.join(f)).map_or(0, |m| m.len()))
+        .sum()
+}
+
 fn failures(recs: &[AuditRecord]) -> Vec<&AuditRecord> {
     recs.iter()
         .filter(|r| matches!(r.event.kind, EventKind::AuthFailures(_)))
@@ -270,6 +278,8 @@ fn oversized_fields_on_every_rpc_stay_bounded() {
         // Just under it: every field reaches validation and the audit log.
         let long = format!("shop/{}", "x".repeat(MAX_LEASES_MESSAGE_BYTES - 100));
         let big = format!("shop/{}", "x".repeat(3 << 20));
+        let db_before = db_bytes(&b.dir);
+        let mut requests = 0u64;
         for cred in [BOOTSTRAP, &with_policy, &no_policy, "garbage.token.here"] {
             let who = &cred[..cred.len().min(8)];
             let l = &mut c.leases;
@@ -402,7 +412,15 @@ fn oversized_fields_on_every_rpc_stay_bounded() {
                 ))
                 .await;
             p.check(&format!("RetireKey as {who}"), r);
+            requests += 13;
         }
+        // The database grew by pages, not by what the requests sent (3 MiB fields): at most
+        // two bounded records per request, plus page slack.
+        let grown = db_bytes(&b.dir).saturating_sub(db_before);
+        assert!(
+            grown <= requests * 2 * MAX_RECORD_JSON_BYTES as u64 + (2 << 20),
+            "the database grew by {grown} bytes for {requests} requests"
+        );
         // The refusals without an identity are written at the next flush (every second).
         let deadline = Instant::now() + Duration::from_secs(30);
         while failures(&audit_lines(&file)).is_empty() {
