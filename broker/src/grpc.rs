@@ -68,20 +68,24 @@ pub struct Edge {
     broker: Arc<Broker>,
     limiter: Arc<RateLimiter>,
     pre_auth: Arc<PreAuthLimits>,
+    /// How long a refusal by `pre_auth` is held before it is answered.
+    refusal_delay: Duration,
 }
 
 impl Edge {
     /// The edge over a broker: `limiter` per identity after authentication, `pre_auth` on
-    /// verification work before it.
+    /// verification work before it, whose refusals are answered after `refusal_delay`.
     pub fn new(
         broker: Arc<Broker>,
         limiter: Arc<RateLimiter>,
         pre_auth: Arc<PreAuthLimits>,
+        refusal_delay: Duration,
     ) -> Self {
         Edge {
             broker,
             limiter,
             pre_auth,
+            refusal_delay,
         }
     }
 }

@@ -176,6 +176,10 @@ pub struct ServeArgs {
     /// The same for the whole replica (0: unlimited).
     #[arg(long, env = "KEYHAVEN_AUTH_ATTEMPTS", default_value_t = 200.0)]
     pub auth_attempts: f64,
+    /// How long a refusal by those two limits is held before it is answered (a client that
+    /// retries at once then makes one attempt per delay per stream).
+    #[arg(long, env = "KEYHAVEN_AUTH_REFUSAL_DELAY", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub auth_refusal_delay: Duration,
     /// How often failed authentications without an identity are written, as one audit record
     /// per peer address and reason.
     #[arg(long, env = "KEYHAVEN_AUTH_FAILURE_AUDIT_INTERVAL", default_value = "10s", value_parser = parse_positive_duration)]
@@ -438,6 +442,7 @@ pub async fn serve(
             args.auth_attempts_per_peer,
             args.auth_attempts,
         )),
+        args.auth_refusal_delay.min(Duration::from_secs(10)),
     );
     crate::service::spawn_auth_failure_flush(&broker, args.auth_failure_audit_interval);
 

@@ -82,7 +82,14 @@ fn setup(extra: &[&str]) -> (SoftHsm, DevPki, BrokerProc) {
 fn a_flood_of_invalid_tokens_is_limited_and_audited_in_aggregate() {
     // One flush, at shutdown: every failure of the flood lands in one record per reason.
     // (No per-identity limit: the valid workload leases as fast as it can.)
-    let (hsm, pki, mut b) = setup(&["--auth-failure-audit-interval", "1h", "--rate-limit", "0"]);
+    let (hsm, pki, mut b) = setup(&[
+        "--auth-failure-audit-interval",
+        "1h",
+        "--rate-limit",
+        "0",
+        "--auth-refusal-delay",
+        "100ms",
+    ]);
     let dev = DevIssuer::load_or_generate(&hsm.dir().join("dev.pem")).unwrap();
     let stranger = DevIssuer::generate().unwrap();
     let rt = runtime();

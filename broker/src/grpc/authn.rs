@@ -1,6 +1,7 @@
 //! Authentication at the edge: the bearer credential from the `authorization` metadata, the
 //! limits before authentication (per peer address and per replica, for credentials that need
-//! verification work) and the per-identity limit after it.
+//! verification work; a refusal by them is answered after a delay) and the per-identity limit
+//! after it.
 
 use tonic::{Request, Status};
 
@@ -39,6 +40,10 @@ impl Edge {
             if let Err(limited) = self.pre_auth.admit(peer) {
                 self.broker
                     .auth_failed(peer, limited.reason(), Outcome::Denied);
+                // Held, not answered at once: a client that retries as soon as it is refused
+                // makes one attempt per delay per stream, instead of costing the broker a
+                // request for every round trip. Costs a timer, no CPU.
+                tokio::time::sleep(self.refusal_delay).await;
                 return Err(Status::resource_exhausted(
                     "too many authentication attempts with unverified tokens; retry with back-off",
                 ));
