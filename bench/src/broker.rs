@@ -38,6 +38,7 @@ struct Outcome {
     header: String,
     rows: Vec<Row>,
     mem: Vec<MemRow>,
+    flood: Vec<crate::flood::FloodRow>,
 }
 
 /// Runs the broker benchmark and prints the result on stdout (progress on stderr).
@@ -76,6 +77,7 @@ pub fn run(args: &BrokerArgs) -> anyhow::Result<()> {
         println!("\nbroker resident memory, MiB (VmRSS; peak = VmHWM):");
         print!("{}", broker_report::memory_table(&out.mem));
     }
+    print!("{}", crate::flood::table(&out.flood));
     let errors = broker_report::errors(&out.rows);
     if !errors.is_empty() {
         println!("\nfailed requests:");
@@ -132,19 +134,23 @@ async fn measure(
     let mut rows = Vec::new();
     let mut mem = Vec::new();
     let mut db_lines = Vec::new();
+    let mut flood = Vec::new();
     for &db in &args.db {
         eprintln!("== {db}");
-        let (r, m, line) = measure_db(db, args, broker_bin, pg_bin, hsm).await?;
+        let (r, m, line, f) = measure_db(db, args, broker_bin, pg_bin, hsm).await?;
         rows.extend(r);
         mem.push(m);
         db_lines.push(line);
+        flood.push(f);
     }
 
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let per_channel = args.clients_per_channel;
     let mut header = format!(
         "keyhaven-bench broker: {cpus} CPUs; each cell {} measured after {} warm-up\n\
-         broker    : {} (--dev, --rate-limit 0: every client is its own identity), gRPC over TLS \
+         broker    : {} (--dev, --rate-limit 0: every client is its own identity; \
+         --auth-attempts-per-peer 0 --auth-attempts 0: every client shares one loopback \
+         address), gRPC over TLS \
          (throwaway CA), SoftHSM2 KEK on a fresh token per database, {} secrets of 2 keys\n\
          {}\n\
          load      : N tokio tasks, each its own service account ({}/client-<i>) and token, \
@@ -162,6 +168,9 @@ async fn measure(
          Lease+Renew and a /metrics scrape, then the reading\n\
          Lease x2  : (postgres) the Lease load with the clients' connections spread over two \
          broker replicas on the same database\n\
+         flood     : last, a broker with the default limits before authentication on the \
+         same database (the others stopped): Lease at {} clients alone, then while {} \
+         clients send forged tokens back to back\n\
          ratios    : throughput, broker / baseline; each Lease is one audit transaction \
          (authentication + lease records and the lease row, group-committed), each Renew the \
          same with its lease's update instead of the row\n",
@@ -176,6 +185,8 @@ async fn measure(
         baseline::POSTGRES_POOL,
         args.leases,
         crate::fill::NAMESPACE,
+        crate::flood::VALID_CLIENTS,
+        crate::flood::FLOODERS,
     );
     if cfg!(debug_assertions) {
         header.push_str("WARNING: keyhaven-bench is a debug build; build with --release\n");
@@ -183,7 +194,12 @@ async fn measure(
     if broker_bin.components().any(|c| c.as_os_str() == "debug") {
         header.push_str("WARNING: the broker looks like a debug build; use target/release\n");
     }
-    Ok(Outcome { header, rows, mem })
+    Ok(Outcome {
+        header,
+        rows,
+        mem,
+        flood,
+    })
 }
 
 /// One database: set up, measure every concurrency, read memory, stop. Returns the rows,
@@ -194,7 +210,7 @@ async fn measure_db(
     broker_bin: &Path,
     pg_bin: Option<&Path>,
     hsm: &SoftHsmDir,
-) -> anyhow::Result<(Vec<Row>, MemRow, String)> {
+) -> anyhow::Result<(Vec<Row>, MemRow, String, crate::flood::FloodRow)> {
     let window = Window {
         warmup: args.warmup,
         measure: args.duration,
@@ -257,7 +273,7 @@ async fn measure_db(
     testkit::write_private(&bootstrap_file, &bootstrap)?;
     let bootstrap = SecretString::from(bootstrap.as_str());
 
-    let setup = |log: &str| BrokerSetup {
+    let setup = |log: &str, extra: &[&str]| BrokerSetup {
         bin: broker_bin,
         softhsm_conf: &hsm.conf,
         module: &hsm.module,
@@ -267,9 +283,12 @@ async fn measure_db(
         dev_key: &dev_key,
         bootstrap_file: &bootstrap_file,
         log: dir.join(log),
-        extra: Vec::new(),
+        extra: extra.iter().map(|s| s.to_string()).collect(),
     };
-    let mut broker = BrokerProcess::spawn(&setup("broker.log"))?;
+    // All clients come from one loopback address: the limits before authentication would
+    // measure themselves. The flood row, last, runs on a broker with them.
+    let no_pre_auth_limits = ["--auth-attempts-per-peer", "0", "--auth-attempts", "0"];
+    let mut broker = BrokerProcess::spawn(&setup("broker.log", &no_pre_auth_limits))?;
     broker.wait_ready(READY_TIMEOUT).await?;
     let started = Memory::of(broker.pid())?;
     eprintln!(
@@ -283,7 +302,7 @@ async fn measure_db(
     // idles (a heartbeat, the policy poll) while the other cells run.
     let mut second = match db {
         Db::Postgres => {
-            let mut b = BrokerProcess::spawn(&setup("broker-2.log"))?;
+            let mut b = BrokerProcess::spawn(&setup("broker-2.log", &no_pre_auth_limits))?;
             b.wait_ready(READY_TIMEOUT).await?;
             eprintln!("second replica ready (pid {})", b.pid());
             Some(b)
@@ -369,8 +388,24 @@ async fn measure_db(
     };
     drop(second);
     drop(broker);
+
+    let mut guarded = BrokerProcess::spawn(&setup("broker-flood.log", &[]))?;
+    guarded.wait_ready(READY_TIMEOUT).await?;
+    let gep = leases::endpoint(&guarded.endpoint(), &pki.ca)?;
+    let flood = crate::flood::measure(db, &gep, &ids, &issuer, per_channel, &secrets, window)
+        .await
+        .context("the flood row")?;
+    eprintln!(
+        "{db}: Lease at {} clients {:.0}/s alone, {:.0}/s under a flood of {:.0} attempts/s",
+        crate::flood::VALID_CLIENTS,
+        flood.alone.throughput,
+        flood.flooded.throughput,
+        flood.attempts_per_s
+    );
+    guarded.ensure_running()?;
+    drop(guarded);
     drop(pg);
-    Ok((rows, mem, line))
+    Ok((rows, mem, line, flood))
 }
 
 /// `keyhaven_broker_active_leases` from the broker's `/metrics` (the scrape counts them in

@@ -22,6 +22,7 @@ mod broker_report;
 mod cli;
 mod echo;
 mod fill;
+mod flood;
 mod grpc;
 mod kms;
 mod leases;

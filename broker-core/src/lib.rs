@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod bounded;
 pub mod dev_token;
 pub mod identity;
 pub mod policy;

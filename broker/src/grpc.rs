@@ -12,25 +12,38 @@ use tonic::{Request, Response, Status};
 
 use crate::audit::Checkpoint;
 use crate::crypto::SecretData;
-use crate::rate_limit::RateLimiter;
-use crate::service::{Authenticated, Broker, BrokerError, Caller, HEARTBEAT_STALE, POLICY_BOUND};
+use crate::rate_limit::{PreAuthLimits, RateLimiter};
+
+mod authn;
+use crate::service::{Broker, BrokerError, HEARTBEAT_STALE, POLICY_BOUND};
 use crate::store::{LeaseFilter, LeaseRow};
+
+/// Longest error message sent to a client, in bytes.
+pub const MAX_ERROR_MESSAGE_BYTES: usize = 1024;
+
+/// Largest `Leases` request accepted (decoded size): the largest legitimate one is a Renew or
+/// Revoke of a lease id of a 512-byte path, under 1 KiB.
+pub const MAX_LEASES_MESSAGE_BYTES: usize = 8 * 1024;
+
+/// Largest `Admin` request accepted (decoded size): a secret version or a policy document.
+pub const MAX_ADMIN_MESSAGE_BYTES: usize = 4 << 20;
 
 /// The one mapping from a broker failure to what the client sees. Client errors keep our own
 /// text about the request; an unavailable or internal failure logs its whole cause chain here
 /// and sends a fixed message that says what to do, never the cause (a database message, a
 /// PKCS#11 return value, a path on the server).
+/// A client error's text is cut to [`MAX_ERROR_MESSAGE_BYTES`], control characters escaped:
+/// whatever part of the request a message quotes, it stays small.
 impl From<BrokerError> for Status {
     fn from(e: BrokerError) -> Self {
         use tonic::Code;
+        let text = || crate::bounded::message(&e.to_string(), MAX_ERROR_MESSAGE_BYTES);
         match &e {
-            BrokerError::Unauthenticated(_) => Status::new(Code::Unauthenticated, e.to_string()),
-            BrokerError::PermissionDenied(_) => Status::new(Code::PermissionDenied, e.to_string()),
-            BrokerError::NotFound(_) => Status::new(Code::NotFound, e.to_string()),
-            BrokerError::FailedPrecondition(_) => {
-                Status::new(Code::FailedPrecondition, e.to_string())
-            }
-            BrokerError::InvalidArgument(_) => Status::new(Code::InvalidArgument, e.to_string()),
+            BrokerError::Unauthenticated(_) => Status::new(Code::Unauthenticated, text()),
+            BrokerError::PermissionDenied(_) => Status::new(Code::PermissionDenied, text()),
+            BrokerError::NotFound(_) => Status::new(Code::NotFound, text()),
+            BrokerError::FailedPrecondition(_) => Status::new(Code::FailedPrecondition, text()),
+            BrokerError::InvalidArgument(_) => Status::new(Code::InvalidArgument, text()),
             BrokerError::Unavailable { what, .. } => {
                 tracing::warn!(error = %e.chain(), "request failed: unavailable");
                 Status::new(
@@ -54,45 +67,26 @@ impl From<BrokerError> for Status {
 pub struct Edge {
     broker: Arc<Broker>,
     limiter: Arc<RateLimiter>,
+    pre_auth: Arc<PreAuthLimits>,
+    /// How long a refusal by `pre_auth` is held before it is answered.
+    refusal_delay: Duration,
 }
 
 impl Edge {
-    /// The edge over a broker.
-    pub fn new(broker: Arc<Broker>, limiter: Arc<RateLimiter>) -> Self {
-        Edge { broker, limiter }
-    }
-
-    async fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
-        let a = self.authenticated(req).await?;
-        Ok(a.commit(&self.broker).await?)
-    }
-
-    /// Verifies the bearer credential and applies the rate limit. The authentication's audit
-    /// record is deferred: the lease API writes it with the request's own record.
-    async fn authenticated<T>(&self, req: &Request<T>) -> Result<Authenticated, Status> {
-        let cred = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
-            .filter(|v| !v.is_empty())
-            .ok_or_else(|| {
-                Status::unauthenticated("missing `authorization: Bearer <token>` metadata")
-            })?;
-        let a = self.broker.authenticate_deferred(cred).await?;
-        let key = match &a.caller {
-            Caller::Workload(id) => id.subject(),
-            Caller::BootstrapAdmin => "bootstrap-admin".into(),
-        };
-        if !self.limiter.allow(&key) {
-            // Still audit the authentication; then refuse.
-            a.commit(&self.broker).await?;
-            return Err(Status::resource_exhausted(format!(
-                "rate limit for {key} exceeded; slow down"
-            )));
+    /// The edge over a broker: `limiter` per identity after authentication, `pre_auth` on
+    /// verification work before it, whose refusals are answered after `refusal_delay`.
+    pub fn new(
+        broker: Arc<Broker>,
+        limiter: Arc<RateLimiter>,
+        pre_auth: Arc<PreAuthLimits>,
+        refusal_delay: Duration,
+    ) -> Self {
+        Edge {
+            broker,
+            limiter,
+            pre_auth,
+            refusal_delay,
         }
-        Ok(a)
     }
 }
 
@@ -114,7 +108,7 @@ impl Edge {
 }
 
 fn secs(d: Duration) -> u64 {
-    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+    d.as_secs().saturating_add(u64::from(d.subsec_nanos() > 0))
 }
 
 #[tonic::async_trait]

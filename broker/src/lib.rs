@@ -20,6 +20,6 @@ pub mod service;
 pub use service::rotation;
 pub mod store;
 
-pub use keyhaven_broker_core::{identity, policy};
+pub use keyhaven_broker_core::{bounded, identity, policy};
 pub use keyhaven_hsm as hsm;
 pub use keyhaven_proto::broker::v1 as api;

@@ -19,7 +19,7 @@ use crate::auth::{
 use crate::crypto::{DekCache, Envelope};
 use crate::grpc::Edge;
 use crate::health::Health;
-use crate::rate_limit::RateLimiter;
+use crate::rate_limit::{PreAuthLimits, RateLimiter};
 use crate::service::{Broker, BrokerConfig};
 use crate::store::Store;
 
@@ -186,6 +186,21 @@ pub struct ServeArgs {
     /// Most unwrapped DEKs held in memory (0: none; every read unwraps in the HSM).
     #[arg(long, env = "KEYHAVEN_DEK_CACHE_SIZE", default_value_t = 10_000)]
     pub dek_cache_size: usize,
+    /// Authentication attempts per second allowed per peer address for tokens not verified
+    /// recently (bad tokens among them), twice that at once (0: unlimited).
+    #[arg(long, env = "KEYHAVEN_AUTH_ATTEMPTS_PER_PEER", default_value_t = 10.0)]
+    pub auth_attempts_per_peer: f64,
+    /// The same for the whole replica (0: unlimited).
+    #[arg(long, env = "KEYHAVEN_AUTH_ATTEMPTS", default_value_t = 200.0)]
+    pub auth_attempts: f64,
+    /// How long a refusal by those two limits is held before it is answered (a client that
+    /// retries at once then makes one attempt per delay per stream).
+    #[arg(long, env = "KEYHAVEN_AUTH_REFUSAL_DELAY", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub auth_refusal_delay: Duration,
+    /// How often failed authentications without an identity are written, as one audit record
+    /// per peer address and reason.
+    #[arg(long, env = "KEYHAVEN_AUTH_FAILURE_AUDIT_INTERVAL", default_value = "10s", value_parser = parse_positive_duration)]
+    pub auth_failure_audit_interval: Duration,
     /// How often the reaper looks for expired leases.
     #[arg(long, env = "KEYHAVEN_REAP_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub reap_interval: Duration,
@@ -532,7 +547,13 @@ pub async fn serve(
     let edge = Edge::new(
         broker.clone(),
         Arc::new(RateLimiter::new(args.rate_limit, args.rate_limit * 2.0)),
+        Arc::new(PreAuthLimits::new(
+            args.auth_attempts_per_peer,
+            args.auth_attempts,
+        )),
+        args.auth_refusal_delay.min(Duration::from_secs(10)),
     );
+    crate::service::spawn_auth_failure_flush(&broker, args.auth_failure_audit_interval);
 
     // KEK refresh, automatic rotation and re-wrap: every replica runs this loop.
     {
@@ -643,11 +664,20 @@ pub async fn serve(
     tracing::info!(listen = %args.listen, store = broker.store().kind(), tls = !args.insecure_plaintext, "broker serving");
     let served = grpc_builder()?
         .add_service(health_service)
-        .add_service(LeasesServer::new(edge.clone()).max_decoding_message_size(1 << 20))
-        .add_service(AdminServer::new(edge).max_decoding_message_size(4 << 20))
+        .add_service(
+            LeasesServer::new(edge.clone())
+                .max_decoding_message_size(crate::grpc::MAX_LEASES_MESSAGE_BYTES),
+        )
+        .add_service(
+            AdminServer::new(edge).max_decoding_message_size(crate::grpc::MAX_ADMIN_MESSAGE_BYTES),
+        )
         .serve_with_incoming_shutdown(incoming(&listener)?, stop(stop_rx))
         .await
         .map_err(|e| ServeError::Start(format!("gRPC server: {e}")));
+    // The failed authentications counted since the last flush.
+    if let Err(e) = broker.flush_auth_failures().await {
+        tracing::warn!(error = %e.chain(), "failed-authentication records not written at shutdown");
+    }
     if let Some(t) = metrics_task {
         let _ = t.await;
     }

@@ -116,6 +116,26 @@ impl BrokerClient {
             .into_inner()
     }
 
+    /// The audit records after `after_seq` (at most 1,000), as the broker reads them from its
+    /// database.
+    pub async fn audit_tail(&mut self, after_seq: i64) -> Vec<keyhaven_broker::audit::AuditRecord> {
+        self.admin
+            .audit_tail(authed(
+                AuditTailRequest {
+                    after_seq,
+                    limit: 1000,
+                },
+                BOOTSTRAP,
+            ))
+            .await
+            .expect("audit tail")
+            .into_inner()
+            .records
+            .iter()
+            .map(|l| keyhaven_broker::audit::AuditRecord::from_json_line(l).expect("audit line"))
+            .collect()
+    }
+
     /// Asserts that the broker verifies its whole audit chain.
     pub async fn audit_verifies(&mut self) {
         let v = self

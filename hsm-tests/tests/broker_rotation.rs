@@ -606,12 +606,15 @@ fn rotation_under_a_100_client_lease_load_fails_no_lease() {
     broker_keys_init(&hsm);
     let pki = DevPki::write(hsm.dir()).unwrap();
     // Small, paced batches: the re-wrap takes seconds, so the load and a full sweep run while
-    // it is in progress.
+    // it is in progress. The 100 clients share one loopback address, each with a new token:
+    // no limit before authentication either.
     let b = BrokerProc::start(
         &hsm,
         &pki,
         &[
             "--rate-limit",
+            "0",
+            "--auth-attempts-per-peer",
             "0",
             "--rewrap-batch-size",
             "3",

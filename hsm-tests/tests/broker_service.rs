@@ -230,15 +230,28 @@ async fn bad_tokens_are_unauthenticated_and_audited(env: Env) {
         let e = env.broker.authenticate(bad).await.unwrap_err();
         assert!(matches!(e, BrokerError::Unauthenticated(_)), "{e:?}");
     }
+    // Refusals with no identity are counted, and written as one record per peer and reason
+    // when flushed.
+    assert_eq!(env.broker.store().audit_head().await.unwrap().seq, before);
+    let written = env.broker.flush_auth_failures().await.unwrap();
     let recs = env.broker.store().audit_records(before, 100).await.unwrap();
-    assert_eq!(recs.len(), 4);
+    assert_eq!(recs.len(), written);
+    assert!((1..=4).contains(&written), "{written}");
+    let mut total = 0;
     for r in &recs {
-        assert_eq!(r.event.kind, EventKind::Authenticate);
+        let EventKind::AuthFailures(n) = r.event.kind else {
+            panic!("{r:?}")
+        };
+        total += n;
         assert_eq!(r.event.outcome, Outcome::Denied);
+        assert_eq!(r.event.identity.as_deref(), Some("peer:unknown"));
         assert!(r.event.reason.is_some());
         let line = r.to_json_line();
         assert!(!line.contains(&good[..20]), "a token in the audit log");
     }
+    assert_eq!(total, 4, "every refusal counted once");
+    assert_eq!(env.broker.flush_auth_failures().await.unwrap(), 0);
+    assert!(env.broker.store().verify_audit().await.unwrap().is_ok());
 }
 
 async fn renew_until_max_then_refused_and_revoke(env: Env) {
@@ -268,20 +281,17 @@ async fn renew_until_max_then_refused_and_revoke(env: Env) {
     // At max: refused.
     let e = env.broker.renew(&api, &g.lease_id, None).await.unwrap_err();
     assert!(matches!(e, BrokerError::FailedPrecondition(_)), "{e:?}");
-    // Increments too large for milliseconds since the epoch are capped at the max TTL, never
-    // wrapped into the past.
-    for secs in [9_223_372_036_854_775, u64::MAX] {
-        let g = env.broker.lease(&api, "payments/db", None).await.unwrap();
+    // Every increment, up to ones too large for milliseconds since the epoch, gives an expiry
+    // after now and never past the max TTL (5 s): capped, never wrapped into the past.
+    let max_ttl = 5;
+    let mut g = g;
+    for secs in [0, 1, max_ttl, 1 << 53, (1 << 63) / 1000, u64::MAX] {
+        g = env.broker.lease(&api, "payments/db", None).await.unwrap();
         let r = env
             .broker
             .renew(&api, &g.lease_id, Some(Duration::from_secs(secs)))
             .await
             .unwrap();
-        assert!(
-            r.ttl > Duration::from_secs(3) && r.ttl <= Duration::from_secs(5),
-            "increment {secs} s: {:?}",
-            r.ttl
-        );
         let l = env
             .broker
             .store()
@@ -289,8 +299,24 @@ async fn renew_until_max_then_refused_and_revoke(env: Env) {
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(l.expires_ms, l.max_expires_ms, "increment {secs} s");
+        assert!(
+            r.ttl <= Duration::from_secs(max_ttl),
+            "increment {secs} s: {:?}",
+            r.ttl
+        );
+        assert!(
+            l.expires_ms > l.created_ms && l.expires_ms <= l.max_expires_ms,
+            "increment {secs} s: {l:?}"
+        );
+        assert_eq!(l.renewals, 1, "increment {secs} s");
+        match secs {
+            // The policy's default TTL (2 s), or the increment asked for.
+            0 => assert!(r.ttl <= Duration::from_secs(2), "{:?}", r.ttl),
+            1 => assert!(r.ttl <= Duration::from_secs(1), "{:?}", r.ttl),
+            _ => assert_eq!(l.expires_ms, l.max_expires_ms, "increment {secs} s"),
+        }
     }
+    // The last one is at its max TTL: refused.
     let e = env.broker.renew(&api, &g.lease_id, None).await.unwrap_err();
     assert!(matches!(e, BrokerError::FailedPrecondition(_)), "{e:?}");
     // Someone else cannot renew or revoke it (and cannot tell it exists).

@@ -285,7 +285,7 @@ fn lease(
 }
 
 /// Renews `id` at `now` to `expires_ms` through the audit appender, with a renewal record
-/// (refusal: outcome error, reason "refused by the test"); returns the record stored and the
+/// (refusal: outcome error, reason `refused_by_the_test`); returns the record stored and the
 /// renewed lease.
 async fn renew(
     appender: &mut AuditAppender,
@@ -300,7 +300,7 @@ async fn renew(
         expires_ms,
         refused: AuditEvent::new(now, EventKind::Renew, Outcome::Error)
             .with_lease_id(id)
-            .with_reason("refused by the test"),
+            .with_reason("refused_by_the_test"),
     };
     let (mut recs, mut renewed) = appender
         .append_renewing(&[event], &[], &[(0, &renewing)], None)
@@ -388,7 +388,7 @@ async fn leases_renew_up_to_max_and_revoke_by_id_identity_pod_and_prefix(env: En
     // Expired, or unknown: not renewed, and the record stored is the refusal.
     let (rec, r) = renew(&mut appender, "l2", now + 60_001, now + 100_000).await;
     assert_eq!((r, rec.event.outcome), (None, Outcome::Error));
-    assert_eq!(rec.event.reason.as_deref(), Some("refused by the test"));
+    assert_eq!(rec.event.reason.as_deref(), Some("refused_by_the_test"));
     assert_eq!(s.get_lease("l2").await.unwrap().unwrap().renewals, 0);
     assert_eq!(renew(&mut appender, "nope", now, now + 1).await.1, None);
     // One record per renewal, refusals included: on PostgreSQL the refused ones were first

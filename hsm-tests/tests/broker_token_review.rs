@@ -176,7 +176,6 @@ fn authenticate_with_token_review() {
                     pod.clone(),
                     Some("token_review_unavailable".into())
                 ),
-                (Outcome::Denied, None, None, Some("malformed".into())),
                 (Outcome::Ok, who.clone(), pod.clone(), None),
             ]
         );
@@ -186,6 +185,17 @@ fn authenticate_with_token_review() {
                 assert!(!text.contains(t.as_str()));
             }
         }
+        // The malformed token has no identity: one aggregated record.
+        assert_eq!(broker.flush_auth_failures().await.unwrap(), 1);
+        let last = broker
+            .store()
+            .audit_records(0, 100)
+            .await
+            .unwrap()
+            .pop()
+            .unwrap();
+        assert_eq!(last.event.kind, EventKind::AuthFailures(1));
+        assert_eq!(last.event.reason.as_deref(), Some("malformed"));
         assert!(broker.store().verify_audit().await.unwrap().is_ok());
         let m = broker.metrics().encode();
         println!(

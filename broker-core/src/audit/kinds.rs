@@ -17,11 +17,15 @@ pub enum EventKind {
     Expire,
     /// An admin call, with its verb as a short code (`admin:<verb>`, e.g. `admin:policy_apply`).
     Admin(String),
+    /// This many failed authentications with no identity (a bad or missing token), from the
+    /// peer in `identity` (`peer:<address>`) for the `reason`, over one interval
+    /// (`auth_failures:<count>`): one record instead of one per attempt.
+    AuthFailures(u64),
 }
 
 impl EventKind {
     /// The stable text form stored in the `kind` column and hashed: `authenticate`, `lease`,
-    /// `renew`, `revoke`, `expire`, or `admin:<verb>`.
+    /// `renew`, `revoke`, `expire`, `admin:<verb>` or `auth_failures:<count>`.
     pub fn as_text(&self) -> std::borrow::Cow<'static, str> {
         use std::borrow::Cow;
         match self {
@@ -31,6 +35,7 @@ impl EventKind {
             EventKind::Revoke => Cow::Borrowed("revoke"),
             EventKind::Expire => Cow::Borrowed("expire"),
             EventKind::Admin(verb) => Cow::Owned(format!("admin:{verb}")),
+            EventKind::AuthFailures(n) => Cow::Owned(format!("auth_failures:{n}")),
         }
     }
 }
@@ -52,9 +57,14 @@ impl FromStr for EventKind {
             "renew" => EventKind::Renew,
             "revoke" => EventKind::Revoke,
             "expire" => EventKind::Expire,
-            _ => match s.strip_prefix("admin:") {
-                Some(verb) => EventKind::Admin(verb.to_owned()),
-                None => return Err(ParseError::Kind),
+            _ => match (s.strip_prefix("admin:"), s.strip_prefix("auth_failures:")) {
+                (Some(verb), _) => EventKind::Admin(verb.to_owned()),
+                // Only the canonical decimal form, so text and kind map one to one.
+                (_, Some(n)) => match n.parse::<u64>() {
+                    Ok(count) if count.to_string() == n => EventKind::AuthFailures(count),
+                    _ => return Err(ParseError::Kind),
+                },
+                _ => return Err(ParseError::Kind),
             },
         })
     }

@@ -12,6 +12,11 @@
 //! a *reason*. Never a secret value, a token, a PIN or a free-form error message: `reason` is
 //! a short machine code (`token_expired`, `no_policy`, `db_unavailable`...).
 //! [`AuditEvent::validate`] checks that shape and refuses fields that look like a JWT.
+//! [`AuditRecord::after`] bounds every event first ([`AuditEvent::bounded`]): a field too long,
+//! with control characters or shaped like a token is stored as its digest form (a short
+//! escaped prefix, its SHA-256 and length), so a record never exceeds
+//! [`MAX_RECORD_JSON_BYTES`]. The hashed encoding below is unchanged by this: records made
+//! before it verify as they always did.
 //!
 //! # The chain
 //! Record `seq` (1, 2, 3, ...) carries the hash of record `seq - 1` as `prev_hash`
@@ -70,6 +75,12 @@ pub const MAX_CODE_LEN: usize = 64;
 
 /// Longest accepted identity, pod, path or lease id, in bytes.
 pub const MAX_FIELD_LEN: usize = 1024;
+
+/// Longest JSON line of one record (its largest database row is about half of it): four
+/// fields of [`MAX_FIELD_LEN`] bytes, each at most doubled by JSON escaping (control
+/// characters never reach a record unescaped, see [`AuditEvent::bounded`]), two codes, two
+/// hashes, the numbers and the keys.
+pub const MAX_RECORD_JSON_BYTES: usize = 4 * 2 * MAX_FIELD_LEN + 2 * MAX_CODE_LEN + 1024;
 
 /// Current time in Unix milliseconds (0 if the clock is before 1970).
 pub fn now_ms() -> i64 {

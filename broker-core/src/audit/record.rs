@@ -71,8 +71,10 @@ impl AuditRecord {
     }
 
     /// The record that follows the record at `head` (the stored log's last `seq` and `hash`,
-    /// or [`Checkpoint::genesis`] for an empty log).
+    /// or [`Checkpoint::genesis`] for an empty log). The event is [`AuditEvent::bounded`]
+    /// first: no record holds more than a fixed size of what a request sent.
     pub fn after(head: &Checkpoint, event: AuditEvent) -> AuditRecord {
+        let event = event.bounded();
         // 2^63 records cannot be written; a saturated seq would fail verification anyway.
         let seq = head.seq.saturating_add(1);
         let hash = record_hash(seq, &head.hash, &event);

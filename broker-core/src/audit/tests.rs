@@ -560,6 +560,11 @@ fn text_forms_are_stable_and_round_trip() {
             "admin:policy_apply",
         ),
         (EventKind::Admin(String::new()), "admin:"),
+        (EventKind::AuthFailures(150), "auth_failures:150"),
+        (
+            EventKind::AuthFailures(u64::MAX),
+            "auth_failures:18446744073709551615",
+        ),
     ];
     for (k, s) in kinds {
         assert_eq!(k.as_text(), s);
@@ -576,6 +581,14 @@ fn text_forms_are_stable_and_round_trip() {
     }
     assert_eq!("Lease".parse::<EventKind>(), Err(ParseError::Kind));
     assert_eq!("admin".parse::<EventKind>(), Err(ParseError::Kind));
+    for bad in [
+        "auth_failures:",
+        "auth_failures:007",
+        "auth_failures:+1",
+        "auth_failures:-1",
+    ] {
+        assert_eq!(bad.parse::<EventKind>(), Err(ParseError::Kind), "{bad}");
+    }
     assert_eq!("allowed".parse::<Outcome>(), Err(ParseError::Outcome));
 }
 
@@ -769,7 +782,11 @@ fn display_is_one_escaped_line() {
     let s = r.to_string();
     assert_eq!(
         s,
-        "#1 2023-11-14T22:13:20.123Z lease denied identity=team/app path=a\\nb reason=no_policy"
+        format!(
+            "#1 2023-11-14T22:13:20.123Z lease denied identity=team/app path=a\\\\nb…[sha256:{} len:3] reason=no_policy",
+            hex::encode(Sha256::digest(b"a\nb"))
+        ),
+        "a control character is stored in the digest form, escaped; display escapes again"
     );
     for t in [-1, i64::MAX, i64::MIN] {
         let r = AuditRecord::chain(None, AuditEvent::new(t, EventKind::Expire, Outcome::Ok));

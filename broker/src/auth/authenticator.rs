@@ -142,6 +142,21 @@ impl Authenticator {
         self.dev_verifier.is_some()
     }
 
+    /// Whether `credential` is the bootstrap credential or a token whose successful verdict
+    /// is remembered ([`Verifier::is_remembered`]): no signature work to accept it.
+    pub fn is_known(&self, credential: &str) -> bool {
+        let bootstrap = self
+            .bootstrap
+            .as_ref()
+            .is_some_and(|b| constant_time_eq(credential.as_bytes(), b.expose_secret().as_bytes()));
+        bootstrap
+            || self.verifier.is_remembered(credential)
+            || self
+                .dev_verifier
+                .as_ref()
+                .is_some_and(|d| d.is_remembered(credential))
+    }
+
     /// Checks `credential`. Never logs or returns it.
     pub async fn authenticate(&self, credential: &str) -> Attempt {
         if let Some(b) = &self.bootstrap {

@@ -209,6 +209,16 @@ impl Verifier {
         Ok(v)
     }
 
+    /// Whether `token` has a remembered successful verdict still good now: accepting it
+    /// again costs a hash and a lookup, no signature check.
+    pub fn is_remembered(&self, token: &str) -> bool {
+        let digest: [u8; 32] = {
+            use sha2::Digest as _;
+            sha2::Sha256::digest(token.as_bytes()).into()
+        };
+        self.remembered(&digest).is_some()
+    }
+
     /// A remembered verdict still good now (see the module notes).
     fn remembered(&self, digest: &[u8; 32]) -> Option<VerifiedToken> {
         let hit = {

@@ -8,7 +8,7 @@ impl Broker {
     /// Writes a new version of `path`; returns its number.
     pub async fn put_secret(&self, caller: &Caller, path: &str, data: SecretData) -> Result<i64> {
         validate_secret_path(path)
-            .map_err(|e| BrokerError::InvalidArgument(format!("path '{path}': {e}")))?;
+            .map_err(|e| BrokerError::InvalidArgument(format!("path '{}': {e}", echo(path))))?;
         self.require(caller, path, Capability::Write, "secret_put")
             .await?;
         let r = async {
@@ -23,7 +23,7 @@ impl Broker {
                 if !ok {
                     return Err(BrokerError::InvalidArgument(format!(
                         "secret key '{}' must be 1-253 characters of [-._A-Za-z0-9] and not . or ..",
-                        k.escape_debug()
+                        echo(k)
                     )));
                 }
             }

@@ -69,7 +69,7 @@ impl Broker {
         remembered: bool,
     ) -> Result<(LeaseGrant, LeaseRow, Option<i64>)> {
         validate_secret_path(path)
-            .map_err(|e| BrokerError::InvalidArgument(format!("path '{path}': {e}")))?;
+            .map_err(|e| BrokerError::InvalidArgument(format!("path '{}': {e}", echo(path))))?;
         let Caller::Workload(id) = caller else {
             return Err(BrokerError::PermissionDenied(
                 "the bootstrap credential cannot lease secrets".into(),
@@ -127,8 +127,8 @@ impl Broker {
             path: path.to_owned(),
             version: row.version,
             created_ms: now,
-            expires_ms: now + ttl.as_millis() as i64,
-            max_expires_ms: now + max_ttl.as_millis() as i64,
+            expires_ms: deadline_ms(now, ttl),
+            max_expires_ms: deadline_ms(now, max_ttl),
             renewals: 0,
             ended_ms: None,
             end_reason: None,
@@ -207,7 +207,7 @@ impl Broker {
         self.metrics.audit_wait.observe(t0.elapsed().as_secs_f64());
         match written? {
             (_, Some(l)) => Ok(Renewal {
-                ttl: Duration::from_millis((l.expires_ms - now).max(0) as u64),
+                ttl: Duration::from_millis(l.expires_ms.saturating_sub(now).max(0) as u64),
                 renewable_until_unix: to_secs(l.max_expires_ms),
                 newer_version: l.latest_version.is_some_and(|v| v > l.version),
             }),
@@ -216,7 +216,7 @@ impl Broker {
     }
 
     async fn own_lease(&self, caller: &Caller, lease_id: &str) -> Result<LeaseRow> {
-        let not_found = || BrokerError::NotFound(format!("lease {lease_id}"));
+        let not_found = || BrokerError::NotFound(format!("lease {}", echo(lease_id)));
         let Caller::Workload(id) = caller else {
             return Err(not_found());
         };
@@ -255,13 +255,15 @@ impl Broker {
             // The grant is gone: the lease ends now, not at its expiry.
             self.end_forbidden_lease(&lease).await?;
             return Err(BrokerError::PermissionDenied(format!(
-                "no policy lets this identity read {} any more; lease {lease_id} has ended",
-                lease.path
+                "no policy lets this identity read {} any more; lease {} has ended",
+                lease.path,
+                echo(lease_id)
             )));
         };
         if lease.expires_ms >= lease.max_expires_ms {
             return Err(BrokerError::FailedPrecondition(format!(
-                "lease {lease_id} is at its maximum TTL"
+                "lease {} is at its maximum TTL",
+                echo(lease_id)
             )));
         }
         let inc = increment.filter(|t| !t.is_zero()).unwrap_or(default_ttl);
@@ -278,7 +280,7 @@ impl Broker {
         Ok(Renewing {
             lease_id: lease_id.to_owned(),
             now_ms: now,
-            expires_ms: now.saturating_add(i64::try_from(inc.as_millis()).unwrap_or(i64::MAX)),
+            expires_ms: deadline_ms(now, inc),
             refused,
         })
     }
@@ -376,8 +378,16 @@ impl Broker {
     }
 }
 
+/// `now_ms + d` in Unix milliseconds, saturating: no TTL or increment wraps into the past.
+pub(super) fn deadline_ms(now_ms: i64, d: Duration) -> i64 {
+    now_ms.saturating_add(i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
 fn not_renewable(lease_id: &str) -> BrokerError {
-    BrokerError::FailedPrecondition(format!("lease {lease_id} has expired or was revoked"))
+    BrokerError::FailedPrecondition(format!(
+        "lease {} has expired or was revoked",
+        echo(lease_id)
+    ))
 }
 
 /// `namespace/serviceaccount/path/<128 random bits hex>`.
@@ -391,4 +401,22 @@ fn new_lease_id(id: &Identity, path: &str) -> Result<String> {
         path,
         hex::encode(&r[..])
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deadlines_saturate_instead_of_wrapping() {
+        let now = 1_700_000_000_000;
+        assert_eq!(deadline_ms(now, Duration::ZERO), now);
+        assert_eq!(deadline_ms(now, Duration::from_secs(1)), now + 1000);
+        for secs in [1 << 53, (1u64 << 63) / 1000, u64::MAX] {
+            let d = deadline_ms(now, Duration::from_secs(secs));
+            assert!(d >= now, "{secs} s wrapped to {d}");
+        }
+        assert_eq!(deadline_ms(now, Duration::from_secs(u64::MAX)), i64::MAX);
+        assert_eq!(deadline_ms(i64::MAX, Duration::from_secs(1)), i64::MAX);
+    }
 }

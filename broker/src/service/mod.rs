@@ -14,12 +14,14 @@ use crate::audit::writer::{AuditWriter, Committed, WriterMetrics};
 use crate::audit::{AuditEvent, AuditRecord, EventKind, JsonlSink, Outcome};
 use crate::auth::Authenticator;
 pub use crate::auth::Caller;
+use crate::bounded::echo;
 use crate::crypto::{CryptoError, Envelope, SecretData};
 use crate::identity::Identity;
 use crate::policy::{validate_secret_path, Capability, Decision, PolicySet};
 use crate::store::{LeaseFilter, LeaseRow, Renewing, Store, StoreError};
 
 mod admin;
+mod auth_failures;
 mod authn;
 mod dek_sync;
 mod error;
@@ -31,6 +33,7 @@ mod replicas;
 pub mod rotation;
 
 pub use admin::{KekStatus, PolicyApply};
+pub use auth_failures::{spawn_auth_failure_flush, AUTH_FAILURE_FLUSH_EVERY, MAX_FAILURE_KEYS};
 pub use dek_sync::{spawn_dek_watch, DEK_POLL};
 pub use error::{BrokerError, Result};
 pub use holder_watch::{
@@ -118,6 +121,8 @@ pub struct Broker {
     policy_check: tokio::sync::Mutex<()>,
     audit_file: Arc<Mutex<Option<JsonlSink>>>,
     audit_writer: AuditWriter,
+    /// Failed authentications with no identity, counted until the next flush.
+    auth_failures: Mutex<auth_failures::FailureCounts>,
     kek: RwLock<Option<KekId>>,
     config: BrokerConfig,
     metrics: crate::metrics::Metrics,
@@ -164,6 +169,7 @@ impl Broker {
             policy_confirmed_ms: std::sync::atomic::AtomicI64::new(0),
             policy_check: tokio::sync::Mutex::new(()),
             audit_file: audit_file.clone(),
+            auth_failures: Mutex::default(),
             audit_writer: AuditWriter::spawn(
                 store_for_audit,
                 audit_file,

@@ -339,7 +339,7 @@ impl Broker {
             Some(id) => self.retire(caller, id).await,
             None => Err(BrokerError::InvalidArgument(format!(
                 "'{}' is not a KEK id (32 hex digits, as `brokerctl keys status` shows)",
-                kek_id.escape_debug()
+                crate::bounded::echo(kek_id)
             ))),
         };
         let path = id.map(kek_ref);
