@@ -7,6 +7,7 @@
 
 pub mod audit;
 pub mod auth;
+mod background;
 pub mod crypto;
 pub mod grpc;
 pub mod health;
