@@ -16,6 +16,7 @@ pub mod error;
 pub mod etcd;
 pub mod http;
 pub mod keys;
+pub mod limits;
 pub mod metrics;
 pub mod migrate;
 pub mod plugin;
