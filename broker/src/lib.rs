@@ -8,6 +8,7 @@
 pub mod audit;
 pub mod auth;
 pub mod crypto;
+pub mod fuzz_targets;
 pub mod grpc;
 pub mod http;
 pub mod metrics;

@@ -14,6 +14,7 @@ pub mod client;
 pub mod envelope;
 pub mod error;
 pub mod etcd;
+pub mod fuzz_targets;
 pub mod http;
 pub mod keys;
 pub mod limits;

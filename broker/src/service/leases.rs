@@ -121,14 +121,16 @@ impl Broker {
             .unwrap_or(default_ttl)
             .min(max_ttl);
         let now = now_ms();
+        let (expires_ms, max_expires_ms) =
+            keyhaven_broker_core::lease_ttl::grant(now, ttl, max_ttl);
         let lease = LeaseRow {
             id: new_lease_id(id, path)?,
             identity: id.clone(),
             path: path.to_owned(),
             version: row.version,
             created_ms: now,
-            expires_ms: now + ttl.as_millis() as i64,
-            max_expires_ms: now + max_ttl.as_millis() as i64,
+            expires_ms,
+            max_expires_ms,
             renewals: 0,
             ended_ms: None,
             end_reason: None,
@@ -278,7 +280,7 @@ impl Broker {
         Ok(Renewing {
             lease_id: lease_id.to_owned(),
             now_ms: now,
-            expires_ms: now.saturating_add(i64::try_from(inc.as_millis()).unwrap_or(i64::MAX)),
+            expires_ms: keyhaven_broker_core::lease_ttl::renewal(now, inc, lease.max_expires_ms),
             refused,
         })
     }
