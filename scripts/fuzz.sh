@@ -19,7 +19,7 @@ fi
 for t in "${targets[@]}"; do
     echo "== $t: ${seconds}s"
     mkdir -p "fuzz/corpus/$t"
-    cargo +nightly fuzz run "$t" "fuzz/corpus/$t" -- \
+    cargo +nightly fuzz run --all-features "$t" "fuzz/corpus/$t" -- \
         -max_total_time="$seconds" -max_len=8192 -timeout=10 -rss_limit_mb=2048
-    cargo +nightly fuzz cmin "$t" "fuzz/corpus/$t" -- -max_len=8192
+    cargo +nightly fuzz cmin --all-features "$t" "fuzz/corpus/$t" -- -max_len=8192
 done
