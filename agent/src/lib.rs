@@ -8,6 +8,7 @@ pub mod agent;
 pub mod client;
 pub mod config;
 pub mod files;
+pub mod fuzz_targets;
 pub mod http;
 pub mod metrics;
 

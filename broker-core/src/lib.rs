@@ -9,5 +9,7 @@
 pub mod audit;
 pub mod bounded;
 pub mod dev_token;
+pub mod fuzz_targets;
 pub mod identity;
+pub mod lease_ttl;
 pub mod policy;

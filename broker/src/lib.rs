@@ -9,6 +9,7 @@ pub mod audit;
 pub mod auth;
 mod background;
 pub mod crypto;
+pub mod fuzz_targets;
 pub mod grpc;
 pub mod health;
 pub mod http;

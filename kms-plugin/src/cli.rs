@@ -239,7 +239,7 @@ pub struct ServeArgs {
     #[arg(long, env = "KEYHAVEN_SOCKET_OWNER")]
     pub socket_owner: Option<String>,
     /// Only accept connections from these peer UIDs (comma-separated). Default: anyone who
-    /// can open the socket.
+    /// can open the socket file. Required with an abstract socket (`unix:///@name`).
     #[arg(long, env = "KEYHAVEN_ALLOW_UIDS", value_delimiter = ',')]
     pub allow_uid: Vec<u32>,
     /// Address of the HTTP listener for /healthz, /readyz, /metrics and /keys.

@@ -25,9 +25,14 @@ pub fn key_id(kek: &KekId) -> String {
     format!("{KEY_ID_PREFIX}{kek}")
 }
 
-/// The KEK a key_id names, if it is one of ours.
+/// The KEK a key_id names, if it is one of ours. Only the form [`key_id`] writes (lowercase
+/// hex) is ours: `hex` also reads uppercase, which would give one KEK several key_ids.
 pub fn parse_key_id(key_id: &str) -> Option<KekId> {
-    KekId::from_hex(key_id.strip_prefix(KEY_ID_PREFIX)?)
+    let hex = key_id.strip_prefix(KEY_ID_PREFIX)?;
+    if hex.bytes().any(|b| b.is_ascii_uppercase()) {
+        return None;
+    }
+    KekId::from_hex(hex)
 }
 
 /// The annotations Encrypt returns (and Decrypt expects back unchanged).
@@ -92,6 +97,10 @@ mod tests {
         assert_eq!(parse_key_id("abab"), None);
         assert_eq!(parse_key_id(""), None);
         assert_eq!(parse_key_id(&format!("{KEY_ID_PREFIX}zz")), None);
+        assert_eq!(
+            parse_key_id(&id.to_uppercase().replace("KEYHAVEN-KEK-V1-", KEY_ID_PREFIX)),
+            None
+        );
     }
 
     #[test]

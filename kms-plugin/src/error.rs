@@ -154,6 +154,15 @@ pub enum PluginError {
     /// The listen address is malformed.
     #[error("bad --listen address '{0}': use unix:///path/kms.sock or unix:///@name")]
     ListenAddr(String),
+    /// An abstract socket without a peer-UID allow-list: it has no file permissions, so any
+    /// process in the network namespace could call the plugin.
+    #[error(
+        "--listen {0} is an abstract socket, which has no file permissions: every process in \
+         the node's network namespace (every hostNetwork pod) could call Decrypt. Set \
+         --allow-uid (KEYHAVEN_ALLOW_UIDS) to the kube-apiserver's UID (0 with kubeadm), or \
+         listen on a socket file (unix:///path/kms.sock)"
+    )]
+    AbstractSocketWithoutAllowList(String),
     /// Another plugin answers on the socket.
     #[error("another process is serving on {0}; refusing to take its socket")]
     SocketInUse(String),

@@ -377,14 +377,7 @@ impl Plugin {
     }
 
     async fn decrypt_inner(&self, req: DecryptRequest) -> Result<DecryptResponse, KmsError> {
-        if req.key_id.is_empty() {
-            return Err(KmsError::invalid("key_id is empty"));
-        }
-        if req.key_id.len() > 1024 {
-            return Err(KmsError::invalid("key_id longer than 1 KiB"));
-        }
-        envelope::check_annotations(&req.annotations).map_err(bad_envelope)?;
-        let (iv, body) = envelope::decode(&req.ciphertext).map_err(bad_envelope)?;
+        let (iv, body) = check_decrypt_request(&req)?;
         let unknown = || {
             KmsError::NotFound(format!(
                 "unknown key_id {}: no such KEK on the HSM token (retired, or made by another plugin)",
@@ -435,6 +428,19 @@ impl Plugin {
             plaintext: pt.to_vec(),
         })
     }
+}
+
+/// The checks of a Decrypt request that need no HSM: a key_id of 1 to 1024 bytes, exactly
+/// our annotations, a well-formed ciphertext. Gives the ciphertext's IV and body.
+pub fn check_decrypt_request(req: &DecryptRequest) -> Result<(&[u8], &[u8]), KmsError> {
+    if req.key_id.is_empty() {
+        return Err(KmsError::invalid("key_id is empty"));
+    }
+    if req.key_id.len() > 1024 {
+        return Err(KmsError::invalid("key_id longer than 1 KiB"));
+    }
+    envelope::check_annotations(&req.annotations).map_err(bad_envelope)?;
+    envelope::decode(&req.ciphertext).map_err(bad_envelope)
 }
 
 fn bad_envelope(e: EnvelopeError) -> KmsError {

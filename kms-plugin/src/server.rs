@@ -22,6 +22,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), PluginError> {
     let addr = ListenAddr::parse(&args.listen)?;
+    socket::check_guarded(&addr, &args.allow_uid)?;
     let owner = args
         .socket_owner
         .as_deref()
@@ -126,10 +127,11 @@ pub async fn serve(
     );
     let svc = tonic::service::interceptor::InterceptedService::new(
         KeyManagementServiceServer::new(KmsService::new(plugin.clone()))
-            .max_decoding_message_size(64 * 1024),
+            .max_decoding_message_size(crate::limits::MAX_REQUEST_MESSAGE),
         interceptor,
     );
     let grpc = tonic::transport::Server::builder()
+        .layer(crate::limits::oversized_as_invalid_argument())
         .add_service(health)
         .add_service(svc)
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), stop(stop_rx));

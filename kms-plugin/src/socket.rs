@@ -43,6 +43,17 @@ impl std::fmt::Display for ListenAddr {
     }
 }
 
+/// Refuses an abstract socket without a peer-UID allow-list. A socket file is guarded by its
+/// mode and owner; an abstract socket has neither, so the allow-list is its only guard.
+pub fn check_guarded(addr: &ListenAddr, allow_uid: &[u32]) -> Result<(), PluginError> {
+    match addr {
+        ListenAddr::Abstract(_) if allow_uid.is_empty() => Err(
+            PluginError::AbstractSocketWithoutAllowList(addr.to_string()),
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// Parses `UID` or `UID:GID`.
 pub fn parse_owner(s: &str) -> Result<(u32, Option<u32>), PluginError> {
     let bad = |_| PluginError::Io {
@@ -154,5 +165,18 @@ mod tests {
         assert_eq!(parse_owner("0:5").unwrap(), (0, Some(5)));
         assert_eq!(parse_owner("1000").unwrap(), (1000, None));
         assert!(parse_owner("root").is_err());
+    }
+
+    #[test]
+    fn abstract_socket_needs_an_allow_list() {
+        let abs = ListenAddr::Abstract("kms".into());
+        let err = check_guarded(&abs, &[]).unwrap_err();
+        assert!(
+            matches!(err, PluginError::AbstractSocketWithoutAllowList(ref a) if a == "unix:///@kms"),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("--allow-uid"), "{err}");
+        check_guarded(&abs, &[0]).unwrap();
+        check_guarded(&ListenAddr::Path("/run/k.sock".into()), &[]).unwrap();
     }
 }

@@ -47,4 +47,6 @@ pub use set::*;
 pub use syntax::validate_secret_path;
 
 #[cfg(test)]
+mod proptests;
+#[cfg(test)]
 mod tests;

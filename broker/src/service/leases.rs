@@ -121,14 +121,16 @@ impl Broker {
             .unwrap_or(default_ttl)
             .min(max_ttl);
         let now = now_ms();
+        let (expires_ms, max_expires_ms) =
+            keyhaven_broker_core::lease_ttl::grant(now, ttl, max_ttl);
         let lease = LeaseRow {
             id: new_lease_id(id, path)?,
             identity: id.clone(),
             path: path.to_owned(),
             version: row.version,
             created_ms: now,
-            expires_ms: deadline_ms(now, ttl),
-            max_expires_ms: deadline_ms(now, max_ttl),
+            expires_ms,
+            max_expires_ms,
             renewals: 0,
             ended_ms: None,
             end_reason: None,
@@ -280,7 +282,7 @@ impl Broker {
         Ok(Renewing {
             lease_id: lease_id.to_owned(),
             now_ms: now,
-            expires_ms: deadline_ms(now, inc),
+            expires_ms: keyhaven_broker_core::lease_ttl::renewal(now, inc, lease.max_expires_ms),
             refused,
         })
     }
@@ -378,11 +380,6 @@ impl Broker {
     }
 }
 
-/// `now_ms + d` in Unix milliseconds, saturating: no TTL or increment wraps into the past.
-pub(super) fn deadline_ms(now_ms: i64, d: Duration) -> i64 {
-    now_ms.saturating_add(i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
 fn not_renewable(lease_id: &str) -> BrokerError {
     BrokerError::FailedPrecondition(format!(
         "lease {} has expired or was revoked",
@@ -401,22 +398,4 @@ fn new_lease_id(id: &Identity, path: &str) -> Result<String> {
         path,
         hex::encode(&r[..])
     ))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn deadlines_saturate_instead_of_wrapping() {
-        let now = 1_700_000_000_000;
-        assert_eq!(deadline_ms(now, Duration::ZERO), now);
-        assert_eq!(deadline_ms(now, Duration::from_secs(1)), now + 1000);
-        for secs in [1 << 53, (1u64 << 63) / 1000, u64::MAX] {
-            let d = deadline_ms(now, Duration::from_secs(secs));
-            assert!(d >= now, "{secs} s wrapped to {d}");
-        }
-        assert_eq!(deadline_ms(now, Duration::from_secs(u64::MAX)), i64::MAX);
-        assert_eq!(deadline_ms(i64::MAX, Duration::from_secs(1)), i64::MAX);
-    }
 }

@@ -1,0 +1,3 @@
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| keyhaven_broker_core::fuzz_targets::policy_document(data));
