@@ -87,9 +87,7 @@ pub struct Metrics {
     pub ready: Gauge,
     /// gRPC connections open (set at scrape time; at most `--max-connections`).
     pub connections_open: Gauge,
-    login_attempts: Gauge<u64, AtomicU64>,
-    pin_refused: Gauge,
-    pin_source_checks: Gauge<u64, AtomicU64>,
+    login: keyhaven_hsm::login_metrics::LoginMetrics,
 }
 
 /// A single `resource` label (`pods`, `serviceaccounts`).
@@ -263,28 +261,12 @@ impl Metrics {
             "gRPC connections open (at most --max-connections)",
             connections_open.clone(),
         );
-        let login_attempts = Gauge::<u64, AtomicU64>::default();
-        let pin_refused = Gauge::default();
-        let pin_source_checks = Gauge::<u64, AtomicU64>::default();
+        let login = keyhaven_hsm::login_metrics::LoginMetrics::default();
+        login.register(&mut registry);
         registry.register(
             "ready",
             "1 while the last database and HSM probe passed",
             ready.clone(),
-        );
-        registry.register(
-            "hsm_login_attempts",
-            "C_Login calls this process made (a refused PIN is offered once)",
-            login_attempts.clone(),
-        );
-        registry.register(
-            "hsm_pin_refused",
-            "1 while the token refused the PIN and the broker waits for the PIN source to change",
-            pin_refused.clone(),
-        );
-        registry.register(
-            "hsm_pin_source_checks",
-            "Times the PIN source was read again while waiting for a new PIN",
-            pin_source_checks.clone(),
         );
         Metrics {
             registry,
@@ -314,18 +296,13 @@ impl Metrics {
             holder_watch_errors,
             ready,
             connections_open,
-            login_attempts,
-            pin_refused,
-            pin_source_checks,
+            login,
         }
     }
 
     /// Copies the login figures of `login` (and of this process) into their metrics.
     pub fn set_login(&self, login: &keyhaven_hsm::login::LoginStatus) {
-        self.login_attempts
-            .set(keyhaven_hsm::process_login_attempts());
-        self.pin_refused.set(login.pin_refused());
-        self.pin_source_checks.set(login.pin_source_checks());
+        self.login.set(login);
     }
 
     /// One finished RPC.

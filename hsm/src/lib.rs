@@ -26,6 +26,7 @@ mod error;
 mod kek;
 mod keystore;
 pub mod login;
+pub mod login_metrics;
 #[cfg(feature = "testing")]
 pub mod testing;
 

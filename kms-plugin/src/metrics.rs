@@ -87,9 +87,7 @@ pub struct Metrics {
     pub refused_peers: Counter,
     key_ops: Family<KeyOp, Counter>,
     key_last_used: Family<KeyOp, Gauge>,
-    login_attempts: Gauge<u64, AtomicU64>,
-    pin_refused: Gauge,
-    pin_source_checks: Gauge<u64, AtomicU64>,
+    login: keyhaven_hsm::login_metrics::LoginMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -121,24 +119,8 @@ impl Metrics {
         let refused_peers = Counter::default();
         let key_ops = Family::<KeyOp, Counter>::default();
         let key_last_used = Family::<KeyOp, Gauge>::default();
-        let login_attempts = Gauge::<u64, AtomicU64>::default();
-        let pin_refused = Gauge::default();
-        let pin_source_checks = Gauge::<u64, AtomicU64>::default();
-        registry.register(
-            "hsm_login_attempts",
-            "C_Login calls this process made (a refused PIN is offered once)",
-            login_attempts.clone(),
-        );
-        registry.register(
-            "hsm_pin_refused",
-            "1 while the token refused the PIN and the plugin waits for the PIN source to change",
-            pin_refused.clone(),
-        );
-        registry.register(
-            "hsm_pin_source_checks",
-            "Times the PIN source was read again while waiting for a new PIN",
-            pin_source_checks.clone(),
-        );
+        let login = keyhaven_hsm::login_metrics::LoginMetrics::default();
+        login.register(&mut registry);
         registry.register(
             "key_operations",
             "Successful Encrypt/Decrypt calls by KEK key_id (keys on the token only)",
@@ -197,18 +179,13 @@ impl Metrics {
             refused_peers,
             key_ops,
             key_last_used,
-            login_attempts,
-            pin_refused,
-            pin_source_checks,
+            login,
         }
     }
 
     /// Copies the login figures of `login` (and of this process) into their metrics.
     pub fn set_login(&self, login: &keyhaven_hsm::login::LoginStatus) {
-        self.login_attempts
-            .set(keyhaven_hsm::process_login_attempts());
-        self.pin_refused.set(login.pin_refused());
-        self.pin_source_checks.set(login.pin_source_checks());
+        self.login.set(login);
     }
 
     /// The per-key counters of `key_id` (registered once; updating them is a few atomics).
