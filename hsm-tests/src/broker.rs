@@ -28,6 +28,15 @@ pub fn broker_keys_init(hsm: &SoftHsm) {
     ks.generate_kek().expect("generate broker KEK");
 }
 
+/// A fresh SoftHSM2 token holding the broker's first KEK, and a throwaway PKI in its
+/// directory: what every broker process test starts from.
+pub fn broker_token() -> (SoftHsm, DevPki) {
+    let hsm = SoftHsm::new().expect("SoftHSM2 token");
+    broker_keys_init(&hsm);
+    let pki = DevPki::write(hsm.dir()).expect("test PKI");
+    (hsm, pki)
+}
+
 /// A running `broker`.
 #[derive(Debug)]
 pub struct BrokerProc {

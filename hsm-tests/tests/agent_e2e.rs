@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use hsm_tests::broker::{authed, broker_keys_init, BrokerProc, BOOTSTRAP};
+use hsm_tests::broker::{authed, broker_token, BrokerProc, BOOTSTRAP};
 use hsm_tests::process::{bin_path, free_port, http_get, runtime};
 use keyhaven_broker::auth::DevIssuer;
 use keyhaven_proto::broker::v1::admin_client::AdminClient;
@@ -43,9 +43,7 @@ struct World {
 
 impl World {
     fn new() -> World {
-        let hsm = SoftHsm::new().unwrap();
-        broker_keys_init(&hsm);
-        let pki = DevPki::write(hsm.dir()).unwrap();
+        let (hsm, pki) = broker_token();
         let broker = BrokerProc::start(&hsm, &pki, &["--reap-interval", "1s"]);
         let rt = runtime();
         let dev = DevIssuer::load_or_generate(&hsm.dir().join("dev.pem")).unwrap();
@@ -675,9 +673,7 @@ fn once_mode_for_init_containers() {
 
 #[test]
 fn client_certificates_when_the_broker_asks_for_them() {
-    let hsm = SoftHsm::new().unwrap();
-    broker_keys_init(&hsm);
-    let pki = DevPki::write(hsm.dir()).unwrap();
+    let (hsm, pki) = broker_token();
     let ca = pki.ca.display().to_string();
     let broker = BrokerProc::start(&hsm, &pki, &["--tls-client-ca", &ca]);
     let put = broker.ctl_admin_mtls(&hsm, &pki, &["policy", "apply", "-f", "-"], POLICY);

@@ -7,10 +7,8 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use hsm_tests::broker::{broker_keys_init, tls_channel, BrokerProc};
+use hsm_tests::broker::{broker_token, tls_channel, BrokerProc};
 use hsm_tests::process::{eventually, grpc_health, metric, runtime};
-use testkit::pki::DevPki;
-use testkit::softhsm::SoftHsm;
 
 const OPEN: &str = "keyhaven_broker_connections_open";
 
@@ -38,9 +36,7 @@ fn closed_by_peer(mut s: &TcpStream, patience: Duration) -> bool {
 
 #[test]
 fn silent_connections_stalled_handshakes_and_idle_connections_are_closed() {
-    let hsm = SoftHsm::new().unwrap();
-    broker_keys_init(&hsm);
-    let pki = DevPki::write(hsm.dir()).unwrap();
+    let (hsm, pki) = broker_token();
     let b = BrokerProc::start(
         &hsm,
         &pki,
@@ -82,9 +78,7 @@ fn silent_connections_stalled_handshakes_and_idle_connections_are_closed() {
 
 #[test]
 fn no_more_than_max_connections_are_open_and_the_rest_wait() {
-    let hsm = SoftHsm::new().unwrap();
-    broker_keys_init(&hsm);
-    let pki = DevPki::write(hsm.dir()).unwrap();
+    let (hsm, pki) = broker_token();
     let b = BrokerProc::start(
         &hsm,
         &pki,

@@ -6,13 +6,12 @@
 
 use std::time::{Duration, Instant};
 
-use hsm_tests::broker::{authed, broker_keys_init, BrokerProc, BOOTSTRAP};
+use hsm_tests::broker::{authed, broker_token, BrokerProc, BOOTSTRAP};
 use hsm_tests::broker_client::BrokerClient;
 use hsm_tests::process::{http_get, runtime};
 use keyhaven_broker::auth::DevIssuer;
 use keyhaven_broker::service::DEK_POLL;
 use keyhaven_proto::broker::v1::DeleteSecretRequest;
-use testkit::pki::DevPki;
 use testkit::postgres::Postgres;
 use testkit::softhsm::SoftHsm;
 
@@ -67,9 +66,7 @@ fn web_token(hsm: &SoftHsm) -> String {
 
 #[test]
 fn expired_deks_are_swept_without_a_lookup() {
-    let hsm = SoftHsm::new().unwrap();
-    broker_keys_init(&hsm);
-    let pki = DevPki::write(hsm.dir()).unwrap();
+    let (hsm, pki) = broker_token();
     let b = BrokerProc::start(&hsm, &pki, &["--dek-cache-ttl", "2s"]);
     let token = web_token(&hsm);
     runtime().block_on(async {
@@ -93,9 +90,7 @@ fn expired_deks_are_swept_without_a_lookup() {
 #[test]
 fn a_destroyed_secrets_deks_leave_every_replica() {
     let pg = Postgres::start().unwrap();
-    let hsm = SoftHsm::new().unwrap();
-    broker_keys_init(&hsm);
-    let pki = DevPki::write(hsm.dir()).unwrap();
+    let (hsm, pki) = broker_token();
     let a = BrokerProc::start_on(&hsm, &pki, &pg.url(), &[]);
     let b = BrokerProc::start_on(&hsm, &pki, &pg.url(), &[]);
     let token = web_token(&hsm);

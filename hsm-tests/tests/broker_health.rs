@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hsm_tests::broker::{authed, broker_keys_init, tls_channel, BrokerProc, BOOTSTRAP};
+use hsm_tests::broker::{authed, broker_token, tls_channel, BrokerProc, BOOTSTRAP};
 use hsm_tests::process::{eventually, grpc_health, http_get, metric, runtime};
 use keyhaven_broker::auth::DevIssuer;
 use keyhaven_proto::broker::v1::admin_client::AdminClient;
@@ -77,9 +77,7 @@ fn setup(rt: &tokio::runtime::Runtime, b: &BrokerProc, pki: &DevPki, hsm: &SoftH
 
 #[test]
 fn a_wrong_pin_keeps_the_broker_up_and_unready_and_is_offered_once() {
-    let hsm = SoftHsm::new().unwrap();
-    broker_keys_init(&hsm);
-    let pki = DevPki::write(hsm.dir()).unwrap();
+    let (hsm, pki) = broker_token();
     hsm.write_pin("0000-wrong-pin").unwrap();
     let b = BrokerProc::start_unready(&hsm, &pki, &[]);
     let rt = runtime();
@@ -166,9 +164,7 @@ fn a_wrong_pin_keeps_the_broker_up_and_unready_and_is_offered_once() {
 #[test]
 fn postgres_stopped_under_load_turns_health_not_serving_and_back_without_losing_a_lease() {
     let mut pg = Postgres::start().unwrap();
-    let hsm = SoftHsm::new().unwrap();
-    broker_keys_init(&hsm);
-    let pki = DevPki::write(hsm.dir()).unwrap();
+    let (hsm, pki) = broker_token();
     let b = BrokerProc::start_on(&hsm, &pki, &pg.url(), &[]);
     let rt = runtime();
     assert!(
@@ -273,9 +269,7 @@ fn postgres_stopped_under_load_turns_health_not_serving_and_back_without_losing_
 
 #[test]
 fn hsm_gone_turns_broker_health_not_serving_and_back() {
-    let hsm = SoftHsm::new().unwrap();
-    broker_keys_init(&hsm);
-    let pki = DevPki::write(hsm.dir()).unwrap();
+    let (hsm, pki) = broker_token();
     let b = BrokerProc::start(&hsm, &pki, &[]);
     let rt = runtime();
     assert!(eventually(Duration::from_secs(20), || health(

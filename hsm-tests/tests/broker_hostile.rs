@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use hsm_tests::broker::{authed, broker_keys_init, BrokerProc, BOOTSTRAP};
+use hsm_tests::broker::{authed, broker_token, BrokerProc, BOOTSTRAP};
 use hsm_tests::broker_client::BrokerClient;
 use hsm_tests::process::runtime;
 use keyhaven_broker::audit::{verify_jsonl, AuditRecord, EventKind, MAX_RECORD_JSON_BYTES};
@@ -71,9 +71,7 @@ fn count(r: &AuditRecord) -> u64 {
 }
 
 fn setup(extra: &[&str]) -> (SoftHsm, DevPki, BrokerProc) {
-    let hsm = SoftHsm::new().unwrap();
-    broker_keys_init(&hsm);
-    let pki = DevPki::write(hsm.dir()).unwrap();
+    let (hsm, pki) = broker_token();
     let b = BrokerProc::start(&hsm, &pki, extra);
     (hsm, pki, b)
 }

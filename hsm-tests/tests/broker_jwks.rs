@@ -6,12 +6,10 @@
 
 use std::time::{Duration, Instant};
 
-use hsm_tests::broker::{broker_keys_init, BrokerProc};
+use hsm_tests::broker::{broker_token, BrokerProc};
 use hsm_tests::broker_client::BrokerClient;
 use hsm_tests::process::runtime;
 use keyhaven_broker::auth::{DevIssuer, DEV_ISSUER};
-use testkit::pki::DevPki;
-use testkit::softhsm::SoftHsm;
 use tonic::Code;
 
 const POLICY: &str = r#"
@@ -65,9 +63,7 @@ async fn lease_until(c: &mut BrokerClient, token: &str, want: Code, log: impl Fn
 
 #[test]
 fn a_key_removed_from_the_jwks_file_is_refused_without_a_restart() {
-    let hsm = SoftHsm::new().unwrap();
-    broker_keys_init(&hsm);
-    let pki = DevPki::write(hsm.dir()).unwrap();
+    let (hsm, pki) = broker_token();
     // Two cluster signing keys; the broker's own dev key (dev.pem) is neither.
     let (old, new) = (
         DevIssuer::generate().unwrap(),

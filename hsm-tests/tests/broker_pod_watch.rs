@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use hsm_tests::broker::{broker_keys_init, BrokerProc};
+use hsm_tests::broker::{broker_token, BrokerProc};
 use hsm_tests::broker_client::BrokerClient;
 use hsm_tests::kube_watch::{FakeKube, Kind};
 use hsm_tests::process::{http_get, runtime};
@@ -142,9 +142,7 @@ fn mint(hsm: &SoftHsm, sa: &str, pod: &str, uid: &str) -> String {
 
 #[test]
 fn a_deleted_pod_loses_its_leases_and_a_namesake_pod_keeps_its_own() {
-    let hsm = SoftHsm::new().unwrap();
-    broker_keys_init(&hsm);
-    let pki = DevPki::write(hsm.dir()).unwrap();
+    let (hsm, pki) = broker_token();
     let kube = cluster();
     let b = start(&hsm, &pki, None, &kube);
     wait_watching(&kube, 1);
@@ -192,9 +190,7 @@ fn a_deleted_pod_loses_its_leases_and_a_namesake_pod_keeps_its_own() {
 
 #[test]
 fn a_deleted_service_account_loses_its_leases() {
-    let hsm = SoftHsm::new().unwrap();
-    broker_keys_init(&hsm);
-    let pki = DevPki::write(hsm.dir()).unwrap();
+    let (hsm, pki) = broker_token();
     let kube = cluster();
     let b = start(&hsm, &pki, None, &kube);
     wait_watching(&kube, 1);
@@ -226,9 +222,7 @@ fn a_deleted_service_account_loses_its_leases() {
 
 #[test]
 fn a_watch_broken_by_a_dropped_connection_or_410_gone_misses_no_deletion() {
-    let hsm = SoftHsm::new().unwrap();
-    broker_keys_init(&hsm);
-    let pki = DevPki::write(hsm.dir()).unwrap();
+    let (hsm, pki) = broker_token();
     let kube = cluster();
     kube.add(Kind::Pods, "shop", "web-2", "uid-web-2");
     let b = start(&hsm, &pki, None, &kube);
@@ -282,9 +276,7 @@ fn a_watch_broken_by_a_dropped_connection_or_410_gone_misses_no_deletion() {
 #[test]
 fn two_replicas_watching_the_same_apiserver_end_each_lease_once() {
     let pg = Postgres::start().unwrap();
-    let hsm = SoftHsm::new().unwrap();
-    broker_keys_init(&hsm);
-    let pki = DevPki::write(hsm.dir()).unwrap();
+    let (hsm, pki) = broker_token();
     let kube = cluster();
     const PODS: usize = 6;
     for i in 0..PODS {

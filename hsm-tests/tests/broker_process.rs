@@ -5,7 +5,9 @@
 use std::process::Command;
 use std::time::Duration;
 
-use hsm_tests::broker::{authed, broker_keys_init, tls_channel, BrokerProc, BOOTSTRAP};
+use hsm_tests::broker::{
+    authed, broker_keys_init, broker_token, tls_channel, BrokerProc, BOOTSTRAP,
+};
 use hsm_tests::process::{bin_path, http_get, runtime};
 use keyhaven_broker::auth::DevIssuer;
 use keyhaven_proto::broker::v1::admin_client::AdminClient;
@@ -28,9 +30,7 @@ policies:
 
 #[test]
 fn leases_over_tls_with_a_real_broker_process() {
-    let hsm = SoftHsm::new().unwrap();
-    broker_keys_init(&hsm);
-    let pki = DevPki::write(hsm.dir()).unwrap();
+    let (hsm, pki) = broker_token();
     let b = BrokerProc::start(&hsm, &pki, &[]);
     let rt = runtime();
     rt.block_on(async {

@@ -6,16 +6,14 @@
 
 use std::time::Duration;
 
-use hsm_tests::broker::{authed, broker_keys_init, BrokerProc, BOOTSTRAP};
+use hsm_tests::broker::{authed, broker_token, BrokerProc, BOOTSTRAP};
 use hsm_tests::broker_client::BrokerClient;
 use hsm_tests::process::runtime;
 use keyhaven_broker::auth::DevIssuer;
 use keyhaven_broker::service::{POLICY_BOUND, REVOKED_BY_POLICY};
 use keyhaven_broker::store::{ReplicaRow, Store};
 use keyhaven_proto::broker::v1::*;
-use testkit::pki::DevPki;
 use testkit::postgres::Postgres;
-use testkit::softhsm::SoftHsm;
 use tonic::Code;
 
 const GRANT: &str = r#"
@@ -48,9 +46,7 @@ fn ids(leases: &[LeaseInfo]) -> Vec<String> {
 #[test]
 fn a_policy_change_on_one_replica_holds_on_every_replica_and_ends_the_leases_it_forbids() {
     let pg = Postgres::start().unwrap();
-    let hsm = SoftHsm::new().unwrap();
-    broker_keys_init(&hsm);
-    let pki = DevPki::write(hsm.dir()).unwrap();
+    let (hsm, pki) = broker_token();
     let a = BrokerProc::start_on(&hsm, &pki, &pg.url(), &[]);
     let mut b = BrokerProc::start_on(&hsm, &pki, &pg.url(), &[]);
     let rt = runtime();
@@ -250,9 +246,7 @@ async fn apply_behind_their_backs(store: &Store, yaml: &str, applied_ms: i64) ->
 /// replica on SQLite.
 #[test]
 fn a_replica_that_reloads_ends_the_leases_the_new_set_forbids() {
-    let hsm = SoftHsm::new().unwrap();
-    broker_keys_init(&hsm);
-    let pki = DevPki::write(hsm.dir()).unwrap();
+    let (hsm, pki) = broker_token();
     let b = BrokerProc::start(&hsm, &pki, &[]);
     let url = format!("sqlite://{}", hsm.dir().join("broker.db").display());
     let rt = runtime();
@@ -323,9 +317,7 @@ fn a_replica_that_reloads_ends_the_leases_the_new_set_forbids() {
 #[test]
 fn renewals_on_two_replicas_each_extend_their_lease_once_with_their_record() {
     let pg = Postgres::start().unwrap();
-    let hsm = SoftHsm::new().unwrap();
-    broker_keys_init(&hsm);
-    let pki = DevPki::write(hsm.dir()).unwrap();
+    let (hsm, pki) = broker_token();
     let a = BrokerProc::start_on(&hsm, &pki, &pg.url(), &[]);
     let b = BrokerProc::start_on(&hsm, &pki, &pg.url(), &[]);
     let rt = runtime();

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hsm_tests::broker::{authed, broker_keys_init, test_store, tls_channel, BrokerProc, BOOTSTRAP};
+use hsm_tests::broker::{authed, broker_token, test_store, tls_channel, BrokerProc, BOOTSTRAP};
 use hsm_tests::process::runtime;
 use keyhaven_broker::audit::{EventKind, Outcome};
 use keyhaven_broker::auth::{Authenticator, DevIssuer, Verifier};
@@ -602,9 +602,7 @@ async fn sweep(ch: &Channel, token: &str, n: usize) -> Vec<String> {
 fn rotation_under_a_100_client_lease_load_fails_no_lease() {
     const SECRETS: usize = 300;
     const CLIENTS: usize = 100;
-    let hsm = SoftHsm::new().unwrap();
-    broker_keys_init(&hsm);
-    let pki = DevPki::write(hsm.dir()).unwrap();
+    let (hsm, pki) = broker_token();
     // Small, paced batches: the re-wrap takes seconds, so the load and a full sweep run while
     // it is in progress. The 100 clients share one loopback address, each with a new token:
     // no limit before authentication either.
@@ -990,9 +988,7 @@ fn two_replicas_on_one_postgres_move_each_dek_exactly_once() {
 
 #[test]
 fn retire_is_refused_while_in_use_allowed_after_audited_and_the_kek_is_gone() {
-    let hsm = SoftHsm::new().unwrap();
-    broker_keys_init(&hsm);
-    let pki = DevPki::write(hsm.dir()).unwrap();
+    let (hsm, pki) = broker_token();
     let b = BrokerProc::start(
         &hsm,
         &pki,
