@@ -2,6 +2,9 @@
 //! about two-thirds of the TTL (with jitter), leases again when the broker reports a newer
 //! version or the lease reaches its maximum, and backs off (exponential, jittered, capped)
 //! while the broker cannot be reached — keeping the last good file until the lease ends.
+//! A version that cannot be written (its template fails, the volume is full) leaves the last
+//! good file and its lease in place, and the agent not ready, with the reason, until a
+//! version is written.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -42,6 +45,9 @@ pub struct Slot {
     pub lease: Option<(String, SystemTime)>,
     /// Why the file's lease ended with no lease to replace it (until one is granted).
     pub ended: Option<String>,
+    /// Why the last leased version could not be written (render or file system), until a
+    /// version is written. A file already in place is kept.
+    pub failed: Option<String>,
 }
 
 /// State shared between the lease tasks, the HTTP listener and shutdown.
@@ -78,7 +84,9 @@ impl Shared {
             self.metrics
                 .leases_held
                 .set(slots.iter().filter(|s| s.lease.is_some()).count() as i64);
-            slots.iter().all(|s| s.written && s.ended.is_none())
+            slots
+                .iter()
+                .all(|s| s.written && s.ended.is_none() && s.failed.is_none())
         };
         self.set_ready(all_written);
     }
@@ -116,10 +124,14 @@ impl Shared {
             .zip(slots.iter())
             .filter_map(|(spec, s)| {
                 let file = spec.file.display();
-                match (&s.ended, s.written) {
-                    (Some(why), _) => Some(format!("{file}: lease ended ({why})")),
-                    (None, false) => Some(format!("{file}: not written")),
-                    (None, true) => None,
+                match (&s.ended, &s.failed, s.written) {
+                    (Some(why), _, _) => Some(format!("{file}: lease ended ({why})")),
+                    (None, Some(why), false) => Some(format!("{file}: not written ({why})")),
+                    (None, Some(why), true) => Some(format!(
+                        "{file}: the newest version could not be written ({why}); the previous file is kept"
+                    )),
+                    (None, None, false) => Some(format!("{file}: not written")),
+                    (None, None, true) => None,
                 }
             })
             .collect()
@@ -279,7 +291,9 @@ impl Ctx {
             });
             // Do not hold a lease for a file we could not write.
             let _ = self.broker.revoke(&held.id).await;
-            return Err(LeaseFailure::Write(e.to_string()));
+            let why = e.to_string();
+            self.shared.update(i, |s| s.failed = Some(why.clone()));
+            return Err(LeaseFailure::Write(why));
         }
         self.shared.metrics.file_writes.inc();
         tracing::info!(
@@ -297,6 +311,7 @@ impl Ctx {
             s.written = true;
             s.lease = Some((id, exp));
             s.ended = None;
+            s.failed = None;
         });
         Ok(held)
     }
@@ -467,6 +482,17 @@ pub async fn run_secret(ctx: Arc<Ctx>, i: usize, mut stop: watch::Receiver<bool>
                     ctx.delete_file(i);
                     return;
                 }
+                Err(e @ LeaseFailure::Write(_)) => {
+                    // The broker gave the new version and it cannot be written (a template
+                    // that does not fit it, a full volume): keep the current file and its
+                    // lease, renewed as usual. Each renewal that reports the newer version
+                    // tries it again, at most every --backoff-max. The slot says why the
+                    // agent is not ready meanwhile.
+                    relet = false;
+                    h.next = SystemTime::now() + renew_after(h.ttl).min(ctx.backoff_max);
+                    tracing::warn!(path = %spec.path, error = %e, "cannot write the newer version; keeping the current file and lease");
+                    held = Some(h);
+                }
                 Err(e) => {
                     relet = true;
                     let wait = backoff.next_wait().min(until(h.expires));
@@ -590,6 +616,33 @@ mod tests {
             ttl: Duration::from_secs(ttl),
             next: now,
         }
+    }
+
+    #[test]
+    fn a_failed_write_makes_the_agent_not_ready_with_the_reason() {
+        let spec =
+            crate::config::parse_secret_flag("shop/db=db.conf").unwrap_or_else(|e| panic!("{e}"));
+        let shared = Shared::new(vec![spec], None);
+        let why = "template error at line 1: undefined password".to_string();
+        shared.update(0, |s| s.failed = Some(why.clone()));
+        assert_eq!(
+            shared.not_ready(),
+            vec![format!("db.conf: not written ({why})")]
+        );
+        shared.update(0, |s| {
+            s.written = true;
+            s.failed = None;
+        });
+        assert!(shared.not_ready().is_empty());
+        // A newer version that cannot be written: the previous file stays, not ready.
+        shared.update(0, |s| s.failed = Some(why.clone()));
+        let now = shared.not_ready();
+        assert_eq!(now.len(), 1);
+        assert!(
+            now[0].contains(&why) && now[0].contains("previous file is kept"),
+            "{now:?}"
+        );
+        assert_eq!(shared.metrics.ready.get(), 0);
     }
 
     #[test]

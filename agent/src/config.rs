@@ -8,12 +8,19 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use serde::Deserialize;
 
+use crate::template::{Template, MAX_TEMPLATE_BYTES};
+
+mod flags;
+pub use flags::flag_specs;
+
 /// Keyhaven sidecar: leases secrets from the broker with the pod's ServiceAccount token,
 /// writes them atomically into a shared in-memory volume, renews the leases, follows new
 /// secret versions, and revokes its leases on SIGTERM.
 ///
-/// Secrets come from `--config` (a YAML file) and/or `--secret PATH=FILE`. Every flag also
-/// reads the environment variable shown. Values and tokens are never logged.
+/// Secrets come from `--config` (a YAML file) and/or `--secret PATH=FILE`, each with
+/// `--format`, `--key`, `--template` or `--template-file FILE=…` for its file. Every flag that
+/// is not repeatable also reads the environment variable shown. Values and tokens are never
+/// logged.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "broker-agent", version)]
 pub struct Cli {
@@ -42,10 +49,34 @@ pub struct Cli {
     /// YAML file listing the secrets to lease (see the docs for the format).
     #[arg(long, env = "KEYHAVEN_AGENT_CONFIG")]
     pub config: Option<PathBuf>,
-    /// A secret without a config file: `PATH=FILE` (format json, or raw when FILE has no
-    /// `.json`/`.env` extension and the secret has one key). Repeatable.
+    /// A secret without a config file: `PATH=FILE`, the broker path first, then the file.
+    /// The format is guessed from FILE (`.json`: json, `.env`: dotenv, else raw, which needs
+    /// a secret with one key or `--key`) unless `--format` or `--template` says otherwise.
+    /// Repeatable.
     #[arg(long = "secret", value_name = "PATH=FILE")]
     pub secrets: Vec<String>,
+    /// Format of the `--secret` that writes FILE: raw, json, dotenv or template (overrides
+    /// the guess from the extension). Repeatable.
+    #[arg(long = "format", value_name = "FILE=FORMAT")]
+    pub formats: Vec<String>,
+    /// For format raw: the key of the `--secret` that writes FILE. Repeatable.
+    #[arg(long = "key", value_name = "FILE=KEY")]
+    pub keys: Vec<String>,
+    /// Inline template for FILE (format template, implied): the secret's keys are variables,
+    /// `{{ username }}`, also as `{{ data["db-url"] }}`, and `{{ path }}` is the broker path.
+    /// Repeatable.
+    #[arg(long = "template", value_name = "FILE=TEXT")]
+    pub templates: Vec<String>,
+    /// Like `--template`, the template read once from the file PATH at startup. Repeatable.
+    #[arg(long = "template-file", value_name = "FILE=PATH")]
+    pub template_files: Vec<String>,
+    /// Requested lease TTL of the `--secret` secrets (default: the policy's).
+    #[arg(long, env = "KEYHAVEN_TTL", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub ttl: Option<Duration>,
+    /// Mode of the files the `--secret` secrets are written to (octal; the owner must be
+    /// able to read).
+    #[arg(long, env = "KEYHAVEN_FILE_MODE", value_name = "OCTAL", default_value = "0400", value_parser = parse_mode)]
+    pub file_mode: u32,
     /// Directory the files are written to (the shared in-memory volume).
     #[arg(long, env = "KEYHAVEN_OUTPUT_DIR", default_value = "/keyhaven/secrets")]
     pub output_dir: PathBuf,
@@ -123,6 +154,34 @@ pub enum Format {
     Json,
     /// `KEY="value"` lines, keys upper-cased with other characters turned into `_`.
     Dotenv,
+    /// A template (`SecretSpec::template`) rendered with the keys as variables.
+    Template,
+}
+
+impl std::fmt::Display for Format {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Format::Raw => "raw",
+            Format::Json => "json",
+            Format::Dotenv => "dotenv",
+            Format::Template => "template",
+        })
+    }
+}
+
+impl std::str::FromStr for Format {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Format, String> {
+        match s {
+            "raw" => Ok(Format::Raw),
+            "json" => Ok(Format::Json),
+            "dotenv" => Ok(Format::Dotenv),
+            "template" => Ok(Format::Template),
+            _ => Err(format!(
+                "unknown format {s:?} (raw, json, dotenv or template)"
+            )),
+        }
+    }
 }
 
 /// One entry of the secrets file.
@@ -140,6 +199,8 @@ pub struct SecretSpec {
     pub mode: u32,
     /// Requested lease TTL (`None`: the policy's default).
     pub ttl: Option<Duration>,
+    /// For `template`: the compiled template (the format of any other has none).
+    pub template: Option<Template>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -161,6 +222,10 @@ struct FileEntry {
     mode: Option<String>,
     #[serde(default)]
     ttl: Option<String>,
+    #[serde(default)]
+    template: Option<String>,
+    #[serde(default)]
+    template_file: Option<PathBuf>,
 }
 
 /// A configuration problem, with what is wrong and where.
@@ -175,14 +240,16 @@ fn err(m: impl Into<String>) -> ConfigError {
 /// Default file mode: read-only for the owner.
 pub const DEFAULT_MODE: u32 = 0o400;
 
-/// Parses a secrets YAML document (`source` names it in errors).
+/// Parses a secrets YAML document (`source` names it in errors). A relative `template_file`
+/// is read from the directory of `source`.
 pub fn parse_file(text: &str, source: &str) -> Result<Vec<SecretSpec>, ConfigError> {
     let doc: FileDoc = serde_yaml_ng::from_str(text).map_err(|e| err(format!("{source}: {e}")))?;
+    let base = Path::new(source).parent().unwrap_or(Path::new(""));
     doc.secrets
         .into_iter()
         .enumerate()
         .map(|(i, e)| {
-            let at = format!("{source}: secrets[{i}]");
+            let at = format!("{source}: secrets[{i}] ({})", e.file.display());
             let mode = match e.mode.as_deref() {
                 None => DEFAULT_MODE,
                 Some(m) => parse_mode(m).map_err(|m| err(format!("{at}: {m}")))?,
@@ -195,6 +262,31 @@ pub fn parse_file(text: &str, source: &str) -> Result<Vec<SecretSpec>, ConfigErr
                 ),
             };
             let format = e.format.unwrap_or_else(|| guess_format(&e.file));
+            let text = match (format, e.template, e.template_file) {
+                (Format::Template, Some(t), None) => Some(t),
+                (Format::Template, None, Some(p)) => Some(
+                    read_template_file(&base.join(&p)).map_err(|m| err(format!("{at}: {m}")))?,
+                ),
+                (Format::Template, Some(_), Some(_)) => {
+                    return Err(err(format!(
+                        "{at}: give `template` or `template_file`, not both"
+                    )))
+                }
+                (Format::Template, None, None) => {
+                    return Err(err(format!(
+                        "{at}: format template needs `template` or `template_file`"
+                    )))
+                }
+                (_, None, None) => None,
+                (_, _, _) => {
+                    return Err(err(format!(
+                        "{at}: `template` and `template_file` need `format: template`"
+                    )))
+                }
+            };
+            let template = text
+                .map(|t| Template::compile(&t).map_err(|x| err(format!("{at}: {x}"))))
+                .transpose()?;
             Ok(SecretSpec {
                 path: e.path,
                 file: e.file,
@@ -202,9 +294,32 @@ pub fn parse_file(text: &str, source: &str) -> Result<Vec<SecretSpec>, ConfigErr
                 key: e.key,
                 mode,
                 ttl,
+                template,
             })
         })
         .collect()
+}
+
+/// Reads a template file: a regular file of at most `MAX_TEMPLATE_BYTES`, UTF-8.
+pub fn read_template_file(path: &Path) -> Result<String, String> {
+    use std::io::Read as _;
+    let cannot = |e: std::io::Error| format!("cannot read the template {}: {e}", path.display());
+    // Before opening: opening a FIFO would block.
+    if !std::fs::metadata(path).map_err(cannot)?.is_file() {
+        return Err(format!("template {} is not a regular file", path.display()));
+    }
+    let f = std::fs::File::open(path).map_err(cannot)?;
+    let mut bytes = Vec::new();
+    f.take(MAX_TEMPLATE_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(cannot)?;
+    if bytes.len() > MAX_TEMPLATE_BYTES {
+        return Err(format!(
+            "template {} is larger than {MAX_TEMPLATE_BYTES} bytes",
+            path.display()
+        ));
+    }
+    String::from_utf8(bytes).map_err(|_| format!("template {} is not UTF-8", path.display()))
 }
 
 /// Parses `--secret PATH=FILE`.
@@ -220,6 +335,7 @@ pub fn parse_secret_flag(s: &str) -> Result<SecretSpec, ConfigError> {
         key: None,
         mode: DEFAULT_MODE,
         ttl: None,
+        template: None,
     })
 }
 
@@ -296,6 +412,12 @@ pub fn validate(specs: &[SecretSpec]) -> Result<(), ConfigError> {
         if s.key.is_some() && s.format != Format::Raw {
             return Err(err(format!("{}: `key` only applies to format raw", s.path)));
         }
+        if (s.format == Format::Template) != s.template.is_some() {
+            return Err(err(format!(
+                "{}: a template goes with format template, and only with it",
+                s.path
+            )));
+        }
     }
     Ok(())
 }
@@ -308,9 +430,7 @@ pub fn load(cli: &Cli) -> Result<Vec<SecretSpec>, ConfigError> {
             .map_err(|e| err(format!("cannot read {}: {e}", p.display())))?;
         specs.extend(parse_file(&text, &p.display().to_string())?);
     }
-    for s in &cli.secrets {
-        specs.push(parse_secret_flag(s)?);
-    }
+    specs.extend(flag_specs(cli)?);
     validate(&specs)?;
     Ok(specs)
 }
@@ -379,5 +499,64 @@ secrets:
         assert!(validate(&[]).is_err());
         assert!(parse_secret_flag("no-equals").is_err());
         validate(&[a]).unwrap();
+    }
+
+    #[test]
+    fn template_entries_inline_or_from_a_file_beside_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("t")).unwrap();
+        std::fs::write(dir.path().join("t/db.tmpl"), "user={{ username }}\n").unwrap();
+        let source = dir.path().join("agent.yaml").display().to_string();
+        let y = r#"
+secrets:
+  - path: shop/db
+    file: db.conf
+    format: template
+    template: "host=db user={{ username }}"
+  - path: shop/db
+    file: db2.conf
+    format: template
+    template_file: t/db.tmpl
+"#;
+        let s = parse_file(y, &source).unwrap();
+        validate(&s).unwrap();
+        assert_eq!(s[0].format, Format::Template);
+        assert_eq!(
+            s[0].template.as_ref().map(Template::source),
+            Some("host=db user={{ username }}")
+        );
+        assert_eq!(
+            s[1].template.as_ref().map(Template::source),
+            Some("user={{ username }}\n")
+        );
+        let bad = |entry: &str| {
+            parse_file(
+                &format!("secrets:\n- {{path: a, file: f, {entry}}}\n"),
+                &source,
+            )
+            .unwrap_err()
+            .0
+        };
+        assert!(bad("format: template").contains("needs `template` or `template_file`"));
+        assert!(
+            bad("format: template, template: x, template_file: t/db.tmpl").contains("not both")
+        );
+        assert!(bad("template: x").contains("need `format: template`"));
+        assert!(bad("format: json, template_file: t/db.tmpl").contains("need `format: template`"));
+        assert!(bad("format: template, template_file: nope").contains("cannot read the template"));
+        let e = bad("format: template, template: \"a\\n{{ b \"");
+        assert!(
+            e.contains("secrets[0] (f): template syntax error at line 2"),
+            "{e}"
+        );
+        let keyed = parse_file(
+            "secrets:\n- {path: a, file: f, format: template, template: x, key: k}\n",
+            &source,
+        )
+        .unwrap();
+        assert!(validate(&keyed)
+            .unwrap_err()
+            .0
+            .contains("only applies to format raw"));
     }
 }

@@ -1,4 +1,5 @@
-//! Rendering a leased secret into file content (raw, JSON, dotenv), and writing it
+//! Rendering a leased secret into file content (raw, JSON, dotenv, or a template through
+//! `template`), and writing it
 //! atomically: a temporary file in the same directory, created with the final mode, synced,
 //! then renamed over the old one. Readers see the old file or the new one, never a part.
 
@@ -10,6 +11,7 @@ use std::path::Path;
 use zeroize::Zeroizing;
 
 use crate::config::{Format, SecretSpec};
+use crate::template::TemplateError;
 
 /// Why a secret could not be rendered. Never contains a value.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -20,12 +22,18 @@ pub enum RenderError {
     /// The configured key is not in the secret.
     #[error("the secret has no key {0:?} (it has: {1})")]
     MissingKey(String, String),
-    /// JSON and dotenv need UTF-8 values.
+    /// JSON, dotenv and templates need UTF-8 values.
     #[error("the value of key {0:?} is not UTF-8; use format raw for binary values")]
     NotUtf8(String),
     /// Two keys map to the same dotenv name.
     #[error("keys {0:?} and {1:?} both become {2} in dotenv")]
     DotenvClash(String, String, String),
+    /// The template failed (its error never quotes a value).
+    #[error("{0}")]
+    Template(#[from] TemplateError),
+    /// Format template, and the spec holds no template (`config::validate` refuses this).
+    #[error("format template needs a template")]
+    NoTemplate,
 }
 
 fn key_list(data: &HashMap<String, Vec<u8>>) -> String {
@@ -101,6 +109,10 @@ pub fn render(
             }
             Ok(out)
         }
+        Format::Template => match &spec.template {
+            Some(t) => t.render(&spec.path, data),
+            None => Err(RenderError::NoTemplate),
+        },
     }
 }
 
@@ -223,6 +235,7 @@ mod tests {
             key: key.map(String::from),
             mode: 0o400,
             ttl: None,
+            template: None,
         }
     }
 
@@ -283,6 +296,23 @@ mod tests {
             render(&spec(Format::Dotenv, None), &clash).unwrap_err(),
             RenderError::DotenvClash(..)
         ));
+    }
+
+    #[test]
+    fn template_renders_through_the_spec() {
+        let mut s = spec(Format::Template, None);
+        assert_eq!(
+            render(&s, &data(&[("k", b"v")])).unwrap_err(),
+            RenderError::NoTemplate
+        );
+        s.template = Some(crate::template::Template::compile("{{ path }}:{{ k }}\n").unwrap());
+        assert_eq!(&*render(&s, &data(&[("k", b"v")])).unwrap(), b"a/b:v\n");
+        let e = render(&s, &data(&[("other", b"v")])).unwrap_err();
+        assert!(e.to_string().contains("the template uses k, which"), "{e}");
+        assert_eq!(
+            render(&s, &data(&[("k", b"\xff")])).unwrap_err(),
+            RenderError::NotUtf8("k".into())
+        );
     }
 
     #[test]

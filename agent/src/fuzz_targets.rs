@@ -10,6 +10,7 @@ use prost::Message as _;
 
 use crate::config::{self, Format, SecretSpec, DEFAULT_MODE};
 use crate::files;
+use crate::template::Template;
 
 /// A secrets YAML file: parsed and validated; an accepted list writes only relative files
 /// without `..`, each once, with a mode the owner can read.
@@ -34,20 +35,28 @@ pub fn agent_config(data: &[u8]) {
     }
 }
 
+/// Template of the `agent_render` target: every key and value, each value once.
+const TEMPLATE: &str = "{{ path }}\n{% for k in data %}{{ k }}={{ data[k] }}\n{% endfor %}";
+
 /// A wire-format `LeaseResponse` rendered in each output format: raw is the key's bytes;
 /// JSON and dotenv are UTF-8 with one line per key for dotenv (values escaped, so no value
-/// can add a line or a variable).
+/// can add a line or a variable); a template renders (values taken as data, never
+/// evaluated) or fails without a panic.
 pub fn agent_render(data: &[u8]) {
     let Ok(resp) = keyhaven_proto::broker::v1::LeaseResponse::decode(data) else {
         return;
     };
     let map: HashMap<String, Vec<u8>> = resp.data.into_iter().collect();
     let first = map.keys().min().cloned();
+    let Ok(template) = Template::compile(TEMPLATE) else {
+        panic!("the fuzz template does not compile");
+    };
     for (format, key) in [
         (Format::Raw, None),
         (Format::Raw, first.clone()),
         (Format::Json, None),
         (Format::Dotenv, None),
+        (Format::Template, None),
     ] {
         let spec = SecretSpec {
             path: "fuzz/secret".into(),
@@ -56,6 +65,7 @@ pub fn agent_render(data: &[u8]) {
             key: key.clone(),
             mode: DEFAULT_MODE,
             ttl: None,
+            template: (format == Format::Template).then(|| template.clone()),
         };
         let Ok(out) = files::render(&spec, &map) else {
             continue;
@@ -71,6 +81,11 @@ pub fn agent_render(data: &[u8]) {
             Format::Json => {
                 let text = std::str::from_utf8(&out);
                 assert!(text.is_ok_and(|t| t.starts_with('{') && t.ends_with("}\n")));
+            }
+            Format::Template => {
+                let text = std::str::from_utf8(&out).unwrap_or_else(|_| panic!("not UTF-8"));
+                assert!(text.starts_with("fuzz/secret\n"), "{text:?}");
+                assert!(text.matches('\n').count() > map.len(), "{text:?}");
             }
             Format::Dotenv => {
                 let text = std::str::from_utf8(&out).unwrap_or_else(|_| panic!("not UTF-8"));

@@ -11,6 +11,7 @@ pub mod files;
 pub mod fuzz_targets;
 pub mod http;
 pub mod metrics;
+pub mod template;
 
 use std::process::ExitCode;
 use std::sync::Arc;
