@@ -737,3 +737,142 @@ fn client_certificates_when_the_broker_asks_for_them() {
         API_TOKEN.as_bytes()
     );
 }
+
+#[test]
+fn template_files_follow_new_versions_and_a_template_error_fails_readiness() {
+    let w = World::new();
+    let dir = w.hsm.dir().to_path_buf();
+    let out = dir.join("tmpl");
+    let tmpl = dir.join("url.tmpl");
+    std::fs::write(&tmpl, "url=postgres://{{ user }}@db/{{ path }}\n").unwrap();
+    let mut args = w.agent_args("tmpl-0", &out);
+    args.extend(
+        [
+            "--secret",
+            "shop/db=db.conf",
+            "--template",
+            "db.conf=host=db user={{ user }} password={{ password }}\n",
+            "--secret",
+            "shop/db=db.url",
+            &format!("--template-file=db.url={}", tmpl.display()),
+            "--file-mode",
+            "0440",
+        ]
+        .map(String::from),
+    );
+    let agent = Agent::start(&args, dir.join("tmpl.log"));
+    let log = || agent.log_text();
+    wait_for("both files", Duration::from_secs(30), &log, || {
+        out.join("db.conf").exists() && out.join("db.url").exists()
+    });
+    wait_for("ready", Duration::from_secs(30), &log, || {
+        agent.readyz() == 200
+    });
+    let conf = || std::fs::read_to_string(out.join("db.conf")).unwrap();
+    assert_eq!(
+        conf(),
+        format!("host=db user=shop password={DB_PASSWORD}\n")
+    );
+    assert_eq!(mode(&out.join("db.conf")), 0o440);
+    assert_eq!(
+        std::fs::read_to_string(out.join("db.url")).unwrap(),
+        "url=postgres://shop@db/shop/db\n"
+    );
+
+    // A new version is rendered again; a value holding template syntax is written as it is.
+    w.put(
+        "shop/db",
+        &[("user", "{{ password }}"), ("password", "tmpl-pass-2")],
+    );
+    wait_for("the new version", Duration::from_secs(30), &log, || {
+        conf().contains("tmpl-pass-2")
+    });
+    assert_eq!(conf(), "host=db user={{ password }} password=tmpl-pass-2\n");
+
+    // A version the template cannot render: not ready with the reason, the previous file
+    // untouched, nothing half-written.
+    let before = conf();
+    w.put("shop/db", &[("user", "shop"), ("passwd", "tmpl-pass-3")]);
+    wait_for("not ready", Duration::from_secs(30), &log, || {
+        agent.readyz() == 503
+    });
+    let (_, why) = http_get(&agent.metrics, "/readyz");
+    assert!(
+        why.contains("db.conf: the newest version could not be written (template error at line 1: undefined value: the template uses password, which the secret does not have (it has keys: passwd, user))"),
+        "{why}"
+    );
+    assert_eq!(conf(), before);
+    let names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names.iter().all(|n| !n.starts_with(".keyhaven-tmp")),
+        "{names:?}"
+    );
+    assert!(agent.metric("keyhaven_agent_failures_total{reason=\"render\"}") >= 1.0);
+    // Past the 6 s TTL: db.conf still holds (renews) the lease of the version in its file,
+    // and let the refused one go; db.url, whose template fits version 3, moved on.
+    std::thread::sleep(Duration::from_secs(7));
+    assert_eq!(agent.readyz(), 503);
+    let held = w.leases("tmpl-0", false);
+    assert_eq!(
+        held.iter().filter(|l| l.version == 2).count(),
+        1,
+        "{held:?}"
+    );
+    assert!(held.iter().any(|l| l.version == 3), "{held:?}");
+
+    // A version that fits: ready again.
+    w.put("shop/db", &[("user", "shop"), ("password", "tmpl-pass-4")]);
+    wait_for("ready again", Duration::from_secs(30), &log, || {
+        agent.readyz() == 200
+    });
+    assert_eq!(conf(), "host=db user=shop password=tmpl-pass-4\n");
+    let log_path = agent.log.clone();
+    assert!(agent.terminate().success());
+    let text = std::fs::read_to_string(log_path).unwrap();
+    for s in [DB_PASSWORD, "tmpl-pass-2", "tmpl-pass-3", "tmpl-pass-4"] {
+        assert!(!text.contains(s), "a secret is in the agent log");
+    }
+
+    // --once: a template missing a key writes nothing and says why, without values.
+    let mut once = w.agent_args("tmpl-1", &dir.join("tmpl-once"));
+    once.extend(
+        [
+            "--secret",
+            "shop/api=api.conf",
+            "--template",
+            "api.conf={{ token }}{{ nope }}",
+            "--once",
+        ]
+        .map(String::from),
+    );
+    let r = Command::new(bin_path("broker-agent"))
+        .args(&once)
+        .output()
+        .unwrap();
+    assert_eq!(r.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        err.contains(
+            "api.conf: template error at line 1: undefined value: the template uses nope,"
+        ),
+        "{err}"
+    );
+    assert!(!err.contains(API_TOKEN));
+    assert!(!dir.join("tmpl-once/api.conf").exists());
+
+    // A template syntax error is a configuration error (exit 2) naming its line.
+    let bad = Command::new(bin_path("broker-agent"))
+        .args(["--broker-addr", &w.broker.addr, "--secret", "shop/db=x"])
+        .args(["--template", "x=line 1\n{{ user "])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("--template x=…: template syntax error at line 2"),
+        "{err}"
+    );
+}
