@@ -182,7 +182,37 @@ if "$BIN/kms-plugin" keys retire "$OLD_KEY" --yes > "$DEV/retire.txt" 2>&1; then
 fi
 fold -s -w 92 < "$DEV/retire.txt" | indent
 
-kh_say "13. the audit log is hash-chained; verifying it"
+kh_say "13. keyhaven-injector, the admission webhook: the AdmissionReview it answers for a demo pod that asks"
+echo "    for demo/db as db.json and as a template (the same code as the webhook, no cluster needed)"
+demo_review() { # demo_review <annotations JSON>: the AdmissionReview the apiserver sends for a new pod
+    cat <<JSON
+{"kind": "AdmissionReview", "apiVersion": "admission.k8s.io/v1",
+ "request": {"uid": "0f6c1b2e-demo", "kind": {"group": "", "version": "v1", "kind": "Pod"},
+  "resource": {"group": "", "version": "v1", "resource": "pods"}, "namespace": "demo",
+  "operation": "CREATE", "userInfo": {"username": "kubernetes-admin"}, "dryRun": false,
+  "object": {"apiVersion": "v1", "kind": "Pod",
+   "metadata": {"name": "web-0", "namespace": "demo", "labels": {"keyhaven.io/inject": "true"},
+                "annotations": $1},
+   "spec": {"serviceAccountName": "web", "securityContext": {"runAsUser": 10001},
+            "containers": [{"name": "app", "image": "registry.example/web:1"}]}}}}
+JSON
+}
+injector() { "$BIN/keyhaven-injector" mutate --agent-image keyhaven/broker-agent:0.1.0 \
+    --broker-addr "https://localhost:$BROKER_PORT" "$@"; }
+demo_review '{"keyhaven.io/secret-db.json": "demo/db", "keyhaven.io/secret-db.conf": "demo/db",
+              "keyhaven.io/template-db.conf": "user={{ username }} password={{ password }}"}' \
+    > "$DEV/review.json"
+injector "$DEV/review.json" | sed -E 's/("patch": "[^"]{40})[^"]*"/\1..."/' | indent
+echo "    the patch, decoded — the agent as a native sidecar, its volumes, the app's read-only mount:"
+injector --patch "$DEV/review.json" | grep -E '"(op|path)"' | paste - - | sed 's/  */ /g' | indent
+echo "    the injected agent's command line:"
+injector --patched-pod "$DEV/review.json" | sed -n '/"command"/,/]/p' | sed '1d;$d' | indent
+echo "    a typo in an annotation is refused, not ignored:"
+demo_review '{"keyhaven.io/secret-db.json": "demo/db", "keyhaven.io/formt-db.json": "json"}' \
+    > "$DEV/typo.json"
+injector "$DEV/typo.json" | grep '"message"' | fold -s -w 92 | indent
+
+kh_say "14. the audit log is hash-chained; verifying it"
 admin audit verify | indent
 
 kh_say "health and metrics: http://127.0.0.1:$PLUGIN_METRICS/metrics (plugin), :$BROKER_METRICS (broker), :$AGENT_METRICS (agent)"

@@ -8,6 +8,7 @@ use std::time::Duration;
 use crate::broker_proc::Memory;
 use crate::cli::Db;
 use crate::load::Summary;
+use crate::report::{closed_loop_bound, mark, ms, us};
 
 /// Lease and Renew throughput target: at least this fraction of the raw-insert baseline, at
 /// every measured concurrency.
@@ -60,14 +61,6 @@ pub struct MemRow {
 
 fn ratio(a: f64, b: f64) -> Option<f64> {
     (b > 0.0).then(|| a / b)
-}
-
-fn us(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e6
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }
 
 fn mib(kib: u64) -> f64 {
@@ -180,14 +173,6 @@ pub fn errors(rows: &[Row]) -> Vec<String> {
     out
 }
 
-fn mark(pass: bool) -> &'static str {
-    if pass {
-        "PASS"
-    } else {
-        "MISS"
-    }
-}
-
 /// A broker operation the verdicts judge.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
@@ -295,27 +280,7 @@ pub fn p99_verdict(db: Db, op: Op, rows: &[Row]) -> String {
         } else {
             format!("; for information {}", others.join(", "))
         },
-        closed_loop_bound(P99_CLIENTS, s.throughput)
-    )
-}
-
-/// The bound closed-loop clients put on latency, printed beside the p99 verdict: `clients`
-/// each waiting for its answer before the next request make the mean latency clients /
-/// throughput (Little's law), and the p99 is at least that. Empty when the bound is below the
-/// target (it then says nothing about the verdict).
-fn closed_loop_bound(clients: usize, throughput: f64) -> String {
-    if throughput <= 0.0 {
-        return String::new();
-    }
-    let mean = Duration::from_secs_f64(clients as f64 / throughput);
-    if mean < P99_TARGET {
-        return String::new();
-    }
-    format!(
-        "; closed-loop bound: mean latency = {clients} / {throughput:.0} ops/s = {:.1} ms \
-         >= the target, which needs > {:.0} ops/s at this concurrency",
-        ms(mean),
-        clients as f64 / P99_TARGET.as_secs_f64()
+        closed_loop_bound(P99_CLIENTS, s.throughput, P99_TARGET)
     )
 }
 

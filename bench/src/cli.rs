@@ -28,6 +28,12 @@ pub enum Command {
     /// `kms-plugin keys usage` over a real etcd (keys/s) against a raw paginated range read of
     /// the same keys, and the scan's peak RSS.
     Usage(UsageArgs),
+    /// keyhaven-injector admission latency over HTTPS against a bare HTTPS echo on the same
+    /// stack.
+    Injector(InjectorArgs),
+    /// Internal: the bare HTTPS echo, run as its own process by `injector`.
+    #[command(hide = true)]
+    HttpsEchoServer(HttpsEchoArgs),
     /// Internal: the bare tonic echo KMS service, run as its own process by `kms` so that the
     /// baseline pays the same cross-process costs as the plugin.
     #[command(hide = true)]
@@ -43,6 +49,55 @@ pub struct EchoArgs {
     /// key_id to answer with.
     #[arg(long)]
     pub key_id: String,
+}
+
+/// `keyhaven-bench https-echo-server` (internal).
+#[derive(Debug, Clone, Args)]
+pub struct HttpsEchoArgs {
+    /// Address to serve on.
+    #[arg(long)]
+    pub listen: std::net::SocketAddr,
+    /// PEM certificate.
+    #[arg(long)]
+    pub cert: PathBuf,
+    /// PEM key.
+    #[arg(long)]
+    pub key: PathBuf,
+}
+
+/// `keyhaven-bench injector`.
+#[derive(Debug, Clone, Args)]
+pub struct InjectorArgs {
+    /// Numbers of concurrent clients (one keep-alive connection each; comma-separated).
+    #[arg(
+        long,
+        env = "KEYHAVEN_BENCH_CLIENTS",
+        value_delimiter = ',',
+        default_value = "1,64"
+    )]
+    pub clients: Vec<usize>,
+    /// Measured time of each (clients, target) cell.
+    #[arg(long, env = "KEYHAVEN_BENCH_DURATION", default_value = "3s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Unmeasured warm-up before each cell.
+    #[arg(long, env = "KEYHAVEN_BENCH_WARMUP", default_value = "300ms", value_parser = humantime::parse_duration)]
+    pub warmup: Duration,
+    /// The keyhaven-injector binary to run. Default: `keyhaven-injector` beside this binary.
+    #[arg(long, env = "KEYHAVEN_BENCH_INJECTOR")]
+    pub injector: Option<PathBuf>,
+}
+
+impl InjectorArgs {
+    /// Rejects values that would make a meaningless run.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(!self.clients.is_empty(), "--clients is empty");
+        anyhow::ensure!(
+            self.clients.iter().all(|&n| (1..=1024).contains(&n)),
+            "--clients values must be between 1 and 1024"
+        );
+        anyhow::ensure!(!self.duration.is_zero(), "--duration must be positive");
+        Ok(())
+    }
 }
 
 /// `keyhaven-bench usage`.

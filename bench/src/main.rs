@@ -12,6 +12,9 @@
 //! - `keyhaven-bench usage` times `kms-plugin keys usage` over a real etcd filled with KMS v2
 //!   values beside a raw paginated range read of the same keys, and reads the scan's peak RSS.
 //!
+//! - `keyhaven-bench injector` drives a real `keyhaven-injector serve` process over HTTPS
+//!   beside a bare HTTPS echo on the same stack.
+//!
 //! It is a measuring tool, not a test: targets are reported, never asserted.
 #![forbid(unsafe_code)]
 
@@ -24,6 +27,8 @@ mod echo;
 mod fill;
 mod flood;
 mod grpc;
+mod https_echo;
+mod injector;
 mod kms;
 mod leases;
 mod load;
@@ -47,6 +52,8 @@ fn main() -> ExitCode {
         cli::Command::Rewrap(args) => rewrap::run(args),
         cli::Command::Usage(args) => usage::run(args),
         cli::Command::EchoServer(args) => echo::serve_process(args),
+        cli::Command::Injector(args) => injector::run(args),
+        cli::Command::HttpsEchoServer(args) => https_echo::serve_process(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -71,7 +71,8 @@ impl Row {
     }
 }
 
-fn us(d: Duration) -> f64 {
+/// Microseconds.
+pub fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
 
@@ -156,7 +157,13 @@ pub fn errors(rows: &[Row]) -> Vec<String> {
     out
 }
 
-fn mark(pass: bool) -> &'static str {
+/// Milliseconds.
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// A verdict's word.
+pub fn mark(pass: bool) -> &'static str {
     if pass {
         "PASS"
     } else {
@@ -251,6 +258,26 @@ pub fn shared_cpu_bound(rows: &[Row]) -> Option<String> {
         bound / e,
         row.plugin.throughput / bound
     ))
+}
+
+/// The bound closed-loop clients put on latency, printed beside the p99 verdict: `clients`
+/// each waiting for its answer before the next request make the mean latency clients /
+/// throughput (Little's law), and the p99 is at least that. Empty when the bound is below the
+/// target (it then says nothing about the verdict).
+pub fn closed_loop_bound(clients: usize, throughput: f64, target: Duration) -> String {
+    if throughput <= 0.0 {
+        return String::new();
+    }
+    let mean = Duration::from_secs_f64(clients as f64 / throughput);
+    if mean < target {
+        return String::new();
+    }
+    format!(
+        "; closed-loop bound: mean latency = {clients} / {throughput:.0} ops/s = {:.1} ms \
+         >= the target, which needs > {:.0} ops/s at this concurrency",
+        ms(mean),
+        clients as f64 / target.as_secs_f64()
+    )
 }
 
 #[cfg(test)]

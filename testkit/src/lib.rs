@@ -8,6 +8,7 @@
 //! - [`process`]: our built binaries, free ports, and child processes stopped on drop;
 //! - [`broker`]: the command line of a dev-mode `broker` on a SoftHSM2 token;
 //! - [`http`]: a small blocking `GET` for health and metrics endpoints.
+//! - [`https`]: a small HTTPS/1.1 client (rustls) trusting one CA.
 //!
 //! Everything returns [`Result`]; a test that wants a panic calls `expect`. Whatever is
 //! started or created here is stopped and removed on drop.
@@ -20,6 +21,7 @@ pub mod broker;
 mod error;
 pub mod etcd;
 pub mod http;
+pub mod https;
 pub mod pki;
 pub mod postgres;
 pub mod process;
