@@ -204,7 +204,7 @@ demo_review '{"keyhaven.io/secret-db.json": "demo/db", "keyhaven.io/secret-db.co
     > "$DEV/review.json"
 injector "$DEV/review.json" | sed -E 's/("patch": "[^"]{40})[^"]*"/\1..."/' | indent
 echo "    the patch, decoded — the agent as a native sidecar, its volumes, the app's read-only mount:"
-injector --patch "$DEV/review.json" | grep -E '"(op|path)"' | paste - - | sed 's/  */ /g' | indent
+injector --patch "$DEV/review.json" | grep -E '^    "(op|path)"' | paste - - | tr -s ' \t' ' ' | indent
 echo "    the injected agent's command line:"
 injector --patched-pod "$DEV/review.json" | sed -n '/"command"/,/]/p' | sed '1d;$d' | indent
 echo "    a typo in an annotation is refused, not ignored:"

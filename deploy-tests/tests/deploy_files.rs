@@ -1,6 +1,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 //! Structural checks of the deployment files: `docker-compose.yml`, `deploy/Dockerfile`, the
-//! Kubernetes manifests in `deploy/kubernetes/`, and the commands in `docs/operations.md`.
+//! Kubernetes manifests in `deploy/kubernetes/`, and the commands in `docs/operations.md` and
+//! `docs/injector.md`.
 //!
 //! No container engine runs on our machines, so nothing here starts a container. What can be
 //! checked without one is checked against the real thing:
@@ -22,6 +23,10 @@
 //!   `keyhaven`, short-lived) where `--token-file` reads it, an in-memory `emptyDir` at
 //!   `--output-dir` mounted read-only by the app, `create` on `tokenreviews` (and `get,list,watch`
 //!   on pods and serviceaccounts) bound to the broker's ServiceAccount, probes on the metrics port, the Service reaching `--listen`.
+//! - the injector's webhook: `failurePolicy: Fail` scoped by an objectSelector on
+//!   `keyhaven.io/inject`, kube-system and its own namespace excluded, `sideEffects: None`,
+//!   `reinvocationPolicy: IfNeeded`, a Service reaching `--listen` on `/mutate`, two replicas and
+//!   a PodDisruptionBudget; the commands in `docs/injector.md` as in `docs/operations.md`.
 //!
 //! `every_mutation_is_caught` breaks the files one way at a time (a misspelt flag, an undeclared
 //! volume, a missing `restartPolicy: Always`, ...) and checks that each breakage is reported, so
@@ -39,7 +44,13 @@ use serde_yaml_ng::Value;
 use testkit::process::bin_path;
 
 /// The binaries of this workspace that the deployment files run.
-const OUR_BINARIES: &[&str] = &["kms-plugin", "broker", "brokerctl", "broker-agent"];
+const OUR_BINARIES: &[&str] = &[
+    "kms-plugin",
+    "broker",
+    "brokerctl",
+    "broker-agent",
+    "keyhaven-injector",
+];
 
 const COMPOSE: &str = "docker-compose.yml";
 const DOCKERFILE: &str = "deploy/Dockerfile";
@@ -47,6 +58,7 @@ const DOCKERIGNORE: &str = ".dockerignore";
 const SOFTHSM_CONF: &str = "deploy/softhsm2.conf";
 const K8S_DIR: &str = "deploy/kubernetes";
 const OPERATIONS_DOC: &str = "docs/operations.md";
+const INJECTOR_DOC: &str = "docs/injector.md";
 
 /// broker-agent defaults (its `--help`), used when a manifest leaves the flag out.
 const AGENT_DEFAULT_TOKEN_FILE: &str = "/var/run/secrets/keyhaven/token";
@@ -89,6 +101,49 @@ struct Mutation {
 }
 
 const MUTATIONS: &[Mutation] = &[
+    // --- deploy/kubernetes/injector.yaml
+    Mutation {
+        file: "deploy/kubernetes/injector.yaml",
+        from: "    failurePolicy: Fail\n",
+        to: "    failurePolicy: Ignore\n",
+        expect: &["injector.yaml", "`failurePolicy` must be Fail"],
+    },
+    Mutation {
+        file: "deploy/kubernetes/injector.yaml",
+        from: "    objectSelector:\n      matchLabels:\n        keyhaven.io/inject: \"true\"\n",
+        to: "",
+        expect: &["injector.yaml", "objectSelector"],
+    },
+    Mutation {
+        file: "deploy/kubernetes/injector.yaml",
+        from: "\"kube-node-lease\", \"keyhaven\"]",
+        to: "\"kube-node-lease\"]",
+        expect: &["injector.yaml", "does not exclude `keyhaven`"],
+    },
+    Mutation {
+        file: "deploy/kubernetes/injector.yaml",
+        from: "            - --tls-key-file=/etc/keyhaven/injector-tls/tls.key\n",
+        to: "            - --tls-key=/etc/keyhaven/injector-tls/tls.key\n",
+        expect: &["injector.yaml", "`--tls-key`"],
+    },
+    Mutation {
+        file: "deploy/kubernetes/injector.yaml",
+        from: "      targetPort: https\n",
+        to: "      targetPort: 9443\n",
+        expect: &["injector.yaml", "does not reach the injector's --listen port"],
+    },
+    Mutation {
+        file: "deploy/kubernetes/injector.yaml",
+        from: "            - --tls-cert-file=/etc/keyhaven/injector-tls/tls.crt\n",
+        to: "            - --tls-cert-file=/etc/keyhaven/tls/tls.crt\n",
+        expect: &["injector.yaml", "`/etc/keyhaven/tls/tls.crt`", "mounted"],
+    },
+    Mutation {
+        file: "docs/injector.md",
+        from: "keyhaven-injector mutate --agent-image",
+        to: "keyhaven-injector mutate --agent-img",
+        expect: &["docs/injector.md", "`--agent-img`"],
+    },
     // --- docker-compose.yml
     Mutation {
         file: COMPOSE,
@@ -231,8 +286,8 @@ const MUTATIONS: &[Mutation] = &[
     // --- deploy/Dockerfile and .dockerignore
     Mutation {
         file: DOCKERFILE,
-        from: "--bin broker-agent \\\n",
-        to: "--bin broker-agnet \\\n",
+        from: "--bin broker-agent --bin",
+        to: "--bin broker-agnet --bin",
         expect: &["`broker-agnet`"],
     },
     Mutation {
@@ -2315,9 +2370,17 @@ fn check_dockerfile(repo: &Repo) -> DockerfileFacts {
 /// The commands in the guide's `sh` blocks that run our binaries, directly or through
 /// `kubectl exec ... --` / `docker compose exec SERVICE`, use real subcommands and flags.
 fn check_docs(repo: &Repo) -> Vec<String> {
+    [OPERATIONS_DOC, INJECTOR_DOC]
+        .iter()
+        .flat_map(|d| check_doc(repo, d))
+        .collect()
+}
+
+/// Every command of ours in `doc`'s `sh` blocks is a real command line.
+fn check_doc(repo: &Repo, doc: &str) -> Vec<String> {
     let mut problems = Vec::new();
-    let Some(text) = repo.read(OPERATIONS_DOC) else {
-        return vec![format!("{OPERATIONS_DOC} is missing")];
+    let Some(text) = repo.read(doc) else {
+        return vec![format!("{doc} is missing")];
     };
     let mut block: Option<(usize, String)> = None;
     let mut found = 0;
@@ -2326,7 +2389,7 @@ fn check_docs(repo: &Repo) -> Vec<String> {
         match (&mut block, fence) {
             (None, Some(lang)) if lang.trim() == "sh" => block = Some((n + 2, String::new())),
             (Some((start, script)), Some(_)) => {
-                let origin = format!("{OPERATIONS_DOC}: the sh block at line {start}");
+                let origin = format!("{doc}: the sh block at line {start}");
                 match shell_commands(script) {
                     Ok(cmds) => {
                         for c in cmds {
@@ -2348,9 +2411,7 @@ fn check_docs(repo: &Repo) -> Vec<String> {
         }
     }
     if found == 0 {
-        problems.push(format!(
-            "{OPERATIONS_DOC}: no command of ours found in its sh blocks"
-        ));
+        problems.push(format!("{doc}: no command of ours found in its sh blocks"));
     }
     problems
 }
@@ -2604,6 +2665,7 @@ fn check_kubernetes(repo: &Repo) -> Vec<String> {
         ("kms-plugin-static-pod.yaml", "kms-plugin serve"),
         ("broker.yaml", "broker"),
         ("example-workload.yaml", "broker-agent"),
+        ("injector.yaml", "keyhaven-injector serve"),
     ] {
         if !containers
             .iter()
@@ -2614,6 +2676,7 @@ fn check_kubernetes(repo: &Repo) -> Vec<String> {
     }
     check_broker_manifest(&docs, &containers, &mut problems);
     check_workload_manifest(&docs, &containers, &mut problems);
+    check_injector_manifest(&docs, &containers, &mut problems);
     problems
 }
 
@@ -3080,6 +3143,146 @@ fn check_workload_manifest(docs: &[Doc], containers: &[K8sContainer], problems: 
         }
         if !call.has("--ca-file") {
             problems.push(format!("{origin}: give --ca-file (the broker's CA)"));
+        }
+    }
+}
+
+/// The webhook: a failure policy that never lets an opted-in pod start without its secrets, a
+/// scope that never blocks anything else, the Service and path the injector serves, and the
+/// images and flags it injects.
+fn check_injector_manifest(docs: &[Doc], containers: &[K8sContainer], problems: &mut Vec<String>) {
+    let file = format!("{K8S_DIR}/injector.yaml");
+    let Some(inj) = containers
+        .iter()
+        .find(|c| c.doc.file == file && c.call("keyhaven-injector serve").is_some())
+    else {
+        return;
+    };
+    let origin = inj.origin();
+    let call = inj.call("keyhaven-injector serve").expect("checked above");
+    let listen_port = call
+        .value("--listen")
+        .and_then(|a| a.rsplit_once(':'))
+        .and_then(|(_, p)| p.parse::<u64>().ok());
+    match call.value("--agent-image") {
+        Some(img) if img.starts_with("keyhaven/broker-agent:") => {}
+        other => problems.push(format!(
+            "{origin}: --agent-image {other:?} is not the broker-agent image this build makes"
+        )),
+    }
+    if inj.v.get("readinessProbe").is_none() {
+        problems.push(format!("{origin}: no readinessProbe"));
+    }
+    let deploy = inj.doc;
+    if deploy
+        .v
+        .get("spec")
+        .and_then(|s| s.get("replicas"))
+        .and_then(Value::as_u64)
+        < Some(2)
+    {
+        problems.push(format!("{}: fewer than 2 replicas", deploy.label()));
+    }
+    if !docs
+        .iter()
+        .any(|d| d.file == file && d.kind() == "PodDisruptionBudget")
+    {
+        problems.push(format!("{file}: no PodDisruptionBudget"));
+    }
+    let ns = deploy.namespace();
+    let Some(webhook_cfg) = docs
+        .iter()
+        .find(|d| d.file == file && d.kind() == "MutatingWebhookConfiguration")
+    else {
+        problems.push(format!("{file}: no MutatingWebhookConfiguration"));
+        return;
+    };
+    for w in seq_of(&webhook_cfg.v, "webhooks") {
+        let at = format!(
+            "{}: webhook `{}`",
+            webhook_cfg.label(),
+            str_at(w, &["name"]).unwrap_or("?")
+        );
+        for (key, want) in [
+            ("failurePolicy", "Fail"),
+            ("sideEffects", "None"),
+            ("reinvocationPolicy", "IfNeeded"),
+        ] {
+            if str_at(w, &[key]) != Some(want) {
+                problems.push(format!("{at}: `{key}` must be {want}"));
+            }
+        }
+        if !seq_of(w, "admissionReviewVersions").any(|v| v.as_str() == Some("v1")) {
+            problems.push(format!("{at}: admissionReviewVersions must include v1"));
+        }
+        if w.get("timeoutSeconds")
+            .and_then(Value::as_u64)
+            .is_none_or(|t| t > 10)
+        {
+            problems.push(format!("{at}: give a timeoutSeconds of at most 10"));
+        }
+        let excluded: Vec<&str> = seq_of(
+            w.get("namespaceSelector").unwrap_or(&Value::Null),
+            "matchExpressions",
+        )
+        .filter(|e| {
+            str_at(e, &["key"]) == Some("kubernetes.io/metadata.name")
+                && str_at(e, &["operator"]) == Some("NotIn")
+        })
+        .flat_map(|e| seq_of(e, "values").filter_map(Value::as_str))
+        .collect();
+        for n in ["kube-system", ns] {
+            if !excluded.contains(&n) {
+                problems.push(format!(
+                    "{at}: the namespaceSelector does not exclude `{n}`"
+                ));
+            }
+        }
+        if str_at(w, &["objectSelector", "matchLabels", "keyhaven.io/inject"]) != Some("true") {
+            problems.push(format!(
+                "{at}: no objectSelector on keyhaven.io/inject: \"true\" (every pod would wait on the injector)"
+            ));
+        }
+        let pods_create = seq_of(w, "rules").any(|r| {
+            seq_of(r, "resources").any(|x| x.as_str() == Some("pods"))
+                && seq_of(r, "operations").any(|x| x.as_str() == Some("CREATE"))
+        });
+        if !pods_create {
+            problems.push(format!("{at}: no rule for CREATE of pods"));
+        }
+        let svc = w.get("clientConfig").and_then(|c| c.get("service"));
+        let Some(svc) = svc else {
+            problems.push(format!("{at}: clientConfig has no service"));
+            continue;
+        };
+        if str_at(svc, &["path"]) != Some("/mutate") {
+            problems.push(format!("{at}: clientConfig path must be /mutate"));
+        }
+        let name = str_at(svc, &["name"]).unwrap_or_default();
+        let port = svc.get("port").and_then(Value::as_u64).unwrap_or(443);
+        let Some(service) = docs.iter().find(|d| {
+            d.kind() == "Service"
+                && d.name() == name
+                && Some(d.namespace()) == str_at(svc, &["namespace"])
+        }) else {
+            problems.push(format!("{at}: clientConfig names no Service of {file}"));
+            continue;
+        };
+        let target = seq_of(service.v.get("spec").unwrap_or(&Value::Null), "ports")
+            .find(|p| p.get("port").and_then(Value::as_u64) == Some(port))
+            .and_then(|p| p.get("targetPort"));
+        let named: BTreeMap<&str, u64> = seq_of(inj.v, "ports")
+            .filter_map(|p| Some((str_at(p, &["name"])?, p.get("containerPort")?.as_u64()?)))
+            .collect();
+        let target = match target {
+            Some(Value::Number(n)) => n.as_u64(),
+            Some(Value::String(n)) => named.get(n.as_str()).copied(),
+            _ => None,
+        };
+        if target.is_none() || target != listen_port {
+            problems.push(format!(
+                "{at}: Service `{name}` port {port} does not reach the injector's --listen port {listen_port:?}"
+            ));
         }
     }
 }

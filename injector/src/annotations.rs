@@ -227,10 +227,10 @@ fn parse_request(annotations: &BTreeMap<String, String>) -> Result<Request, Vec<
                     .map(String::from)
                     .collect();
             }
-            _ => fail(format!(
-                "unknown annotation; the valid ones are {}",
-                valid_list()
-            )),
+            _ => fail(match suggestion(name) {
+                Some(s) => format!("unknown annotation (did you mean {PREFIX}{s}?)"),
+                None => format!("unknown annotation; the valid ones are {}", valid_list()),
+            }),
         }
     }
     // Files first (`secret-`), then what refines them.
@@ -317,6 +317,36 @@ fn parse_request(annotations: &BTreeMap<String, String>) -> Result<Request, Vec<
     }
     r.files = files.into_values().collect();
     Ok(r)
+}
+
+/// The known annotation closest to a misspelt `name` (within two edits), with the file part
+/// kept for per-file ones: `formt-db.json` → `format-db.json`.
+fn suggestion(name: &str) -> Option<String> {
+    let close = |a: &str, b: &str| edit_distance(a, b) <= 2;
+    if let Some(p) = POD_WIDE.iter().find(|p| close(name, p)) {
+        return Some((*p).to_owned());
+    }
+    let (kind, file) = name.split_once('-')?;
+    PER_FILE
+        .iter()
+        .find(|k| close(&format!("{kind}-"), k))
+        .map(|k| format!("{k}{file}"))
+}
+
+/// Levenshtein distance (annotation names are short).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
 }
 
 fn one_of(value: &str, allowed: &[&str], slot: &mut Option<String>, fail: &mut impl FnMut(String)) {

@@ -498,7 +498,9 @@ fn every_malformed_annotation_is_refused_with_a_message_naming_it() {
     let none = |_: &mut Value| {};
     let cases: Vec<(Value, &str)> = vec![
         (db(json!({"keyhaven.io/colour": "red"})), "keyhaven.io/colour: unknown annotation; the valid ones are keyhaven.io/inject"),
-        (db(json!({"keyhaven.io/secrets-db.json": "payments/db"})), "keyhaven.io/secrets-db.json: unknown annotation"),
+        (db(json!({"keyhaven.io/secrets-db.json": "payments/db"})), "keyhaven.io/secrets-db.json: unknown annotation (did you mean keyhaven.io/secret-db.json?)"),
+        (db(json!({"keyhaven.io/formt-db.json": "json"})), "keyhaven.io/formt-db.json: unknown annotation (did you mean keyhaven.io/format-db.json?)"),
+        (db(json!({"keyhaven.io/on-expire": "keep"})), "keyhaven.io/on-expire: unknown annotation (did you mean keyhaven.io/on-expiry?)"),
         (json!({"keyhaven.io/secret-db.json": "/payments/db"}), "keyhaven.io/secret-db.json: \"/payments/db\" is not a broker path"),
         (json!({"keyhaven.io/secret-db.json": "payments/../db"}), "is not a broker path"),
         (json!({"keyhaven.io/secret-.hidden": "payments/db"}), "keyhaven.io/secret-.hidden: file name \".hidden\" must start with a letter or digit"),
