@@ -26,7 +26,7 @@ bundle=$(base64 <"$dir/bundle.pem" | tr -d '\n')
 kubectl patch mutatingwebhookconfiguration "$svc" --type=json \
     -p "[{\"op\":\"replace\",\"path\":\"/webhooks/0/clientConfig/caBundle\",\"value\":\"$bundle\"}]"
 
-kubectl -n "$ns" create secret tls keyhaven-injector-tls \
+kubectl create secret tls keyhaven-injector-tls -n "$ns" \
     --cert "$dir/server.pem" --key "$dir/server-key.pem" --dry-run=client -o yaml \
     | kubectl apply -f -
 echo "keyhaven-injector-tls updated; the webhook trusts the new CA (and the previous one)."
