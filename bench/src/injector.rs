@@ -197,7 +197,7 @@ fn verdict(rows: &[(usize, Summary, Summary)]) -> String {
         return format!("{name}: n/a (run with --clients including {P99_CLIENTS})");
     };
     format!(
-        "{name}: {} (p99 {:.2} ms; the bare HTTPS echo's p99 {:.2} ms in the same run{}{})",
+        "{name}: {} (p99 {:.2} ms; the bare HTTPS echo's p99 {:.2} ms in the same run{}{}{})",
         mark(inj.p99 < P99_TARGET && inj.errors == 0),
         ms(inj.p99),
         ms(echo.p99),
@@ -206,6 +206,8 @@ fn verdict(rows: &[(usize, Summary, Summary)]) -> String {
         } else {
             String::new()
         },
+        closed_loop_bound(P99_CLIENTS, inj.throughput, P99_TARGET)
+            .replace("; closed-loop bound", "; the injector's closed-loop bound"),
         closed_loop_bound(P99_CLIENTS, echo.throughput, P99_TARGET)
             .replace("; closed-loop bound", "; the echo's own closed-loop bound"),
     )

@@ -366,11 +366,19 @@ pub fn args(req: &Request, broker_addr: &str, port: Option<u16>) -> Vec<String> 
 
 /// Parses and validates a command line the way the agent does at startup.
 pub fn check_agent_args(args: &[String]) -> Result<(), String> {
-    use clap::Parser as _;
-    let cli = broker_agent::config::Cli::try_parse_from(args).map_err(|e| {
+    use clap::{CommandFactory as _, FromArgMatches as _};
+    // Building the agent's clap command costs more than parsing with it: build it once.
+    static COMMAND: std::sync::OnceLock<clap::Command> = std::sync::OnceLock::new();
+    let first_line = |e: clap::Error| {
         let text = e.to_string();
         text.lines().next().unwrap_or_default().to_owned()
-    })?;
+    };
+    let matches = COMMAND
+        .get_or_init(broker_agent::config::Cli::command)
+        .clone()
+        .try_get_matches_from(args)
+        .map_err(first_line)?;
+    let cli = broker_agent::config::Cli::from_arg_matches(&matches).map_err(first_line)?;
     broker_agent::config::load(&cli).map_err(|e| e.to_string())?;
     Ok(())
 }
