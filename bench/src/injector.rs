@@ -216,59 +216,41 @@ fn verdict(rows: &[(usize, Summary, Summary)]) -> String {
 /// The AdmissionReview every client sends: a Deployment's pod as the apiserver hands it to
 /// mutating webhooks.
 fn admission_review() -> String {
-    json!({
-        "kind": "AdmissionReview",
-        "apiVersion": "admission.k8s.io/v1",
-        "request": {
-            "uid": "bench-0001",
-            "kind": {"group": "", "version": "v1", "kind": "Pod"},
-            "resource": {"group": "", "version": "v1", "resource": "pods"},
-            "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
-            "requestResource": {"group": "", "version": "v1", "resource": "pods"},
-            "namespace": "payments",
-            "operation": "CREATE",
-            "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller",
-                "groups": ["system:serviceaccounts", "system:authenticated"]},
-            "object": {
-                "kind": "Pod", "apiVersion": "v1",
-                "metadata": {
-                    "generateName": "payments-api-6d4cf56db6-", "namespace": "payments",
-                    "labels": {"app": "payments-api", "pod-template-hash": "6d4cf56db6",
-                        "keyhaven.io/inject": "true"},
-                    "annotations": {
-                        "keyhaven.io/secret-db.json": "payments/db",
-                        "keyhaven.io/secret-api-key": "payments/api",
-                        "keyhaven.io/key-api-key": "token",
-                        "keyhaven.io/secret-db.conf": "payments/db",
-                        "keyhaven.io/template-db.conf": "host=db user={{ username }} password={{ password }}\n"
-                    }
-                },
-                "spec": {
-                    "volumes": [{"name": "kube-api-access-7xk2p", "projected": {"sources": [
-                        {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}},
-                        {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
-                        {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}]}}
-                    ], "defaultMode": 420}}],
-                    "containers": [{
-                        "name": "app", "image": "registry.example/payments-api:1.4.2",
-                        "ports": [{"containerPort": 8080, "protocol": "TCP"}],
-                        "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}},
-                        "volumeMounts": [{"name": "kube-api-access-7xk2p", "readOnly": true,
-                            "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"}],
-                        "terminationMessagePath": "/dev/termination-log",
-                        "terminationMessagePolicy": "File", "imagePullPolicy": "IfNotPresent"
-                    }],
-                    "restartPolicy": "Always", "terminationGracePeriodSeconds": 30,
-                    "dnsPolicy": "ClusterFirst", "serviceAccountName": "payments-api",
-                    "securityContext": {"runAsUser": 10001, "runAsNonRoot": true},
-                    "schedulerName": "default-scheduler", "enableServiceLinks": true
-                },
-                "status": {}
-            },
-            "oldObject": null,
-            "dryRun": false,
-            "options": {"kind": "CreateOptions", "apiVersion": "meta.k8s.io/v1"}
-        }
-    })
-    .to_string()
+    let pod = json!({
+        "kind": "Pod", "apiVersion": "v1",
+        "metadata": {
+            "generateName": "payments-api-6d4cf56db6-", "namespace": "payments",
+            "labels": {"app": "payments-api", "pod-template-hash": "6d4cf56db6",
+                "keyhaven.io/inject": "true"},
+            "annotations": {
+                "keyhaven.io/secret-db.json": "payments/db",
+                "keyhaven.io/secret-api-key": "payments/api",
+                "keyhaven.io/key-api-key": "token",
+                "keyhaven.io/secret-db.conf": "payments/db",
+                "keyhaven.io/template-db.conf": "host=db user={{ username }} password={{ password }}\n"
+            }
+        },
+        "spec": {
+            "volumes": [{"name": "kube-api-access-7xk2p", "projected": {"sources": [
+                {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}},
+                {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+                {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}]}}
+            ], "defaultMode": 420}}],
+            "containers": [{
+                "name": "app", "image": "registry.example/payments-api:1.4.2",
+                "ports": [{"containerPort": 8080, "protocol": "TCP"}],
+                "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}},
+                "volumeMounts": [{"name": "kube-api-access-7xk2p", "readOnly": true,
+                    "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"}],
+                "terminationMessagePath": "/dev/termination-log",
+                "terminationMessagePolicy": "File", "imagePullPolicy": "IfNotPresent"
+            }],
+            "restartPolicy": "Always", "terminationGracePeriodSeconds": 30,
+            "dnsPolicy": "ClusterFirst", "serviceAccountName": "payments-api",
+            "securityContext": {"runAsUser": 10001, "runAsNonRoot": true},
+            "schedulerName": "default-scheduler", "enableServiceLinks": true
+        },
+        "status": {}
+    });
+    keyhaven_injector::review::create_request(&pod, "payments", "bench-0001").to_string()
 }

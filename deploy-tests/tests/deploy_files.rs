@@ -140,9 +140,9 @@ const MUTATIONS: &[Mutation] = &[
     },
     Mutation {
         file: "docs/injector.md",
-        from: "keyhaven-injector mutate --agent-image",
-        to: "keyhaven-injector mutate --agent-img",
-        expect: &["docs/injector.md", "`--agent-img`"],
+        from: "--patched-pod pod.yaml",
+        to: "--patched-pods pod.yaml",
+        expect: &["docs/injector.md", "`--patched-pods`"],
     },
     // --- docker-compose.yml
     Mutation {

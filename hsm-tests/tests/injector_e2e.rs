@@ -39,24 +39,6 @@ impl Drop for Proc {
     }
 }
 
-fn admission_review(pod: &Value) -> Value {
-    json!({
-        "kind": "AdmissionReview",
-        "apiVersion": "admission.k8s.io/v1",
-        "request": {
-            "uid": "e2e-0001",
-            "kind": {"group": "", "version": "v1", "kind": "Pod"},
-            "resource": {"group": "", "version": "v1", "resource": "pods"},
-            "namespace": "payments",
-            "operation": "CREATE",
-            "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
-            "object": pod,
-            "oldObject": null,
-            "dryRun": false
-        }
-    })
-}
-
 #[test]
 fn the_injected_agent_command_line_writes_the_files_from_a_real_broker() {
     let (hsm, pki) = broker_token();
@@ -142,7 +124,10 @@ fn the_injected_agent_command_line_writes_the_files_from_a_real_broker() {
             "containers": [{"name": "app", "image": "registry.example/payments-api:1"}]
         }
     });
-    let body = serde_json::to_vec(&admission_review(&pod)).unwrap();
+    let body = serde_json::to_vec(&keyhaven_injector::review::create_request(
+        &pod, "payments", "e2e-0001",
+    ))
+    .unwrap();
     let (status, resp) = rt
         .block_on(testkit::https::request(
             addr, &pki.ca, "POST", "/mutate", &body,

@@ -73,6 +73,10 @@ pub struct ServeArgs {
 pub struct MutateArgs {
     /// The AdmissionReview request (JSON), `-` for standard input.
     pub file: PathBuf,
+    /// FILE is a Pod manifest (YAML or JSON), not an AdmissionReview: answer the request the
+    /// apiserver would send to create it (in its `metadata.namespace`, else `default`).
+    #[arg(long)]
+    pub pod: bool,
     /// Print the patched pod instead of the AdmissionReview response.
     #[arg(long, conflicts_with = "patch")]
     pub patched_pod: bool,

@@ -99,6 +99,17 @@ fn mutate_once(args: &MutateArgs) -> Result<(), InjectorError> {
     } else {
         body = std::fs::read(&args.file)?;
     }
+    if args.pod {
+        let pod: serde_json::Value = serde_yaml_ng::from_slice(&body)
+            .map_err(|e| InjectorError::Invalid(format!("not a Pod manifest: {e}")))?;
+        let namespace = pod
+            .pointer("/metadata/namespace")
+            .and_then(|n| n.as_str())
+            .unwrap_or("default")
+            .to_owned();
+        let request = review::create_request(&pod, &namespace, "keyhaven-injector-mutate");
+        body = serde_json::to_vec(&request).map_err(std::io::Error::other)?;
+    }
     let answer = review::answer(&body, &args.injection);
     if answer.outcome == review::Outcome::Invalid {
         let why = answer

@@ -207,3 +207,29 @@ pub fn patch_of(response: &Value) -> Option<json_patch::Patch> {
     let bytes = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
     serde_json::from_slice(&bytes).ok()
 }
+
+/// An AdmissionReview v1 request to create `pod` in `namespace`, shaped as the kube-apiserver
+/// sends it to a mutating webhook (for `mutate --pod`, tests and benches).
+pub fn create_request(pod: &Value, namespace: &str, uid: &str) -> Value {
+    serde_json::json!({
+        "kind": "AdmissionReview",
+        "apiVersion": API_VERSION,
+        "request": {
+            "uid": uid,
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
+            "requestResource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": namespace,
+            "operation": "CREATE",
+            "userInfo": {
+                "username": "system:serviceaccount:kube-system:replicaset-controller",
+                "groups": ["system:serviceaccounts", "system:serviceaccounts:kube-system", "system:authenticated"]
+            },
+            "object": pod,
+            "oldObject": null,
+            "dryRun": false,
+            "options": {"kind": "CreateOptions", "apiVersion": "meta.k8s.io/v1"}
+        }
+    })
+}

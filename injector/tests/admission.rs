@@ -21,29 +21,10 @@ fn config(extra: &[&str]) -> InjectionConfig {
 
 /// The AdmissionReview the apiserver sends for `pod` (operation CREATE unless changed).
 fn review_of(pod: &Value, namespace: &str) -> Value {
-    json!({
-        "kind": "AdmissionReview",
-        "apiVersion": "admission.k8s.io/v1",
-        "request": {
-            "uid": "705ab4f5-6393-11e8-b7cc-42010a800002",
-            "kind": {"group": "", "version": "v1", "kind": "Pod"},
-            "resource": {"group": "", "version": "v1", "resource": "pods"},
-            "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
-            "requestResource": {"group": "", "version": "v1", "resource": "pods"},
-            "namespace": namespace,
-            "operation": "CREATE",
-            "userInfo": {
-                "username": "system:serviceaccount:kube-system:replicaset-controller",
-                "uid": "1b1d8f3e-4a1b-4d0e-9a51-3b1a2c0d4e5f",
-                "groups": ["system:serviceaccounts", "system:serviceaccounts:kube-system", "system:authenticated"]
-            },
-            "object": pod,
-            "oldObject": null,
-            "dryRun": false,
-            "options": {"kind": "CreateOptions", "apiVersion": "meta.k8s.io/v1"}
-        }
-    })
+    review::create_request(pod, namespace, UID)
 }
+
+const UID: &str = "705ab4f5-6393-11e8-b7cc-42010a800002";
 
 fn container(name: &str, image: &str) -> Value {
     json!({
@@ -120,10 +101,7 @@ fn inject(pod: &Value, cfg: &InjectionConfig) -> (review::Answer, Value) {
     assert_eq!(a.outcome, Outcome::Injected, "{}", a.body);
     assert_eq!(a.body["apiVersion"], "admission.k8s.io/v1");
     assert_eq!(a.body["kind"], "AdmissionReview");
-    assert_eq!(
-        a.body["response"]["uid"],
-        "705ab4f5-6393-11e8-b7cc-42010a800002"
-    );
+    assert_eq!(a.body["response"]["uid"], UID);
     assert_eq!(a.body["response"]["allowed"], true);
     assert_eq!(a.body["response"]["patchType"], "JSONPatch");
     let patch = review::patch_of(&a.body).expect("base64 JSON Patch");
@@ -475,10 +453,7 @@ fn refused(annotations: Value, cfg: &InjectionConfig, edit: impl Fn(&mut Value))
     assert_eq!(a.outcome, Outcome::Denied, "{}", a.body);
     assert_eq!(a.body["response"]["allowed"], false);
     assert!(a.body["response"].get("patch").is_none());
-    assert_eq!(
-        a.body["response"]["uid"],
-        "705ab4f5-6393-11e8-b7cc-42010a800002"
-    );
+    assert_eq!(a.body["response"]["uid"], UID);
     a.body["response"]["status"]["message"]
         .as_str()
         .unwrap()
@@ -582,10 +557,7 @@ fn unrelated_requests_are_allowed_untouched() {
         assert_eq!(a.outcome, Outcome::Untouched(why), "{}", a.body);
         assert_eq!(a.body["response"]["allowed"], true);
         assert!(a.body["response"].get("patch").is_none());
-        assert_eq!(
-            a.body["response"]["uid"],
-            "705ab4f5-6393-11e8-b7cc-42010a800002"
-        );
+        assert_eq!(a.body["response"]["uid"], UID);
     };
     // Not opted in (no label, no annotation), even with other keyhaven annotations.
     let mut p = pod(json!({"keyhaven.io/colour": "red"}));
@@ -633,4 +605,50 @@ fn a_body_that_is_not_an_admission_review_is_invalid() {
         assert_eq!(a.outcome, Outcome::Invalid);
         assert_eq!(a.body["response"]["allowed"], false);
     }
+}
+
+#[test]
+fn mutate_pod_reads_a_yaml_manifest() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pod.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\n  namespace: shop\n  labels: {keyhaven.io/inject: \"true\"}\n  annotations:\n    keyhaven.io/secret-db.json: shop/db\nspec:\n  securityContext: {runAsUser: 1000}\n  containers:\n  - {name: app, image: a:1}\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keyhaven-injector"))
+        .args([
+            "mutate",
+            "--agent-image=a:1",
+            "--broker-addr=https://b:8443",
+            "--pod",
+            "--patched-pod",
+        ])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pod: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(pod["spec"]["initContainers"][0]["name"], "keyhaven-agent");
+    assert_eq!(
+        pod["metadata"]["annotations"]["keyhaven.io/status"],
+        "injected"
+    );
+    std::fs::write(&file, "kind: [").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keyhaven-injector"))
+        .args([
+            "mutate",
+            "--agent-image=a:1",
+            "--broker-addr=https://b:8443",
+            "--pod",
+        ])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a Pod manifest"));
 }

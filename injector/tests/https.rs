@@ -87,29 +87,18 @@ async fn get(s: &mut TlsStream, path: &str) -> (u16, String) {
 }
 
 fn admission_review() -> String {
-    serde_json::json!({
-        "kind": "AdmissionReview",
-        "apiVersion": "admission.k8s.io/v1",
-        "request": {
-            "uid": "3c1a2b7e-0000-4000-8000-000000000001",
-            "kind": {"group": "", "version": "v1", "kind": "Pod"},
-            "resource": {"group": "", "version": "v1", "resource": "pods"},
-            "namespace": "payments",
-            "operation": "CREATE",
-            "userInfo": {"username": "alice"},
-            "object": {
-                "apiVersion": "v1", "kind": "Pod",
-                "metadata": {"name": "p", "namespace": "payments",
-                    "labels": {"keyhaven.io/inject": "true"},
-                    "annotations": {"keyhaven.io/secret-db.json": "payments/db"}},
-                "spec": {"containers": [{"name": "app", "image": "a:1"}],
-                    "securityContext": {"runAsUser": 1000}}
-            },
-            "dryRun": false
-        }
-    })
-    .to_string()
+    let pod = serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "p", "namespace": "payments",
+            "labels": {"keyhaven.io/inject": "true"},
+            "annotations": {"keyhaven.io/secret-db.json": "payments/db"}},
+        "spec": {"containers": [{"name": "app", "image": "a:1"}],
+            "securityContext": {"runAsUser": 1000}}
+    });
+    keyhaven_injector::review::create_request(&pod, "payments", UID).to_string()
 }
+
+const UID: &str = "3c1a2b7e-0000-4000-8000-000000000001";
 
 #[tokio::test]
 async fn a_new_certificate_is_served_without_dropping_a_request_in_flight() {
@@ -157,7 +146,7 @@ async fn a_new_certificate_is_served_without_dropping_a_request_in_flight() {
     let (status, resp) = read_response(&mut inflight).await.unwrap();
     assert_eq!(status, 200, "{resp}");
     let v: serde_json::Value = serde_json::from_str(&resp).unwrap();
-    assert_eq!(v["response"]["uid"], "3c1a2b7e-0000-4000-8000-000000000001");
+    assert_eq!(v["response"]["uid"], UID);
     assert_eq!(v["response"]["allowed"], true);
     assert_eq!(v["response"]["patchType"], "JSONPatch");
 
