@@ -45,11 +45,20 @@ impl BrokerClient {
 
     /// Puts a secret at `path` (one key, `password`).
     pub async fn put(&mut self, path: &str) {
+        self.put_data(path, &[("password", "s3cret-value")]).await;
+    }
+
+    /// Puts a secret at `path` with these keys and values.
+    pub async fn put_data(&mut self, path: &str, kv: &[(&str, &str)]) {
+        let data = kv
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+            .collect();
         self.admin
             .put_secret(authed(
                 PutSecretRequest {
                     path: path.into(),
-                    data: [("password".to_string(), b"s3cret-value".to_vec())].into(),
+                    data,
                 },
                 BOOTSTRAP,
             ))

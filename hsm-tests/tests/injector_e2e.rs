@@ -12,9 +12,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use hsm_tests::broker::{authed, broker_token, BrokerProc, BOOTSTRAP};
+use hsm_tests::broker_client::BrokerClient;
 use hsm_tests::process::{bin_path, eventually, free_port, runtime};
 use keyhaven_broker::auth::DevIssuer;
-use keyhaven_proto::broker::v1::admin_client::AdminClient;
 use keyhaven_proto::broker::v1::*;
 use serde_json::{json, Value};
 
@@ -45,32 +45,15 @@ fn the_injected_agent_command_line_writes_the_files_from_a_real_broker() {
     let broker = BrokerProc::start(&hsm, &pki, &[]);
     let rt = runtime();
     let dir = hsm.dir().to_path_buf();
+    let mut client = rt.block_on(BrokerClient::connect(&broker, &pki));
     rt.block_on(async {
-        let mut admin = AdminClient::new(broker.channel(&pki.ca).await);
-        admin
-            .apply_policies(authed(
-                ApplyPoliciesRequest {
-                    yaml: POLICY.into(),
-                    ..Default::default()
-                },
-                BOOTSTRAP,
-            ))
-            .await
-            .unwrap();
-        let data = [("username", "payments"), ("password", PASSWORD)]
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
-            .collect();
-        admin
-            .put_secret(authed(
-                PutSecretRequest {
-                    path: "payments/db".into(),
-                    data,
-                },
-                BOOTSTRAP,
-            ))
-            .await
-            .unwrap();
+        client.apply(POLICY, false).await;
+        client
+            .put_data(
+                "payments/db",
+                &[("username", "payments"), ("password", PASSWORD)],
+            )
+            .await;
     });
 
     // The injector, serving the dev PKI's certificate.
@@ -244,8 +227,8 @@ fn the_injected_agent_command_line_writes_the_files_from_a_real_broker() {
         .unwrap()
         .is_some()));
     let live = rt.block_on(async {
-        let mut admin = AdminClient::new(broker.channel(&pki.ca).await);
-        admin
+        client
+            .admin
             .list_leases(authed(
                 ListLeasesRequest {
                     selector: Some(LeaseSelector {
