@@ -13,7 +13,7 @@ use crate::agent::Shared;
 use crate::metrics::FileLabel;
 
 /// Serves `/healthz`, `/readyz` and `/metrics` on `listener` until the process ends.
-pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) -> std::io::Result<()> {
+pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -22,7 +22,8 @@ pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) -> st
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "metrics listener up (/healthz, /readyz, /metrics)");
     }
-    axum::serve(listener, app).await
+    use keyhaven_process::http::{serve, Limits, Plain};
+    serve(listener, app, Plain, Limits::HEALTH, std::future::pending()).await;
 }
 
 async fn readyz(State(s): State<Arc<Shared>>) -> impl IntoResponse {

@@ -75,11 +75,7 @@ async fn run(cli: Cli, specs: Vec<config::SecretSpec>) -> ExitCode {
         match tokio::net::TcpListener::bind(addr).await {
             Ok(l) => {
                 let shared = ctx.shared.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = http::serve(l, shared).await {
-                        tracing::error!(error = %e, "metrics listener failed");
-                    }
-                });
+                tokio::spawn(http::serve(l, shared));
             }
             Err(e) => {
                 eprintln!("broker-agent: cannot listen on --metrics-addr {addr}: {e}");

@@ -10,7 +10,7 @@ pub async fn serve_http(
     listener: tokio::net::TcpListener,
     health: Arc<Health>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
+) {
     use axum::http::StatusCode;
     use axum::routing::get;
     let h1 = health.clone();
@@ -36,7 +36,6 @@ pub async fn serve_http(
                 async move { h.metrics_text().await }
             }),
         );
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    use keyhaven_process::http::{serve, Limits, Plain};
+    serve(listener, app, Plain, Limits::HEALTH, shutdown).await;
 }

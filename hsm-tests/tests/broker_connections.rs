@@ -1,6 +1,7 @@
 //! The broker's connection limits on a real process: TCP connections that never start TLS
 //! and stalled handshakes are closed after `--tls-handshake-timeout`, idle connections after
-//! `--max-connection-age`, and no more than `--max-connections` are open at once.
+//! `--max-connection-age`, and no more than `--max-connections` are open at once; the
+//! metrics listener closes an idle connection too.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{Read, Write};
@@ -48,6 +49,9 @@ fn silent_connections_stalled_handshakes_and_idle_connections_are_closed() {
         ],
     );
     let rt = runtime();
+    // The metrics listener's idle bound (10 s, keyhaven_process::http::Limits::HEALTH) runs
+    // while the rest of the test does.
+    let metrics_idle = TcpStream::connect(&b.metrics).unwrap();
     // A TCP connection that never sends a byte.
     let silent = TcpStream::connect(("127.0.0.1", b.port)).unwrap();
     // A handshake that stops after the first bytes of a ClientHello record.
@@ -74,6 +78,10 @@ fn silent_connections_stalled_handshakes_and_idle_connections_are_closed() {
     );
     // And the client simply reconnects.
     assert_eq!(rt.block_on(grpc_health(ch, "")), Ok(1));
+    assert!(
+        closed_by_peer(&metrics_idle, Duration::from_secs(30)),
+        "an idle connection to the metrics listener was kept open"
+    );
 }
 
 #[test]

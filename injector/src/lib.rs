@@ -83,7 +83,7 @@ async fn serve(args: ServeArgs) -> Result<(), InjectorError> {
     let r = server::serve(
         listener,
         state,
-        server::Limits::from(&args),
+        server::limits(&args),
         keyhaven_process::shutdown_signal(),
     )
     .await;

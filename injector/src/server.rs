@@ -1,9 +1,10 @@
 //! The HTTPS listener: `/mutate`, `/healthz`, `/readyz`, `/metrics`.
 //!
-//! Connections: at most `--max-connections` at once (more wait in the kernel's backlog), a TLS
-//! handshake timeout, a request timeout (headers and body), HTTP/1.1 keep-alive, and a
-//! graceful close after `--max-connection-age` (which also bounds an idle connection). On
-//! SIGTERM the listener closes and open connections finish their request first.
+//! Connections ([`keyhaven_process::http`]): at most `--max-connections` at once (more wait in
+//! the kernel's backlog), a TLS handshake timeout, a request timeout (headers, the wait on an
+//! idle connection, and the body), HTTP/1.1 keep-alive, and a graceful close after
+//! `--max-connection-age`. On SIGTERM the listener closes and open connections finish their
+//! request first.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -14,10 +15,8 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
+use keyhaven_process::http::{self, Handshake, Limits};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{InjectionConfig, ServeArgs};
@@ -28,9 +27,6 @@ use crate::tls::ReloadingCert;
 /// Largest AdmissionReview body accepted: a pod is at most ~1.5 MiB in etcd, and a CREATE
 /// review carries it once.
 pub const MAX_BODY: usize = 3 * 1024 * 1024;
-
-/// How long open connections get to finish after SIGTERM.
-const DRAIN: Duration = Duration::from_secs(15);
 
 /// What the handlers share.
 #[derive(Debug)]
@@ -45,27 +41,17 @@ pub struct AppState {
     pub request_timeout: Duration,
 }
 
-/// Connection limits (from [`ServeArgs`]).
-#[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    /// Connections open at once.
-    pub max_connections: usize,
-    /// TLS handshake deadline.
-    pub handshake: Duration,
-    /// Request headers and body deadline.
-    pub request: Duration,
-    /// Graceful close after this.
-    pub max_age: Duration,
-}
+/// How long open connections get to finish after SIGTERM.
+const DRAIN: Duration = Duration::from_secs(15);
 
-impl From<&ServeArgs> for Limits {
-    fn from(a: &ServeArgs) -> Self {
-        Self {
-            max_connections: a.max_connections as usize,
-            handshake: a.tls_handshake_timeout,
-            request: a.request_timeout,
-            max_age: a.max_connection_age,
-        }
+/// Connection limits from the flags.
+pub fn limits(a: &ServeArgs) -> Limits {
+    Limits {
+        max_connections: a.max_connections as usize,
+        handshake_timeout: a.tls_handshake_timeout,
+        header_timeout: a.request_timeout,
+        max_age: a.max_connection_age,
+        drain: DRAIN,
     }
 }
 
@@ -198,6 +184,30 @@ pub async fn reload_loop(state: Arc<AppState>, interval: Duration) {
     }
 }
 
+/// The TLS handshake with the reloading certificate; counts open connections.
+#[derive(Clone)]
+struct Tls {
+    acceptor: TlsAcceptor,
+    state: Arc<AppState>,
+}
+
+impl Handshake for Tls {
+    type Stream = tokio_rustls::server::TlsStream<TcpStream>;
+    async fn handshake(&self, tcp: TcpStream) -> Option<Self::Stream> {
+        self.acceptor
+            .accept(tcp)
+            .await
+            .map_err(|e| tracing::debug!(error = %e, "TLS handshake failed"))
+            .ok()
+    }
+    fn opened(&self) {
+        self.state.metrics.connections.inc();
+    }
+    fn closed(&self) {
+        self.state.metrics.connections.dec();
+    }
+}
+
 /// Serves HTTPS on `listener` until `shutdown` resolves, then lets open connections finish.
 pub async fn serve(
     listener: TcpListener,
@@ -205,89 +215,8 @@ pub async fn serve(
     limits: Limits,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), rustls::Error> {
-    let tls = TlsAcceptor::from(Arc::new(crate::tls::server_config(state.cert.clone())?));
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
-    let (stop, stopped) = watch::channel(false);
+    let acceptor = TlsAcceptor::from(Arc::new(crate::tls::server_config(state.cert.clone())?));
     let app = router(state.clone());
-    tokio::pin!(shutdown);
-    loop {
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            _ = &mut shutdown => break,
-        };
-        let tcp = tokio::select! {
-            r = listener.accept() => match r {
-                Ok((tcp, _)) => tcp,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            _ = &mut shutdown => break,
-        };
-        let conn = Connection {
-            tls: tls.clone(),
-            app: app.clone(),
-            limits,
-            stopped: stopped.clone(),
-            state: state.clone(),
-            _permit: permit,
-        };
-        tokio::spawn(conn.run(tcp));
-    }
-    drop(listener);
-    let _ = stop.send(true);
-    let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
-    let _ = tokio::time::timeout(DRAIN, permits.acquire_many(all)).await;
+    http::serve(listener, app, Tls { acceptor, state }, limits, shutdown).await;
     Ok(())
-}
-
-struct Connection {
-    tls: TlsAcceptor,
-    app: Router,
-    limits: Limits,
-    stopped: watch::Receiver<bool>,
-    state: Arc<AppState>,
-    _permit: OwnedSemaphorePermit,
-}
-
-impl Connection {
-    async fn run(mut self, tcp: TcpStream) {
-        let _ = tcp.set_nodelay(true);
-        let stream = match tokio::time::timeout(self.limits.handshake, self.tls.accept(tcp)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "TLS handshake failed");
-                return;
-            }
-            Err(_) => {
-                tracing::debug!("TLS handshake timed out");
-                return;
-            }
-        };
-        self.state.metrics.connections.inc();
-        let mut builder = hyper::server::conn::http1::Builder::new();
-        builder
-            .timer(TokioTimer::new())
-            .header_read_timeout(self.limits.request)
-            .keep_alive(true);
-        let conn = builder.serve_connection(
-            TokioIo::new(stream),
-            TowerToHyperService::new(self.app.clone()),
-        );
-        tokio::pin!(conn);
-        let age = tokio::time::sleep(self.limits.max_age);
-        tokio::pin!(age);
-        let finished = tokio::select! {
-            _ = conn.as_mut() => true,
-            _ = &mut age => false,
-            _ = self.stopped.wait_for(|s| *s) => false,
-        };
-        if !finished {
-            conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(DRAIN, conn).await;
-        }
-        self.state.metrics.connections.dec();
-    }
 }

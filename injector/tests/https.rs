@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use keyhaven_injector::config::InjectionConfig;
 use keyhaven_injector::metrics::Metrics;
-use keyhaven_injector::server::{self, AppState, Limits};
+use keyhaven_injector::server::{self, AppState};
 use keyhaven_injector::tls::ReloadingCert;
+use keyhaven_process::http::Limits;
 use testkit::https::{self, connect, read_response, TlsStream};
 use testkit::pki::DevPki;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -47,7 +48,7 @@ async fn start(cert: &Path, key: &Path, limits: Limits) -> Server {
         cfg: config(),
         metrics: Metrics::default(),
         cert: Arc::new(ReloadingCert::load(cert, key).unwrap()),
-        request_timeout: limits.request,
+        request_timeout: limits.header_timeout,
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -75,9 +76,10 @@ async fn start(cert: &Path, key: &Path, limits: Limits) -> Server {
 fn limits() -> Limits {
     Limits {
         max_connections: 64,
-        handshake: Duration::from_secs(10),
-        request: Duration::from_secs(10),
+        handshake_timeout: Duration::from_secs(10),
+        header_timeout: Duration::from_secs(10),
         max_age: Duration::from_secs(300),
+        drain: Duration::from_secs(5),
     }
 }
 
@@ -188,11 +190,12 @@ async fn a_new_certificate_is_served_without_dropping_a_request_in_flight() {
 }
 
 #[tokio::test]
-async fn handshake_timeout_body_limit_and_wrong_method() {
+async fn handshake_and_idle_timeouts_body_limit_and_wrong_method() {
     let dir = tempfile::tempdir().unwrap();
     let pki = DevPki::write(dir.path()).unwrap();
     let mut l = limits();
-    l.handshake = Duration::from_millis(300);
+    l.handshake_timeout = Duration::from_millis(300);
+    l.header_timeout = Duration::from_secs(1);
     let server = start(&pki.server_cert, &pki.server_key, l).await;
 
     // A connection that never starts TLS is closed after the handshake timeout.
@@ -226,6 +229,20 @@ async fn handshake_timeout_body_limit_and_wrong_method() {
     assert_eq!(status, 400, "{resp}");
     let (status, _) = get(&mut s, "/mutate").await;
     assert_eq!(status, 405);
+
+    // A kept-alive connection that sends nothing more is closed after the request timeout.
+    let t0 = std::time::Instant::now();
+    let mut buf = [0u8; 64];
+    let r = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+    assert!(
+        matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+        "an idle connection was kept open: {r:?}"
+    );
+    assert!(
+        t0.elapsed() >= Duration::from_millis(500),
+        "{:?}",
+        t0.elapsed()
+    );
 }
 
 fn mkdir(p: std::path::PathBuf) -> std::path::PathBuf {

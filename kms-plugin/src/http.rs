@@ -8,7 +8,7 @@ pub async fn serve_http(
     listener: tokio::net::TcpListener,
     ready: Arc<crate::health::Readiness>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
+) {
     use axum::http::StatusCode;
     use axum::response::IntoResponse;
     use axum::routing::get;
@@ -60,7 +60,6 @@ pub async fn serve_http(
                 }
             }),
         );
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    use keyhaven_process::http::{serve, Limits, Plain};
+    serve(listener, app, Plain, Limits::HEALTH, shutdown).await;
 }
