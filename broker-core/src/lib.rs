@@ -8,6 +8,7 @@
 
 pub mod audit;
 pub mod bounded;
+pub mod dbrole;
 pub mod dev_token;
 pub mod fuzz_targets;
 pub mod identity;

@@ -58,6 +58,12 @@ pub(crate) fn spawn_all(broker: &Arc<Broker>, args: &ServeArgs) {
     crate::service::spawn_policy_watch(broker);
     crate::service::spawn_dek_watch(broker);
     crate::service::spawn_heartbeat(broker);
+    // Dynamic database credentials: drop the roles of ended leases, reconcile.
+    crate::service::spawn_db_revoker(
+        Arc::downgrade(broker),
+        crate::service::DB_REVOKE_EVERY,
+        args.db_reconcile_interval,
+    );
 
     // Reaper.
     {

@@ -15,6 +15,7 @@ use crate::crypto::SecretData;
 use crate::rate_limit::{PreAuthLimits, RateLimiter};
 
 mod authn;
+mod db;
 use crate::service::{Broker, BrokerError, HEARTBEAT_STALE, POLICY_BOUND};
 use crate::store::{LeaseFilter, LeaseRow};
 
@@ -44,6 +45,7 @@ impl From<BrokerError> for Status {
             BrokerError::NotFound(_) => Status::new(Code::NotFound, text()),
             BrokerError::FailedPrecondition(_) => Status::new(Code::FailedPrecondition, text()),
             BrokerError::InvalidArgument(_) => Status::new(Code::InvalidArgument, text()),
+            BrokerError::ResourceExhausted(_) => Status::new(Code::ResourceExhausted, text()),
             BrokerError::Unavailable { what, .. } => {
                 tracing::warn!(error = %e.chain(), "request failed: unavailable");
                 Status::new(
@@ -226,6 +228,41 @@ fn lease_info(l: LeaseRow) -> pb::LeaseInfo {
 
 #[tonic::async_trait]
 impl Admin for Edge {
+    async fn put_db_connection(
+        &self,
+        req: Request<pb::PutDbConnectionRequest>,
+    ) -> Result<Response<pb::PutDbConnectionResponse>, Status> {
+        Edge::put_db_connection(self, req).await
+    }
+
+    async fn put_db_role(
+        &self,
+        req: Request<pb::PutDbRoleRequest>,
+    ) -> Result<Response<pb::PutDbRoleResponse>, Status> {
+        Edge::put_db_role(self, req).await
+    }
+
+    async fn list_db_roles(
+        &self,
+        req: Request<pb::ListDbRolesRequest>,
+    ) -> Result<Response<pb::ListDbRolesResponse>, Status> {
+        Edge::list_db_roles(self, req).await
+    }
+
+    async fn db_status(
+        &self,
+        req: Request<pb::DbStatusRequest>,
+    ) -> Result<Response<pb::DbStatusResponse>, Status> {
+        Edge::db_status(self, req).await
+    }
+
+    async fn db_reconcile(
+        &self,
+        req: Request<pb::DbReconcileRequest>,
+    ) -> Result<Response<pb::DbReconcileResponse>, Status> {
+        Edge::db_reconcile(self, req).await
+    }
+
     async fn put_secret(
         &self,
         req: Request<pb::PutSecretRequest>,

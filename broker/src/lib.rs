@@ -21,6 +21,7 @@ pub mod service;
 
 pub use service::rotation;
 pub mod store;
+pub mod target_db;
 
 pub use keyhaven_broker_core::{bounded, identity, policy};
 pub use keyhaven_hsm as hsm;

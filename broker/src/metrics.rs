@@ -10,6 +10,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+mod db;
+pub use db::DbMetrics;
+
 /// Request labels.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MethodCode {
@@ -88,6 +91,8 @@ pub struct Metrics {
     /// gRPC connections open (set at scrape time; at most `--max-connections`).
     pub connections_open: Gauge,
     login: keyhaven_hsm::login_metrics::LoginMetrics,
+    /// Dynamic database credentials.
+    pub db: DbMetrics,
 }
 
 /// A single `resource` label (`pods`, `serviceaccounts`).
@@ -263,6 +268,8 @@ impl Metrics {
         );
         let login = keyhaven_hsm::login_metrics::LoginMetrics::default();
         login.register(&mut registry);
+        let db = DbMetrics::default();
+        db.register(&mut registry);
         registry.register(
             "ready",
             "1 while the last database and HSM probe passed",
@@ -297,6 +304,7 @@ impl Metrics {
             ready,
             connections_open,
             login,
+            db,
         }
     }
 

@@ -200,6 +200,11 @@ pub struct ServeArgs {
     /// How often the reaper looks for expired leases.
     #[arg(long, env = "KEYHAVEN_REAP_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub reap_interval: Duration,
+
+    /// How often this replica compares the roles it made in each credential database with the
+    /// live credentials (dropped roles, ended leases; see docs/dynamic-credentials.md).
+    #[arg(long, env = "KEYHAVEN_DB_RECONCILE_INTERVAL", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub db_reconcile_interval: Duration,
     /// How often this replica re-reads the KEK list from the HSM (adopting a new primary made
     /// by another replica or `keys rotate`), checks the automatic-rotation rule and looks for
     /// DEKs to re-wrap.

@@ -3,6 +3,7 @@
 //! data and confirmations (`--from-file`, `--yes`) are flags only. No secret is ever a flag
 //! value: credentials and PINs come from files.
 
+pub mod db;
 use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -149,6 +150,12 @@ pub enum Command {
         /// Key operation.
         #[command(subcommand)]
         command: KeysCommand,
+    },
+    /// Dynamic database credentials: connections, roles, status, reconciliation.
+    Db {
+        /// Database credential operation.
+        #[command(subcommand)]
+        command: db::DbCommand,
     },
     /// Mint a ServiceAccount-shaped token with the dev key (demos and tests only; a broker
     /// trusts it only when started with `--dev`). Prints the token to stdout.

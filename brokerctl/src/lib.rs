@@ -135,6 +135,7 @@ async fn dispatch(cli: &Cli, io: &mut Io<'_>) -> Result<(), CtlError> {
         Command::Policy { command } => remote::policy(&cli.conn, command, io).await,
         Command::Leases { command } => remote::leases(&cli.conn, command, io).await,
         Command::Replicas => remote::replicas(&cli.conn, io).await,
+        Command::Db { command } => remote::db(&cli.conn, command, io).await,
         Command::Lease(args) => remote::lease(&cli.conn, args, io).await,
         Command::Renew(args) => remote::renew(&cli.conn, args, io).await,
         Command::Revoke(args) => remote::revoke(&cli.conn, args, io).await,

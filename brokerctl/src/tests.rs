@@ -45,6 +45,32 @@ type R<T> = Result<Response<T>, Status>;
 
 #[tonic::async_trait]
 impl Admin for FakeAdmin {
+    async fn put_db_connection(
+        &self,
+        r: Request<pb::PutDbConnectionRequest>,
+    ) -> R<pb::PutDbConnectionResponse> {
+        self.saw(&r);
+        Err(Status::unimplemented("fake"))
+    }
+    async fn put_db_role(&self, r: Request<pb::PutDbRoleRequest>) -> R<pb::PutDbRoleResponse> {
+        self.saw(&r);
+        Err(Status::unimplemented("fake"))
+    }
+    async fn list_db_roles(
+        &self,
+        r: Request<pb::ListDbRolesRequest>,
+    ) -> R<pb::ListDbRolesResponse> {
+        self.saw(&r);
+        Err(Status::unimplemented("fake"))
+    }
+    async fn db_status(&self, r: Request<pb::DbStatusRequest>) -> R<pb::DbStatusResponse> {
+        self.saw(&r);
+        Err(Status::unimplemented("fake"))
+    }
+    async fn db_reconcile(&self, r: Request<pb::DbReconcileRequest>) -> R<pb::DbReconcileResponse> {
+        self.saw(&r);
+        Err(Status::unimplemented("fake"))
+    }
     async fn put_secret(&self, r: Request<pb::PutSecretRequest>) -> R<pb::PutSecretResponse> {
         self.saw(&r);
         let r = r.into_inner();

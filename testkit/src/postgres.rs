@@ -165,6 +165,27 @@ impl Postgres {
         .map(drop)
     }
 
+    /// Every role but the cluster's own user must log in with its password
+    /// (`scram-sha-256`), as in production, so passwords and `VALID UNTIL` are enforced. The
+    /// server re-reads `pg_hba.conf` at once (SIGHUP); this waits for that.
+    pub fn require_passwords(&self) -> Result<()> {
+        let hba = format!(
+            "local all {USER} trust\nhost all {USER} 127.0.0.1/32 trust\n\
+             local all all scram-sha-256\nhost all all 127.0.0.1/32 scram-sha-256\n"
+        );
+        let data = self.dir.path().join("data");
+        std::fs::write(data.join("pg_hba.conf"), hba)
+            .map_err(|e| Error::io("write pg_hba.conf", e))?;
+        let postmaster = std::fs::read_to_string(data.join("postmaster.pid"))
+            .ok()
+            .and_then(|s| s.lines().next().and_then(|l| l.trim().parse::<i32>().ok()))
+            .ok_or_else(|| Error::io("read postmaster.pid", std::io::ErrorKind::NotFound.into()))?;
+        kill(Pid::from_raw(postmaster), Signal::SIGHUP)
+            .map_err(|e| Error::io("signal the postmaster", std::io::Error::from(e)))?;
+        std::thread::sleep(Duration::from_millis(500));
+        Ok(())
+    }
+
     /// Starts the server again after [`Postgres::stop`] (same data, same port).
     pub fn resume(&mut self) -> Result<()> {
         if self.server.is_some() {

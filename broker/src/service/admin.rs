@@ -9,8 +9,28 @@ impl Broker {
     pub async fn put_secret(&self, caller: &Caller, path: &str, data: SecretData) -> Result<i64> {
         validate_secret_path(path)
             .map_err(|e| BrokerError::InvalidArgument(format!("path '{}': {e}", echo(path))))?;
+        if keyhaven_broker_core::dbrole::is_db_path(path) {
+            return Err(BrokerError::InvalidArgument(
+                "paths under db/ hold dynamic database credentials: use `brokerctl db connection put` \
+                 and `brokerctl db role put`"
+                    .into(),
+            ));
+        }
         self.require(caller, path, Capability::Write, "secret_put")
             .await?;
+        self.store_secret_version(caller, path, data, "secret_put")
+            .await
+    }
+
+    /// Seals and stores a new version of `path` with its audit record (`verb`); the caller
+    /// has checked the path and the caller's right to write it.
+    pub(super) async fn store_secret_version(
+        &self,
+        caller: &Caller,
+        path: &str,
+        data: SecretData,
+        verb: &'static str,
+    ) -> Result<i64> {
         let r = async {
             // Keys become file names in the sidecar's volume: no separators, no dot names.
             for k in data.0.keys() {
@@ -55,7 +75,7 @@ impl Broker {
                                 Self::audit_events(
                                     None,
                                     &by,
-                                    EventKind::Admin("secret_put".into()),
+                                    EventKind::Admin(verb.into()),
                                     Some(&at),
                                     None,
                                     &Ok::<i64, BrokerError>(v),
@@ -89,7 +109,7 @@ impl Broker {
             Err(e) => {
                 self.audited(
                     caller,
-                    EventKind::Admin("secret_put".into()),
+                    EventKind::Admin(verb.into()),
                     Some(path),
                     None,
                     Err(e),
@@ -106,6 +126,12 @@ impl Broker {
         } else {
             (Capability::Delete, "secret_delete")
         };
+        if keyhaven_broker_core::dbrole::is_db_path(path) {
+            return Err(BrokerError::InvalidArgument(
+                "paths under db/ hold dynamic database credentials; they are not deleted as secrets"
+                    .into(),
+            ));
+        }
         self.require(caller, path, cap, verb).await?;
         // The change and its record in one transaction.
         let (by, at) = (caller.clone(), path.to_owned());

@@ -26,6 +26,9 @@ pub enum BrokerError {
     /// Malformed request.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// A cap is reached (the cap is named); retry after something is released.
+    #[error("resource exhausted: {0}")]
+    ResourceExhausted(String),
     /// Database, HSM or key source unavailable; retry later.
     #[error("unavailable: {what}")]
     Unavailable {
@@ -112,6 +115,7 @@ impl BrokerError {
             BrokerError::NotFound(_) => "not_found",
             BrokerError::FailedPrecondition(_) => "not_renewable",
             BrokerError::InvalidArgument(_) => "invalid_argument",
+            BrokerError::ResourceExhausted(_) => "resource_exhausted",
             BrokerError::Unavailable { .. } => "unavailable",
             BrokerError::Internal { .. } => "internal",
         }

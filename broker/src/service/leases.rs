@@ -50,7 +50,15 @@ impl Broker {
                 lease_id.as_deref(),
                 &r,
             );
-            match self.submit_at(events, row, generation).await? {
+            let credential = row
+                .as_ref()
+                .filter(|l| keyhaven_broker_core::dbrole::is_db_path(&l.path))
+                .map(|l| l.id.clone());
+            let committed = self.submit_at(events, row, generation).await;
+            if let Some(lease_id) = &credential {
+                self.db_lease_stored(lease_id, committed.is_ok()).await;
+            }
+            match committed? {
                 Committed::Record(_) | Committed::Renewal(..) => return r,
                 Committed::Stale => {
                     self.reads.forget_versions();
@@ -87,6 +95,18 @@ impl Broker {
                 id.subject()
             )));
         };
+        if keyhaven_broker_core::dbrole::is_db_path(path) {
+            let Some((connection, role)) = keyhaven_broker_core::dbrole::role_path(path) else {
+                return Err(BrokerError::InvalidArgument(format!(
+                    "'{}' is not a credential path: db/CONNECTION/ROLE",
+                    echo(path)
+                )));
+            };
+            let (grant, row) = self
+                .lease_db(id, path, connection, role, ttl, (default_ttl, max_ttl))
+                .await?;
+            return Ok((grant, row, None));
+        }
         let mut attempts = 0;
         let (row, data, generation) = loop {
             attempts += 1;
@@ -208,11 +228,16 @@ impl Broker {
         let written = self.audit_writer.renew(events, renewing).await;
         self.metrics.audit_wait.observe(t0.elapsed().as_secs_f64());
         match written? {
-            (_, Some(l)) => Ok(Renewal {
-                ttl: Duration::from_millis(l.expires_ms.saturating_sub(now).max(0) as u64),
-                renewable_until_unix: to_secs(l.max_expires_ms),
-                newer_version: l.latest_version.is_some_and(|v| v > l.version),
-            }),
+            (_, Some(l)) => {
+                if lease_path(lease_id).is_some_and(keyhaven_broker_core::dbrole::is_db_path) {
+                    self.db_renewed(lease_id, l.expires_ms).await?;
+                }
+                Ok(Renewal {
+                    ttl: Duration::from_millis(l.expires_ms.saturating_sub(now).max(0) as u64),
+                    renewable_until_unix: to_secs(l.max_expires_ms),
+                    newer_version: l.latest_version.is_some_and(|v| v > l.version),
+                })
+            }
             (_, None) => Err(not_renewable(lease_id)),
         }
     }
@@ -387,8 +412,15 @@ fn not_renewable(lease_id: &str) -> BrokerError {
     ))
 }
 
+/// The path part of a lease id ([`new_lease_id`]).
+fn lease_path(lease_id: &str) -> Option<&str> {
+    let (_, rest) = lease_id.split_once('/')?;
+    let (_, rest) = rest.split_once('/')?;
+    rest.rsplit_once('/').map(|(path, _)| path)
+}
+
 /// `namespace/serviceaccount/path/<128 random bits hex>`.
-fn new_lease_id(id: &Identity, path: &str) -> Result<String> {
+pub(super) fn new_lease_id(id: &Identity, path: &str) -> Result<String> {
     let mut r = Zeroizing::new([0u8; 16]);
     getrandom::fill(&mut r[..]).map_err(|_| BrokerError::internal("random number generator"))?;
     Ok(format!(

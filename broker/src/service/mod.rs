@@ -23,6 +23,7 @@ use crate::store::{LeaseFilter, LeaseRow, Renewing, Store, StoreError};
 mod admin;
 mod auth_failures;
 mod authn;
+mod db_credentials;
 mod dek_sync;
 mod error;
 mod health;
@@ -34,6 +35,10 @@ pub mod rotation;
 
 pub use admin::{KekStatus, PolicyApply};
 pub use auth_failures::{spawn_auth_failure_flush, AUTH_FAILURE_FLUSH_EVERY, MAX_FAILURE_KEYS};
+pub use db_credentials::{
+    spawn_db_revoker, DbReconcile, DbStatus, DB_RECONCILE_EVERY, DB_REVOKE_EVERY, PENDING_GRACE,
+    REVOKED_ROLE_MISSING,
+};
 pub use dek_sync::{spawn_dek_watch, DEK_POLL};
 pub use error::{BrokerError, Result};
 pub use holder_watch::{
@@ -130,6 +135,8 @@ pub struct Broker {
     replica: String,
     /// When this replica started (Unix ms).
     started_ms: i64,
+    /// Pools of the databases dynamic credentials are made in.
+    targets: crate::target_db::Targets,
 }
 
 impl std::fmt::Debug for Broker {
@@ -183,6 +190,7 @@ impl Broker {
             metrics,
             replica: crate::rotation::replica_name(),
             started_ms: now_ms(),
+            targets: crate::target_db::Targets::default(),
         };
         b.reload_policies().await?;
         b.refresh_kek().await?;

@@ -30,6 +30,7 @@ macro_rules! on_pool {
 mod rows;
 #[macro_use]
 mod audit;
+mod db_credentials;
 mod error;
 mod hot_reads;
 mod leases;
@@ -41,6 +42,7 @@ mod secrets;
 mod sqlite;
 
 pub use audit::AuditAppender;
+pub use db_credentials::{DbCap, DbCredentialCount, DbCredentialRow};
 pub use error::{Result, StoreError};
 pub use hot_reads::{HotReads, REMEMBERED_BYTES, REMEMBERED_MAX_VERSION_BYTES, REMEMBERED_PATHS};
 pub use policies::{PolicyApplied, StoredPolicies};

@@ -1,5 +1,5 @@
 //! The commands that call the broker: `secrets`, `policy`, `leases`, `lease` / `renew` /
-//! `revoke`, `audit`, `keys status` / `rotate` / `retire`, `replicas`.
+//! `revoke`, `audit`, `keys status` / `rotate` / `retire`, `replicas`, `db`.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -19,6 +19,7 @@ use super::{CtlError, Io, Usage};
 use keyhaven_broker_core::audit::AuditRecord;
 
 mod audit;
+mod db;
 pub(crate) mod keys;
 mod leases;
 mod policy;
@@ -28,6 +29,7 @@ mod secrets;
 #[allow(unused_imports)]
 use self::{audit::*, keys::*};
 pub use audit::audit;
+pub use db::db;
 pub use keys::{key_retire, key_rotate, key_status};
 pub use leases::{lease, leases, renew, revoke};
 pub use policy::policy;

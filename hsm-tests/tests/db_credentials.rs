@@ -1,0 +1,567 @@
+//! Dynamic PostgreSQL credentials with a real `broker` process, real `brokerctl` and a real
+//! PostgreSQL that enforces passwords: the leased role logs in with exactly its grants, its
+//! `VALID UNTIL` follows the lease, it is dropped (sessions ended) when the lease ends, caps
+//! hold, a role left by a broker killed mid-creation is dropped, the reconciler fixes drift
+//! both ways, and a drop waits out a database outage.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use hsm_tests::broker::{authed, broker_token, BrokerProc, BOOTSTRAP};
+use hsm_tests::broker_client::BrokerClient;
+use hsm_tests::process::runtime;
+use keyhaven_broker::auth::DevIssuer;
+use keyhaven_proto::broker::v1::*;
+use sqlx::{Connection, PgConnection};
+use testkit::postgres::Postgres;
+use tonic::Code;
+
+/// The admin role's password (the cluster's own user is trusted; a password in the URL must
+/// still never leak).
+const ADMIN_PASSWORD: &str = "AdminPw-7f3a9c";
+
+const POLICY: &str = r#"
+policies:
+- name: web-db
+  subjects: [{namespace: shop, serviceaccount: web}]
+  paths: ["db/app/ro"]
+  capabilities: [read]
+  ttl: 5m
+  max_ttl: 1h
+- name: batch-db
+  subjects: [{namespace: shop, serviceaccount: batch}]
+  paths: ["db/app/*"]
+  capabilities: [read]
+  ttl: 5m
+  max_ttl: 1h
+"#;
+
+const ROLE: &str = "ttl: 10m\nmax_ttl: 30m\nmax_per_identity: 2\nmax_total: 3\n\
+creation: |\n  CREATE ROLE {{name}} LOGIN PASSWORD {{password}} VALID UNTIL {{expiration}};\n  \
+GRANT SELECT ON public_data TO {{name}};\n";
+
+struct Setup {
+    pg: Postgres,
+    hsm: testkit::softhsm::SoftHsm,
+    pki: testkit::pki::DevPki,
+    broker: BrokerProc,
+    web: String,
+    batch: String,
+}
+
+fn admin_url(pg: &Postgres) -> String {
+    format!(
+        "postgres://keyhaven:{ADMIN_PASSWORD}@127.0.0.1:{}/app",
+        pg.port()
+    )
+}
+
+async fn admin(pg: &Postgres) -> PgConnection {
+    PgConnection::connect(&pg.database_url("app"))
+        .await
+        .unwrap()
+}
+
+fn ctl(s: &Setup, args: &[&str]) -> (bool, String) {
+    let out = s.broker.ctl_admin(&s.hsm, &s.pki.ca, args);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn setup(extra: &[&str]) -> Setup {
+    let pg = Postgres::start().unwrap();
+    pg.create_database("app").unwrap();
+    let rt = runtime();
+    rt.block_on(async {
+        let mut c = admin(&pg).await;
+        sqlx::raw_sql(
+            "CREATE TABLE public_data (x int); INSERT INTO public_data VALUES (7); \
+             CREATE TABLE private_data (y int); \
+             CREATE ROLE plain LOGIN PASSWORD 'plain-pw';",
+        )
+        .execute(&mut c)
+        .await
+        .unwrap();
+    });
+    pg.require_passwords().unwrap();
+    let (hsm, pki) = broker_token();
+    let broker = BrokerProc::start(&hsm, &pki, extra);
+    let dev = DevIssuer::load_or_generate(&hsm.dir().join("dev.pem")).unwrap();
+    let web = dev
+        .mint("shop", "web", Some("web-0"), Duration::from_secs(600))
+        .unwrap();
+    let batch = dev
+        .mint("shop", "batch", Some("batch-0"), Duration::from_secs(600))
+        .unwrap();
+    let s = Setup {
+        pg,
+        hsm,
+        pki,
+        broker,
+        web,
+        batch,
+    };
+    rt.block_on(async {
+        BrokerClient::connect(&s.broker, &s.pki)
+            .await
+            .apply(POLICY, false)
+            .await;
+    });
+    let url_file = s.hsm.dir().join("app-url");
+    std::fs::write(&url_file, admin_url(&s.pg) + "\n").unwrap();
+    let (ok, out) = ctl(
+        &s,
+        &[
+            "db",
+            "connection",
+            "put",
+            "app",
+            "--url-file",
+            url_file.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{out}");
+    let role_file = s.hsm.dir().join("ro.yaml");
+    std::fs::write(&role_file, ROLE).unwrap();
+    let (ok, out) = ctl(
+        &s,
+        &[
+            "db",
+            "role",
+            "put",
+            "app/ro",
+            "-f",
+            role_file.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{out}");
+    s
+}
+
+fn field(l: &LeaseResponse, k: &str) -> String {
+    String::from_utf8(l.data.get(k).unwrap_or_else(|| panic!("no {k}")).clone()).unwrap()
+}
+
+async fn role_exists(pg: &Postgres, name: &str) -> bool {
+    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM pg_roles WHERE rolname = $1")
+        .bind(name)
+        .fetch_one(&mut admin(pg).await)
+        .await
+        .unwrap();
+    n > 0
+}
+
+async fn marked_roles(pg: &Postgres) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT r.rolname::text FROM pg_roles r JOIN pg_shdescription d ON d.objoid = r.oid \
+         WHERE r.rolname LIKE 'kh\\_%' ORDER BY 1",
+    )
+    .fetch_all(&mut admin(pg).await)
+    .await
+    .unwrap()
+}
+
+async fn valid_until_s(pg: &Postgres, name: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT floor(EXTRACT(EPOCH FROM rolvaliduntil))::bigint FROM pg_roles WHERE rolname = $1",
+    )
+    .bind(name)
+    .fetch_one(&mut admin(pg).await)
+    .await
+    .unwrap()
+}
+
+/// Polls `f` until it holds or `patience` (a bound for a hung test, not a measurement) passes.
+async fn until<F, Fut>(patience: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + patience;
+    loop {
+        if f().await {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[test]
+fn a_leased_credential_has_exactly_its_grants_follows_its_lease_and_is_dropped_with_it() {
+    let s = setup(&[]);
+    let rt = runtime();
+
+    // A connection whose role cannot create roles is refused, and nothing is stored.
+    let plain = s.hsm.dir().join("plain-url");
+    std::fs::write(
+        &plain,
+        format!("postgres://plain:plain-pw@127.0.0.1:{}/app", s.pg.port()),
+    )
+    .unwrap();
+    let (ok, out) = ctl(
+        &s,
+        &[
+            "db",
+            "connection",
+            "put",
+            "weak",
+            "--url-file",
+            plain.to_str().unwrap(),
+        ],
+    );
+    assert!(!ok && out.contains("CREATEROLE"), "{out}");
+    assert!(!out.contains("plain-pw"), "{out}");
+    // PutSecret cannot write the db/ space.
+    let mut c = rt.block_on(BrokerClient::connect(&s.broker, &s.pki));
+    let e = rt
+        .block_on(c.admin.put_secret(authed(
+            PutSecretRequest {
+                path: "db/app".into(),
+                data: [("url".to_string(), b"postgres://evil@x/y".to_vec())].into(),
+            },
+            BOOTSTRAP,
+        )))
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+
+    rt.block_on(async {
+        let lease = c
+            .lease(&s.web, "db/app/ro")
+            .await
+            .expect("lease a credential");
+        let user = field(&lease, "username");
+        let password = field(&lease, "password");
+        let dsn = field(&lease, "dsn");
+        assert!(user.starts_with("kh_shop_web_ro_"), "{user}");
+        assert_eq!(lease.ttl_seconds, 300, "the policy's TTL, under the role's");
+        assert_eq!(field(&lease, "database"), "app");
+
+        // It logs in and reads what it was granted, and nothing else.
+        let mut session = PgConnection::connect(&dsn)
+            .await
+            .expect("log in with the dsn");
+        let x: i32 = sqlx::query_scalar("SELECT x FROM public_data")
+            .fetch_one(&mut session)
+            .await
+            .unwrap();
+        assert_eq!(x, 7);
+        let denied = sqlx::query("SELECT y FROM private_data")
+            .execute(&mut session)
+            .await
+            .unwrap_err();
+        assert!(
+            denied.as_database_error().and_then(|d| d.code()).as_deref() == Some("42501"),
+            "{denied}"
+        );
+        // Only with its own password.
+        let wrong = dsn.replace(&password, "not-the-password");
+        assert!(PgConnection::connect(&wrong).await.is_err());
+
+        // VALID UNTIL is the lease's expiry; a renewal moves it.
+        let expires_s = now_s() + lease.ttl_seconds as i64;
+        let vu = valid_until_s(&s.pg, &user).await;
+        assert!(
+            (vu - expires_s).abs() <= 2,
+            "valid until {vu}, lease {expires_s}"
+        );
+        let renewed = c
+            .leases
+            .renew(authed(
+                RenewRequest {
+                    lease_id: lease.lease_id.clone(),
+                    increment_seconds: 1200,
+                },
+                &s.web,
+            ))
+            .await
+            .expect("renew")
+            .into_inner();
+        assert_eq!(renewed.ttl_seconds, 1200);
+        let vu2 = valid_until_s(&s.pg, &user).await;
+        assert!(
+            (vu2 - (now_s() + 1200)).abs() <= 2,
+            "renewed valid until {vu2}"
+        );
+        // Never past the role's max_ttl (30m), whatever is asked.
+        let capped = c
+            .leases
+            .renew(authed(
+                RenewRequest {
+                    lease_id: lease.lease_id.clone(),
+                    increment_seconds: u64::MAX,
+                },
+                &s.web,
+            ))
+            .await
+            .expect("renew")
+            .into_inner();
+        assert!(capped.ttl_seconds <= 1800, "{capped:?}");
+        assert!(valid_until_s(&s.pg, &user).await <= lease.renewable_until);
+
+        // Revoked by its holder: the role is dropped, its open session ended.
+        c.leases
+            .revoke(authed(
+                RevokeRequest {
+                    lease_id: lease.lease_id.clone(),
+                },
+                &s.web,
+            ))
+            .await
+            .expect("revoke");
+        assert!(
+            until(Duration::from_secs(30), || async {
+                !role_exists(&s.pg, &user).await
+            })
+            .await,
+            "the role outlived its lease"
+        );
+        assert!(
+            sqlx::query("SELECT 1").execute(&mut session).await.is_err(),
+            "a session of a dropped credential is still open"
+        );
+        assert!(PgConnection::connect(&dsn).await.is_err());
+
+        // Audited, chain intact; no password or admin URL anywhere.
+        let records = c.audit_tail(0).await;
+        assert!(
+            records
+                .iter()
+                .any(|r| r.event.kind.as_text() == "admin:db_role_drop"
+                    && r.event.lease_id.as_deref() == Some(lease.lease_id.as_str())),
+            "no drop record"
+        );
+        c.audit_verifies().await;
+        let audit_file = std::fs::read_to_string(s.broker.dir.join("audit.jsonl")).unwrap();
+        for text in [&s.broker.log_text(), &audit_file] {
+            assert!(
+                !text.contains(&password),
+                "the credential's password leaked"
+            );
+            assert!(!text.contains(ADMIN_PASSWORD), "the admin password leaked");
+        }
+    });
+}
+
+#[test]
+fn caps_a_role_left_by_a_crash_drift_both_ways_and_an_outage_during_revocation() {
+    let mut s = setup(&["--db-reconcile-interval", "1h"]);
+    let rt = runtime();
+    let mut c = rt.block_on(BrokerClient::connect(&s.broker, &s.pki));
+    rt.block_on(async {
+        // max_per_identity 2 for web; max_total 3 across web and batch.
+        let a = c.lease(&s.web, "db/app/ro").await.unwrap();
+        let _b = c.lease(&s.web, "db/app/ro").await.unwrap();
+        let e = c.lease(&s.web, "db/app/ro").await.unwrap_err();
+        assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+        assert!(e.message().contains("max_per_identity"), "{e:?}");
+        let _c3 = c.lease(&s.batch, "db/app/ro").await.unwrap();
+        let e = c.lease(&s.batch, "db/app/ro").await.unwrap_err();
+        assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+        assert!(e.message().contains("max_total"), "{e:?}");
+        assert_eq!(marked_roles(&s.pg).await.len(), 3);
+        // Not a role path; a role that does not exist.
+        assert_eq!(
+            c.lease(&s.batch, "db/app").await.unwrap_err().code(),
+            Code::PermissionDenied
+        );
+        assert_eq!(
+            c.lease(&s.batch, "db/app/nope").await.unwrap_err().code(),
+            Code::NotFound
+        );
+
+        // A role dropped behind the broker's back: reconcile ends its lease.
+        let gone = field(&a, "username");
+        sqlx::raw_sql(&format!("DROP OWNED BY \"{gone}\"; DROP ROLE \"{gone}\""))
+            .execute(&mut admin(&s.pg).await)
+            .await
+            .unwrap();
+        // A marked role created behind its back (or left by a broker killed between creating
+        // it and recording its lease: the row says pending, long ago — see below).
+        sqlx::raw_sql(
+            "CREATE ROLE kh_stray_x_y_00000000 LOGIN; \
+             COMMENT ON ROLE kh_stray_x_y_00000000 IS 'keyhaven dynamic credential'",
+        )
+        .execute(&mut admin(&s.pg).await)
+        .await
+        .unwrap();
+    });
+    let (ok, out) = ctl(&s, &["db", "reconcile", "app", "--dry-run"]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("would drop role kh_stray_x_y_00000000"),
+        "{out}"
+    );
+    assert!(rt.block_on(role_exists(&s.pg, "kh_stray_x_y_00000000")));
+    let (ok, out) = ctl(&s, &["--output", "json", "db", "reconcile", "app"]);
+    assert!(ok, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        v["dropped_roles"],
+        serde_json::json!(["kh_stray_x_y_00000000"])
+    );
+    assert_eq!(v["ended_leases"].as_array().unwrap().len(), 1);
+    rt.block_on(async {
+        assert!(!role_exists(&s.pg, "kh_stray_x_y_00000000").await);
+        // The lease of the vanished role ended with the reason; its cap slot is free again.
+        let ended = v["ended_leases"][0].as_str().unwrap();
+        let info = c.lease_info(ended).await;
+        assert_eq!(info.end_reason, "revoked:role_missing");
+        c.lease(&s.web, "db/app/ro").await.expect("a slot freed");
+    });
+
+    // The target database is down when a lease ends: the drop waits, says why, and completes
+    // once the database is back.
+    let held = rt.block_on(async {
+        let leases = c
+            .admin
+            .list_leases(authed(
+                ListLeasesRequest {
+                    selector: Some(LeaseSelector {
+                        namespace: "shop".into(),
+                        service_account: "batch".into(),
+                        ..Default::default()
+                    }),
+                    include_ended: false,
+                },
+                BOOTSTRAP,
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .leases;
+        leases.into_iter().find(|l| l.path == "db/app/ro").unwrap()
+    });
+    let user: String = rt.block_on(async {
+        sqlx::query_scalar("SELECT username FROM db_credentials WHERE lease_id = $1")
+            .bind(&held.lease_id)
+            .fetch_one(&mut sqlite(&s).await)
+            .await
+            .unwrap()
+    });
+    s.pg.stop();
+    rt.block_on(async {
+        c.admin
+            .revoke_leases(authed(
+                RevokeLeasesRequest {
+                    selector: Some(LeaseSelector {
+                        lease_id: held.lease_id.clone(),
+                        ..Default::default()
+                    }),
+                },
+                BOOTSTRAP,
+            ))
+            .await
+            .unwrap();
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let pending = loop {
+        let p = waiting(&s, &user);
+        if p.as_ref()
+            .is_some_and(|d| d["attempts"].as_u64().unwrap_or(0) >= 2)
+        {
+            break p.unwrap();
+        }
+        assert!(Instant::now() < deadline, "no failed attempt recorded");
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert!(
+        pending["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("unavailable"),
+        "{pending}"
+    );
+    s.pg.resume().unwrap();
+    rt.block_on(async {
+        assert!(
+            until(Duration::from_secs(90), || async {
+                !role_exists(&s.pg, &user).await
+            })
+            .await,
+            "the role was not dropped after the database came back"
+        );
+    });
+    assert!(waiting(&s, &user).is_none());
+
+    // A broker killed after creating a role and before storing its lease leaves a pending row
+    // (written first) and the role: after a restart, the row is past its grace and the role is
+    // dropped.
+    rt.block_on(async {
+        let mut db = sqlite(&s).await;
+        sqlx::raw_sql(
+            "CREATE ROLE kh_shop_web_ro_deadbeef LOGIN; \
+             COMMENT ON ROLE kh_shop_web_ro_deadbeef IS 'keyhaven dynamic credential'",
+        )
+        .execute(&mut admin(&s.pg).await)
+        .await
+        .unwrap();
+        sqlx::query(
+            "INSERT INTO db_credentials (lease_id, connection, role, username, namespace, \
+             service_account, state, created_ms, valid_until_ms) \
+             VALUES ('shop/web/db/app/ro/dead', 'app', 'ro', 'kh_shop_web_ro_deadbeef', \
+             'shop', 'web', 'pending', $1, $1)",
+        )
+        .bind((now_s() - 120) * 1000)
+        .execute(&mut db)
+        .await
+        .unwrap();
+    });
+    s.broker.kill();
+    s.broker.restart();
+    rt.block_on(async {
+        assert!(
+            until(Duration::from_secs(30), || async {
+                !role_exists(&s.pg, "kh_shop_web_ro_deadbeef").await
+            })
+            .await,
+            "the role of a never-stored lease survived a restart"
+        );
+    });
+    // Every marked role left has an active lease.
+    let live: Vec<String> = rt.block_on(async {
+        sqlx::query_scalar(
+            "SELECT username FROM db_credentials c JOIN leases l ON l.id = c.lease_id \
+             WHERE c.state <> 'dropped' AND l.ended_ms IS NULL ORDER BY 1",
+        )
+        .fetch_all(&mut sqlite(&s).await)
+        .await
+        .unwrap()
+    });
+    assert_eq!(rt.block_on(marked_roles(&s.pg)), live);
+}
+
+/// `brokerctl db status`'s entry for `user` among the roles waiting to be dropped.
+fn waiting(s: &Setup, user: &str) -> Option<serde_json::Value> {
+    let (ok, out) = ctl(s, &["--output", "json", "db", "status"]);
+    assert!(ok, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["pending_drops"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["username"] == user)
+        .cloned()
+}
+
+async fn sqlite(s: &Setup) -> sqlx::SqliteConnection {
+    sqlx::SqliteConnection::connect(&format!(
+        "sqlite://{}",
+        s.hsm.dir().join("broker.db").display()
+    ))
+    .await
+    .unwrap()
+}
+
+fn now_s() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
