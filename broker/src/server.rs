@@ -205,6 +205,11 @@ pub struct ServeArgs {
     /// live credentials (dropped roles, ended leases; see docs/dynamic-credentials.md).
     #[arg(long, env = "KEYHAVEN_DB_RECONCILE_INTERVAL", default_value = "5m", value_parser = humantime::parse_duration)]
     pub db_reconcile_interval: Duration,
+    /// How long a credential may stay `pending` (its role being created, its lease not yet
+    /// stored) before the revoker takes it for the leftover of a killed broker and drops its
+    /// role. Longer than any Lease call takes.
+    #[arg(long, env = "KEYHAVEN_DB_PENDING_GRACE", default_value = "60s", value_parser = parse_positive_duration)]
+    pub db_pending_grace: Duration,
     /// How often this replica re-reads the KEK list from the HSM (adopting a new primary made
     /// by another replica or `keys rotate`), checks the automatic-rotation rule and looks for
     /// DEKs to re-wrap.
@@ -390,6 +395,7 @@ pub async fn assemble(
             after: args.rotate_after,
             after_encryptions: args.rotate_after_encryptions,
         },
+        db_pending_grace: args.db_pending_grace,
         ..BrokerConfig::default()
     };
     let mut authenticator = Authenticator::new(verifier);

@@ -139,7 +139,9 @@ impl Targets {
         pools.get(name).filter(|t| t.version == version).cloned()
     }
 
-    /// Makes (lazily: nothing connects yet) and keeps the pool of `name` at `version`.
+    /// Makes (lazily: nothing connects yet) and keeps the pool of `name` at `version`; when
+    /// a concurrent call made it first, that pool. A pool of an older version is closed (its
+    /// calls in flight fail and are retried by their clients).
     pub fn insert(&self, name: &str, version: i64, url: &str) -> Result<Target, TargetError> {
         let (opts, endpoint) = parse_url(url)?;
         let pool = PgPoolOptions::new()
@@ -154,6 +156,10 @@ impl Targets {
             endpoint,
         };
         let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        match pools.get(name) {
+            Some(have) if have.version >= version => return Ok(have.clone()),
+            _ => {}
+        }
         if let Some(old) = pools.insert(name.to_owned(), t.clone()) {
             drop(old.pool.close());
         }

@@ -2,7 +2,8 @@
 //! PostgreSQL that enforces passwords: the leased role logs in with exactly its grants, its
 //! `VALID UNTIL` follows the lease, it is dropped (sessions ended) when the lease ends, caps
 //! hold, a role left by a broker killed mid-creation is dropped, the reconciler fixes drift
-//! both ways, and a drop waits out a database outage.
+//! both ways, a drop waits out a database outage, and under concurrency on two replicas and
+//! `kill -9` at several points the database's roles end up equal to the live credentials.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::{Duration, Instant};
@@ -31,6 +32,12 @@ policies:
 - name: batch-db
   subjects: [{namespace: shop, serviceaccount: batch}]
   paths: ["db/app/*"]
+  capabilities: [read]
+  ttl: 5m
+  max_ttl: 1h
+- name: fleet-db
+  subjects: [{namespace: fleet, serviceaccount: "*"}]
+  paths: ["db/app/many"]
   capabilities: [read]
   ttl: 5m
   max_ttl: 1h
@@ -73,6 +80,12 @@ fn ctl(s: &Setup, args: &[&str]) -> (bool, String) {
 }
 
 fn setup(extra: &[&str]) -> Setup {
+    setup_on(extra, false)
+}
+
+/// [`setup`], with the broker's own store on the same PostgreSQL cluster (database
+/// `postgres`) when `store_on_pg`.
+fn setup_on(extra: &[&str], store_on_pg: bool) -> Setup {
     let pg = Postgres::start().unwrap();
     pg.create_database("app").unwrap();
     let rt = runtime();
@@ -89,7 +102,11 @@ fn setup(extra: &[&str]) -> Setup {
     });
     pg.require_passwords().unwrap();
     let (hsm, pki) = broker_token();
-    let broker = BrokerProc::start(&hsm, &pki, extra);
+    let broker = if store_on_pg {
+        BrokerProc::start_on(&hsm, &pki, &pg.url(), extra)
+    } else {
+        BrokerProc::start(&hsm, &pki, extra)
+    };
     let dev = DevIssuer::load_or_generate(&hsm.dir().join("dev.pem")).unwrap();
     let web = dev
         .mint("shop", "web", Some("web-0"), Duration::from_secs(600))
@@ -548,6 +565,158 @@ fn waiting(s: &Setup, user: &str) -> Option<serde_json::Value> {
         .iter()
         .find(|d| d["username"] == user)
         .cloned()
+}
+
+const MANY: &str = "ttl: 10m\nmax_ttl: 30m\nmax_per_identity: 3\nmax_total: 20\n\
+creation: |\n  CREATE ROLE {{name}} LOGIN PASSWORD {{password}} VALID UNTIL {{expiration}};\n";
+
+/// Leases `db/app/many` as `fleet/sa<i % 10>` for every `i` in `range`, all at once, spread
+/// over `brokers`; the results in order.
+async fn lease_many(
+    brokers: &[&BrokerProc],
+    pki: &testkit::pki::DevPki,
+    tokens: &[String],
+    range: std::ops::Range<usize>,
+) -> Vec<Result<LeaseResponse, tonic::Status>> {
+    let mut clients = Vec::new();
+    for b in brokers {
+        clients.push(BrokerClient::connect(b, pki).await);
+    }
+    let calls = range.map(|i| {
+        let mut c = clients[i % clients.len()].leases.clone();
+        let token = tokens[i % tokens.len()].clone();
+        async move {
+            c.lease(authed(
+                LeaseRequest {
+                    path: "db/app/many".into(),
+                    ttl_seconds: 0,
+                },
+                &token,
+            ))
+            .await
+            .map(tonic::Response::into_inner)
+        }
+    });
+    let tasks: Vec<_> = calls.map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+#[test]
+fn caps_hold_under_concurrency_on_two_replicas_and_kill_9_leaves_no_role_behind() {
+    let mut s = setup_on(&["--db-pending-grace", "3s"], true);
+    let mut b2 = BrokerProc::start_on(&s.hsm, &s.pki, &s.pg.url(), &["--db-pending-grace", "3s"]);
+    let role_file = s.hsm.dir().join("many.yaml");
+    std::fs::write(&role_file, MANY).unwrap();
+    let (ok, out) = ctl(
+        &s,
+        &[
+            "db",
+            "role",
+            "put",
+            "app/many",
+            "-f",
+            role_file.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{out}");
+    let dev = DevIssuer::load_or_generate(&s.hsm.dir().join("dev.pem")).unwrap();
+    let tokens: Vec<String> = (0..10)
+        .map(|i| {
+            dev.mint("fleet", &format!("sa{i}"), None, Duration::from_secs(600))
+                .unwrap()
+        })
+        .collect();
+    let rt = runtime();
+
+    // 100 requests from 10 identities over two replicas: exactly max_total succeed, none
+    // past max_per_identity, the rest RESOURCE_EXHAUSTED.
+    let results = rt.block_on(lease_many(&[&s.broker, &b2], &s.pki, &tokens, 0..100));
+    let granted: Vec<&LeaseResponse> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+    for r in &results {
+        if let Err(e) = r {
+            assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+        }
+    }
+    assert_eq!(granted.len(), 20, "max_total");
+    let mut per_sa = std::collections::BTreeMap::<String, usize>::new();
+    for g in &granted {
+        let sa = g.lease_id.split('/').nth(1).unwrap().to_owned();
+        *per_sa.entry(sa).or_default() += 1;
+    }
+    assert!(per_sa.values().all(|n| *n <= 3), "{per_sa:?}");
+    assert_eq!(rt.block_on(marked_roles(&s.pg)).len(), 20);
+
+    // Free every slot, then kill -9 a replica while leases are being made, at five points.
+    let (ok, out) = ctl(&s, &["leases", "revoke", "--prefix", "db/app/many"]);
+    assert!(ok, "{out}");
+    // A slot is free once its role is dropped (the cap counts roles, not leases).
+    assert!(rt.block_on(until(Duration::from_secs(30), || async {
+        marked_roles(&s.pg).await.is_empty()
+    })));
+    for delay_ms in [5u64, 20, 50, 100, 250] {
+        rt.block_on(async {
+            // Connected first, so the requests are in flight when the broker dies.
+            let c = BrokerClient::connect(&s.broker, &s.pki).await;
+            for (i, token) in tokens.iter().enumerate().take(8) {
+                let mut l = c.leases.clone();
+                let token = token.clone();
+                tokio::spawn(async move {
+                    let _ = l
+                        .lease(authed(
+                            LeaseRequest {
+                                path: "db/app/many".into(),
+                                ttl_seconds: 60 + i as u64,
+                            },
+                            &token,
+                        ))
+                        .await;
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        });
+        s.broker.kill();
+        s.broker.restart();
+    }
+    // Some of those requests made rows (and roles) before their broker died.
+    let made: i64 = rt.block_on(async {
+        sqlx::query_scalar("SELECT COUNT(*) FROM db_credentials WHERE role = 'many'")
+            .fetch_one(&mut PgConnection::connect(&s.pg.url()).await.unwrap())
+            .await
+            .unwrap()
+    });
+    eprintln!("credentials made in all: {made}");
+    assert!(
+        made > 20,
+        "no request reached the database while a broker was killed"
+    );
+    // After the grace, the revokers and one reconcile: the marked roles are exactly the
+    // credentials of active leases.
+    std::thread::sleep(Duration::from_secs(4));
+    let (ok, out) = ctl(&s, &["db", "reconcile", "app"]);
+    assert!(ok, "{out}");
+    let settled = rt.block_on(async {
+        until(Duration::from_secs(30), || async {
+            let live: Vec<String> = sqlx::query_scalar(
+                "SELECT c.username::text FROM db_credentials c JOIN leases l ON l.id = c.lease_id \
+                 WHERE c.state <> 'dropped' AND l.ended_ms IS NULL \
+                 AND l.expires_ms > (EXTRACT(EPOCH FROM now()) * 1000)::bigint ORDER BY 1",
+            )
+            .fetch_all(&mut PgConnection::connect(&s.pg.url()).await.unwrap())
+            .await
+            .unwrap();
+            marked_roles(&s.pg).await == live
+        })
+        .await
+    });
+    assert!(
+        settled,
+        "marked roles and live credentials differ after kill -9"
+    );
+    b2.kill();
 }
 
 async fn sqlite(s: &Setup) -> sqlx::SqliteConnection {

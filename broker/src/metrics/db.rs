@@ -34,7 +34,7 @@ pub struct DbMetrics {
     capped: Family<RoleLabel, Counter>,
     findings: Family<Finding, Counter>,
     /// Live credentials by state (`pending`, `active`, `dropping`; set at scrape time).
-    pub credentials: Family<RoleLabel, Gauge>,
+    credentials: Family<RoleLabel, Gauge>,
     /// Credentials whose role is still to be dropped (set at scrape time).
     pub pending_drops: Gauge,
 }
@@ -81,6 +81,16 @@ impl DbMetrics {
             "Credentials whose lease ended and whose role is not dropped yet",
             self.pending_drops.clone(),
         );
+    }
+
+    /// The live credentials by state (label sets with none left disappear).
+    pub fn set_credentials(&self, counts: &[crate::store::DbCredentialCount]) {
+        self.credentials.clear();
+        for c in counts {
+            self.credentials
+                .get_or_create(&label(&c.connection, &c.role, &c.state))
+                .set(c.count);
+        }
     }
 
     /// A creation, by outcome.

@@ -20,7 +20,7 @@ use crate::store::{DbCap, DbCredentialCount, DbCredentialRow};
 use crate::target_db::{Target, TargetError};
 
 /// A `pending` row whose lease has not committed after this is dropped (a lease is stored
-/// within seconds of its role's creation, or never).
+/// within seconds of its role's creation, or never): the default of `--db-pending-grace`.
 pub const PENDING_GRACE: Duration = Duration::from_secs(60);
 /// How often each replica's revoker looks for roles to drop.
 pub const DB_REVOKE_EVERY: Duration = Duration::from_secs(2);
@@ -87,6 +87,10 @@ fn random_hex(n: usize) -> Result<Zeroizing<String>> {
 }
 
 impl Broker {
+    pub(super) fn pending_grace_ms(&self) -> i64 {
+        i64::try_from(self.config.db_pending_grace.as_millis()).unwrap_or(i64::MAX)
+    }
+
     /// The pool of connection `name`, from its newest stored URL.
     async fn target(&self, name: &str) -> Result<Target> {
         let path = dbrole::connection_path(name);
@@ -327,7 +331,7 @@ impl Broker {
         let now = now_ms();
         let due = self
             .store
-            .due_db_credentials(now, now, PENDING_GRACE.as_millis() as i64, 100)
+            .due_db_credentials(now, now, self.pending_grace_ms(), 100)
             .await?;
         let mut dropped = 0;
         for c in due {
@@ -533,7 +537,7 @@ impl Broker {
             counts: self.store.count_db_credentials().await?,
             pending_drops: self
                 .store
-                .due_db_credentials(now_ms(), i64::MAX, PENDING_GRACE.as_millis() as i64, 1000)
+                .due_db_credentials(now_ms(), i64::MAX, self.pending_grace_ms(), 1000)
                 .await?,
         })
     }

@@ -36,10 +36,21 @@ impl Broker {
             tokio::join!(
                 self.store.count_active_leases(now_ms()),
                 self.store.audit_head(),
-                self.rewrap_remaining()
+                self.rewrap_remaining(),
+                self.store.count_db_credentials(),
+                self.store
+                    .count_pending_db_drops(now_ms(), self.pending_grace_ms()),
             )
         };
-        if let Ok((active, head, rewrap)) = tokio::time::timeout(SCRAPE_DB_TIMEOUT, db).await {
+        if let Ok((active, head, rewrap, creds, drops)) =
+            tokio::time::timeout(SCRAPE_DB_TIMEOUT, db).await
+        {
+            if let Ok(counts) = creds {
+                m.db.set_credentials(&counts);
+            }
+            if let Ok(n) = drops {
+                m.db.pending_drops.set(n);
+            }
             if let Ok(n) = active {
                 m.active_leases.set(n);
             }

@@ -101,6 +101,8 @@ pub struct BrokerConfig {
     pub max_ttl_cap: Duration,
     /// Automatic KEK rotation (off by default).
     pub auto_rotation: crate::rotation::AutoRotation,
+    /// How long a credential's row may stay `pending` before its role is dropped.
+    pub db_pending_grace: Duration,
 }
 
 impl Default for BrokerConfig {
@@ -108,6 +110,7 @@ impl Default for BrokerConfig {
         BrokerConfig {
             max_ttl_cap: crate::policy::DEFAULT_MAX_TTL_CAP,
             auto_rotation: crate::rotation::AutoRotation::default(),
+            db_pending_grace: PENDING_GRACE,
         }
     }
 }

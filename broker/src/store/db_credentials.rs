@@ -247,6 +247,17 @@ impl Store {
         })
     }
 
+    /// How many roles are waiting to be dropped (what [`Store::due_db_credentials`] would
+    /// return, whenever their next attempt is).
+    pub async fn count_pending_db_drops(&self, now_ms: i64, pending_grace_ms: i64) -> Result<i64> {
+        Ok(on_pool!(self, p => sqlx::query_scalar(
+            "SELECT COUNT(*) FROM db_credentials c WHERE c.state <> 'dropped' \
+             AND (c.state <> 'pending' OR c.created_ms <= $2) \
+             AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.id = c.lease_id \
+                             AND l.ended_ms IS NULL AND l.expires_ms > $1)")
+            .bind(now_ms).bind(now_ms - pending_grace_ms).fetch_one(p).await)?)
+    }
+
     /// Credentials not dropped for `connection` (what the database should hold).
     pub async fn live_db_credentials(&self, connection: &str) -> Result<Vec<DbCredentialRow>> {
         let sql = format!(
