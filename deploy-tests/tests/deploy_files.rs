@@ -59,6 +59,7 @@ const SOFTHSM_CONF: &str = "deploy/softhsm2.conf";
 const K8S_DIR: &str = "deploy/kubernetes";
 const OPERATIONS_DOC: &str = "docs/operations.md";
 const INJECTOR_DOC: &str = "docs/injector.md";
+const DB_CREDENTIALS_DOC: &str = "docs/dynamic-credentials.md";
 
 /// broker-agent defaults (its `--help`), used when a manifest leaves the flag out.
 const AGENT_DEFAULT_TOKEN_FILE: &str = "/var/run/secrets/keyhaven/token";
@@ -2370,7 +2371,7 @@ fn check_dockerfile(repo: &Repo) -> DockerfileFacts {
 /// The commands in the guide's `sh` blocks that run our binaries, directly or through
 /// `kubectl exec ... --` / `docker compose exec SERVICE`, use real subcommands and flags.
 fn check_docs(repo: &Repo) -> Vec<String> {
-    [OPERATIONS_DOC, INJECTOR_DOC]
+    [OPERATIONS_DOC, INJECTOR_DOC, DB_CREDENTIALS_DOC]
         .iter()
         .flat_map(|d| check_doc(repo, d))
         .collect()
