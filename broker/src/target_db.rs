@@ -23,9 +23,12 @@ pub enum TargetError {
     /// The URL does not parse.
     #[error("the connection URL is not a valid postgres:// URL")]
     BadUrl,
-    /// Cannot connect (down, refused, authentication failed, timed out).
+    /// Cannot connect (down, refused, timed out).
     #[error("cannot connect to the database{}", sqlstate(.0))]
     Unavailable(Option<String>),
+    /// The TLS handshake failed: no TLS, or a certificate that does not verify.
+    #[error("cannot connect to the database: TLS handshake or certificate verification failed")]
+    Tls,
     /// A statement failed.
     #[error("a {what} statement failed{}", sqlstate(.code))]
     Statement {
@@ -52,10 +55,10 @@ impl TargetError {
                 what,
                 code: d.code().map(|c| c.into_owned()),
             },
+            sqlx::Error::Tls(_) => TargetError::Tls,
             sqlx::Error::Io(_)
             | sqlx::Error::PoolTimedOut
             | sqlx::Error::PoolClosed
-            | sqlx::Error::Tls(_)
             | sqlx::Error::Protocol(_) => TargetError::Unavailable(None),
             _ => TargetError::Statement { what, code: None },
         }
@@ -64,7 +67,7 @@ impl TargetError {
     /// Whether trying again later can help (the database is down), as opposed to a statement
     /// the database refuses.
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, TargetError::Unavailable(_))
+        matches!(self, TargetError::Unavailable(_) | TargetError::Tls)
     }
 }
 

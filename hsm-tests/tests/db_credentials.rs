@@ -734,3 +734,57 @@ fn now_s() -> i64 {
         .unwrap()
         .as_secs() as i64
 }
+
+#[test]
+fn a_connection_verifies_the_database_certificate() {
+    let mut pg = Postgres::start().unwrap();
+    pg.create_database("app").unwrap();
+    let (hsm, pki) = broker_token();
+    pg.enable_tls(&pki.server_cert, &pki.server_key).unwrap();
+    let broker = BrokerProc::start(&hsm, &pki, &[]);
+    std::fs::create_dir_all(hsm.dir().join("other")).unwrap();
+    let other = testkit::pki::DevPki::write(&hsm.dir().join("other")).unwrap();
+    let put = |ca: &std::path::Path| {
+        let url = hsm.dir().join("tls-url");
+        std::fs::write(
+            &url,
+            format!(
+                "postgres://keyhaven:{ADMIN_PASSWORD}@localhost:{}/app?sslmode=verify-full&sslrootcert={}",
+                pg.port(),
+                ca.display()
+            ),
+        )
+        .unwrap();
+        let out = broker.ctl_admin(
+            &hsm,
+            &pki.ca,
+            &[
+                "db",
+                "connection",
+                "put",
+                "app",
+                "--url-file",
+                url.to_str().unwrap(),
+            ],
+        );
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    // A certificate from another CA is refused, and nothing is stored.
+    let (ok, out) = put(&other.ca);
+    assert!(
+        !ok && out.contains("certificate verification failed"),
+        "{out}"
+    );
+    assert!(!out.contains(ADMIN_PASSWORD), "{out}");
+    // The database's own CA: verified (verify-full connects only over TLS to a certificate
+    // that chains to it and names the host), stored.
+    let (ok, out) = put(&pki.ca);
+    assert!(ok, "{out}");
+}

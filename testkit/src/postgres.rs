@@ -165,6 +165,42 @@ impl Postgres {
         .map(drop)
     }
 
+    /// Serves TLS too (`ssl=on`) with this certificate and key, restarting the server.
+    pub fn enable_tls(&mut self, cert: &Path, key: &Path) -> Result<()> {
+        let tls = self.dir.path().join("tls");
+        std::fs::create_dir_all(&tls).map_err(|e| Error::io("create the TLS directory", e))?;
+        for (from, to) in [(cert, "server.pem"), (key, "server-key.pem")] {
+            std::fs::copy(from, tls.join(to)).map_err(|e| Error::io("copy a TLS file", e))?;
+        }
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(
+                tls.join("server-key.pem"),
+                std::fs::Permissions::from_mode(0o600),
+            )
+            .map_err(|e| Error::io("chmod the TLS key", e))?;
+        }
+        if is_root() {
+            run(
+                Command::new("chown")
+                    .args(["-R", "postgres:postgres"])
+                    .arg(&tls),
+                "chown of the TLS directory",
+            )?;
+        }
+        self.settings.push("ssl=on".into());
+        self.settings.push(format!(
+            "ssl_cert_file={}",
+            tls.join("server.pem").display()
+        ));
+        self.settings.push(format!(
+            "ssl_key_file={}",
+            tls.join("server-key.pem").display()
+        ));
+        self.stop();
+        self.resume()
+    }
+
     /// Every role but the cluster's own user must log in with its password
     /// (`scram-sha-256`), as in production, so passwords and `VALID UNTIL` are enforced. The
     /// server re-reads `pg_hba.conf` at once (SIGHUP); this waits for that.

@@ -459,8 +459,10 @@ impl Broker {
             .await?;
         let checked = async {
             let probe = crate::target_db::Targets::default();
-            let t = probe.insert(name, 0, &url).map_err(target_error)?;
-            let r = t.check().await.map_err(target_error);
+            // The operator is told why (our fixed text), even when the database is down.
+            let refused = |e: TargetError| BrokerError::FailedPrecondition(e.to_string());
+            let t = probe.insert(name, 0, &url).map_err(refused)?;
+            let r = t.check().await.map_err(refused);
             t.pool.close().await;
             r
         }
