@@ -55,7 +55,9 @@ impl TargetError {
                 what,
                 code: d.code().map(|c| c.into_owned()),
             },
+            // rustls reports a refused certificate through the stream as InvalidData.
             sqlx::Error::Tls(_) => TargetError::Tls,
+            sqlx::Error::Io(io) if io.kind() == std::io::ErrorKind::InvalidData => TargetError::Tls,
             sqlx::Error::Io(_)
             | sqlx::Error::PoolTimedOut
             | sqlx::Error::PoolClosed
@@ -170,21 +172,34 @@ impl Targets {
     }
 }
 
-impl Target {
-    /// Checks that the URL's role can log in and create roles.
-    pub async fn check(&self) -> Result<(), TargetError> {
-        let can: Option<bool> = sqlx::query_scalar(
-            "SELECT rolcreaterole OR rolsuper FROM pg_roles WHERE rolname = current_user",
-        )
-        .fetch_optional(&self.pool)
+/// Logs in once with `url` (no pool, so the connection's own error is the answer) and checks
+/// that its role may create roles.
+pub async fn probe(url: &str) -> Result<(), TargetError> {
+    use sqlx::{ConnectOptions, Connection};
+    let (opts, _) = parse_url(url)?;
+    let mut conn = tokio::time::timeout(Duration::from_secs(10), opts.connect())
         .await
+        .map_err(|_| TargetError::Unavailable(None))?
         .map_err(|e| TargetError::from_sqlx("check", &e))?;
-        match can {
-            Some(true) => Ok(()),
-            _ => Err(TargetError::NotCreateRole),
-        }
-    }
+    let r = can_create_roles(&mut conn).await;
+    let _ = conn.close().await;
+    r
+}
 
+async fn can_create_roles(conn: &mut sqlx::PgConnection) -> Result<(), TargetError> {
+    let can: Option<bool> = sqlx::query_scalar(
+        "SELECT rolcreaterole OR rolsuper FROM pg_roles WHERE rolname = current_user",
+    )
+    .fetch_optional(conn)
+    .await
+    .map_err(|e| TargetError::from_sqlx("check", &e))?;
+    match can {
+        Some(true) => Ok(()),
+        _ => Err(TargetError::NotCreateRole),
+    }
+}
+
+impl Target {
     /// Runs rendered statements in one transaction (a multi-statement simple query is one
     /// implicit transaction); `mark` adds the reconciler's comment on `name` to it.
     pub async fn run(

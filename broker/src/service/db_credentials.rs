@@ -457,16 +457,10 @@ impl Broker {
         let path = dbrole::connection_path(name);
         self.require(caller, &path, Capability::Write, "db_connection_put")
             .await?;
-        let checked = async {
-            let probe = crate::target_db::Targets::default();
-            // The operator is told why (our fixed text), even when the database is down.
-            let refused = |e: TargetError| BrokerError::FailedPrecondition(e.to_string());
-            let t = probe.insert(name, 0, &url).map_err(refused)?;
-            let r = t.check().await.map_err(refused);
-            t.pool.close().await;
-            r
-        }
-        .await;
+        // The operator is told why (our fixed text), even when the database is down.
+        let checked = crate::target_db::probe(&url)
+            .await
+            .map_err(|e| BrokerError::FailedPrecondition(e.to_string()));
         if let Err(e) = checked {
             return self
                 .audited(
