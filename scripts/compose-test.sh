@@ -16,7 +16,9 @@
 #    broker, mode 0400), a new secret version reaching the file, `brokerctl audit verify`, the
 #    agent revoking its leases when stopped, and no PIN/credential/token/secret value in any
 #    container's log.
-# 4. `down`: containers, volumes and network are removed, also on failure.
+# 4. `down`: containers, volumes and network are removed, also on failure. The images stay
+#    (keyhaven/keyhaven:dev, localhost/keyhaven-postgres:dev, and the base, which is made only
+#    when missing): the next run reuses their layers.
 #
 # No secret is ever on a command line: they are read from the volumes into files in a private
 # temp dir and handed to tools as file paths (grep -f, --token-file, ...).
@@ -126,6 +128,7 @@ rm -rf "$WORK/bins"
 say "building $KEYHAVEN_IMAGE (deploy/Dockerfile on $BASE_IMAGE, with the host's binaries)"
 podman build -q -f deploy/Dockerfile --target keyhaven -t "$KEYHAVEN_IMAGE" \
     --build-arg BASE_IMAGE="$BASE_IMAGE" --build-arg BINARIES="$BINARIES_IMAGE" . >/dev/null
+podman rmi "$BINARIES_IMAGE" >/dev/null   # only the build needs it
 say "building $POSTGRES_IMAGE (deploy/compose/postgres.Containerfile)"
 podman build -q -f deploy/compose/postgres.Containerfile -t "$POSTGRES_IMAGE" \
     --build-arg BASE_IMAGE="$BASE_IMAGE" . >/dev/null
@@ -191,6 +194,16 @@ while read -r -u 3 svc deps; do
         || { grep -v 'systemd' "$WORK/up.log" >&2; die "podman-compose up $svc"; }
 done 3< "$WORK/order.txt"
 wait_for workload service_started 60
+# The services nothing waits for are healthy too (the kms-plugin's healthcheck is `kms-plugin
+# probe`, in its container).
+while read -r -u 3 svc _; do
+    c=$(container_of "$svc")
+    if [ -n "$(podman inspect "$c" --format '{{if .Config.Healthcheck}}yes{{end}}')" ] \
+       && [ "$(podman inspect "$c" --format '{{.State.Status}}')" = running ]; then
+        wait_for "$svc" service_healthy 60
+    fi
+done 3< "$WORK/order.txt"
+say "up: $(project_containers | wc -l) containers"
 
 # ---------------------------------------------------------------------------------------------
 # Checks
@@ -296,7 +309,7 @@ admin audit verify
 
 say "check: the agent revokes its leases when stopped"
 agent_leases() {
-    admin -o json leases list --namespace demo --serviceaccount shop --pod workload > "$WORK/leases.json"
+    admin -o json leases list --namespace demo --pod workload > "$WORK/leases.json"
     "${KH_PODMAN_COMPOSE%/*}/python" - "$WORK/leases.json" <<'EOF'
 import json, sys
 print(sum(1 for l in json.load(open(sys.argv[1])) if l["state"] == "active"))
@@ -312,6 +325,9 @@ say "  $before active leases before, none after"
 
 say "check: no PIN, credential, token or secret value in any container's log"
 sort -u "$WORK/secrets.txt" | grep -v '^$' > "$WORK/patterns.txt"
+# The scan finds what is there: the demo app prints the file it reads, so its log has the value.
+podman logs "$WORKLOAD" 2>&1 | grep -q -F -f "$WORK/v1" \
+    || die "the workload's log does not show the value it read (the log scan would see nothing)"
 leaks=0
 for c in $(project_containers); do
     # The demo app prints the file it reads (docker-compose.yml says so): its log may show the
@@ -330,4 +346,10 @@ grep -q -F -f "$WORK/patterns.txt" "$WORK/setup-run.log" && { say "  LEAK in the
 [ "$leaks" -eq 0 ] || die "secrets in $leaks container logs"
 say "  $(wc -l < "$WORK/patterns.txt") secret values, none in $(project_containers | wc -l) container logs"
 
+say "down"
+compose down -v -t 20 > "$WORK/down.log" 2>&1 || { tail -n 20 "$WORK/down.log" >&2; die "podman-compose down"; }
+[ -z "$(project_containers)" ] || die "containers left after down: $(project_containers | tr '\n' ' ')"
+[ -z "$(podman volume ls -q --filter "label=io.podman.compose.project=$PROJECT")" ] || die "volumes left after down"
+! podman network exists "${PROJECT}_default" || die "network ${PROJECT}_default left after down"
+STARTED=0
 say "all checks passed"
