@@ -66,3 +66,29 @@ need_postgres() {
     kh_apt_install postgresql
     ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { kh_say "PostgreSQL installed but initdb not found"; return 1; }
 }
+
+# Podman, podman-compose and debootstrap (scripts/compose-test.sh builds the images and runs
+# docker-compose.yml without a container registry). Debian's podman-compose (1.0.3) exits 0
+# when a container fails, so podman-compose comes from PyPI, into a venv of its own; after
+# this, KH_PODMAN_COMPOSE is the command to run.
+KH_PODMAN_COMPOSE_VERSION="${KH_PODMAN_COMPOSE_VERSION:-1.6.*}"
+need_podman() {
+    local pkgs=() venv="${KH_PODMAN_COMPOSE_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/keyhaven/podman-compose}"
+    command -v podman >/dev/null 2>&1 || pkgs+=(podman)
+    # crun (podman's default runtime) fails on hosts with a mixed cgroup v1/v2 layout; runc works.
+    command -v runc >/dev/null 2>&1 || pkgs+=(runc)
+    command -v debootstrap >/dev/null 2>&1 || pkgs+=(debootstrap)
+    # `init: true` in the compose file runs catatonit as the container's PID 1.
+    [ -x /usr/libexec/podman/catatonit ] || command -v catatonit >/dev/null 2>&1 || pkgs+=(catatonit)
+    command -v python3 >/dev/null 2>&1 || pkgs+=(python3)
+    python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || pkgs+=(python3-venv)
+    if [ "${#pkgs[@]}" -gt 0 ]; then
+        kh_apt_install "${pkgs[@]}" || return 1
+    fi
+    if ! "$venv/bin/podman-compose" version 2>/dev/null | grep -q '^podman-compose version 1\.'; then
+        kh_say "installing podman-compose==$KH_PODMAN_COMPOSE_VERSION (pip, into $venv)"
+        python3 -m venv "$venv" && "$venv/bin/pip" install -q "podman-compose==$KH_PODMAN_COMPOSE_VERSION" \
+            || { kh_say "could not install podman-compose from PyPI"; return 1; }
+    fi
+    KH_PODMAN_COMPOSE="$venv/bin/podman-compose"
+}

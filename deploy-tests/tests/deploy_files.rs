@@ -293,9 +293,15 @@ const MUTATIONS: &[Mutation] = &[
     },
     Mutation {
         file: DOCKERFILE,
-        from: "FROM debian:bookworm-slim AS base\n",
-        to: "FROM debian:trixie-slim AS base\n",
+        from: "ARG BASE_IMAGE=debian:bookworm-slim\n",
+        to: "ARG BASE_IMAGE=debian:trixie-slim\n",
         expect: &["bookworm"],
+    },
+    Mutation {
+        file: DOCKERFILE,
+        from: "ARG BUILDER_IMAGE=rust:${RUST_VERSION}-bookworm\n",
+        to: "ARG BUILDER_IMAGE=rust:${RUST_VERSION}-trixie\n",
+        expect: &["rust:1.95-trixie", "bookworm"],
     },
     Mutation {
         file: DOCKERFILE,
@@ -2139,18 +2145,26 @@ fn parse_dockerfile(text: &str) -> Vec<Stage> {
         }
     }
     let mut stages: Vec<Stage> = Vec::new();
+    // `ARG NAME=default` before the first FROM: FROM lines see them, with their defaults (what
+    // `docker compose up --build` uses).
+    let mut global_args: Vec<(String, String)> = Vec::new();
     for l in logical {
         let l = l.trim();
         let (instr, args) = l.split_once(char::is_whitespace).unwrap_or((l, ""));
         let instr = instr.to_ascii_uppercase();
         let args = args.trim().to_owned();
-        if instr == "FROM" {
+        if instr == "ARG" && stages.is_empty() {
+            if let Some((k, v)) = args.split_once('=') {
+                let v = expand_args(v.trim(), &global_args);
+                global_args.push((k.trim().to_owned(), v));
+            }
+        } else if instr == "FROM" {
             let words: Vec<&str> = args
                 .split_whitespace()
                 .filter(|w| !w.starts_with("--"))
                 .collect();
             stages.push(Stage {
-                image: words.first().copied().unwrap_or_default().to_owned(),
+                image: expand_args(words.first().copied().unwrap_or_default(), &global_args),
                 name: match words.as_slice() {
                     [_, as_, n] if as_.eq_ignore_ascii_case("as") => Some((*n).to_owned()),
                     _ => None,
@@ -2162,6 +2176,18 @@ fn parse_dockerfile(text: &str) -> Vec<Stage> {
         }
     }
     stages
+}
+
+/// `${NAME}` and `$NAME` in `s`, replaced by the ARG defaults seen so far (the last one wins).
+fn expand_args(s: &str, args: &[(String, String)]) -> String {
+    let mut out = s.to_owned();
+    for (k, v) in args.iter().rev() {
+        out = out.replace(&format!("${{{k}}}"), v);
+    }
+    for (k, v) in args.iter().rev() {
+        out = out.replace(&format!("${k}"), v);
+    }
+    out
 }
 
 fn check_dockerfile(repo: &Repo) -> DockerfileFacts {

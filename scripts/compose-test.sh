@@ -1,0 +1,355 @@
+#!/usr/bin/env bash
+# docker-compose.yml end to end on podman, without a container registry (CI, and any machine
+# that cannot pull). Run as root on Debian bookworm, from anywhere:
+#
+#   scripts/compose-test.sh
+#
+# 1. Images: a Debian base made with debootstrap (cached as localhost/debian-base:bookworm), the
+#    release binaries built on this host, keyhaven/keyhaven:dev from deploy/Dockerfile on them,
+#    and stand-ins for the upstream postgres and busybox images (deploy/compose/podman.override.yml).
+# 2. `podman-compose up`, one service at a time in depends_on order: podman 4.3 has no systemd
+#    here to run healthchecks, and podman-compose ignores `condition: service_healthy` before
+#    podman 4.6, so this script enforces each depends_on condition itself (it runs the service's
+#    own healthcheck with `podman healthcheck run`).
+# 3. Checks from outside, as a user would: the plugin's Status/Encrypt/Decrypt on its socket,
+#    the broker's /readyz on 127.0.0.1:9465, the workload's files (value = a lease from the
+#    broker, mode 0400), a new secret version reaching the file, `brokerctl audit verify`, the
+#    agent revoking its leases when stopped, and no PIN/credential/token/secret value in any
+#    container's log.
+# 4. `down`: containers, volumes and network are removed, also on failure. The images stay
+#    (keyhaven/keyhaven:dev, localhost/keyhaven-postgres:dev, and the base, which is made only
+#    when missing): the next run reuses their layers.
+#
+# No secret is ever on a command line: they are read from the volumes into files in a private
+# temp dir and handed to tools as file paths (grep -f, --token-file, ...).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/deps.sh
+need_rust
+need_podman
+
+PROJECT=keyhaven   # `name:` in docker-compose.yml
+BASE_IMAGE=localhost/debian-base:bookworm
+BINARIES_IMAGE=localhost/keyhaven-binaries:dev
+KEYHAVEN_IMAGE=keyhaven/keyhaven:dev   # `image:` of x-keyhaven in docker-compose.yml
+POSTGRES_IMAGE=localhost/keyhaven-postgres:dev   # deploy/compose/podman.override.yml
+BINS=(kms-plugin broker brokerctl broker-agent keyhaven-injector)
+TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
+
+say() { printf '\033[1m==> compose-test:\033[0m %s\n' "$*" >&2; }
+die() { printf '\033[1mcompose-test: FAILED:\033[0m %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" -eq 0 ] || die "run as root (rootful podman: the compose file's volumes and ports)"
+. /etc/os-release
+[ "${VERSION_CODENAME:-}" = bookworm ] \
+    || die "this host is ${VERSION_CODENAME:-not Debian}: the images are Debian bookworm and run binaries built here, linked against this host's glibc"
+
+WORK=$(mktemp -d)
+chmod 0700 "$WORK"
+# Podman settings for this run only: runc (crun fails on hosts with a mixed cgroup v1/v2 layout),
+# ulimits a host without systemd can grant, no journald/systemd.
+cat > "$WORK/containers.conf" <<'EOF'
+[containers]
+default_ulimits = ["nofile=20000:20000", "nproc=20000:20000"]
+[engine]
+runtime = "runc"
+cgroup_manager = "cgroupfs"
+events_logger = "file"
+EOF
+export CONTAINERS_CONF="$WORK/containers.conf"
+compose() { "$KH_PODMAN_COMPOSE" -p "$PROJECT" -f docker-compose.yml -f deploy/compose/podman.override.yml "$@"; }
+
+project_containers() { podman ps -a --filter "label=io.podman.compose.project=$PROJECT" --format '{{.Names}}'; }
+[ -z "$(project_containers)" ] \
+    || die "compose project '$PROJECT' already has containers (podman ps -a): bring it down first"
+
+STARTED=0
+cleanup() {
+    local rc=$?
+    set +e
+    if [ "$STARTED" -eq 1 ]; then
+        if [ "$rc" -ne 0 ]; then
+            say "failed: the containers' state and last log lines"
+            podman ps -a --filter "label=io.podman.compose.project=$PROJECT" --format '{{.Names}} {{.Status}}' >&2
+            for c in $(project_containers); do
+                echo "--- podman logs $c (last 20 lines)" >&2
+                podman logs --tail 20 "$c" 2>&1 | grep -v -F -f "$WORK/secrets.txt" >&2
+            done
+        fi
+        say "down: removing the containers, volumes and network"
+        compose down -v -t 20 >/dev/null 2>&1
+        # What `down` missed (e.g. a `run` container after a failure).
+        for c in $(project_containers); do podman rm -f -t 5 "$c" >/dev/null 2>&1; done
+        for v in $(podman volume ls -q --filter "label=io.podman.compose.project=$PROJECT"); do
+            podman volume rm -f "$v" >/dev/null 2>&1
+        done
+        podman pod rm -f "pod_$PROJECT" >/dev/null 2>&1
+        podman network rm -f "${PROJECT}_default" >/dev/null 2>&1
+    fi
+    rm -rf "$WORK"
+    exit "$rc"
+}
+trap cleanup EXIT
+: > "$WORK/secrets.txt"
+
+# ---------------------------------------------------------------------------------------------
+# Images
+# ---------------------------------------------------------------------------------------------
+# The Debian mirror this machine's apt uses (one-line or deb822 sources).
+debian_mirror() {
+    local m
+    m=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null \
+        | awk '$1 == "deb" && $3 ~ /^bookworm$/ { for (i = 2; i <= NF; i++) if ($i ~ /^https?:/) { print $i; exit } }')
+    [ -n "$m" ] || m=$(cat /etc/apt/sources.list.d/*.sources 2>/dev/null \
+        | awk '/^URIs:/ { u = $2 } /^Suites:/ { for (i = 2; i <= NF; i++) if ($i == "bookworm" && u != "") { print u; exit } }')
+    echo "${m:-http://deb.debian.org/debian}"
+}
+
+if podman image exists "$BASE_IMAGE"; then
+    say "base image $BASE_IMAGE: cached"
+else
+    mirror=$(debian_mirror)
+    say "base image $BASE_IMAGE: debootstrap bookworm from $mirror"
+    debootstrap --variant=minbase bookworm "$WORK/rootfs" "$mirror" > "$WORK/debootstrap.log" 2>&1 \
+        || { tail -n 20 "$WORK/debootstrap.log" >&2; die "debootstrap failed"; }
+    # The downloaded .debs and lists: every Containerfile runs apt-get update before installing.
+    rm -rf "$WORK"/rootfs/var/cache/apt/archives/*.deb "$WORK"/rootfs/var/lib/apt/lists/*
+    tar -C "$WORK/rootfs" -c . | podman import -q - "$BASE_IMAGE" >/dev/null
+    rm -rf "$WORK/rootfs"
+fi
+
+say "release build of ${BINS[*]} (target dir $TARGET_DIR)"
+cargo build --release --locked $(printf -- '--bin %s ' "${BINS[@]}")
+mkdir -p "$WORK/bins"
+install -s -D -m 0755 -t "$WORK/bins/out" $(printf -- "$TARGET_DIR/release/%s " "${BINS[@]}")
+tar -C "$WORK/bins" -c out | podman import -q - "$BINARIES_IMAGE" >/dev/null
+rm -rf "$WORK/bins"
+
+say "building $KEYHAVEN_IMAGE (deploy/Dockerfile on $BASE_IMAGE, with the host's binaries)"
+podman build -q -f deploy/Dockerfile --target keyhaven -t "$KEYHAVEN_IMAGE" \
+    --build-arg BASE_IMAGE="$BASE_IMAGE" --build-arg BINARIES="$BINARIES_IMAGE" . >/dev/null
+podman rmi "$BINARIES_IMAGE" >/dev/null   # only the build needs it
+say "building $POSTGRES_IMAGE (deploy/compose/postgres.Containerfile)"
+podman build -q -f deploy/compose/postgres.Containerfile -t "$POSTGRES_IMAGE" \
+    --build-arg BASE_IMAGE="$BASE_IMAGE" . >/dev/null
+
+# ---------------------------------------------------------------------------------------------
+# Up, in depends_on order
+# ---------------------------------------------------------------------------------------------
+# The services in start order, each with its depends_on conditions: "svc dep:condition ...".
+compose config > "$WORK/compose.yml"
+"${KH_PODMAN_COMPOSE%/*}/python" - "$WORK/compose.yml" > "$WORK/order.txt" <<'EOF'
+import sys, yaml
+services = yaml.safe_load(open(sys.argv[1]))["services"]
+def deps(s):
+    d = services[s].get("depends_on") or {}
+    return {k: "service_started" for k in d} if isinstance(d, list) else {k: (v or {}).get("condition", "service_started") for k, v in d.items()}
+done = []
+while len(done) < len(services):
+    ready = sorted(s for s in services if s not in done and all(d in done for d in deps(s)))
+    if not ready:
+        sys.exit("depends_on has a cycle")
+    for s in ready:
+        print(s, *(f"{d}:{c}" for d, c in deps(s).items()))
+        done.append(s)
+EOF
+
+container_of() { podman ps -a --filter "label=io.podman.compose.project=$PROJECT" \
+    --filter "label=io.podman.compose.service=$1" --format '{{.Names}}' | head -n 1; }
+
+# Waits until the service's container meets the condition; fails after $2 seconds.
+wait_for() {
+    local svc=$1 cond=$2 timeout=$3 c t=0 state code
+    c=$(container_of "$svc")
+    [ -n "$c" ] || die "service $svc has no container"
+    while :; do
+        state=$(podman inspect "$c" --format '{{.State.Status}}')
+        case "$cond" in
+            service_started)
+                [ "$state" = running ] && return 0 ;;
+            service_healthy)
+                # What podman's systemd timer would do: run the service's own healthcheck.
+                if [ "$state" = running ] && podman healthcheck run "$c" >/dev/null 2>&1; then return 0; fi ;;
+            service_completed_successfully)
+                if [ "$state" = exited ]; then
+                    code=$(podman inspect "$c" --format '{{.State.ExitCode}}')
+                    [ "$code" -eq 0 ] && return 0
+                    die "service $svc exited with $code"
+                fi ;;
+            *) die "service $svc: unknown depends_on condition $cond" ;;
+        esac
+        [ "$t" -lt "$timeout" ] || die "service $svc: not $cond after ${timeout}s (state $state)"
+        sleep 2; t=$((t + 2))
+    done
+}
+
+STARTED=1
+while read -r -u 3 svc deps; do
+    for d in $deps; do
+        say "$svc waits for ${d%%:*} (${d#*:})"
+        wait_for "${d%%:*}" "${d#*:}" 180
+    done
+    say "up: $svc"
+    compose up -d --no-build --no-deps "$svc" < /dev/null > "$WORK/up.log" 2>&1 \
+        || { grep -v 'systemd' "$WORK/up.log" >&2; die "podman-compose up $svc"; }
+done 3< "$WORK/order.txt"
+wait_for workload service_started 60
+# The services nothing waits for are healthy too (the kms-plugin's healthcheck is `kms-plugin
+# probe`, in its container).
+while read -r -u 3 svc _; do
+    c=$(container_of "$svc")
+    if [ -n "$(podman inspect "$c" --format '{{if .Config.Healthcheck}}yes{{end}}')" ] \
+       && [ "$(podman inspect "$c" --format '{{.State.Status}}')" = running ]; then
+        wait_for "$svc" service_healthy 60
+    fi
+done 3< "$WORK/order.txt"
+say "up: $(project_containers | wc -l) containers"
+
+# ---------------------------------------------------------------------------------------------
+# Checks
+# ---------------------------------------------------------------------------------------------
+volume_dir() { podman volume inspect "${PROJECT}_$1" --format '{{.Mountpoint}}'; }
+BROKERCTL="$TARGET_DIR/release/brokerctl"
+CA="$(volume_dir ca)/ca.pem"
+TOKEN="$(volume_dir workload-token)/token"
+BOOTSTRAP="$(volume_dir bootstrap)/credential"
+admin() { "$BROKERCTL" --addr https://127.0.0.1:8443 --ca-file "$CA" --bootstrap-file "$BOOTSTRAP" "$@"; }
+as_workload() { "$BROKERCTL" --addr https://127.0.0.1:8443 --ca-file "$CA" --token-file "$TOKEN" "$@"; }
+AGENT=$(container_of workload-agent)
+WORKLOAD=$(container_of workload)
+
+# Every secret of the demo, one a line, for the log scan (from the volumes, never on argv).
+collect_secrets() {
+    local f
+    for f in "$(volume_dir hsm-pins)/user.pin" "$(volume_dir hsm-pins)/so.pin" "$BOOTSTRAP" \
+             "$(volume_dir db-credentials)/password" "$TOKEN" "$(volume_dir broker-tls)/server-key.pem"; do
+        [ -s "$f" ] || die "expected secret file $f is missing or empty"
+        if [ "${f##*.}" = pem ]; then
+            grep -v -e '-----' "$f" >> "$WORK/secrets.txt"   # the key's base64 lines
+        else
+            cat "$f" >> "$WORK/secrets.txt"; echo >> "$WORK/secrets.txt"
+        fi
+    done
+}
+collect_secrets
+
+say "check: kms-plugin Status/Encrypt/Decrypt on its socket, from the host (as the kube-apiserver)"
+"$TARGET_DIR/release/kms-plugin" probe --listen "unix://$(volume_dir kms-socket)/kms.sock"
+
+say "check: broker /readyz on 127.0.0.1:9465"
+readyz() {
+    exec 3<>/dev/tcp/127.0.0.1/9465 || return 1
+    printf 'GET /readyz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n' >&3
+    tr -d '\r' <&3 > "$WORK/readyz"
+    exec 3<&-
+    head -n 1 "$WORK/readyz" | grep -q '^HTTP/1\.[01] 200 '
+}
+# A probe of the database or the HSM that times out (2 s) on a loaded machine makes /readyz 503
+# until the next good probe (2 s later): give it a few tries, and show each refusal's reason.
+t=0
+until readyz; do
+    say "  /readyz: $(head -n 1 "$WORK/readyz") $(sed '1,/^$/d' "$WORK/readyz" | head -c 300)"
+    [ "$t" -lt 20 ] || die "/readyz did not answer 200 within 20 s"
+    sleep 2; t=$((t + 2))
+done
+status=$(head -n 1 "$WORK/readyz")
+say "  $status"
+
+# The password of shop/db as the broker hands it to the workload's identity (a lease of our own,
+# revoked at once), into $1.
+leased_password() {
+    as_workload -o json lease --show-values shop/db > "$WORK/lease.json"
+    "${KH_PODMAN_COMPOSE%/*}/python" - "$WORK/lease.json" "$1" "$WORK/lease-id" <<'EOF'
+import json, sys
+lease = json.load(open(sys.argv[1]))
+open(sys.argv[2], "w").write(lease["data"]["password"])
+open(sys.argv[3], "w").write(lease["lease_id"])
+EOF
+    as_workload revoke "$(cat "$WORK/lease-id")" >/dev/null
+    rm -f "$WORK/lease.json"
+    cat "$1" >> "$WORK/secrets.txt"; echo >> "$WORK/secrets.txt"
+}
+
+# The workload's files, read inside the workload container (uid 10001, read-only mount).
+check_files() {
+    local want=$1
+    [ "$(podman exec "$WORKLOAD" stat -c '%a %u' /keyhaven/secrets/db-password)" = "400 10001" ] \
+        || die "db-password: mode/owner $(podman exec "$WORKLOAD" stat -c '%a %u' /keyhaven/secrets/db-password), want 400 10001"
+    podman exec "$WORKLOAD" cat /keyhaven/secrets/db-password > "$WORK/file-password"
+    podman exec "$WORKLOAD" cat /keyhaven/secrets/db.json > "$WORK/file-db.json"
+    "${KH_PODMAN_COMPOSE%/*}/python" - "$WORK/file-db.json" "$WORK/file-password" "$want" <<'EOF'
+import json, sys
+doc = json.load(open(sys.argv[1]))
+raw = open(sys.argv[2]).read()
+want = open(sys.argv[3]).read()
+ok = doc.get("username") == "shop" and doc.get("password") == want and raw == want
+sys.exit(0 if ok else 1)
+EOF
+}
+
+say "check: the workload's files hold the leased value, db-password mode 0400"
+leased_password "$WORK/v1"
+check_files "$WORK/v1" || die "the workload's files do not hold the value the broker leases"
+
+say "check: a new version of shop/db (compose run setup) reaches the file"
+compose run --rm --no-deps setup > "$WORK/setup-run.log" 2>&1 \
+    || { grep -v -F -f "$WORK/secrets.txt" "$WORK/setup-run.log" >&2; die "compose run setup"; }
+leased_password "$WORK/v2"
+cmp -s "$WORK/v1" "$WORK/v2" && die "setup did not put a new value of shop/db"
+t=0
+until check_files "$WORK/v2"; do
+    # The agent learns of the new version when it renews, at about 2/3 of the 1 m TTL.
+    [ "$t" -lt 120 ] || die "the new version did not reach the workload's files within 120 s"
+    sleep 5; t=$((t + 5))
+done
+say "  reached the files after ~${t}s"
+
+say "check: brokerctl audit verify"
+admin audit verify
+
+say "check: the agent revokes its leases when stopped"
+agent_leases() {
+    admin -o json leases list --namespace demo --pod workload > "$WORK/leases.json"
+    "${KH_PODMAN_COMPOSE%/*}/python" - "$WORK/leases.json" <<'EOF'
+import json, sys
+print(sum(1 for l in json.load(open(sys.argv[1])) if l["state"] == "active"))
+EOF
+}
+before=$(agent_leases)
+[ "$before" -gt 0 ] || die "the broker lists no active lease of the workload's agent"
+compose stop -t 20 workload-agent >/dev/null 2>&1
+[ "$(podman inspect "$AGENT" --format '{{.State.ExitCode}}')" -eq 0 ] || die "the agent did not exit 0 on SIGTERM"
+after=$(agent_leases)
+[ "$after" -eq 0 ] || die "$after of the agent's leases are still active after it stopped"
+say "  $before active leases before, none after"
+
+say "check: no PIN, credential, token or secret value in any container's log"
+sort -u "$WORK/secrets.txt" | grep -v '^$' > "$WORK/patterns.txt"
+# The scan finds what is there: the demo app prints the file it reads, so its log has the value.
+podman logs "$WORKLOAD" 2>&1 | grep -q -F -f "$WORK/v1" \
+    || die "the workload's log does not show the value it read (the log scan would see nothing)"
+leaks=0
+for c in $(project_containers); do
+    # The demo app prints the file it reads (docker-compose.yml says so): its log may show the
+    # secret's values, not the rest.
+    if [ "$c" = "$WORKLOAD" ]; then
+        grep -v -x -F -f "$WORK/v1" "$WORK/patterns.txt" | grep -v -x -F -f "$WORK/v2" > "$WORK/patterns-app.txt" || true
+        pat="$WORK/patterns-app.txt"
+    else
+        pat="$WORK/patterns.txt"
+    fi
+    if podman logs "$c" 2>&1 | grep -q -F -f "$pat"; then
+        say "  LEAK in the log of $c"; leaks=$((leaks + 1))
+    fi
+done
+grep -q -F -f "$WORK/patterns.txt" "$WORK/setup-run.log" && { say "  LEAK in the log of compose run setup"; leaks=$((leaks + 1)); }
+[ "$leaks" -eq 0 ] || die "secrets in $leaks container logs"
+say "  $(wc -l < "$WORK/patterns.txt") secret values, none in $(project_containers | wc -l) container logs"
+
+say "down"
+compose down -v -t 20 > "$WORK/down.log" 2>&1 || { tail -n 20 "$WORK/down.log" >&2; die "podman-compose down"; }
+[ -z "$(project_containers)" ] || die "containers left after down: $(project_containers | tr '\n' ' ')"
+[ -z "$(podman volume ls -q --filter "label=io.podman.compose.project=$PROJECT")" ] || die "volumes left after down"
+! podman network exists "${PROJECT}_default" || die "network ${PROJECT}_default left after down"
+STARTED=0
+say "all checks passed"
