@@ -14,7 +14,7 @@ use std::collections::BTreeSet;
 
 use keyhaven_broker_core::dbrole::{self, RoleDef, Values};
 
-use super::leases::new_lease_id;
+use super::leases::{new_lease_id, new_lease_row};
 use super::*;
 use crate::store::{DbCap, DbCredentialCount, DbCredentialRow};
 use crate::target_db::{Target, TargetError};
@@ -148,14 +148,12 @@ impl Broker {
             .unwrap_or(def.ttl.min(policy_ttl))
             .min(max_ttl);
         let now = now_ms();
-        let (expires_ms, max_expires_ms) =
-            keyhaven_broker_core::lease_ttl::grant(now, ttl, max_ttl);
-        let lease_id = new_lease_id(id, path)?;
+        let lease = new_lease_row(new_lease_id(id, path)?, id, path, 1, now, ttl, max_ttl);
         let mut r = [0u8; 4];
         getrandom::fill(&mut r).map_err(|_| BrokerError::internal("random number generator"))?;
         let username = dbrole::username(&id.namespace, &id.service_account, role, r);
         let row = DbCredentialRow {
-            lease_id: lease_id.clone(),
+            lease_id: lease.id.clone(),
             connection: connection.to_owned(),
             role: role.to_owned(),
             username: username.clone(),
@@ -163,7 +161,7 @@ impl Broker {
             service_account: id.service_account.clone(),
             state: "pending".into(),
             created_ms: now,
-            valid_until_ms: expires_ms,
+            valid_until_ms: lease.expires_ms,
             attempts: 0,
             next_attempt_ms: 0,
             last_error: None,
@@ -188,7 +186,7 @@ impl Broker {
             None => {}
         }
         let password = random_hex(24)?;
-        let expiration = rfc3339(expires_ms);
+        let expiration = rfc3339(lease.expires_ms);
         let values = Values {
             name: &username,
             password: &password,
@@ -205,8 +203,8 @@ impl Broker {
             self.metrics.db.created(connection, role, "error");
             // The statements ran in one transaction: nothing was created. The row is dropped
             // at once (it checks, and drops whatever is there).
-            self.store.abandon_db_credential(&lease_id).await?;
-            tracing::warn!(path, lease_id, error = %e, "credential not created");
+            self.store.abandon_db_credential(&lease.id).await?;
+            tracing::warn!(path, lease_id = lease.id, error = %e, "credential not created");
             return Err(target_error(e));
         }
         self.metrics.db.created(connection, role, "ok");
@@ -219,28 +217,7 @@ impl Broker {
             ("port", target.endpoint.port.to_string().into_bytes()),
             ("database", target.endpoint.database.as_bytes().to_vec()),
         ]);
-        let lease = LeaseRow {
-            id: lease_id.clone(),
-            identity: id.clone(),
-            path: path.to_owned(),
-            version: 1,
-            created_ms: now,
-            expires_ms,
-            max_expires_ms,
-            renewals: 0,
-            ended_ms: None,
-            end_reason: None,
-        };
-        Ok((
-            LeaseGrant {
-                lease_id,
-                version: 1,
-                data,
-                ttl,
-                renewable_until_unix: to_secs(max_expires_ms),
-            },
-            lease,
-        ))
+        Ok((LeaseGrant::of(&lease, data, ttl), lease))
     }
 
     /// Step 3: the lease of a credential was stored (`true`) or not.

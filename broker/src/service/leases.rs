@@ -140,32 +140,16 @@ impl Broker {
             .filter(|t| !t.is_zero())
             .unwrap_or(default_ttl)
             .min(max_ttl);
-        let now = now_ms();
-        let (expires_ms, max_expires_ms) =
-            keyhaven_broker_core::lease_ttl::grant(now, ttl, max_ttl);
-        let lease = LeaseRow {
-            id: new_lease_id(id, path)?,
-            identity: id.clone(),
-            path: path.to_owned(),
-            version: row.version,
-            created_ms: now,
-            expires_ms,
-            max_expires_ms,
-            renewals: 0,
-            ended_ms: None,
-            end_reason: None,
-        };
-        Ok((
-            LeaseGrant {
-                lease_id: lease.id.clone(),
-                version: row.version,
-                data,
-                ttl,
-                renewable_until_unix: to_secs(lease.max_expires_ms),
-            },
-            lease,
-            generation,
-        ))
+        let lease = new_lease_row(
+            new_lease_id(id, path)?,
+            id,
+            path,
+            row.version,
+            now_ms(),
+            ttl,
+            max_ttl,
+        );
+        Ok((LeaseGrant::of(&lease, data, ttl), lease, generation))
     }
 
     /// Extends the caller's own lease by `increment` (the policy default when `None`), never
@@ -410,6 +394,44 @@ fn not_renewable(lease_id: &str) -> BrokerError {
         "lease {} has expired or was revoked",
         echo(lease_id)
     ))
+}
+
+/// A new, active lease row of `path` granted at `now_ms` for `ttl`, never past `max_ttl`.
+pub(super) fn new_lease_row(
+    lease_id: String,
+    id: &Identity,
+    path: &str,
+    version: i64,
+    now_ms: i64,
+    ttl: Duration,
+    max_ttl: Duration,
+) -> LeaseRow {
+    let (expires_ms, max_expires_ms) = keyhaven_broker_core::lease_ttl::grant(now_ms, ttl, max_ttl);
+    LeaseRow {
+        id: lease_id,
+        identity: id.clone(),
+        path: path.to_owned(),
+        version,
+        created_ms: now_ms,
+        expires_ms,
+        max_expires_ms,
+        renewals: 0,
+        ended_ms: None,
+        end_reason: None,
+    }
+}
+
+impl LeaseGrant {
+    /// What the workload is told of a new lease `l` of `data` for `ttl`.
+    pub(super) fn of(l: &LeaseRow, data: SecretData, ttl: Duration) -> LeaseGrant {
+        LeaseGrant {
+            lease_id: l.id.clone(),
+            version: l.version,
+            data,
+            ttl,
+            renewable_until_unix: to_secs(l.max_expires_ms),
+        }
+    }
 }
 
 /// The path part of a lease id ([`new_lease_id`]).
