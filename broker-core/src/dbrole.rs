@@ -25,9 +25,12 @@ pub const DEFAULT_CREATION: &str =
     "CREATE ROLE {{name}} LOGIN PASSWORD {{password}} VALID UNTIL {{expiration}};";
 /// The default renewal statement: the role expires with the lease's new expiry.
 pub const DEFAULT_RENEWAL: &str = "ALTER ROLE {{name}} VALID UNTIL {{expiration}};";
-/// The default revocation: no new logins, its sessions ended, what it owns handed to the
-/// broker's admin role, then the role dropped.
+/// The default revocation: no new logins; the broker's admin role made a member (what a
+/// CREATEROLE admin that is not a superuser needs to end its sessions and take what it owns;
+/// a notice when it already is one); its sessions ended; what it owns handed to the admin role;
+/// then the role dropped.
 pub const DEFAULT_REVOCATION: &str = "ALTER ROLE {{name}} NOLOGIN;\n\
+     GRANT {{name}} TO CURRENT_USER;\n\
      SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = {{name_literal}};\n\
      REASSIGN OWNED BY {{name}} TO CURRENT_USER;\n\
      DROP OWNED BY {{name}};\n\
@@ -70,6 +73,17 @@ pub struct RoleDef {
     /// Sharing between replicas.
     #[serde(default)]
     pub share: Share,
+    /// The role names' form after the `kh_` prefix: `{{namespace}}`, `{{serviceaccount}}`,
+    /// `{{role}}` and `{{random}}` (required: 8 hex) with `[a-z0-9_]` between them.
+    #[serde(default = "default_username")]
+    pub username: String,
+}
+
+/// The default user-name template: `kh_<namespace>_<serviceaccount>_<role>_<8 hex>`.
+pub const DEFAULT_USERNAME: &str = "{{namespace}}_{{serviceaccount}}_{{role}}_{{random}}";
+
+fn default_username() -> String {
+    DEFAULT_USERNAME.into()
 }
 
 fn default_ttl() -> Duration {
@@ -165,6 +179,24 @@ impl RoleDef {
             return Err(RoleError::Invalid(
                 "max_per_identity is larger than max_total".into(),
             ));
+        }
+        let fixed = username_segments(&self.username).map_err(|why| RoleError::Template {
+            field: "username",
+            why,
+        })?;
+        let fixed: usize = fixed
+            .iter()
+            .map(|s| match s {
+                NameSegment::Text(t) => t.len(),
+                NameSegment::Random => 8,
+                _ => 1,
+            })
+            .sum();
+        if ROLE_PREFIX.len() + fixed > MAX_IDENT_BYTES {
+            return Err(RoleError::Template {
+                field: "username",
+                why: format!("longer than {MAX_IDENT_BYTES} bytes before any name is added"),
+            });
         }
         if self.share != Share::None {
             return Err(RoleError::Invalid(
@@ -278,27 +310,107 @@ pub fn render(template: &str, v: &Values<'_>) -> Result<zeroize::Zeroizing<Strin
     Ok(out)
 }
 
-/// A readable, unique role name within 63 bytes: `kh_<namespace>_<serviceaccount>_<role>_<8
-/// random hex>`, each part cut to fit and reduced to `[a-z0-9]` (anything else becomes `x`),
-/// so the name needs no quoting — though it is quoted anyway.
-pub fn username(namespace: &str, service_account: &str, role: &str, random: [u8; 4]) -> String {
-    fn part(s: &str, max: usize) -> String {
+/// One piece of a user-name template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum NameSegment {
+    Text(String),
+    Namespace,
+    ServiceAccount,
+    Role,
+    Random,
+}
+
+/// A user-name template's pieces; an error for a variable other than the four, text other
+/// than `[a-z0-9_]`, or no `{{random}}` (what makes names unique).
+fn username_segments(template: &str) -> Result<Vec<NameSegment>, String> {
+    let mut out = Vec::new();
+    let text = |t: &str, out: &mut Vec<NameSegment>| {
+        if t.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        {
+            if !t.is_empty() {
+                out.push(NameSegment::Text(t.to_owned()));
+            }
+            Ok(())
+        } else {
+            Err("text between variables must be [a-z0-9_]".to_owned())
+        }
+    };
+    let mut rest = template;
+    while let Some(i) = rest.find("{{") {
+        text(&rest[..i], &mut out)?;
+        let after = &rest[i + 2..];
+        let j = after.find("}}").ok_or("an unclosed {{")?;
+        out.push(match after[..j].trim() {
+            "namespace" => NameSegment::Namespace,
+            "serviceaccount" => NameSegment::ServiceAccount,
+            "role" => NameSegment::Role,
+            "random" => NameSegment::Random,
+            other => {
+                return Err(format!(
+                    "unknown variable {{{{{}}}}} (known: namespace, serviceaccount, role, random)",
+                    crate::bounded::echo(other)
+                ))
+            }
+        });
+        rest = &after[j + 2..];
+    }
+    text(rest, &mut out)?;
+    if !out.contains(&NameSegment::Random) {
+        return Err("must use {{random}} (it makes each name unique)".into());
+    }
+    Ok(out)
+}
+
+/// A readable, unique role name within 63 bytes: `kh_` and `template` (see
+/// [`RoleDef::username`]; a checked one) with each name reduced to `[a-z0-9]` (anything else
+/// becomes `x`) and the longest cut first until it fits; `{{random}}` is 8 hex, never cut. The
+/// name needs no quoting — though it is quoted anyway.
+pub fn username(
+    template: &str,
+    namespace: &str,
+    service_account: &str,
+    role: &str,
+    random: [u8; 4],
+) -> String {
+    fn part(s: &str) -> String {
         s.chars()
             .map(|c| match c.to_ascii_lowercase() {
                 c @ ('a'..='z' | '0'..='9') => c,
                 _ => 'x',
             })
-            .take(max)
+            .take(MAX_IDENT_BYTES)
             .collect()
     }
-    // kh_ (3) + 3 separators + 8 hex = 14; 49 bytes left for the three parts.
-    let name = format!(
-        "{ROLE_PREFIX}{}_{}_{}_{}",
-        part(namespace, 16),
-        part(service_account, 17),
-        part(role, 16),
-        hex::encode(random)
-    );
+    let segments = username_segments(template)
+        .unwrap_or_else(|_| username_segments(DEFAULT_USERNAME).unwrap_or_default());
+    let mut parts: Vec<String> = segments
+        .iter()
+        .map(|s| match s {
+            NameSegment::Text(t) => t.clone(),
+            NameSegment::Namespace => part(namespace),
+            NameSegment::ServiceAccount => part(service_account),
+            NameSegment::Role => part(role),
+            NameSegment::Random => hex::encode(random),
+        })
+        .collect();
+    let cuttable: Vec<usize> = (0..segments.len())
+        .filter(|i| {
+            matches!(
+                segments[*i],
+                NameSegment::Namespace | NameSegment::ServiceAccount | NameSegment::Role
+            )
+        })
+        .collect();
+    while ROLE_PREFIX.len() + parts.iter().map(String::len).sum::<usize>() > MAX_IDENT_BYTES {
+        let Some(&longest) = cuttable.iter().max_by_key(|i| parts[**i].len()) else {
+            break;
+        };
+        if parts[longest].pop().is_none() {
+            break;
+        }
+    }
+    let name = format!("{ROLE_PREFIX}{}", parts.concat());
     debug_assert!(name.len() <= MAX_IDENT_BYTES);
     name
 }
@@ -368,15 +480,62 @@ mod tests {
 
     #[test]
     fn user_names_are_readable_bounded_and_plain() {
-        let n = username("payments", "api", "readonly", [1, 2, 3, 4]);
+        let n = username(
+            DEFAULT_USERNAME,
+            "payments",
+            "api",
+            "readonly",
+            [1, 2, 3, 4],
+        );
         assert_eq!(n, "kh_payments_api_readonly_01020304");
         let long = "ä\"'; $$x".repeat(20);
-        let n = username(&long, &long, &long, [0xff; 4]);
-        assert!(n.len() <= MAX_IDENT_BYTES, "{n}");
-        assert!(n.starts_with(ROLE_PREFIX));
-        assert!(n
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'));
+        for t in [
+            DEFAULT_USERNAME,
+            "{{random}}_{{role}}{{role}}",
+            "app_{{random}}",
+        ] {
+            let n = username(t, &long, &long, &long, [0xff; 4]);
+            assert!(n.len() <= MAX_IDENT_BYTES, "{n}");
+            assert!(n.starts_with(ROLE_PREFIX) && n.contains("ffffffff"), "{n}");
+            assert!(n
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'));
+        }
+        // The longest name is cut first.
+        let n = username(DEFAULT_USERNAME, "ns", &"s".repeat(80), "ro", [0; 4]);
+        assert_eq!(n.len(), MAX_IDENT_BYTES);
+        assert!(
+            n.starts_with("kh_ns_sss") && n.ends_with("_ro_00000000"),
+            "{n}"
+        );
+        let n = username("{{role}}_{{random}}", "ns", "sa", "reader", [0xab; 4]);
+        assert_eq!(n, "kh_reader_abababab");
+    }
+
+    #[test]
+    fn user_name_templates_are_checked() {
+        let base = "max_per_identity: 1\nmax_total: 1\n";
+        let parse = |t: &str| RoleDef::parse(&format!("{base}username: '{t}'\n"));
+        assert!(parse("{{role}}_{{random}}").is_ok());
+        for bad in [
+            "{{role}}",                // not unique
+            "{{role}}-{{random}}",     // a character a name may not hold
+            "{{password}}_{{random}}", // not a name variable
+            "\\\";drop_{{random}}",
+            &format!("{}{{{{random}}}}", "a".repeat(60)),
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    RoleError::Template {
+                        field: "username",
+                        ..
+                    }
+                ),
+                "{bad}: {e:?}"
+            );
+        }
     }
 
     #[test]

@@ -263,6 +263,27 @@ impl Admin for Edge {
         Edge::db_reconcile(self, req).await
     }
 
+    async fn rotate_db_root(
+        &self,
+        req: Request<pb::RotateDbRootRequest>,
+    ) -> Result<Response<pb::RotateDbRootResponse>, Status> {
+        Edge::rotate_db_root(self, req).await
+    }
+
+    async fn delete_db_role(
+        &self,
+        req: Request<pb::DeleteDbRoleRequest>,
+    ) -> Result<Response<pb::DeleteDbRoleResponse>, Status> {
+        Edge::delete_db_role(self, req).await
+    }
+
+    async fn delete_db_connection(
+        &self,
+        req: Request<pb::DeleteDbConnectionRequest>,
+    ) -> Result<Response<pb::DeleteDbConnectionResponse>, Status> {
+        Edge::delete_db_connection(self, req).await
+    }
+
     async fn put_secret(
         &self,
         req: Request<pb::PutSecretRequest>,

@@ -6,6 +6,7 @@
 //! SQLSTATE where there is one.
 
 use std::collections::HashMap;
+use std::num::NonZeroU32;
 use std::str::FromStr;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -71,6 +72,12 @@ impl TargetError {
     pub fn is_unavailable(&self) -> bool {
         matches!(self, TargetError::Unavailable(_) | TargetError::Tls)
     }
+
+    /// Whether the database refused the login itself (wrong password or no such role).
+    pub fn is_login_refused(&self) -> bool {
+        matches!(self, TargetError::Statement { code: Some(c), .. }
+            if c == "28P01" || c == "28000")
+    }
 }
 
 /// Where a credential connects: from the connection URL, without its user and password.
@@ -101,14 +108,36 @@ impl Endpoint {
     }
 }
 
+/// How the broker logs in as a connection's admin: the URL the operator stored and, once the
+/// broker has rotated it (`brokerctl db connection rotate-root`), the password that replaces
+/// the URL's.
+#[derive(Clone, Copy)]
+pub struct AdminLogin<'a> {
+    /// `postgres://` URL.
+    pub url: &'a str,
+    /// The broker's own password, when it has rotated the URL's.
+    pub password: Option<&'a str>,
+}
+
+impl std::fmt::Debug for AdminLogin<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL holds a password: neither is shown.
+        f.debug_struct("AdminLogin").finish_non_exhaustive()
+    }
+}
+
 /// A parsed admin URL.
-pub fn parse_url(url: &str) -> Result<(PgConnectOptions, Endpoint), TargetError> {
+pub fn parse_url(login: AdminLogin<'_>) -> Result<(PgConnectOptions, Endpoint), TargetError> {
+    let url = login.url;
     if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
         return Err(TargetError::BadUrl);
     }
-    let opts = PgConnectOptions::from_str(url)
+    let mut opts = PgConnectOptions::from_str(url)
         .map_err(|_| TargetError::BadUrl)?
         .application_name("keyhaven-broker");
+    if let Some(p) = login.password {
+        opts = opts.password(p);
+    }
     let endpoint = Endpoint {
         host: opts.get_host().to_owned(),
         port: opts.get_port(),
@@ -147,8 +176,13 @@ impl Targets {
     /// Makes (lazily: nothing connects yet) and keeps the pool of `name` at `version`; when
     /// a concurrent call made it first, that pool. A pool of an older version is closed (its
     /// calls in flight fail and are retried by their clients).
-    pub fn insert(&self, name: &str, version: i64, url: &str) -> Result<Target, TargetError> {
-        let (opts, endpoint) = parse_url(url)?;
+    pub fn insert(
+        &self,
+        name: &str,
+        version: i64,
+        login: AdminLogin<'_>,
+    ) -> Result<Target, TargetError> {
+        let (opts, endpoint) = parse_url(login)?;
         let pool = PgPoolOptions::new()
             .max_connections(4)
             .min_connections(0)
@@ -170,33 +204,127 @@ impl Targets {
         }
         Ok(t)
     }
-}
 
-/// Logs in once with `url` (no pool, so the connection's own error is the answer) and checks
-/// that its role may create roles.
-pub async fn probe(url: &str) -> Result<(), TargetError> {
-    use sqlx::{ConnectOptions, Connection};
-    let (opts, _) = parse_url(url)?;
-    let mut conn = tokio::time::timeout(Duration::from_secs(10), opts.connect())
-        .await
-        .map_err(|_| TargetError::Unavailable(None))?
-        .map_err(|e| TargetError::from_sqlx("check", &e))?;
-    let r = can_create_roles(&mut conn).await;
-    let _ = conn.close().await;
-    r
-}
-
-async fn can_create_roles(conn: &mut sqlx::PgConnection) -> Result<(), TargetError> {
-    let can: Option<bool> = sqlx::query_scalar(
-        "SELECT rolcreaterole OR rolsuper FROM pg_roles WHERE rolname = current_user",
-    )
-    .fetch_optional(conn)
-    .await
-    .map_err(|e| TargetError::from_sqlx("check", &e))?;
-    match can {
-        Some(true) => Ok(()),
-        _ => Err(TargetError::NotCreateRole),
+    /// Forgets (and closes) the pool of `name`.
+    pub fn remove(&self, name: &str) {
+        let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(old) = pools.remove(name) {
+            drop(old.pool.close());
+        }
     }
+}
+
+/// A direct admin session (no pool, so the connection's own error is the answer): the check
+/// of a connection and the rotation of its password.
+pub struct AdminSession(sqlx::PgConnection);
+
+impl std::fmt::Debug for AdminSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminSession").finish_non_exhaustive()
+    }
+}
+
+impl AdminSession {
+    /// Logs in.
+    pub async fn open(login: AdminLogin<'_>) -> Result<AdminSession, TargetError> {
+        use sqlx::ConnectOptions;
+        let (opts, _) = parse_url(login)?;
+        let conn = tokio::time::timeout(Duration::from_secs(10), opts.connect())
+            .await
+            .map_err(|_| TargetError::Unavailable(None))?
+            .map_err(|e| TargetError::from_sqlx("check", &e))?;
+        Ok(AdminSession(conn))
+    }
+
+    /// Whether its role may create roles.
+    pub async fn check_create_role(&mut self) -> Result<(), TargetError> {
+        let can: Option<bool> = sqlx::query_scalar(
+            "SELECT rolcreaterole OR rolsuper FROM pg_roles WHERE rolname = current_user",
+        )
+        .fetch_optional(&mut self.0)
+        .await
+        .map_err(|e| TargetError::from_sqlx("check", &e))?;
+        match can {
+            Some(true) => Ok(()),
+            _ => Err(TargetError::NotCreateRole),
+        }
+    }
+
+    /// Opens a transaction that sets its own role's password to `new_password`, sent as a
+    /// SCRAM-SHA-256 verifier (what `psql`'s `\password` sends), so the password itself never
+    /// reaches the server or its statement log. Takes effect with [`AdminSession::commit`].
+    pub async fn begin_password_change(&mut self, new_password: &str) -> Result<(), TargetError> {
+        let mut salt = [0u8; 16];
+        getrandom::fill(&mut salt).map_err(|_| TargetError::Statement {
+            what: "password change",
+            code: None,
+        })?;
+        let verifier = scram_sha256_verifier(new_password, &salt, SCRAM_ITERATIONS);
+        let sql = Zeroizing::new(format!(
+            "ALTER ROLE CURRENT_USER PASSWORD {}",
+            keyhaven_broker_core::dbrole::quote_literal(&verifier)
+        ));
+        self.simple("BEGIN").await?;
+        self.simple(&sql).await
+    }
+
+    /// Commits the open transaction.
+    pub async fn commit(&mut self) -> Result<(), TargetError> {
+        self.simple("COMMIT").await
+    }
+
+    /// One statement, unprepared.
+    async fn simple(&mut self, sql: &str) -> Result<(), TargetError> {
+        use sqlx::Executor as _;
+        self.0
+            .execute(sql)
+            .await
+            .map(|_| ())
+            .map_err(|e| TargetError::from_sqlx("password change", &e))
+    }
+
+    /// Logs out (a transaction still open is rolled back).
+    pub async fn close(self) {
+        use sqlx::Connection;
+        let _ = self.0.close().await;
+    }
+}
+
+/// Iterations of a verifier the broker makes (PostgreSQL's default, `scram_iterations`).
+const SCRAM_ITERATIONS: NonZeroU32 = NonZeroU32::MIN.saturating_add(4095);
+
+/// A SCRAM-SHA-256 verifier as PostgreSQL stores it (RFC 5802, RFC 7677):
+/// `SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`, base64.
+pub fn scram_sha256_verifier(password: &str, salt: &[u8], iterations: NonZeroU32) -> String {
+    use base64::Engine as _;
+    use ring::{digest, hmac, pbkdf2};
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut salted = Zeroizing::new([0u8; 32]);
+    pbkdf2::derive(
+        pbkdf2::PBKDF2_HMAC_SHA256,
+        iterations,
+        salt,
+        password.as_bytes(),
+        &mut salted[..],
+    );
+    let key = hmac::Key::new(hmac::HMAC_SHA256, &salted[..]);
+    let client_key = hmac::sign(&key, b"Client Key");
+    let stored_key = digest::digest(&digest::SHA256, client_key.as_ref());
+    let server_key = hmac::sign(&key, b"Server Key");
+    format!(
+        "SCRAM-SHA-256${iterations}:{}${}:{}",
+        b64.encode(salt),
+        b64.encode(stored_key.as_ref()),
+        b64.encode(server_key.as_ref())
+    )
+}
+
+/// Logs in once and checks that the role may create roles.
+pub async fn probe(login: AdminLogin<'_>) -> Result<(), TargetError> {
+    let mut s = AdminSession::open(login).await?;
+    let r = s.check_create_role().await;
+    s.close().await;
+    r
 }
 
 impl Target {
@@ -246,5 +374,21 @@ impl Target {
         .fetch_all(&self.pool)
         .await
         .map_err(|e| TargetError::from_sqlx("check", &e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Against an independent implementation (Python's hashlib/hmac, RFC 5802's formulas).
+    #[test]
+    fn scram_verifier_matches_the_rfc_formulas() {
+        assert_eq!(
+            scram_sha256_verifier("pencil", b"0123456789abcdef", SCRAM_ITERATIONS),
+            "SCRAM-SHA-256$4096:MDEyMzQ1Njc4OWFiY2RlZg==$\
+             nQpbZ77WudtqufPwikHXGRt6g2QJ4zns8bZLw273DRM=:\
+             jn2amWP1q1h+jgjy0YTO14S6/F02SV7taipOeB7ef20="
+        );
     }
 }

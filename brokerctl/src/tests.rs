@@ -71,6 +71,27 @@ impl Admin for FakeAdmin {
         self.saw(&r);
         Err(Status::unimplemented("fake"))
     }
+    async fn rotate_db_root(
+        &self,
+        r: Request<pb::RotateDbRootRequest>,
+    ) -> R<pb::RotateDbRootResponse> {
+        self.saw(&r);
+        Err(Status::unimplemented("fake"))
+    }
+    async fn delete_db_role(
+        &self,
+        r: Request<pb::DeleteDbRoleRequest>,
+    ) -> R<pb::DeleteDbRoleResponse> {
+        self.saw(&r);
+        Err(Status::unimplemented("fake"))
+    }
+    async fn delete_db_connection(
+        &self,
+        r: Request<pb::DeleteDbConnectionRequest>,
+    ) -> R<pb::DeleteDbConnectionResponse> {
+        self.saw(&r);
+        Err(Status::unimplemented("fake"))
+    }
     async fn put_secret(&self, r: Request<pb::PutSecretRequest>) -> R<pb::PutSecretResponse> {
         self.saw(&r);
         let r = r.into_inner();

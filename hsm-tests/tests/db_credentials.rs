@@ -657,6 +657,18 @@ fn caps_hold_under_concurrency_on_two_replicas_and_kill_9_leaves_no_role_behind(
     assert!(rt.block_on(until(Duration::from_secs(30), || async {
         marked_roles(&s.pg).await.is_empty()
     })));
+    kill_9_at_five_points_then_settle(&mut s, &tokens, true);
+    b2.kill();
+}
+
+/// Kills the broker (`kill -9`) at five points while eight Leases of `db/app/many` are in
+/// flight (half of them 1 s long, so earlier ones are being dropped), restarting it each time; then, after the pending grace (3 s in these setups), the
+/// revokers and one reconcile, the database's marked roles must equal the credentials of
+/// active leases. `on_pg`: the broker's store is PostgreSQL (else SQLite).
+fn kill_9_at_five_points_then_settle(s: &mut Setup, tokens: &[String], on_pg: bool) {
+    let rt = runtime();
+    let count = "SELECT COUNT(*) FROM db_credentials WHERE role = 'many'";
+    let before = rt.block_on(store_scalar(s, on_pg, count));
     for delay_ms in [5u64, 20, 50, 100, 250] {
         rt.block_on(async {
             // Connected first, so the requests are in flight when the broker dies.
@@ -669,7 +681,9 @@ fn caps_hold_under_concurrency_on_two_replicas_and_kill_9_leaves_no_role_behind(
                         .lease(authed(
                             LeaseRequest {
                                 path: "db/app/many".into(),
-                                ttl_seconds: 60 + i as u64,
+                                // Half expire within the loop, so roles are being
+                                // dropped as well as created when the broker dies.
+                                ttl_seconds: if i % 2 == 0 { 1 } else { 60 + i as u64 },
                             },
                             &token,
                         ))
@@ -682,32 +696,36 @@ fn caps_hold_under_concurrency_on_two_replicas_and_kill_9_leaves_no_role_behind(
         s.broker.restart();
     }
     // Some of those requests made rows (and roles) before their broker died.
-    let made: i64 = rt.block_on(async {
-        sqlx::query_scalar("SELECT COUNT(*) FROM db_credentials WHERE role = 'many'")
-            .fetch_one(&mut PgConnection::connect(&s.pg.url()).await.unwrap())
-            .await
-            .unwrap()
-    });
+    let made = rt.block_on(store_scalar(s, on_pg, count)) - before;
     eprintln!("credentials made in all: {made}");
     assert!(
-        made > 20,
+        made > 0,
         "no request reached the database while a broker was killed"
     );
     // After the grace, the revokers and one reconcile: the marked roles are exactly the
     // credentials of active leases.
     std::thread::sleep(Duration::from_secs(4));
-    let (ok, out) = ctl(&s, &["db", "reconcile", "app"]);
+    let (ok, out) = ctl(s, &["db", "reconcile", "app"]);
     assert!(ok, "{out}");
     let settled = rt.block_on(async {
         until(Duration::from_secs(30), || async {
-            let live: Vec<String> = sqlx::query_scalar(
-                "SELECT c.username::text FROM db_credentials c JOIN leases l ON l.id = c.lease_id \
-                 WHERE c.state <> 'dropped' AND l.ended_ms IS NULL \
-                 AND l.expires_ms > (EXTRACT(EPOCH FROM now()) * 1000)::bigint ORDER BY 1",
-            )
-            .fetch_all(&mut PgConnection::connect(&s.pg.url()).await.unwrap())
-            .await
-            .unwrap();
+            let sql = format!(
+                "SELECT c.username FROM db_credentials c JOIN leases l ON l.id = c.lease_id \
+                 WHERE c.state <> 'dropped' AND l.ended_ms IS NULL AND l.expires_ms > {} \
+                 ORDER BY 1",
+                now_s() * 1000
+            );
+            let live: Vec<String> = if on_pg {
+                sqlx::query_scalar(&sql)
+                    .fetch_all(&mut PgConnection::connect(&s.pg.url()).await.unwrap())
+                    .await
+                    .unwrap()
+            } else {
+                sqlx::query_scalar(&sql)
+                    .fetch_all(&mut sqlite(s).await)
+                    .await
+                    .unwrap()
+            };
             marked_roles(&s.pg).await == live
         })
         .await
@@ -716,7 +734,48 @@ fn caps_hold_under_concurrency_on_two_replicas_and_kill_9_leaves_no_role_behind(
         settled,
         "marked roles and live credentials differ after kill -9"
     );
-    b2.kill();
+}
+
+/// One number from the broker's store.
+async fn store_scalar(s: &Setup, on_pg: bool, sql: &str) -> i64 {
+    if on_pg {
+        sqlx::query_scalar(sql)
+            .fetch_one(&mut PgConnection::connect(&s.pg.url()).await.unwrap())
+            .await
+            .unwrap()
+    } else {
+        sqlx::query_scalar(sql)
+            .fetch_one(&mut sqlite(s).await)
+            .await
+            .unwrap()
+    }
+}
+
+#[test]
+fn kill_9_on_a_sqlite_store_leaves_no_role_behind() {
+    let mut s = setup(&["--db-pending-grace", "3s"]);
+    let role_file = s.hsm.dir().join("many.yaml");
+    std::fs::write(&role_file, MANY).unwrap();
+    let (ok, out) = ctl(
+        &s,
+        &[
+            "db",
+            "role",
+            "put",
+            "app/many",
+            "-f",
+            role_file.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{out}");
+    let dev = DevIssuer::load_or_generate(&s.hsm.dir().join("dev.pem")).unwrap();
+    let tokens: Vec<String> = (0..10)
+        .map(|i| {
+            dev.mint("fleet", &format!("sa{i}"), None, Duration::from_secs(600))
+                .unwrap()
+        })
+        .collect();
+    kill_9_at_five_points_then_settle(&mut s, &tokens, false);
 }
 
 async fn sqlite(s: &Setup) -> sqlx::SqliteConnection {
@@ -787,4 +846,239 @@ fn a_connection_verifies_the_database_certificate() {
     // that chains to it and names the host), stored.
     let (ok, out) = put(&pki.ca);
     assert!(ok, "{out}");
+}
+
+/// A second connection, `own`, whose admin is an ordinary CREATEROLE role logging in with a
+/// password (`khadmin`, what production uses), with a role `own/app` of the default templates.
+fn own_connection(s: &Setup) {
+    runtime().block_on(async {
+        sqlx::raw_sql("CREATE ROLE khadmin LOGIN CREATEROLE PASSWORD 'KhAdmin-1'")
+            .execute(&mut admin(&s.pg).await)
+            .await
+            .unwrap();
+    });
+    let url_file = s.hsm.dir().join("own-url");
+    std::fs::write(
+        &url_file,
+        format!("postgres://khadmin:KhAdmin-1@127.0.0.1:{}/app", s.pg.port()),
+    )
+    .unwrap();
+    let (ok, out) = ctl(
+        s,
+        &[
+            "db",
+            "connection",
+            "put",
+            "own",
+            "--url-file",
+            url_file.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{out}");
+    let role_file = s.hsm.dir().join("own-app.yaml");
+    std::fs::write(&role_file, "max_per_identity: 5\nmax_total: 5\n").unwrap();
+    let (ok, out) = ctl(
+        s,
+        &[
+            "db",
+            "role",
+            "put",
+            "own/app",
+            "-f",
+            role_file.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{out}");
+}
+
+const OWN_POLICY: &str = r#"
+policies:
+- name: web-own
+  subjects: [{namespace: shop, serviceaccount: web}]
+  paths: ["db/own/*"]
+  capabilities: [read]
+  ttl: 5m
+  max_ttl: 1h
+"#;
+
+async fn sqlstate_of_login(url: &str) -> Option<String> {
+    match PgConnection::connect(url).await {
+        Ok(_) => None,
+        Err(e) => Some(
+            e.as_database_error()
+                .and_then(|d| d.code())
+                .map(|c| c.into_owned())
+                .unwrap_or_else(|| e.to_string()),
+        ),
+    }
+}
+
+#[test]
+fn rotate_root_leaves_only_the_broker_knowing_the_password_and_an_interrupted_rotation_recovers() {
+    let s = setup(&[]);
+    let rt = runtime();
+    own_connection(&s);
+    let policy = format!("{POLICY}{}", OWN_POLICY.trim_start_matches("\npolicies:\n"));
+    let mut c = rt.block_on(async {
+        let mut c = BrokerClient::connect(&s.broker, &s.pki).await;
+        c.apply(&policy, false).await;
+        c
+    });
+    let old_url = format!("postgres://khadmin:KhAdmin-1@127.0.0.1:{}/app", s.pg.port());
+
+    let (ok, out) = ctl(&s, &["db", "connection", "rotate-root", "own"]);
+    assert!(ok && out.contains("version 2"), "{out}");
+    rt.block_on(async {
+        // The operator's password no longer logs in.
+        assert_eq!(sqlstate_of_login(&old_url).await.as_deref(), Some("28P01"));
+        // The broker goes on with its own: a credential is made, works, and is dropped (the
+        // default revocation, run by a CREATEROLE admin that is not a superuser).
+        let lease = c
+            .lease(&s.web, "db/own/app")
+            .await
+            .expect("lease after rotation");
+        let user = field(&lease, "username");
+        let mut session = PgConnection::connect(&field(&lease, "dsn")).await.unwrap();
+        sqlx::query("SELECT 1").execute(&mut session).await.unwrap();
+        c.leases
+            .revoke(authed(
+                RevokeRequest {
+                    lease_id: lease.lease_id.clone(),
+                },
+                &s.web,
+            ))
+            .await
+            .unwrap();
+        assert!(
+            until(Duration::from_secs(20), || async {
+                !role_exists(&s.pg, &user).await
+            })
+            .await,
+            "role not dropped after rotation"
+        );
+        assert!(sqlx::query("SELECT 1").execute(&mut session).await.is_err());
+
+        // A rotation interrupted between its two commits leaves the newest version with a
+        // password the database never took (here: the database put back on the one before).
+        sqlx::raw_sql("ALTER ROLE khadmin PASSWORD 'KhAdmin-1'")
+            .execute(&mut admin(&s.pg).await)
+            .await
+            .unwrap();
+        // (Leases may still succeed for a while: the pool's sessions are logged in.)
+        assert_eq!(
+            sqlstate_of_login(&old_url).await,
+            None,
+            "the database takes the old password again"
+        );
+    });
+    // The next rotation logs in with the version before and goes on.
+    let (ok, out) = ctl(&s, &["db", "connection", "rotate-root", "own"]);
+    assert!(ok && out.contains("version 3"), "{out}");
+    rt.block_on(async {
+        assert_eq!(sqlstate_of_login(&old_url).await.as_deref(), Some("28P01"));
+        c.lease(&s.web, "db/own/app")
+            .await
+            .expect("lease after the recovery");
+    });
+    // A connection that does not exist, and a caller without `write` on it, are refused.
+    let (ok, out) = ctl(&s, &["db", "connection", "rotate-root", "nosuch"]);
+    assert!(!ok && out.contains("not found"), "{out}");
+    let e = rt
+        .block_on(
+            c.admin
+                .rotate_db_root(authed(RotateDbRootRequest { name: "own".into() }, &s.web)),
+        )
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+
+    // Audited; no password in the log or the audit file.
+    let audit = std::fs::read_to_string(s.broker.dir.join("audit.jsonl")).unwrap();
+    assert_eq!(
+        audit.matches("db_connection_rotate_root").count(),
+        4,
+        "two rotations and two refusals (the unknown connection, the caller without write)"
+    );
+    for text in [&s.broker.log_text(), &audit] {
+        assert!(!text.contains("KhAdmin-1"));
+    }
+}
+
+#[test]
+fn deleting_a_role_or_a_connection_is_refused_while_anything_still_needs_it() {
+    let s = setup(&[]);
+    let rt = runtime();
+    let mut c = rt.block_on(BrokerClient::connect(&s.broker, &s.pki));
+    let lease = rt.block_on(c.lease(&s.web, "db/app/ro")).unwrap();
+    let user = field(&lease, "username");
+
+    // A live credential: neither its role nor its connection can go.
+    let (ok, out) = ctl(&s, &["db", "role", "delete", "app/ro"]);
+    assert!(
+        !ok && out.contains("1 credential(s) of db/app/ro are live"),
+        "{out}"
+    );
+    assert!(out.contains("brokerctl db status"), "{out}");
+    let (ok, out) = ctl(&s, &["db", "connection", "delete", "app"]);
+    assert!(!ok && out.contains("live"), "{out}");
+    let (ok, out) = ctl(
+        &s,
+        &["db", "connection", "delete", "app", "--database-gone"],
+    );
+    assert!(!ok && out.contains("live"), "{out}");
+    rt.block_on(async {
+        assert!(role_exists(&s.pg, &user).await);
+        c.lease(&s.web, "db/app/ro").await.expect("still leasable");
+    });
+
+    // Its leases end and the roles are dropped: now the role can be deleted.
+    let (ok, out) = ctl(&s, &["leases", "revoke", "--prefix", "db/app"]);
+    assert!(ok, "{out}");
+    rt.block_on(async {
+        assert!(
+            until(Duration::from_secs(20), || async {
+                marked_roles(&s.pg).await.is_empty()
+            })
+            .await
+        );
+    });
+    let (ok, out) = ctl(&s, &["db", "role", "delete", "app/ro"]);
+    assert!(ok, "{out}");
+    let e = rt.block_on(c.lease(&s.web, "db/app/ro")).unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+
+    // A role the broker marked, still in the database with no credential: the connection
+    // (the only way to drop it) stays until it is reconciled away.
+    rt.block_on(async {
+        sqlx::raw_sql(
+            "CREATE ROLE kh_stray_x LOGIN; \
+             COMMENT ON ROLE kh_stray_x IS 'keyhaven dynamic credential'",
+        )
+        .execute(&mut admin(&s.pg).await)
+        .await
+        .unwrap();
+    });
+    let (ok, out) = ctl(&s, &["db", "connection", "delete", "app"]);
+    assert!(!ok && out.contains("brokerctl db reconcile app"), "{out}");
+    let (ok, out) = ctl(&s, &["db", "reconcile", "app"]);
+    assert!(ok && out.contains("kh_stray_x"), "{out}");
+    let (ok, out) = ctl(&s, &["db", "connection", "delete", "app"]);
+    assert!(ok && out.contains("1 stored version(s) destroyed"), "{out}");
+
+    // Gone: its URL destroyed, nothing leasable, nothing to rotate.
+    rt.block_on(async {
+        let kept: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM secret_versions WHERE path = 'db/app' \
+             AND (destroyed_ms IS NULL OR ciphertext IS NOT NULL OR dek_ct IS NOT NULL)",
+        )
+        .fetch_one(&mut sqlite(&s).await)
+        .await
+        .unwrap();
+        assert_eq!(kept, 0, "every version destroyed, its data erased");
+    });
+    let (ok, out) = ctl(&s, &["db", "connection", "rotate-root", "app"]);
+    assert!(!ok && out.contains("not found"), "{out}");
+    let (ok, out) = ctl(&s, &["db", "role", "list"]);
+    assert!(ok && !out.contains("db/app/"), "{out}");
+    let audit = std::fs::read_to_string(s.broker.dir.join("audit.jsonl")).unwrap();
+    assert!(audit.contains("db_connection_delete") && audit.contains("db_role_delete"));
 }

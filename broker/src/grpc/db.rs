@@ -125,4 +125,54 @@ impl Edge {
         })
         .await
     }
+
+    pub(super) async fn rotate_db_root(
+        &self,
+        req: Request<pb::RotateDbRootRequest>,
+    ) -> Result<Response<pb::RotateDbRootResponse>, Status> {
+        self.timed("RotateDbRoot", async move {
+            let caller = self.caller(&req).await?;
+            let version = self
+                .broker
+                .rotate_db_root(&caller, &req.get_ref().name)
+                .await?;
+            Ok(Response::new(pb::RotateDbRootResponse {
+                version: version as u64,
+            }))
+        })
+        .await
+    }
+
+    pub(super) async fn delete_db_role(
+        &self,
+        req: Request<pb::DeleteDbRoleRequest>,
+    ) -> Result<Response<pb::DeleteDbRoleResponse>, Status> {
+        self.timed("DeleteDbRole", async move {
+            let caller = self.caller(&req).await?;
+            let r = req.into_inner();
+            self.broker
+                .delete_db_role(&caller, &r.connection, &r.role)
+                .await?;
+            Ok(Response::new(pb::DeleteDbRoleResponse {}))
+        })
+        .await
+    }
+
+    pub(super) async fn delete_db_connection(
+        &self,
+        req: Request<pb::DeleteDbConnectionRequest>,
+    ) -> Result<Response<pb::DeleteDbConnectionResponse>, Status> {
+        self.timed("DeleteDbConnection", async move {
+            let caller = self.caller(&req).await?;
+            let r = req.into_inner();
+            let n = self
+                .broker
+                .delete_db_connection(&caller, &r.name, r.database_gone)
+                .await?;
+            Ok(Response::new(pb::DeleteDbConnectionResponse {
+                versions_destroyed: n,
+            }))
+        })
+        .await
+    }
 }

@@ -16,6 +16,7 @@ use keyhaven_broker_core::dbrole::{self, RoleDef, Values};
 
 use super::leases::{new_lease_id, new_lease_row};
 use super::*;
+use crate::store::Reservation;
 use crate::store::{DbCap, DbCredentialCount, DbCredentialRow};
 use crate::target_db::{Target, TargetError};
 
@@ -28,6 +29,10 @@ pub const DB_REVOKE_EVERY: Duration = Duration::from_secs(2);
 pub const DB_RECONCILE_EVERY: Duration = Duration::from_secs(300);
 /// Longest wait between two attempts to drop one role.
 pub const MAX_DROP_BACKOFF: Duration = Duration::from_secs(60);
+/// Most credentials one revoker pass takes.
+pub const DROP_BATCH: usize = 100;
+/// Roles one replica drops at once.
+pub const DROP_CONCURRENCY: usize = 4;
 /// End reason of a lease whose role vanished from the database.
 pub const REVOKED_ROLE_MISSING: &str = "revoked:role_missing";
 
@@ -49,7 +54,7 @@ pub struct DbStatus {
     pub pending_drops: Vec<DbCredentialRow>,
 }
 
-fn target_error(e: TargetError) -> BrokerError {
+pub(super) fn target_error(e: TargetError) -> BrokerError {
     if e.is_unavailable() {
         BrokerError::unavailable_by("credential database", e)
     } else {
@@ -57,7 +62,7 @@ fn target_error(e: TargetError) -> BrokerError {
     }
 }
 
-fn check_segment(what: &str, s: &str) -> Result<()> {
+pub(super) fn check_segment(what: &str, s: &str) -> Result<()> {
     let ok = !s.is_empty()
         && s.len() <= 63
         && s.bytes()
@@ -80,7 +85,7 @@ fn rfc3339(ms: i64) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
-fn random_hex(n: usize) -> Result<Zeroizing<String>> {
+pub(super) fn random_hex(n: usize) -> Result<Zeroizing<String>> {
     let mut b = Zeroizing::new(vec![0u8; n]);
     getrandom::fill(&mut b[..]).map_err(|_| BrokerError::internal("random number generator"))?;
     Ok(Zeroizing::new(hex::encode(&b[..])))
@@ -89,32 +94,6 @@ fn random_hex(n: usize) -> Result<Zeroizing<String>> {
 impl Broker {
     pub(super) fn pending_grace_ms(&self) -> i64 {
         i64::try_from(self.config.db_pending_grace.as_millis()).unwrap_or(i64::MAX)
-    }
-
-    /// The pool of connection `name`, from its newest stored URL.
-    async fn target(&self, name: &str) -> Result<Target> {
-        let path = dbrole::connection_path(name);
-        let row = self
-            .reads
-            .latest_version(&path)
-            .await?
-            .ok_or_else(|| BrokerError::NotFound(format!("database connection {name}")))?;
-        if let Some(t) = self.targets.get(name, row.version) {
-            return Ok(t);
-        }
-        let sealed = row
-            .sealed
-            .as_ref()
-            .ok_or_else(|| BrokerError::NotFound(format!("database connection {name}")))?;
-        let data = self.envelope.open(&path, row.version, sealed).await?;
-        let url = data
-            .0
-            .get("url")
-            .and_then(|u| std::str::from_utf8(u).ok())
-            .ok_or_else(|| BrokerError::internal("stored connection has no URL"))?;
-        self.targets
-            .insert(name, row.version, url)
-            .map_err(target_error)
     }
 
     async fn role_def(&self, connection: &str, role: &str) -> Result<RoleDef> {
@@ -151,7 +130,7 @@ impl Broker {
         let lease = new_lease_row(new_lease_id(id, path)?, id, path, 1, now, ttl, max_ttl);
         let mut r = [0u8; 4];
         getrandom::fill(&mut r).map_err(|_| BrokerError::internal("random number generator"))?;
-        let username = dbrole::username(&id.namespace, &id.service_account, role, r);
+        let username = dbrole::username(&def.username, &id.namespace, &id.service_account, role, r);
         let row = DbCredentialRow {
             lease_id: lease.id.clone(),
             connection: connection.to_owned(),
@@ -171,19 +150,22 @@ impl Broker {
             .reserve_db_credential(&row, def.max_per_identity, def.max_total)
             .await?
         {
-            Some(DbCap::PerIdentity(n)) => {
+            Reservation::NoRole => {
+                return Err(BrokerError::NotFound(format!("database role {path}")));
+            }
+            Reservation::Capped(DbCap::PerIdentity(n)) => {
                 self.metrics.db.capped(connection, role, "max_per_identity");
                 return Err(BrokerError::ResourceExhausted(format!(
                     "{path}: this service account holds max_per_identity ({n}) live credentials"
                 )));
             }
-            Some(DbCap::Total(n)) => {
+            Reservation::Capped(DbCap::Total(n)) => {
                 self.metrics.db.capped(connection, role, "max_total");
                 return Err(BrokerError::ResourceExhausted(format!(
                     "{path}: max_total ({n}) live credentials reached"
                 )));
             }
-            None => {}
+            Reservation::Reserved => {}
         }
         let password = random_hex(24)?;
         let expiration = rfc3339(lease.expires_ms);
@@ -302,54 +284,63 @@ impl Broker {
         Ok(())
     }
 
-    /// One revoker pass: drops the roles of credentials whose lease is not active; returns how
-    /// many were dropped. A failure is recorded on its row and retried with back-off.
+    /// One revoker pass: drops the roles of up to [`DROP_BATCH`] credentials whose lease is
+    /// not active, [`DROP_CONCURRENCY`] at a time; returns how many were due. A failure is
+    /// recorded on its row and retried with back-off.
     pub async fn drop_due_credentials(&self) -> Result<usize> {
+        use futures_util::StreamExt as _;
         let now = now_ms();
         let due = self
             .store
-            .due_db_credentials(now, now, self.pending_grace_ms(), 100)
+            .due_db_credentials(now, now, self.pending_grace_ms(), DROP_BATCH as i64)
             .await?;
-        let mut dropped = 0;
-        for c in due {
-            match self.drop_role(&c).await {
-                Ok(()) => {
-                    self.store.mark_db_dropped(&c.lease_id, now_ms()).await?;
-                    self.metrics.db.revoked(&c.connection, &c.role, "ok");
-                    let ev = AuditEvent::new(
-                        now_ms(),
-                        EventKind::Admin("db_role_drop".into()),
-                        Outcome::Ok,
-                    )
-                    .with_identity(format!(
-                        "system:serviceaccount:{}:{}",
-                        c.namespace, c.service_account
-                    ))
-                    .with_path(format!("db/{}/{}", c.connection, c.role))
-                    .with_lease_id(c.lease_id.clone());
-                    self.audit(ev).await?;
-                    dropped += 1;
-                }
-                Err(e) => {
-                    self.metrics.db.revoked(&c.connection, &c.role, "error");
-                    let wait = MAX_DROP_BACKOFF
-                        .as_millis()
-                        .min(1000u128 << c.attempts.clamp(0, 16))
-                        as i64;
-                    tracing::warn!(lease_id = c.lease_id, username = c.username,
-                        attempts = c.attempts + 1, error = %e.chain(),
-                        "database role not dropped yet; retrying");
-                    let why = match &e {
-                        BrokerError::Unavailable { what, .. } => format!("unavailable: {what}"),
-                        other => echo(&other.to_string()),
-                    };
-                    self.store
-                        .db_drop_failed(&c.lease_id, now_ms() + wait, &why)
-                        .await?;
-                }
+        let n = due.len();
+        let results: Vec<Result<()>> = futures_util::stream::iter(due)
+            .map(|c| self.drop_due(c))
+            .buffer_unordered(DROP_CONCURRENCY)
+            .collect()
+            .await;
+        results.into_iter().collect::<Result<Vec<()>>>()?;
+        Ok(n)
+    }
+
+    /// Drops the role of one due credential, or records why not.
+    async fn drop_due(&self, c: DbCredentialRow) -> Result<()> {
+        match self.drop_role(&c).await {
+            Ok(()) => {
+                self.store.mark_db_dropped(&c.lease_id, now_ms()).await?;
+                self.metrics.db.revoked(&c.connection, &c.role, "ok");
+                let ev = AuditEvent::new(
+                    now_ms(),
+                    EventKind::Admin("db_role_drop".into()),
+                    Outcome::Ok,
+                )
+                .with_identity(format!(
+                    "system:serviceaccount:{}:{}",
+                    c.namespace, c.service_account
+                ))
+                .with_path(format!("db/{}/{}", c.connection, c.role))
+                .with_lease_id(c.lease_id.clone());
+                self.audit(ev).await.map(drop)
+            }
+            Err(e) => {
+                self.metrics.db.revoked(&c.connection, &c.role, "error");
+                let wait = MAX_DROP_BACKOFF
+                    .as_millis()
+                    .min(1000u128 << c.attempts.clamp(0, 16)) as i64;
+                tracing::warn!(lease_id = c.lease_id, username = c.username,
+                    attempts = c.attempts + 1, error = %e.chain(),
+                    "database role not dropped yet; retrying");
+                let why = match &e {
+                    BrokerError::Unavailable { what, .. } => format!("unavailable: {what}"),
+                    other => echo(&other.to_string()),
+                };
+                self.store
+                    .db_drop_failed(&c.lease_id, now_ms() + wait, &why)
+                    .await
+                    .map_err(Into::into)
             }
         }
-        Ok(dropped)
     }
 
     /// Compares the roles marked in `connection`'s database with the live credentials: drops
@@ -420,38 +411,6 @@ impl Broker {
             .db
             .reconciled(connection, out.dropped_roles.len(), out.ended_leases.len());
         Ok(out)
-    }
-
-    /// Stores connection `name`'s admin URL (sealed like a secret, at `db/NAME`) after checking
-    /// that it logs in and may create roles; returns its version.
-    pub async fn put_db_connection(
-        &self,
-        caller: &Caller,
-        name: &str,
-        url: Zeroizing<String>,
-    ) -> Result<i64> {
-        check_segment("connection name", name)?;
-        let path = dbrole::connection_path(name);
-        self.require(caller, &path, Capability::Write, "db_connection_put")
-            .await?;
-        // The operator is told why (our fixed text), even when the database is down.
-        let checked = crate::target_db::probe(&url)
-            .await
-            .map_err(|e| BrokerError::FailedPrecondition(e.to_string()));
-        if let Err(e) = checked {
-            return self
-                .audited(
-                    caller,
-                    EventKind::Admin("db_connection_put".into()),
-                    Some(&path),
-                    None,
-                    Err(e),
-                )
-                .await;
-        }
-        let data = SecretData::from_pairs([("url", url.as_bytes().to_vec())]);
-        self.store_secret_version(caller, &path, data, "db_connection_put")
-            .await
     }
 
     /// Stores role `CONN/ROLE`'s definition (YAML, see [`RoleDef`]).
@@ -565,8 +524,16 @@ pub fn spawn_db_revoker(
         loop {
             tick.tick().await;
             let Some(b) = broker.upgrade() else { return };
-            if let Err(e) = b.drop_due_credentials().await {
-                tracing::warn!(error = %e.chain(), "credential revoker pass failed");
+            // A full batch: more may be due (10,000 leases expiring at once); go on at once.
+            loop {
+                match b.drop_due_credentials().await {
+                    Ok(n) if n == DROP_BATCH => continue,
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e.chain(), "credential revoker pass failed");
+                        break;
+                    }
+                }
             }
             if last_reconcile.elapsed() >= reconcile_every {
                 last_reconcile = std::time::Instant::now();

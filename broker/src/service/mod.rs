@@ -23,6 +23,7 @@ use crate::store::{LeaseFilter, LeaseRow, Renewing, Store, StoreError};
 mod admin;
 mod auth_failures;
 mod authn;
+mod db_connections;
 mod db_credentials;
 mod dek_sync;
 mod error;

@@ -42,6 +42,26 @@ pub enum DbCap {
     Total(u32),
 }
 
+/// What [`Store::reserve_db_credential`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reservation {
+    /// The row is written `pending`.
+    Reserved,
+    /// A cap refused it.
+    Capped(DbCap),
+    /// The role definition is gone (deleted since it was read).
+    NoRole,
+}
+
+/// What [`Store::delete_db_roles`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoleRemoval {
+    /// Deleted this many definitions.
+    Deleted(u64),
+    /// Refused: this many credentials are live.
+    InUse(i64),
+}
+
 /// Live credentials per connection, role and state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DbCredentialCount {
@@ -81,6 +101,12 @@ fn cred_from_row(r: &impl RowExt) -> Result<DbCredentialRow> {
 /// Counts a row against the caps while it is not dropped.
 macro_rules! reserve_body {
     ($tx:expr, $row:expr, $per_identity:expr, $total:expr) => {{
+        let defined: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM db_roles WHERE connection = $1 AND role = $2")
+                .bind(&$row.connection)
+                .bind(&$row.role)
+                .fetch_one(&mut *$tx)
+                .await?;
         let total: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM db_credentials \
              WHERE connection = $1 AND role = $2 AND state <> 'dropped'",
@@ -99,10 +125,12 @@ macro_rules! reserve_body {
         .bind(&$row.service_account)
         .fetch_one(&mut *$tx)
         .await?;
-        if mine >= i64::from($per_identity) {
-            Some(DbCap::PerIdentity($per_identity))
+        if defined == 0 {
+            Reservation::NoRole
+        } else if mine >= i64::from($per_identity) {
+            Reservation::Capped(DbCap::PerIdentity($per_identity))
         } else if total >= i64::from($total) {
-            Some(DbCap::Total($total))
+            Reservation::Capped(DbCap::Total($total))
         } else {
             sqlx::query(&format!(
                 "INSERT INTO db_credentials ({CRED_COLS}) \
@@ -118,7 +146,35 @@ macro_rules! reserve_body {
             .bind($row.valid_until_ms)
             .execute(&mut *$tx)
             .await?;
-            None
+            Reservation::Reserved
+        }
+    }};
+}
+
+/// Deletes role definitions of a connection (one, or all) unless a credential of theirs is
+/// live.
+macro_rules! delete_roles_body {
+    ($tx:expr, $connection:expr, $role:expr) => {{
+        let live: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM db_credentials WHERE connection = $1 \
+             AND ($2 IS NULL OR role = $2) AND state <> 'dropped'",
+        )
+        .bind($connection)
+        .bind($role)
+        .fetch_one(&mut *$tx)
+        .await?;
+        if live > 0 {
+            RoleRemoval::InUse(live)
+        } else {
+            let n = sqlx::query(
+                "DELETE FROM db_roles WHERE connection = $1 AND ($2 IS NULL OR role = $2)",
+            )
+            .bind($connection)
+            .bind($role)
+            .execute(&mut *$tx)
+            .await?
+            .rows_affected();
+            RoleRemoval::Deleted(n)
         }
     }};
 }
@@ -162,14 +218,14 @@ impl Store {
         row: &DbCredentialRow,
         max_per_identity: u32,
         max_total: u32,
-    ) -> Result<Option<DbCap>> {
+    ) -> Result<Reservation> {
         let _g = self.sqlite_write_lock().await;
         match &self.pool {
             Pool::Sqlite(p) => {
                 let mut tx = p.begin().await?;
-                let capped = reserve_body!(tx, row, max_per_identity, max_total);
+                let r = reserve_body!(tx, row, max_per_identity, max_total);
                 tx.commit().await?;
-                Ok(capped)
+                Ok(r)
             }
             Pool::Postgres(p) => {
                 let mut tx = p.begin().await?;
@@ -177,9 +233,38 @@ impl Store {
                     .bind(PG_DB_CAP_LOCK)
                     .execute(&mut *tx)
                     .await?;
-                let capped = reserve_body!(tx, row, max_per_identity, max_total);
+                let r = reserve_body!(tx, row, max_per_identity, max_total);
                 tx.commit().await?;
-                Ok(capped)
+                Ok(r)
+            }
+        }
+    }
+
+    /// Deletes `connection`'s role definition `role` (all of them when `None`) unless a
+    /// credential of theirs is live; under the reservation's lock, so no credential is made
+    /// from a definition being deleted.
+    pub async fn delete_db_roles(
+        &self,
+        connection: &str,
+        role: Option<&str>,
+    ) -> Result<RoleRemoval> {
+        let _g = self.sqlite_write_lock().await;
+        match &self.pool {
+            Pool::Sqlite(p) => {
+                let mut tx = p.begin().await?;
+                let r = delete_roles_body!(tx, connection, role);
+                tx.commit().await?;
+                Ok(r)
+            }
+            Pool::Postgres(p) => {
+                let mut tx = p.begin().await?;
+                sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                    .bind(PG_DB_CAP_LOCK)
+                    .execute(&mut *tx)
+                    .await?;
+                let r = delete_roles_body!(tx, connection, role);
+                tx.commit().await?;
+                Ok(r)
             }
         }
     }

@@ -42,7 +42,7 @@ mod secrets;
 mod sqlite;
 
 pub use audit::AuditAppender;
-pub use db_credentials::{DbCap, DbCredentialCount, DbCredentialRow};
+pub use db_credentials::{DbCap, DbCredentialCount, DbCredentialRow, Reservation, RoleRemoval};
 pub use error::{Result, StoreError};
 pub use hot_reads::{HotReads, REMEMBERED_BYTES, REMEMBERED_MAX_VERSION_BYTES, REMEMBERED_PATHS};
 pub use policies::{PolicyApplied, StoredPolicies};

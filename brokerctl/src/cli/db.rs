@@ -46,6 +46,23 @@ pub enum DbConnectionCommand {
         #[arg(long, value_name = "FILE")]
         url_file: PathBuf,
     },
+    /// Set the connection's admin password to a new random one that only the broker knows
+    /// (the URL's user must be allowed to change its own password). Audited.
+    RotateRoot {
+        /// Connection name.
+        name: String,
+    },
+    /// Delete a connection: its role definitions and its stored URL (destroyed). Refused while
+    /// any of its credentials is live, or while its database still holds a role the broker
+    /// made (`db reconcile` drops those).
+    Delete {
+        /// Connection name.
+        name: String,
+        /// The database no longer exists: skip the check of its roles (live credentials still
+        /// refuse).
+        #[arg(long)]
+        database_gone: bool,
+    },
 }
 
 /// `brokerctl db role ...`
@@ -61,4 +78,9 @@ pub enum DbRoleCommand {
     },
     /// Every role definition.
     List,
+    /// Delete role CONNECTION/ROLE's definition. Refused while any of its credentials is live.
+    Delete {
+        /// `CONNECTION/ROLE`.
+        name: String,
+    },
 }

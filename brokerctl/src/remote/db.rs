@@ -43,13 +43,79 @@ pub async fn db(conn: &ConnArgs, cmd: &DbCommand, io: &mut Io<'_>) -> Result<(),
                 )?,
             }
         }
+        DbCommand::Connection {
+            command: DbConnectionCommand::RotateRoot { name },
+        } => {
+            let r = Session::open(conn)
+                .await?
+                .admin
+                .rotate_db_root(pb::RotateDbRootRequest { name: name.clone() })
+                .await
+                .map_err(CtlError::remote("RotateDbRoot"))?
+                .into_inner();
+            match io.output {
+                Output::Json => {
+                    output::json(io.out, &json!({"connection": name, "version": r.version}))?
+                }
+                Output::Text => writeln!(
+                    io.out,
+                    "connection {name}: admin password rotated (version {}); only the broker \
+                     knows it now",
+                    r.version
+                )?,
+            }
+        }
+        DbCommand::Connection {
+            command:
+                DbConnectionCommand::Delete {
+                    name,
+                    database_gone,
+                },
+        } => {
+            let r = Session::open(conn)
+                .await?
+                .admin
+                .delete_db_connection(pb::DeleteDbConnectionRequest {
+                    name: name.clone(),
+                    database_gone: *database_gone,
+                })
+                .await
+                .map_err(CtlError::remote("DeleteDbConnection"))?
+                .into_inner();
+            match io.output {
+                Output::Json => output::json(
+                    io.out,
+                    &json!({"connection": name, "versions_destroyed": r.versions_destroyed}),
+                )?,
+                Output::Text => writeln!(
+                    io.out,
+                    "connection {name} deleted ({} stored version(s) destroyed)",
+                    r.versions_destroyed
+                )?,
+            }
+        }
+        DbCommand::Role {
+            command: DbRoleCommand::Delete { name },
+        } => {
+            let (connection, role) = role_name(name)?;
+            Session::open(conn)
+                .await?
+                .admin
+                .delete_db_role(pb::DeleteDbRoleRequest {
+                    connection: connection.into(),
+                    role: role.into(),
+                })
+                .await
+                .map_err(CtlError::remote("DeleteDbRole"))?;
+            match io.output {
+                Output::Json => output::json(io.out, &json!({"role": name, "deleted": true}))?,
+                Output::Text => writeln!(io.out, "role {name} deleted")?,
+            }
+        }
         DbCommand::Role {
             command: DbRoleCommand::Put { name, file },
         } => {
-            let (connection, role) = name
-                .split_once('/')
-                .filter(|(c, r)| !c.is_empty() && !r.is_empty() && !r.contains('/'))
-                .ok_or_else(|| Usage("the role is named CONNECTION/ROLE".into()))?;
+            let (connection, role) = role_name(name)?;
             let yaml = read_document(file, &mut *io.stdin)?;
             RoleDef::parse(&yaml).map_err(|e| Usage(e.to_string()))?;
             Session::open(conn)
@@ -154,6 +220,13 @@ pub async fn db(conn: &ConnArgs, cmd: &DbCommand, io: &mut Io<'_>) -> Result<(),
         }
     }
     Ok(())
+}
+
+/// `CONNECTION/ROLE` split.
+fn role_name(name: &str) -> Result<(&str, &str), CtlError> {
+    name.split_once('/')
+        .filter(|(c, r)| !c.is_empty() && !r.is_empty() && !r.contains('/'))
+        .ok_or_else(|| Usage("the role is named CONNECTION/ROLE".into()).into())
 }
 
 fn read_document(file: &std::path::Path, stdin: &mut dyn Read) -> Result<String, CtlError> {
