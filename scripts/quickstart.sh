@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Keyhaven quickstart (the README's first command), on embedded defaults: a dev SoftHSM2 token
 # under .keyhaven-dev/, the KMS v2 plugin on a Unix socket, the broker on SQLite with TLS from a
-# generated dev CA, and the broker-agent sidecar writing a leased secret to a file.
+# generated dev CA, the broker-agent sidecar writing a leased secret to a file, and a dynamic
+# PostgreSQL credential (a throwaway cluster: PostgreSQL is installed when missing).
 #   scripts/quickstart.sh        runs the demo, then keeps everything up until Ctrl-C
 #   scripts/quickstart.sh --ci   non-interactive: runs the demo, stops everything, exits 0 if all went well
 # Ports (override with the environment): broker 8443, plugin metrics 9464, broker metrics 9465,
@@ -168,7 +169,62 @@ if "$BIN/brokerctl" --token-file "$DEV/token" lease other-team/db > "$DEV/denied
 fi
 indent < "$DEV/denied.txt"
 
-kh_say "12. rotating the KMS key online (no restart): keys rotate, then SIGHUP so the plugin adopts it now"
+kh_say "12. a dynamic PostgreSQL credential: a database role made for each lease, dropped when it ends"
+need_postgres || fail "PostgreSQL is needed for this step (apt-get install -y postgresql)"
+PSQL=$(command -v psql || ls /usr/lib/postgresql/*/bin/psql | sort -V | tail -n 1)
+secret_file "$DEV/pg-admin.pw"
+rm -f "$DEV/pg.port"
+"$BIN/keyhaven-dev-postgres" "$DEV/pg-admin.pw" "$DEV/pg.port" 2> "$DEV/postgres.log" &
+PIDS+=($!)
+wait_until 60 "the throwaway PostgreSQL" test -s "$DEV/pg.port"
+echo "    a throwaway PostgreSQL on 127.0.0.1:$(cat "$DEV/pg.port"): database shop, tables orders and payroll"
+# printf is a shell builtin: the admin password is on no command line.
+( umask 077; printf 'postgres://keyhaven_admin:%s@127.0.0.1:%s/shop\n' \
+    "$(cat "$DEV/pg-admin.pw")" "$(cat "$DEV/pg.port")" > "$DEV/pg-url" )
+admin db connection put shop --url-file "$DEV/pg-url" | indent
+rm -f "$DEV/pg-url"
+admin db connection rotate-root shop | indent
+cat > "$DEV/readonly.yaml" <<'EOF'
+ttl: 1m
+max_ttl: 1h
+max_per_identity: 2
+max_total: 10
+creation: |
+  CREATE ROLE {{name}} LOGIN PASSWORD {{password}} VALID UNTIL {{expiration}};
+  GRANT SELECT ON orders TO {{name}};
+EOF
+admin db role put shop/readonly -f "$DEV/readonly.yaml" | indent
+sed 's|paths: \["demo/\*"\]|paths: ["demo/*", "db/shop/readonly"]|' "$DEV/policy.yaml" > "$DEV/policy-db.yaml"
+admin policy apply -f "$DEV/policy-db.yaml" | indent
+echo "    a second agent (another pod of demo/web) leases db/shop/readonly into $DEV/db-secrets/pg.env"
+rm -rf "$DEV/db-secrets" "$DEV/db-ready"
+KEYHAVEN_LOG=info "$BIN/broker-agent" --broker-addr "https://localhost:$BROKER_PORT" --ca-file "$DEV/pki/ca.pem" \
+    --token-file "$DEV/token" --output-dir "$DEV/db-secrets" --secret db/shop/readonly=pg.env \
+    --ready-file "$DEV/db-ready" 2> "$DEV/agent-db.log" &
+DB_AGENT=$!
+PIDS+=("$DB_AGENT")
+wait_until 30 "the credential's file" test -e "$DEV/db-ready"
+# psql_as_lease <sql>: logs in as the app would, with the file's values (environment, not argv).
+psql_as_lease() {
+    ( set -a; . "$DEV/db-secrets/pg.env"; set +a
+      PGPASSWORD="$PASSWORD" exec "$PSQL" -h "$HOST" -p "$PORT" -U "$USERNAME" -d "$DATABASE" \
+          -X -q -t -A -v ON_ERROR_STOP=1 -c "$1" )
+}
+echo "    $(stat -c '%A %n' "$DEV/db-secrets/pg.env"); the role: $(sed -n 's/^USERNAME="\(.*\)"$/\1/p' "$DEV/db-secrets/pg.env")"
+ITEMS=$(psql_as_lease 'SELECT item FROM orders ORDER BY id') || fail "the leased credential did not log in"
+echo "    logged in with it: SELECT item FROM orders -> $(echo "$ITEMS" | paste -sd, -)"
+if psql_as_lease 'SELECT * FROM payroll' > "$DEV/payroll.txt" 2>&1; then
+    fail "the credential read a table it was not granted"
+fi
+echo "    and SELECT FROM payroll is refused: $(grep -o 'permission denied.*' "$DEV/payroll.txt")"
+echo "    the pod goes away: its agent revokes the lease on exit, and the broker drops the role"
+kill -TERM "$DB_AGENT"; wait "$DB_AGENT" 2>/dev/null || true
+login_refused() { ! psql_as_lease 'SELECT 1' >/dev/null 2>&1; }
+wait_until 30 "the role to be dropped" login_refused
+echo "    logging in with it again: $( (psql_as_lease 'SELECT 1' 2>&1 || true) | grep -o 'password authentication failed.*' || true)"
+admin db status | indent
+
+kh_say "13. rotating the KMS key online (no restart): keys rotate, then SIGHUP so the plugin adopts it now"
 "$BIN/kms-plugin" keys rotate | indent
 kill -HUP "$PLUGIN_PID"
 sleep 1
@@ -182,7 +238,7 @@ if "$BIN/kms-plugin" keys retire "$OLD_KEY" --yes > "$DEV/retire.txt" 2>&1; then
 fi
 fold -s -w 92 < "$DEV/retire.txt" | indent
 
-kh_say "13. keyhaven-injector, the admission webhook: the AdmissionReview it answers for a demo pod that asks"
+kh_say "14. keyhaven-injector, the admission webhook: the AdmissionReview it answers for a demo pod that asks"
 echo "    for demo/db as db.json and as a template (the same code as the webhook, no cluster needed)"
 demo_review() { # demo_review <annotations JSON>: the AdmissionReview the apiserver sends for a new pod
     cat <<JSON
@@ -212,7 +268,7 @@ demo_review '{"keyhaven.io/secret-db.json": "demo/db", "keyhaven.io/formt-db.jso
     > "$DEV/typo.json"
 injector "$DEV/typo.json" | grep '"message"' | fold -s -w 92 | indent
 
-kh_say "14. the audit log is hash-chained; verifying it"
+kh_say "15. the audit log is hash-chained; verifying it"
 admin audit verify | indent
 
 kh_say "health and metrics: http://127.0.0.1:$PLUGIN_METRICS/metrics (plugin), :$BROKER_METRICS (broker), :$AGENT_METRICS (agent)"

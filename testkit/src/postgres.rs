@@ -165,6 +165,37 @@ impl Postgres {
         .map(drop)
     }
 
+    /// Runs `sql` (given on stdin, so nothing in it reaches a command line) in database `db`
+    /// as [`USER`] with `psql`, stopping at the first error.
+    pub fn psql(&self, db: &str, sql: &str) -> Result<()> {
+        use std::io::Write as _;
+        let mut child = Command::new(self.bin.join("psql"))
+            .args(["-h", "127.0.0.1", "-U", USER, "-p", &self.port.to_string()])
+            .args(["-d", db, "-q", "-X", "-v", "ON_ERROR_STOP=1"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| Error::io("run psql", e))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(sql.as_bytes())
+                .map_err(|e| Error::io("write to psql", e))?;
+        }
+        let out = child
+            .wait_with_output()
+            .map_err(|e| Error::io("run psql", e))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(Error::CommandFailed {
+                what: "psql".into(),
+                status: out.status,
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            })
+        }
+    }
+
     /// Serves TLS too (`ssl=on`) with this certificate and key, restarting the server.
     pub fn enable_tls(&mut self, cert: &Path, key: &Path) -> Result<()> {
         let tls = self.dir.path().join("tls");
