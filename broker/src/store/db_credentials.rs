@@ -222,7 +222,9 @@ impl Store {
         let _g = self.sqlite_write_lock().await;
         match &self.pool {
             Pool::Sqlite(p) => {
-                let mut tx = p.begin().await?;
+                // IMMEDIATE: the write lock from the start, so the read-then-insert never
+                // fails with "database is locked" when another connection wrote in between.
+                let mut tx = p.begin_with("BEGIN IMMEDIATE").await?;
                 let r = reserve_body!(tx, row, max_per_identity, max_total);
                 tx.commit().await?;
                 Ok(r)
@@ -251,7 +253,9 @@ impl Store {
         let _g = self.sqlite_write_lock().await;
         match &self.pool {
             Pool::Sqlite(p) => {
-                let mut tx = p.begin().await?;
+                // IMMEDIATE: the write lock from the start, so the read-then-insert never
+                // fails with "database is locked" when another connection wrote in between.
+                let mut tx = p.begin_with("BEGIN IMMEDIATE").await?;
                 let r = delete_roles_body!(tx, connection, role);
                 tx.commit().await?;
                 Ok(r)
