@@ -26,9 +26,9 @@ use crate::load::{Summary, Window};
 use crate::token::new_token;
 
 /// The broker's KEK label prefix (its default).
-const KEK_LABEL_PREFIX: &str = "keyhaven-broker-";
+pub(crate) const KEK_LABEL_PREFIX: &str = "keyhaven-broker-";
 /// How long the broker may take to become ready.
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Lease + Renew pairs made before the memory reading.
 const TOUCH_ROUNDS: usize = 5;
 
@@ -96,7 +96,7 @@ pub fn run(args: &BrokerArgs) -> anyhow::Result<()> {
 }
 
 /// Resolves on SIGINT or SIGTERM.
-async fn interrupted() -> anyhow::Error {
+pub(crate) async fn interrupted() -> anyhow::Error {
     use tokio::signal::unix::{signal, SignalKind};
     match signal(SignalKind::terminate()) {
         Ok(mut term) => tokio::select! {
@@ -425,7 +425,7 @@ fn metric_value(text: &str, name: &str) -> Option<i64> {
         .map(|v| v as i64)
 }
 
-fn progress(db: Db, clients: usize, target: &str, s: &Summary) {
+pub(crate) fn progress(db: Db, clients: usize, target: &str, s: &Summary) {
     eprintln!(
         "  {db:<8} {clients:>3} clients  {target:<10} {:>8.0} ops/s  p50 {:>9.1} µs  p99 {:>9.1} µs{}",
         s.throughput,

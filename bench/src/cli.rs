@@ -31,6 +31,10 @@ pub enum Command {
     /// keyhaven-injector admission latency over HTTPS against a bare HTTPS echo on the same
     /// stack.
     Injector(InjectorArgs),
+    /// broker dynamic PostgreSQL credentials: Lease on db/CONN/ROLE against a raw
+    /// CREATE ROLE + DROP ROLE loop on the same PostgreSQL, and the rate at which expired
+    /// credentials' roles are dropped.
+    Dbcreds(DbcredsArgs),
     /// Internal: the bare HTTPS echo, run as its own process by `injector`.
     #[command(hide = true)]
     HttpsEchoServer(HttpsEchoArgs),
@@ -265,6 +269,59 @@ impl BrokerArgs {
     }
 }
 
+/// `keyhaven-bench dbcreds`.
+#[derive(Debug, Clone, Args)]
+pub struct DbcredsArgs {
+    /// The broker's own store (the credentials' database is always the throwaway PostgreSQL).
+    #[arg(long, env = "KEYHAVEN_BENCH_DB", default_value = "sqlite")]
+    pub db: Db,
+    /// Numbers of concurrent clients to measure at (comma-separated). Each client is its own
+    /// service account with its own token.
+    #[arg(
+        long,
+        env = "KEYHAVEN_BENCH_CLIENTS",
+        value_delimiter = ',',
+        default_value = "1,16"
+    )]
+    pub clients: Vec<usize>,
+    /// Measured time of each (clients, target) cell.
+    #[arg(long, env = "KEYHAVEN_BENCH_DURATION", default_value = "3s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Unmeasured warm-up before each cell.
+    #[arg(long, env = "KEYHAVEN_BENCH_WARMUP", default_value = "300ms", value_parser = humantime::parse_duration)]
+    pub warmup: Duration,
+    /// Credentials issued with one common expiry, whose roles the broker must then drop
+    /// (0: skip the revocation rows).
+    #[arg(long, env = "KEYHAVEN_BENCH_EXPIRING", default_value_t = 10_000)]
+    pub expiring: usize,
+    /// The broker binary to run. Default: `broker` beside this binary.
+    #[arg(long, env = "KEYHAVEN_BENCH_BROKER")]
+    pub broker: Option<PathBuf>,
+    /// SoftHSM2 PKCS#11 module (the bench makes its own temporary token with it).
+    #[arg(long, env = "KEYHAVEN_PKCS11_MODULE", default_value = kms_plugin::cli::DEFAULT_MODULE)]
+    pub pkcs11_module: PathBuf,
+    /// PostgreSQL server binaries. Default: the newest `/usr/lib/postgresql/<version>/bin`.
+    #[arg(long, env = "KEYHAVEN_PG_BIN")]
+    pub pg_bin: Option<PathBuf>,
+}
+
+impl DbcredsArgs {
+    /// Rejects values that would make a meaningless run.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(!self.clients.is_empty(), "--clients is empty");
+        anyhow::ensure!(
+            self.clients.iter().all(|&n| (1..=256).contains(&n)),
+            "--clients values must be between 1 and 256"
+        );
+        anyhow::ensure!(!self.duration.is_zero(), "--duration must be positive");
+        anyhow::ensure!(
+            self.expiring <= 1_000_000,
+            "--expiring must be at most 1000000"
+        );
+        Ok(())
+    }
+}
+
 /// `keyhaven-bench rewrap`.
 #[derive(Debug, Clone, Args)]
 pub struct RewrapArgs {
@@ -384,6 +441,39 @@ mod tests {
         assert!(parse(&["keyhaven-bench", "broker", "--db", "mysql"]).is_none());
         let mut bad = a.clone();
         bad.db.clear();
+        assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn dbcreds_defaults_and_flags_parse() {
+        let parse = |args: &[&str]| match Cli::try_parse_from(args) {
+            Ok(Cli {
+                command: Command::Dbcreds(a),
+            }) => Some(a),
+            _ => None,
+        };
+        let Some(d) = parse(&["keyhaven-bench", "dbcreds"]) else {
+            panic!("defaults do not parse");
+        };
+        assert_eq!(
+            (d.db, &d.clients, d.expiring),
+            (Db::Sqlite, &vec![1, 16], 10_000)
+        );
+        assert!(d.validate().is_ok());
+        let Some(a) = parse(&[
+            "keyhaven-bench",
+            "dbcreds",
+            "--db",
+            "postgres",
+            "--expiring",
+            "500",
+        ]) else {
+            panic!("flags do not parse");
+        };
+        assert_eq!((a.db, a.expiring), (Db::Postgres, 500));
+        assert!(parse(&["keyhaven-bench", "dbcreds", "--db", "sqlite,postgres"]).is_none());
+        let mut bad = a.clone();
+        bad.clients = vec![0];
         assert!(bad.validate().is_err());
     }
 

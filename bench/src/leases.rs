@@ -99,13 +99,13 @@ impl ClientId {
         self.token.expose_secret()
     }
 
-    fn bearer(&self) -> anyhow::Result<MetadataValue<Ascii>> {
+    pub(crate) fn bearer(&self) -> anyhow::Result<MetadataValue<Ascii>> {
         bearer(self.token.expose_secret())
     }
 }
 
 /// `Bearer <credential>` as metadata, marked sensitive (never shown by `Debug`).
-fn bearer(credential: &str) -> anyhow::Result<MetadataValue<Ascii>> {
+pub(crate) fn bearer(credential: &str) -> anyhow::Result<MetadataValue<Ascii>> {
     let mut v: MetadataValue<Ascii> = format!("Bearer {credential}")
         .parse()
         .map_err(|_| anyhow::anyhow!("credential is not valid metadata"))?;
@@ -143,10 +143,9 @@ pub fn endpoint(url: &str, ca: &Path) -> anyhow::Result<Endpoint> {
         .context("TLS config")
 }
 
-/// `clients` Leases clients, `per_channel` sharing each channel (one TLS connection).
-/// `clients` clients, `per_channel` to a connection, the connections spread over `eps` (one
-/// per broker replica) in turn.
-async fn clients(
+/// `clients` Leases clients, `per_channel` to a connection (one TLS connection each), the
+/// connections spread over `eps` (one per broker replica) in turn.
+pub(crate) async fn clients(
     eps: &[Endpoint],
     clients: usize,
     per_channel: usize,
@@ -161,11 +160,11 @@ async fn clients(
         .collect())
 }
 
-fn status_text(s: &tonic::Status) -> String {
+pub(crate) fn status_text(s: &tonic::Status) -> String {
     format!("{:?}: {}", s.code(), s.message())
 }
 
-fn authed<T>(msg: T, auth: &MetadataValue<Ascii>) -> tonic::Request<T> {
+pub(crate) fn authed<T>(msg: T, auth: &MetadataValue<Ascii>) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
     r.metadata_mut().insert("authorization", auth.clone());
     r
@@ -303,7 +302,7 @@ impl Worker for RenewWorker {
     }
 }
 
-fn prefix(c: &ClientId) -> String {
+pub(crate) fn prefix(c: &ClientId) -> String {
     format!("{NAMESPACE}/{}/", c.service_account)
 }
 

@@ -11,7 +11,9 @@
 //!   measures the background re-wrap (DEKs/s) beside the raw HSM unwrap+wrap rate.
 //! - `keyhaven-bench usage` times `kms-plugin keys usage` over a real etcd filled with KMS v2
 //!   values beside a raw paginated range read of the same keys, and reads the scan's peak RSS.
-//!
+//! - `keyhaven-bench dbcreds` leases dynamic PostgreSQL credentials from a real `broker`
+//!   beside a raw `CREATE ROLE` + `DROP ROLE` loop on the same PostgreSQL, and times how fast
+//!   the broker drops the roles of expired credentials.
 //! - `keyhaven-bench injector` drives a real `keyhaven-injector serve` process over HTTPS
 //!   beside a bare HTTPS echo on the same stack.
 //!
@@ -23,6 +25,9 @@ mod broker;
 mod broker_proc;
 mod broker_report;
 mod cli;
+mod credentials;
+mod dbcreds;
+mod dbcreds_report;
 mod echo;
 mod fill;
 mod flood;
@@ -53,6 +58,7 @@ fn main() -> ExitCode {
         cli::Command::Usage(args) => usage::run(args),
         cli::Command::EchoServer(args) => echo::serve_process(args),
         cli::Command::Injector(args) => injector::run(args),
+        cli::Command::Dbcreds(args) => dbcreds::run(args),
         cli::Command::HttpsEchoServer(args) => https_echo::serve_process(args),
     };
     match result {
