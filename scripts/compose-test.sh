@@ -5,8 +5,11 @@
 #   scripts/compose-test.sh
 #
 # 1. Images: a Debian base made with debootstrap (cached as localhost/debian-base:bookworm), the
-#    release binaries built on this host, keyhaven/keyhaven:dev from deploy/Dockerfile on them,
-#    and stand-ins for the upstream postgres and busybox images (deploy/compose/podman.override.yml).
+#    release binaries built on this host and their CycloneDX SBOMs (scripts/sbom.sh, also left
+#    in the target dir as release/<binary>.cdx.json), keyhaven/keyhaven:dev and the Kubernetes
+#    images keyhaven/<target>:<version> from deploy/Dockerfile on them, and stand-ins for the
+#    upstream postgres and busybox images (deploy/compose/podman.override.yml). Each image's
+#    SBOMs are checked against `cargo tree` of the binary's package.
 # 2. `podman-compose up`, one service at a time in depends_on order: podman 4.3 has no systemd
 #    here to run healthchecks, and podman-compose ignores `condition: service_healthy` before
 #    podman 4.6, so this script enforces each depends_on condition itself (it runs the service's
@@ -15,7 +18,10 @@
 #    the broker's /readyz on 127.0.0.1:9465, the workload's files (value = a lease from the
 #    broker, mode 0400), a new secret version reaching the file, `brokerctl audit verify`, the
 #    agent revoking its leases when stopped, and no PIN/credential/token/secret value in any
-#    container's log.
+#    container's log. From `podman inspect`: every container runs as a non-root user on a
+#    read-only root filesystem. Faults: the broker killed (the agent keeps its last good files,
+#    then gets the next version once the broker is back) and the plugin restarted (the next
+#    KMS call works).
 # 4. `down`: containers, volumes and network are removed, also on failure. The images stay
 #    (keyhaven/keyhaven:dev, localhost/keyhaven-postgres:dev, and the base, which is made only
 #    when missing): the next run reuses their layers.
@@ -27,6 +33,7 @@ cd "$(dirname "$0")/.."
 . scripts/deps.sh
 need_rust
 need_podman
+need_cargo_cyclonedx
 
 PROJECT=keyhaven   # `name:` in docker-compose.yml
 BASE_IMAGE=localhost/debian-base:bookworm
@@ -34,6 +41,11 @@ BINARIES_IMAGE=localhost/keyhaven-binaries:dev
 KEYHAVEN_IMAGE=keyhaven/keyhaven:dev   # `image:` of x-keyhaven in docker-compose.yml
 POSTGRES_IMAGE=localhost/keyhaven-postgres:dev   # deploy/compose/podman.override.yml
 BINS=(kms-plugin broker brokerctl broker-agent keyhaven-injector)
+# The deploy/Dockerfile targets deploy/kubernetes/ runs, built as keyhaven/<target>:<version>
+# (deploy-tests checks that every image a manifest names is one of these).
+K8S_TARGETS=(kms-plugin broker broker-agent injector)
+IMAGE_VERSION=$(cargo metadata --format-version 1 --no-deps --locked \
+    | python3 -c 'import json, sys; print(next(p["version"] for p in json.load(sys.stdin)["packages"] if p["name"] == "kms-plugin"))')
 TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 
 say() { printf '\033[1m==> compose-test:\033[0m %s\n' "$*" >&2; }
@@ -57,7 +69,11 @@ cgroup_manager = "cgroupfs"
 events_logger = "file"
 EOF
 export CONTAINERS_CONF="$WORK/containers.conf"
-compose() { "$KH_PODMAN_COMPOSE" -p "$PROJECT" -f docker-compose.yml -f deploy/compose/podman.override.yml "$@"; }
+# --read-only-tmpfs=false: podman's `--read-only` otherwise adds writable tmpfs at /tmp, /run
+# and /var/tmp; Docker adds none. Without them a service that writes where the compose file gives
+# it no tmpfs fails here as it would under `docker compose`.
+compose() { "$KH_PODMAN_COMPOSE" -p "$PROJECT" -f docker-compose.yml -f deploy/compose/podman.override.yml \
+    --podman-run-args=--read-only-tmpfs=false "$@"; }
 
 project_containers() { podman ps -a --filter "label=io.podman.compose.project=$PROJECT" --format '{{.Names}}'; }
 [ -z "$(project_containers)" ] \
@@ -122,13 +138,58 @@ say "release build of ${BINS[*]} (target dir $TARGET_DIR)"
 cargo build --release --locked $(printf -- '--bin %s ' "${BINS[@]}")
 mkdir -p "$WORK/bins"
 install -s -D -m 0755 -t "$WORK/bins/out" $(printf -- "$TARGET_DIR/release/%s " "${BINS[@]}")
+say "SBOMs (cargo-cyclonedx), also in $TARGET_DIR/release/<binary>.cdx.json"
+scripts/sbom.sh "$WORK/bins/out/sbom" "${BINS[@]}"
+cp "$WORK"/bins/out/sbom/*.cdx.json "$TARGET_DIR/release/"
 tar -C "$WORK/bins" -c out | podman import -q - "$BINARIES_IMAGE" >/dev/null
 rm -rf "$WORK/bins"
 
-say "building $KEYHAVEN_IMAGE (deploy/Dockerfile on $BASE_IMAGE, with the host's binaries)"
-podman build -q -f deploy/Dockerfile --target keyhaven -t "$KEYHAVEN_IMAGE" \
-    --build-arg BASE_IMAGE="$BASE_IMAGE" --build-arg BINARIES="$BINARIES_IMAGE" . >/dev/null
+say "building $KEYHAVEN_IMAGE and keyhaven/{$(IFS=,; echo "${K8S_TARGETS[*]}")}:$IMAGE_VERSION (deploy/Dockerfile on $BASE_IMAGE, with the host's binaries)"
+build_target() {
+    podman build -q -f deploy/Dockerfile --target "$1" -t "$2" \
+        --build-arg BASE_IMAGE="$BASE_IMAGE" --build-arg BINARIES="$BINARIES_IMAGE" . >/dev/null
+}
+build_target keyhaven "$KEYHAVEN_IMAGE"
+for t in "${K8S_TARGETS[@]}"; do build_target "$t" "keyhaven/$t:$IMAGE_VERSION"; done
 podman rmi "$BINARIES_IMAGE" >/dev/null   # only the build needs it
+
+# Each image's SBOMs, read out of the image, list every crate `cargo tree` finds in the binary's
+# package graph (normal dependencies, this host's target), at the Cargo.lock version.
+say "check: each image ships the SBOM of each of its binaries, listing the crates of Cargo.lock it uses"
+cargo metadata --format-version 1 --locked > "$WORK/metadata.json"
+for image in "$KEYHAVEN_IMAGE" $(printf -- "keyhaven/%s:$IMAGE_VERSION " "${K8S_TARGETS[@]}"); do
+    c=$(podman create -q "$image")
+    for b in "${BINS[@]}"; do
+        podman cp "$c:/usr/local/bin/$b" - > /dev/null 2>&1 || continue   # not in this image
+        podman cp "$c:/usr/share/doc/keyhaven/$b.cdx.json" - 2>/dev/null | tar -x -O > "$WORK/sbom.json" \
+            || { podman rm -f "$c" > /dev/null; die "$image ships $b but not /usr/share/doc/keyhaven/$b.cdx.json"; }
+        pkg=$(python3 -c 'import json, sys
+meta = json.load(open(sys.argv[1]))
+print(next(p["name"] for p in meta["packages"] for t in p["targets"] if t["name"] == sys.argv[2] and "bin" in t["kind"]))' \
+            "$WORK/metadata.json" "$b")
+        cargo tree --locked -p "$pkg" -e normal --prefix none > "$WORK/tree.txt"
+        python3 - "$WORK/sbom.json" "$WORK/tree.txt" "$b" "$pkg" "$image" <<'EOF' \
+            || { podman rm -f "$c" > /dev/null; die "the SBOM of $b in $image"; }
+import json, sys
+bom_file, tree_file, binary, package, image = sys.argv[1:]
+bom = json.load(open(bom_file))
+listed = {(c["name"], c["version"]) for c in bom.get("components", [])}
+want = set()
+for line in open(tree_file):
+    name, version = line.split()[:2]
+    if name != package:
+        want.add((name, version.lstrip("v")))
+missing = sorted(want - listed)
+root = bom.get("metadata", {}).get("component", {})
+if bom.get("bomFormat") != "CycloneDX" or root.get("name") != binary or missing:
+    sys.exit(f"{image}: {binary}.cdx.json (of {root.get('name')!r}) lacks {len(missing)} of the "
+             f"{len(want)} crates of `cargo tree -p {package}`: {missing[:10]}")
+print(f"  {image}: {binary}.cdx.json lists the {len(want)} crates of `cargo tree -p {package}` "
+      f"({len(listed)} components)", file=sys.stderr)
+EOF
+    done
+    podman rm -f "$c" > /dev/null
+done
 say "building $POSTGRES_IMAGE (deploy/compose/postgres.Containerfile)"
 podman build -q -f deploy/compose/postgres.Containerfile -t "$POSTGRES_IMAGE" \
     --build-arg BASE_IMAGE="$BASE_IMAGE" . >/dev/null
@@ -184,6 +245,7 @@ wait_for() {
 }
 
 STARTED=1
+UP_START=$SECONDS
 while read -r -u 3 svc deps; do
     for d in $deps; do
         say "$svc waits for ${d%%:*} (${d#*:})"
@@ -203,7 +265,35 @@ while read -r -u 3 svc _; do
         wait_for "$svc" service_healthy 60
     fi
 done 3< "$WORK/order.txt"
-say "up: $(project_containers | wc -l) containers"
+say "up: $(project_containers | wc -l) containers, every one ready $((SECONDS - UP_START)) s after the first \`up\`"
+
+# The real and effective uids of every process in the PID namespace of host process $1 (the
+# images have no ps(1) for `podman top`): read from the host's /proc.
+namespace_uids() {
+    local ns p
+    ns=$(readlink "/proc/$1/ns/pid")
+    for p in /proc/[0-9]*; do
+        [ "$(readlink "$p/ns/pid" 2>/dev/null)" = "$ns" ] || continue
+        awk '/^Uid:/ { print $2; print $3 }' "$p/status" 2>/dev/null
+    done | sort -u | tr '\n' ' '
+}
+say "check: every container runs as a non-root user on a read-only root filesystem (podman inspect)"
+for c in $(project_containers); do
+    read -r ro user state pid < <(podman inspect "$c" --format '{{.HostConfig.ReadonlyRootfs}} {{if .Config.User}}{{.Config.User}}{{else}}root{{end}} {{.State.Status}} {{.State.Pid}}')
+    [ "$ro" = true ] || die "container $c: the root filesystem is writable (HostConfig.ReadonlyRootfs $ro)"
+    if [ "$state" = running ]; then
+        # What runs, not what was asked for: postgres' entrypoint starts as root and drops to
+        # its own user. Every process of the container, by the uid it runs as.
+        uids=$(namespace_uids "$pid")
+        [ -n "$uids" ] || die "container $c: no process found in its PID namespace"
+        case " $uids" in *" 0 "*) die "container $c: a process runs as root (uids: $uids)" ;; esac
+        say "  $c: read-only root filesystem, processes as uid $uids"
+    else
+        # A one-shot that has finished: the user it ran as.
+        case "${user%%:*}" in root|0|"") die "container $c ($state): ran as root" ;; esac
+        say "  $c ($state): read-only root filesystem, ran as $user"
+    fi
+done
 
 # ---------------------------------------------------------------------------------------------
 # Checks
@@ -303,6 +393,64 @@ until check_files "$WORK/v2"; do
     sleep 5; t=$((t + 5))
 done
 say "  reached the files after ~${t}s"
+cp "$WORK/setup-run.log" "$WORK/setup-runs.log"
+
+say "fault: the broker killed (podman kill): the agent keeps its last good files"
+BROKER=$(container_of broker)
+podman kill "$BROKER" > /dev/null
+for t in 0 10; do
+    sleep "$t"
+    check_files "$WORK/v2" || die "the workload's files changed or went away ${t}s after the broker was killed"
+done
+[ "$(podman inspect "$AGENT" --format '{{.State.Status}}')" = running ] || die "the agent stopped when the broker died"
+say "  the files kept their value and mode 0400 for 10 s without a broker"
+t=0
+until [ "$(podman inspect "$BROKER" --format '{{.State.Status}}')" = running ]; do
+    if [ "$t" -ge 20 ]; then
+        # podman counts `podman kill` as a stop by the user and restarts only on a crash
+        # (restart: unless-stopped): start it again as a user would.
+        say "  not restarted by podman after ${t}s: podman-compose up -d broker, as a user would"
+        compose up -d --no-build --no-deps broker < /dev/null > "$WORK/up.log" 2>&1 \
+            || { grep -v 'systemd' "$WORK/up.log" >&2; die "podman-compose up -d broker"; }
+        break
+    fi
+    sleep 2; t=$((t + 2))
+done
+[ "$t" -ge 20 ] || say "  podman restarted it (restart: unless-stopped) after ~${t}s"
+wait_for broker service_healthy 120
+say "fault: once the broker is back, a new version reaches the agent's files"
+compose run --rm --no-deps setup > "$WORK/setup-run.log" 2>&1 \
+    || { grep -v -F -f "$WORK/secrets.txt" "$WORK/setup-run.log" >&2; die "compose run setup after the broker's restart"; }
+cat "$WORK/setup-run.log" >> "$WORK/setup-runs.log"
+leased_password "$WORK/v3"
+cmp -s "$WORK/v2" "$WORK/v3" && die "setup did not put a new value of shop/db"
+t=0
+until check_files "$WORK/v3"; do
+    [ "$t" -lt 150 ] || die "the agent did not recover: the new version did not reach its files within 150 s of the broker's return"
+    sleep 5; t=$((t + 5))
+done
+say "  the agent recovered: the new version reached the files after ~${t}s"
+
+say "fault: the kms-plugin container restarted: the next KMS call works"
+PLUGIN=$(container_of kms-plugin)
+podman restart -t 10 "$PLUGIN" > "$WORK/restart.log" 2>&1 \
+    || { grep -v systemd "$WORK/restart.log" >&2; die "podman restart $PLUGIN"; }
+plugin_ready() {
+    exec 3<>/dev/tcp/127.0.0.1/9464 || return 1
+    printf 'GET /readyz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n' >&3
+    head -n 1 <&3 | grep -q ' 200 '
+    local rc=$?
+    exec 3<&-
+    return "$rc"
+}
+t=0
+until plugin_ready 2> /dev/null; do
+    [ "$t" -lt 60 ] || die "the kms-plugin is not ready 60 s after its restart"
+    sleep 1; t=$((t + 1))
+done
+"$TARGET_DIR/release/kms-plugin" probe --listen "unix://$(volume_dir kms-socket)/kms.sock" \
+    || die "the first KMS call after the plugin's restart failed"
+say "  ready ~${t}s after the restart; Status/Encrypt/Decrypt answered"
 
 say "check: brokerctl audit verify"
 admin audit verify
@@ -333,7 +481,8 @@ for c in $(project_containers); do
     # The demo app prints the file it reads (docker-compose.yml says so): its log may show the
     # secret's values, not the rest.
     if [ "$c" = "$WORKLOAD" ]; then
-        grep -v -x -F -f "$WORK/v1" "$WORK/patterns.txt" | grep -v -x -F -f "$WORK/v2" > "$WORK/patterns-app.txt" || true
+        grep -v -x -F -f "$WORK/v1" "$WORK/patterns.txt" | grep -v -x -F -f "$WORK/v2" \
+            | grep -v -x -F -f "$WORK/v3" > "$WORK/patterns-app.txt" || true
         pat="$WORK/patterns-app.txt"
     else
         pat="$WORK/patterns.txt"
@@ -342,7 +491,7 @@ for c in $(project_containers); do
         say "  LEAK in the log of $c"; leaks=$((leaks + 1))
     fi
 done
-grep -q -F -f "$WORK/patterns.txt" "$WORK/setup-run.log" && { say "  LEAK in the log of compose run setup"; leaks=$((leaks + 1)); }
+grep -q -F -f "$WORK/patterns.txt" "$WORK/setup-runs.log" && { say "  LEAK in the log of compose run setup"; leaks=$((leaks + 1)); }
 [ "$leaks" -eq 0 ] || die "secrets in $leaks container logs"
 say "  $(wc -l < "$WORK/patterns.txt") secret values, none in $(project_containers | wc -l) container logs"
 

@@ -92,3 +92,25 @@ need_podman() {
     fi
     KH_PODMAN_COMPOSE="$venv/bin/podman-compose"
 }
+
+# A cargo subcommand installed from the Rust crate registry with `cargo install --locked` into
+# ~/.cargo/bin (kept there: the next run finds it). $1: the crate, $2: its version (pinned, so
+# every machine runs the same checks), $3: the cargo subcommand it provides.
+kh_cargo_install() {
+    local crate=$1 version=$2 sub=$3
+    if cargo "$sub" --version 2>/dev/null | grep -q -E " $version\$"; then
+        return 0
+    fi
+    kh_say "installing $crate $version (cargo install --locked: compiles it, a few minutes)"
+    # Not into the workspace's target dir: cargo install builds in a temp dir of its own.
+    env -u CARGO_TARGET_DIR cargo install --locked --quiet "$crate" --version "=$version" \
+        || { kh_say "could not install $crate $version"; return 1; }
+}
+
+# cargo-deny: licenses, bans, duplicate versions and sources of the dependency tree (deny.toml).
+KH_CARGO_DENY_VERSION="${KH_CARGO_DENY_VERSION:-0.18.3}"
+need_cargo_deny() { kh_cargo_install cargo-deny "$KH_CARGO_DENY_VERSION" deny; }
+
+# cargo-cyclonedx: a CycloneDX SBOM per binary from the Cargo metadata (scripts/sbom.sh).
+KH_CARGO_CYCLONEDX_VERSION="${KH_CARGO_CYCLONEDX_VERSION:-0.5.7}"
+need_cargo_cyclonedx() { kh_cargo_install cargo-cyclonedx "$KH_CARGO_CYCLONEDX_VERSION" cyclonedx; }

@@ -55,6 +55,7 @@ const OUR_BINARIES: &[&str] = &[
 const COMPOSE: &str = "docker-compose.yml";
 const DOCKERFILE: &str = "deploy/Dockerfile";
 const DOCKERIGNORE: &str = ".dockerignore";
+const COMPOSE_TEST: &str = "scripts/compose-test.sh";
 const SOFTHSM_CONF: &str = "deploy/softhsm2.conf";
 const K8S_DIR: &str = "deploy/kubernetes";
 const OPERATIONS_DOC: &str = "docs/operations.md";
@@ -255,6 +256,24 @@ const MUTATIONS: &[Mutation] = &[
         expect: &["service `workload`", "read-only"],
     },
     Mutation {
+        file: COMPOSE,
+        from: "  broker:\n    <<: *keyhaven\n    restart: unless-stopped\n    read_only: true\n",
+        to: "  broker:\n    <<: *keyhaven\n    restart: unless-stopped\n",
+        expect: &["service `broker`", "`read_only: true`"],
+    },
+    Mutation {
+        file: COMPOSE,
+        from: "    # The dev CA is made in /tmp and thrown away.\n    tmpfs:\n      - /tmp\n",
+        to: "",
+        expect: &["service `hsm-init`", "`/tmp/dev-ca`", "mounted"],
+    },
+    Mutation {
+        file: COMPOSE,
+        from: "    init: true\n    restart: unless-stopped\n",
+        to: "    init: true\n",
+        expect: &["service `workload`", "restart policy"],
+    },
+    Mutation {
         file: "deploy/compose/demo-policy.yaml",
         from: "      - shop/config/*\n",
         to: "      - \"**\"\n",
@@ -308,6 +327,12 @@ const MUTATIONS: &[Mutation] = &[
         from: "USER 10001:10001\nCMD [\"broker\", \"--help\"]\n",
         to: "CMD [\"broker\", \"--help\"]\n",
         expect: &["stage `broker`", "USER"],
+    },
+    Mutation {
+        file: DOCKERFILE,
+        from: "COPY --from=binaries /out/sbom/keyhaven-injector.cdx.json /usr/share/doc/keyhaven/\n",
+        to: "",
+        expect: &["stage `injector`", "`keyhaven-injector` without its SBOM"],
     },
     Mutation {
         file: DOCKERFILE,
@@ -418,6 +443,36 @@ const MUTATIONS: &[Mutation] = &[
         from: "            - name: hsm-pin\n              mountPath",
         to: "            - name: hsm-pins\n              mountPath",
         expect: &["broker.yaml", "`hsm-pins`"],
+    },
+    Mutation {
+        file: "deploy/kubernetes/kms-plugin-static-pod.yaml",
+        from: "    runAsNonRoot: true\n    runAsUser: 10001\n",
+        to: "    runAsUser: 0\n",
+        expect: &["kms-plugin-static-pod.yaml", "runAsNonRoot"],
+    },
+    Mutation {
+        file: "deploy/kubernetes/kms-plugin-static-pod.yaml",
+        from: "        readOnlyRootFilesystem: true\n",
+        to: "        readOnlyRootFilesystem: false\n",
+        expect: &["kms-plugin-static-pod.yaml", "readOnlyRootFilesystem: true"],
+    },
+    Mutation {
+        file: "deploy/kubernetes/kms-plugin-static-pod.yaml",
+        from: "      image: keyhaven/kms-plugin:0.1.0\n",
+        to: "      image: keyhaven/kmsplugin:0.1.0\n",
+        expect: &["kms-plugin-static-pod.yaml", "`kmsplugin` is not a stage"],
+    },
+    Mutation {
+        file: "deploy/kubernetes/broker.yaml",
+        from: "          image: keyhaven/broker:0.1.0\n",
+        to: "          image: keyhaven/broker:latest\n",
+        expect: &["broker.yaml", "workspace version"],
+    },
+    Mutation {
+        file: COMPOSE_TEST,
+        from: "K8S_TARGETS=(kms-plugin broker broker-agent injector)",
+        to: "K8S_TARGETS=(kms-plugin broker broker-agent)",
+        expect: &["injector.yaml", "does not build `injector`"],
     },
     Mutation {
         file: "deploy/kubernetes/kms-plugin-static-pod.yaml",
@@ -1645,6 +1700,11 @@ fn check_compose(repo: &Repo) -> Vec<String> {
             });
         }
         let read_only = svc.get("read_only").and_then(Value::as_bool) == Some(true);
+        if !read_only {
+            problems.push(format!(
+                "{origin}: set `read_only: true` (a read-only root filesystem; a `tmpfs` where a step must write)"
+            ));
+        }
         let mut targets: Vec<String> = s.mounts.iter().map(|m| m.target.clone()).collect();
         if !read_only {
             // A writable container filesystem: /tmp is usable.
@@ -1811,6 +1871,29 @@ fn check_compose(repo: &Repo) -> Vec<String> {
             problems.push(format!(
                 "{COMPOSE}: volume `{v}` is mounted at different paths: {}",
                 list.join("; ")
+            ));
+        }
+    }
+
+    // A service that runs until `down` comes back by itself when it dies (the one-shots, which
+    // others wait on with service_completed_successfully, must not).
+    let one_shots: BTreeSet<String> = services
+        .values()
+        .filter_map(|s| s.get("depends_on").and_then(Value::as_mapping))
+        .flatten()
+        .filter(|(_, c)| {
+            c.get("condition").and_then(Value::as_str) == Some("service_completed_successfully")
+        })
+        .filter_map(|(d, _)| scalar(d))
+        .collect();
+    for (name, svc) in services {
+        let name = scalar(name).unwrap_or_default();
+        let restart = svc.get("restart").and_then(Value::as_str);
+        if !one_shots.contains(&name)
+            && !matches!(restart, Some("always" | "unless-stopped" | "on-failure"))
+        {
+            problems.push(format!(
+                "{COMPOSE}: service `{name}` runs until `down`: give it a restart policy (`restart: unless-stopped`)"
             ));
         }
     }
@@ -2246,7 +2329,10 @@ fn check_dockerfile(repo: &Repo) -> DockerfileFacts {
                 w.trim_matches(|c| c == '"' || c == ',' || c == '[' || c == ']')
                     .rsplit_once("target/release/")
                     .map(|(_, b)| b)
-                    .or_else(|| w.strip_prefix("/out/"))
+                    .or_else(|| {
+                        w.strip_prefix("/out/")
+                            .filter(|b| *b != "sbom" && !b.starts_with("sbom/"))
+                    })
                     .or_else(|| w.strip_prefix("/usr/local/bin/"))
             });
             for b in mentioned.filter(|b| !b.is_empty()) {
@@ -2268,6 +2354,40 @@ fn check_dockerfile(repo: &Repo) -> DockerfileFacts {
                         stage_name(s)
                     )),
                 }
+            }
+        }
+    }
+    // Each binary an image ships comes with its SBOM (scripts/sbom.sh), which the build stage
+    // makes.
+    if !stages.iter().any(|s| {
+        s.instructions
+            .iter()
+            .any(|(i, a)| i == "RUN" && a.contains("scripts/sbom.sh /out/sbom"))
+    }) {
+        p.push(format!(
+            "{DOCKERFILE}: no stage runs `scripts/sbom.sh /out/sbom` (the SBOM of each binary)"
+        ));
+    }
+    for s in &stages {
+        let copied = |prefix: &str| -> BTreeSet<String> {
+            s.instructions
+                .iter()
+                .filter(|(i, a)| i == "COPY" && a.contains("--from=binaries"))
+                .flat_map(|(_, a)| a.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+                .filter_map(|w| w.strip_prefix(prefix).map(str::to_owned))
+                .filter(|w| !w.contains('/'))
+                .collect()
+        };
+        let sboms = copied("/out/sbom/");
+        let docs_dir = s.instructions.iter().any(|(i, a)| {
+            i == "COPY" && a.contains("/out/sbom/") && a.ends_with(" /usr/share/doc/keyhaven/")
+        });
+        for b in copied("/out/") {
+            if !sboms.contains(&format!("{b}.cdx.json")) || !docs_dir {
+                p.push(format!(
+                    "{DOCKERFILE}: stage `{}` ships `{b}` without its SBOM: COPY --from=binaries /out/sbom/{b}.cdx.json /usr/share/doc/keyhaven/",
+                    stage_name(s)
+                ));
             }
         }
     }
@@ -2675,6 +2795,7 @@ fn check_kubernetes(repo: &Repo) -> Vec<String> {
                 }
                 check_env(&origin, &kc.env, &kc.calls, &targets, &mut problems);
                 check_probes(&kc, host_network, &mut problems);
+                check_hardening(&kc, pod, &mut problems);
                 containers.push(kc);
             }
         }
@@ -2701,6 +2822,7 @@ fn check_kubernetes(repo: &Repo) -> Vec<String> {
             problems.push(format!("{K8S_DIR}/{file}: no container runs `{call}`"));
         }
     }
+    check_images(repo, &containers, &mut problems);
     check_broker_manifest(&docs, &containers, &mut problems);
     check_workload_manifest(&docs, &containers, &mut problems);
     check_injector_manifest(&docs, &containers, &mut problems);
@@ -2918,7 +3040,6 @@ fn check_broker_manifest(docs: &[Doc], containers: &[K8sContainer], problems: &m
             problems.push(format!("{origin}: no probe on {path}"));
         }
     }
-    check_hardening(broker, pod, problems);
 
     // The Service reaches the gRPC port.
     let listen_port = call
@@ -2974,6 +3095,72 @@ fn check_broker_manifest(docs: &[Doc], containers: &[K8sContainer], problems: &m
     }
 }
 
+/// `version` of `[workspace.package]` in the root `Cargo.toml`: the tag of the images.
+fn workspace_version(repo: &Repo) -> Option<String> {
+    let text = repo.read("Cargo.toml")?;
+    let section = text.split("[workspace.package]").nth(1)?;
+    section
+        .lines()
+        .take_while(|l| !l.starts_with('['))
+        .find_map(|l| l.strip_prefix("version"))
+        .and_then(|v| v.split('"').nth(1))
+        .map(str::to_owned)
+}
+
+/// Every `keyhaven/...` image a manifest names (and the injector's --agent-image) is one this
+/// build makes: `keyhaven/<stage of deploy/Dockerfile>:<workspace version>`, a stage that
+/// `scripts/compose-test.sh` builds under that name.
+fn check_images(repo: &Repo, containers: &[K8sContainer], problems: &mut Vec<String>) {
+    let version = workspace_version(repo).unwrap_or_default();
+    let stages: BTreeSet<String> = repo
+        .read(DOCKERFILE)
+        .map(|t| parse_dockerfile(&t))
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|s| s.name)
+        .collect();
+    // `K8S_TARGETS=(a b c)` in the compose test: the stages it builds as keyhaven/<stage>:<version>.
+    let built: BTreeSet<String> = repo
+        .read(COMPOSE_TEST)
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("K8S_TARGETS=("))
+        .and_then(|l| l.split(')').next())
+        .map(|l| l.split_whitespace().map(str::to_owned).collect())
+        .unwrap_or_default();
+    let mut images: Vec<(String, String)> = containers
+        .iter()
+        .filter_map(|c| Some((c.origin(), str_at(c.v, &["image"])?.to_owned())))
+        .collect();
+    images.extend(containers.iter().flat_map(|c| {
+        c.calls
+            .iter()
+            .filter_map(|call| call.value("--agent-image"))
+            .map(|i| (format!("{} (--agent-image)", c.origin()), i.to_owned()))
+            .collect::<Vec<_>>()
+    }));
+    for (origin, image) in images {
+        let Some(rest) = image.strip_prefix("keyhaven/") else {
+            continue;
+        };
+        let (name, tag) = rest.split_once(':').unwrap_or((rest, ""));
+        if !stages.contains(name) {
+            problems.push(format!(
+                "{origin}: image `{image}`: `{name}` is not a stage of {DOCKERFILE}, so this build makes no such image"
+            ));
+        } else if !built.contains(name) {
+            problems.push(format!(
+                "{origin}: image `{image}`: {COMPOSE_TEST} does not build `{name}` (K8S_TARGETS)"
+            ));
+        }
+        if tag != version {
+            problems.push(format!(
+                "{origin}: image `{image}`: the tag must be the workspace version `{version}` (what the build tags)"
+            ));
+        }
+    }
+}
+
 /// Non-root, read-only root filesystem, no privilege escalation, resources.
 fn check_hardening(c: &K8sContainer, pod: &Value, problems: &mut Vec<String>) {
     let origin = c.origin();
@@ -2984,6 +3171,11 @@ fn check_hardening(c: &K8sContainer, pod: &Value, problems: &mut Vec<String>) {
     };
     if sc("runAsNonRoot").and_then(Value::as_bool) != Some(true) {
         problems.push(format!("{origin}: set securityContext.runAsNonRoot: true"));
+    }
+    if sc("runAsUser").and_then(Value::as_u64) == Some(0) {
+        problems.push(format!(
+            "{origin}: securityContext.runAsUser is 0 (root): run as a non-root uid"
+        ));
     }
     for (k, want) in [
         ("readOnlyRootFilesystem", true),
@@ -3041,7 +3233,6 @@ fn check_workload_manifest(docs: &[Doc], containers: &[K8sContainer], problems: 
         let pod = a.doc.pod_spec().expect("a container has a pod");
         let volume =
             |name: &str| seq_of(pod, "volumes").find(|v| str_at(v, &["name"]) == Some(name));
-        check_hardening(a, pod, problems);
 
         // The projected token: audience keyhaven, short-lived, where --token-file reads it.
         let token_file = call
