@@ -133,7 +133,31 @@ impl Broker {
             ));
         }
         self.require(caller, path, cap, verb).await?;
-        // The change and its record in one transaction.
+        match self.delete_versions(caller, path, destroy, verb).await {
+            Ok(n) => Ok(n),
+            // Nothing changed: record the refusal.
+            Err(e) => {
+                self.audited(
+                    caller,
+                    EventKind::Admin(verb.into()),
+                    Some(path),
+                    None,
+                    Err(e),
+                )
+                .await
+            }
+        }
+    }
+
+    /// Soft-deletes or destroys every version of `path` with its audit record (`verb`) in one
+    /// transaction, and forgets them here; the caller has checked the caller's right.
+    pub(super) async fn delete_versions(
+        &self,
+        caller: &Caller,
+        path: &str,
+        destroy: bool,
+        verb: &'static str,
+    ) -> Result<u64> {
         let (by, at) = (caller.clone(), path.to_owned());
         let r = self
             .commit_change(move |store| async move {
@@ -152,24 +176,11 @@ impl Broker {
             })
             .await;
         self.reads.forget_versions();
-        match r {
-            Ok(n) => {
-                // The other replicas purge theirs within DEK_POLL (dek_sync).
-                self.envelope.cache().purge_path(path);
-                Ok(n)
-            }
-            // Nothing changed: record the refusal.
-            Err(e) => {
-                self.audited(
-                    caller,
-                    EventKind::Admin(verb.into()),
-                    Some(path),
-                    None,
-                    Err(e),
-                )
-                .await
-            }
+        if r.is_ok() {
+            // The other replicas purge theirs within DEK_POLL (dek_sync).
+            self.envelope.cache().purge_path(path);
         }
+        r
     }
 
     /// Replaces the policy set with `yaml` (validated first) and ends every active lease the

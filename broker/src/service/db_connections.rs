@@ -281,26 +281,7 @@ impl Broker {
                 RoleRemoval::InUse(n) => return Err(in_use(&path, n)),
                 RoleRemoval::Deleted(_) => {}
             }
-            let at = path.clone();
-            let by = caller.clone();
-            let n = self
-                .commit_change(move |store| async move {
-                    store
-                        .delete_audited(&at, true, now_ms(), |n| {
-                            Self::audit_events(
-                                None,
-                                &by,
-                                EventKind::Admin(verb.into()),
-                                Some(&at),
-                                None,
-                                &Ok::<u64, BrokerError>(n),
-                            )
-                        })
-                        .await
-                })
-                .await?;
-            self.reads.forget_versions();
-            self.envelope.cache().purge_path(&path);
+            let n = self.delete_versions(caller, &path, true, verb).await?;
             self.targets.remove(name);
             Ok(n)
         }
