@@ -1082,3 +1082,47 @@ fn deleting_a_role_or_a_connection_is_refused_while_anything_still_needs_it() {
     let audit = std::fs::read_to_string(s.broker.dir.join("audit.jsonl")).unwrap();
     assert!(audit.contains("db_connection_delete") && audit.contains("db_role_delete"));
 }
+
+#[test]
+fn a_rotation_on_one_replica_is_followed_by_the_other() {
+    let s = setup_on(&[], true);
+    let b2 = BrokerProc::start_on(&s.hsm, &s.pki, &s.pg.url(), &[]);
+    let rt = runtime();
+    own_connection(&s);
+    let policy = format!("{POLICY}{}", OWN_POLICY.trim_start_matches("\npolicies:\n"));
+    let mut c2 = rt.block_on(async {
+        BrokerClient::connect(&s.broker, &s.pki)
+            .await
+            .apply(&policy, false)
+            .await;
+        BrokerClient::connect(&b2, &s.pki).await
+    });
+    // The second replica (once it enforces the new policy, within its bound) has a pool
+    // logged in with the operator's password.
+    rt.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while let Err(e) = c2.lease(&s.web, "db/own/app").await {
+            assert!(Instant::now() < deadline, "lease on replica 2: {e:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    let (ok, out) = ctl(&s, &["db", "connection", "rotate-root", "own"]);
+    assert!(ok && out.contains("version 2"), "{out}");
+    rt.block_on(async {
+        // Every admin session ended: a lease on replica 2 needs a new login, with the new
+        // password it reads from the store.
+        sqlx::raw_sql(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'khadmin'",
+        )
+        .execute(&mut admin(&s.pg).await)
+        .await
+        .unwrap();
+        let lease = c2
+            .lease(&s.web, "db/own/app")
+            .await
+            .expect("lease on replica 2 after the rotation on replica 1");
+        let mut session = PgConnection::connect(&field(&lease, "dsn")).await.unwrap();
+        sqlx::query("SELECT 1").execute(&mut session).await.unwrap();
+    });
+    drop(b2);
+}
