@@ -43,7 +43,7 @@ pub enum Share {
     /// A credential per lease (the default).
     #[default]
     None,
-    /// One credential per service account, dropped with its last lease. Not built yet: refused.
+    /// One credential per service account, shared by its leases and dropped with the last.
     PerServiceaccount,
 }
 
@@ -197,11 +197,6 @@ impl RoleDef {
                 field: "username",
                 why: format!("longer than {MAX_IDENT_BYTES} bytes before any name is added"),
             });
-        }
-        if self.share != Share::None {
-            return Err(RoleError::Invalid(
-                "share: per-serviceaccount is not supported yet".into(),
-            ));
         }
         for (field, t) in [
             ("creation", &self.creation),
@@ -432,6 +427,13 @@ pub fn connection_path(name: &str) -> String {
     format!("db/{name}")
 }
 
+/// The secret path holding the password of the shared credential `username` of role
+/// `db/CONNECTION/ROLE` (sealed like any secret version; not a credential path, so never
+/// leased itself).
+pub fn shared_password_path(connection: &str, role: &str, username: &str) -> String {
+    format!("db/{connection}/{role}/{username}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -444,6 +446,12 @@ mod tests {
         assert_eq!(d.ttl, Duration::from_secs(3600));
         assert_eq!(d.renewal, DEFAULT_RENEWAL);
         assert_eq!(d.revocation, DEFAULT_REVOCATION);
+        assert_eq!(d.share, Share::None);
+        let shared = "max_per_identity: 2\nmax_total: 4\nshare: per-serviceaccount\n";
+        assert_eq!(
+            RoleDef::parse(shared).unwrap().share,
+            Share::PerServiceaccount
+        );
         for bad in [
             "max_per_identity: 2\nmax_total: 1\n",
             "max_per_identity: 0\nmax_total: 1\n",
@@ -452,7 +460,7 @@ mod tests {
             "max_per_identity: 1\nmax_total: 1\ncreation: CREATE ROLE x PASSWORD {{password}}\n",
             "max_per_identity: 1\nmax_total: 1\ncreation: CREATE ROLE {{name}} LOGIN\n",
             "max_per_identity: 1\nmax_total: 1\nrenewal: ALTER ROLE {{name\n",
-            "max_per_identity: 1\nmax_total: 1\nshare: per-serviceaccount\n",
+            "max_per_identity: 1\nmax_total: 1\nshare: per-pod\n",
             "max_per_identity: 1\nmax_total: 1\nbogus: 1\n",
         ] {
             assert!(RoleDef::parse(bad).is_err(), "accepted: {bad}");

@@ -6,6 +6,10 @@
 //! `kill -9` at several points the database's roles end up equal to the live credentials.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod db_support;
+
+use db_support::*;
+
 use std::time::{Duration, Instant};
 
 use hsm_tests::broker::{authed, broker_token, BrokerProc, BOOTSTRAP};
@@ -16,199 +20,6 @@ use keyhaven_proto::broker::v1::*;
 use sqlx::{Connection, PgConnection};
 use testkit::postgres::Postgres;
 use tonic::Code;
-
-/// The admin role's password (the cluster's own user is trusted; a password in the URL must
-/// still never leak).
-const ADMIN_PASSWORD: &str = "AdminPw-7f3a9c";
-
-const POLICY: &str = r#"
-policies:
-- name: web-db
-  subjects: [{namespace: shop, serviceaccount: web}]
-  paths: ["db/app/ro"]
-  capabilities: [read]
-  ttl: 5m
-  max_ttl: 1h
-- name: batch-db
-  subjects: [{namespace: shop, serviceaccount: batch}]
-  paths: ["db/app/*"]
-  capabilities: [read]
-  ttl: 5m
-  max_ttl: 1h
-- name: fleet-db
-  subjects: [{namespace: fleet, serviceaccount: "*"}]
-  paths: ["db/app/many"]
-  capabilities: [read]
-  ttl: 5m
-  max_ttl: 1h
-"#;
-
-const ROLE: &str = "ttl: 10m\nmax_ttl: 30m\nmax_per_identity: 2\nmax_total: 3\n\
-creation: |\n  CREATE ROLE {{name}} LOGIN PASSWORD {{password}} VALID UNTIL {{expiration}};\n  \
-GRANT SELECT ON public_data TO {{name}};\n";
-
-struct Setup {
-    pg: Postgres,
-    hsm: testkit::softhsm::SoftHsm,
-    pki: testkit::pki::DevPki,
-    broker: BrokerProc,
-    web: String,
-    batch: String,
-}
-
-fn admin_url(pg: &Postgres) -> String {
-    format!(
-        "postgres://keyhaven:{ADMIN_PASSWORD}@127.0.0.1:{}/app",
-        pg.port()
-    )
-}
-
-async fn admin(pg: &Postgres) -> PgConnection {
-    PgConnection::connect(&pg.database_url("app"))
-        .await
-        .unwrap()
-}
-
-fn ctl(s: &Setup, args: &[&str]) -> (bool, String) {
-    let out = s.broker.ctl_admin(&s.hsm, &s.pki.ca, args);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
-
-fn setup(extra: &[&str]) -> Setup {
-    setup_on(extra, false)
-}
-
-/// [`setup`], with the broker's own store on the same PostgreSQL cluster (database
-/// `postgres`) when `store_on_pg`.
-fn setup_on(extra: &[&str], store_on_pg: bool) -> Setup {
-    let pg = Postgres::start().unwrap();
-    pg.create_database("app").unwrap();
-    let rt = runtime();
-    rt.block_on(async {
-        let mut c = admin(&pg).await;
-        sqlx::raw_sql(
-            "CREATE TABLE public_data (x int); INSERT INTO public_data VALUES (7); \
-             CREATE TABLE private_data (y int); \
-             CREATE ROLE plain LOGIN PASSWORD 'plain-pw';",
-        )
-        .execute(&mut c)
-        .await
-        .unwrap();
-    });
-    pg.require_passwords().unwrap();
-    let (hsm, pki) = broker_token();
-    let broker = if store_on_pg {
-        BrokerProc::start_on(&hsm, &pki, &pg.url(), extra)
-    } else {
-        BrokerProc::start(&hsm, &pki, extra)
-    };
-    let dev = DevIssuer::load_or_generate(&hsm.dir().join("dev.pem")).unwrap();
-    let web = dev
-        .mint("shop", "web", Some("web-0"), Duration::from_secs(600))
-        .unwrap();
-    let batch = dev
-        .mint("shop", "batch", Some("batch-0"), Duration::from_secs(600))
-        .unwrap();
-    let s = Setup {
-        pg,
-        hsm,
-        pki,
-        broker,
-        web,
-        batch,
-    };
-    rt.block_on(async {
-        BrokerClient::connect(&s.broker, &s.pki)
-            .await
-            .apply(POLICY, false)
-            .await;
-    });
-    let url_file = s.hsm.dir().join("app-url");
-    std::fs::write(&url_file, admin_url(&s.pg) + "\n").unwrap();
-    let (ok, out) = ctl(
-        &s,
-        &[
-            "db",
-            "connection",
-            "put",
-            "app",
-            "--url-file",
-            url_file.to_str().unwrap(),
-        ],
-    );
-    assert!(ok, "{out}");
-    let role_file = s.hsm.dir().join("ro.yaml");
-    std::fs::write(&role_file, ROLE).unwrap();
-    let (ok, out) = ctl(
-        &s,
-        &[
-            "db",
-            "role",
-            "put",
-            "app/ro",
-            "-f",
-            role_file.to_str().unwrap(),
-        ],
-    );
-    assert!(ok, "{out}");
-    s
-}
-
-fn field(l: &LeaseResponse, k: &str) -> String {
-    String::from_utf8(l.data.get(k).unwrap_or_else(|| panic!("no {k}")).clone()).unwrap()
-}
-
-async fn role_exists(pg: &Postgres, name: &str) -> bool {
-    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM pg_roles WHERE rolname = $1")
-        .bind(name)
-        .fetch_one(&mut admin(pg).await)
-        .await
-        .unwrap();
-    n > 0
-}
-
-async fn marked_roles(pg: &Postgres) -> Vec<String> {
-    sqlx::query_scalar(
-        "SELECT r.rolname::text FROM pg_roles r JOIN pg_shdescription d ON d.objoid = r.oid \
-         WHERE r.rolname LIKE 'kh\\_%' ORDER BY 1",
-    )
-    .fetch_all(&mut admin(pg).await)
-    .await
-    .unwrap()
-}
-
-async fn valid_until_s(pg: &Postgres, name: &str) -> i64 {
-    sqlx::query_scalar(
-        "SELECT floor(EXTRACT(EPOCH FROM rolvaliduntil))::bigint FROM pg_roles WHERE rolname = $1",
-    )
-    .bind(name)
-    .fetch_one(&mut admin(pg).await)
-    .await
-    .unwrap()
-}
-
-/// Polls `f` until it holds or `patience` (a bound for a hung test, not a measurement) passes.
-async fn until<F, Fut>(patience: Duration, mut f: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + patience;
-    loop {
-        if f().await {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
 
 #[test]
 fn a_leased_credential_has_exactly_its_grants_follows_its_lease_and_is_dropped_with_it() {
@@ -736,21 +547,6 @@ fn kill_9_at_five_points_then_settle(s: &mut Setup, tokens: &[String], on_pg: bo
     );
 }
 
-/// One number from the broker's store.
-async fn store_scalar(s: &Setup, on_pg: bool, sql: &str) -> i64 {
-    if on_pg {
-        sqlx::query_scalar(sql)
-            .fetch_one(&mut PgConnection::connect(&s.pg.url()).await.unwrap())
-            .await
-            .unwrap()
-    } else {
-        sqlx::query_scalar(sql)
-            .fetch_one(&mut sqlite(s).await)
-            .await
-            .unwrap()
-    }
-}
-
 #[test]
 fn kill_9_on_a_sqlite_store_leaves_no_role_behind() {
     let mut s = setup(&["--db-pending-grace", "3s"]);
@@ -776,22 +572,6 @@ fn kill_9_on_a_sqlite_store_leaves_no_role_behind() {
         })
         .collect();
     kill_9_at_five_points_then_settle(&mut s, &tokens, false);
-}
-
-async fn sqlite(s: &Setup) -> sqlx::SqliteConnection {
-    sqlx::SqliteConnection::connect(&format!(
-        "sqlite://{}",
-        s.hsm.dir().join("broker.db").display()
-    ))
-    .await
-    .unwrap()
-}
-
-fn now_s() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
 }
 
 #[test]

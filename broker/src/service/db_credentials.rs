@@ -5,14 +5,11 @@
 //! 2. the role is created in the target database, `VALID UNTIL` the lease's expiry,
 //! 3. the lease is stored with its audit record, then the row marked `active`.
 //!
-//! The revoker ([`spawn_db_revoker`]) drops the role of every row whose lease is not active —
-//! revoked, expired, ended by policy or pod deletion, or never committed (a `pending` row after
-//! [`PENDING_GRACE`]) — retrying with capped back-off until the database lets it. The
-//! reconciler compares the roles the broker marked in the database with the rows.
+//! A role with `share: per-serviceaccount` gives the leases of one service account one
+//! credential (see [`db_shared`](super::db_shared)). The revoker and the reconciler are in
+//! [`db_revoker`](super::db_revoker).
 
-use std::collections::BTreeSet;
-
-use keyhaven_broker_core::dbrole::{self, RoleDef, Values};
+use keyhaven_broker_core::dbrole::{self, RoleDef, Share, Values};
 
 use super::leases::{new_lease_id, new_lease_row};
 use super::*;
@@ -23,27 +20,6 @@ use crate::target_db::{Target, TargetError};
 /// A `pending` row whose lease has not committed after this is dropped (a lease is stored
 /// within seconds of its role's creation, or never): the default of `--db-pending-grace`.
 pub const PENDING_GRACE: Duration = Duration::from_secs(60);
-/// How often each replica's revoker looks for roles to drop.
-pub const DB_REVOKE_EVERY: Duration = Duration::from_secs(2);
-/// How often each replica reconciles every connection.
-pub const DB_RECONCILE_EVERY: Duration = Duration::from_secs(300);
-/// Longest wait between two attempts to drop one role.
-pub const MAX_DROP_BACKOFF: Duration = Duration::from_secs(60);
-/// Most credentials one revoker pass takes.
-pub const DROP_BATCH: usize = 100;
-/// Roles one replica drops at once.
-pub const DROP_CONCURRENCY: usize = 4;
-/// End reason of a lease whose role vanished from the database.
-pub const REVOKED_ROLE_MISSING: &str = "revoked:role_missing";
-
-/// What one reconciliation found (and, unless a dry run, fixed).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct DbReconcile {
-    /// Marked roles with no live credential: dropped.
-    pub dropped_roles: Vec<String>,
-    /// Active credentials whose role is gone: their leases ended.
-    pub ended_leases: Vec<String>,
-}
 
 /// What `brokerctl db status` shows.
 #[derive(Debug, Clone, Default)]
@@ -79,6 +55,24 @@ pub(super) fn check_segment(what: &str, s: &str) -> Result<()> {
     }
 }
 
+/// A duration in ms, saturating.
+pub(super) fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// What a credential's lease carries: the login, a DSN, and where to connect.
+fn credential_data(target: &Target, username: &str, password: &str) -> SecretData {
+    let dsn = target.endpoint.dsn(username, password);
+    SecretData::from_pairs([
+        ("username", username.as_bytes().to_vec()),
+        ("password", password.as_bytes().to_vec()),
+        ("dsn", dsn.as_bytes().to_vec()),
+        ("host", target.endpoint.host.as_bytes().to_vec()),
+        ("port", target.endpoint.port.to_string().into_bytes()),
+        ("database", target.endpoint.database.as_bytes().to_vec()),
+    ])
+}
+
 /// RFC 3339 UTC of a Unix ms time, for `VALID UNTIL`.
 fn rfc3339(ms: i64) -> String {
     let t = std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
@@ -93,10 +87,10 @@ pub(super) fn random_hex(n: usize) -> Result<Zeroizing<String>> {
 
 impl Broker {
     pub(super) fn pending_grace_ms(&self) -> i64 {
-        i64::try_from(self.config.db_pending_grace.as_millis()).unwrap_or(i64::MAX)
+        millis(self.config.db_pending_grace)
     }
 
-    async fn role_def(&self, connection: &str, role: &str) -> Result<RoleDef> {
+    pub(super) async fn role_def(&self, connection: &str, role: &str) -> Result<RoleDef> {
         let text = self
             .store
             .get_db_role(connection, role)
@@ -108,7 +102,8 @@ impl Broker {
     }
 
     /// Makes the credential of a Lease on `db/CONN/ROLE` (steps 1 and 2 of the module's
-    /// order); the caller stores the lease, then calls [`Broker::db_lease_stored`].
+    /// order), or joins the caller's shared one; the caller stores the lease, then calls
+    /// [`Broker::db_lease_stored`].
     pub(super) async fn lease_db(
         &self,
         id: &Identity,
@@ -127,10 +122,11 @@ impl Broker {
             .unwrap_or(def.ttl.min(policy_ttl))
             .min(max_ttl);
         let now = now_ms();
-        let lease = new_lease_row(new_lease_id(id, path)?, id, path, 1, now, ttl, max_ttl);
+        let mut lease = new_lease_row(new_lease_id(id, path)?, id, path, 1, now, ttl, max_ttl);
         let mut r = [0u8; 4];
         getrandom::fill(&mut r).map_err(|_| BrokerError::internal("random number generator"))?;
         let username = dbrole::username(&def.username, &id.namespace, &id.service_account, role, r);
+        let shared = def.share == Share::PerServiceaccount;
         let row = DbCredentialRow {
             lease_id: lease.id.clone(),
             connection: connection.to_owned(),
@@ -144,6 +140,8 @@ impl Broker {
             attempts: 0,
             next_attempt_ms: 0,
             last_error: None,
+            shared,
+            ends_ms: shared.then(|| now.saturating_add(millis(def.max_ttl))),
         };
         match self
             .store
@@ -165,9 +163,26 @@ impl Broker {
                     "{path}: max_total ({n}) live credentials reached"
                 )));
             }
+            Reservation::Joined(c) => {
+                let r = self.join_shared(&def, &target, &c, &mut lease).await;
+                if r.is_err() {
+                    self.store.abandon_db_credential(&lease.id).await?;
+                }
+                let password = r?;
+                self.metrics.db.created(connection, role, "joined");
+                let data = credential_data(&target, &c.username, &password);
+                return Ok((LeaseGrant::of(&lease, data, ttl), lease));
+            }
             Reservation::Reserved => {}
         }
         let password = random_hex(24)?;
+        if shared {
+            // Sealed before the role exists: every lease that joins reads it from there.
+            if let Err(e) = self.seal_shared_password(id, &row, &password).await {
+                self.store.abandon_db_credential(&lease.id).await?;
+                return Err(e);
+            }
+        }
         let expiration = rfc3339(lease.expires_ms);
         let values = Values {
             name: &username,
@@ -190,15 +205,7 @@ impl Broker {
             return Err(target_error(e));
         }
         self.metrics.db.created(connection, role, "ok");
-        let dsn = target.endpoint.dsn(&username, &password);
-        let data = SecretData::from_pairs([
-            ("username", username.as_bytes().to_vec()),
-            ("password", password.as_bytes().to_vec()),
-            ("dsn", dsn.as_bytes().to_vec()),
-            ("host", target.endpoint.host.as_bytes().to_vec()),
-            ("port", target.endpoint.port.to_string().into_bytes()),
-            ("database", target.endpoint.database.as_bytes().to_vec()),
-        ]);
+        let data = credential_data(&target, &username, &password);
         Ok((LeaseGrant::of(&lease, data, ttl), lease))
     }
 
@@ -220,197 +227,53 @@ impl Broker {
     /// new expiry. An error fails the Renew (the client renews again; the statement is
     /// idempotent).
     pub(super) async fn db_renewed(&self, lease_id: &str, expires_ms: i64) -> Result<()> {
-        let Some(c) = self.store.get_db_credential(lease_id).await? else {
+        let Some(c) = self.store.db_credential_of_lease(lease_id).await? else {
             return Ok(());
         };
         let def = self.role_def(&c.connection, &c.role).await?;
         let target = self.target(&c.connection).await?;
-        let expiration = rfc3339(expires_ms);
-        let sql = dbrole::render(
-            &def.renewal,
-            &Values {
-                name: &c.username,
-                password: "",
-                expiration: &expiration,
-            },
-        )
-        .map_err(|_| BrokerError::internal("renewal statement"))?;
-        target
-            .run("renewal", &sql, None)
-            .await
-            .map_err(target_error)?;
-        self.store.set_db_valid_until(lease_id, expires_ms).await?;
-        Ok(())
+        self.extend_valid_until(&def, &target, &c, expires_ms).await
     }
 
-    /// Drops the role of `c` (idempotent: a role already gone is done).
-    async fn drop_role(&self, c: &DbCredentialRow) -> Result<()> {
-        let target = self.target(&c.connection).await?;
-        if !target
-            .role_exists(&c.username)
-            .await
-            .map_err(target_error)?
-        {
-            return Ok(());
-        }
-        let revocation = match self.store.get_db_role(&c.connection, &c.role).await? {
-            Some(t) => RoleDef::parse(&t)
-                .map(|d| d.revocation)
-                .unwrap_or_else(|_| dbrole::DEFAULT_REVOCATION.into()),
-            None => dbrole::DEFAULT_REVOCATION.into(),
-        };
-        self.drop_named(&target, &c.username, &revocation).await
-    }
-
-    async fn drop_named(&self, target: &Target, username: &str, revocation: &str) -> Result<()> {
-        let sql = dbrole::render(
-            revocation,
-            &Values {
-                name: username,
-                password: "",
-                expiration: "",
-            },
-        )
-        .map_err(|_| BrokerError::internal("revocation statement"))?;
-        target
-            .run("revocation", &sql, None)
-            .await
-            .map_err(target_error)?;
-        if target.role_exists(username).await.map_err(target_error)? {
-            return Err(BrokerError::FailedPrecondition(
-                "the revocation statements left the role in place".into(),
-            ));
-        }
-        Ok(())
-    }
-
-    /// One revoker pass: drops the roles of up to [`DROP_BATCH`] credentials whose lease is
-    /// not active, [`DROP_CONCURRENCY`] at a time; returns how many were due. A failure is
-    /// recorded on its row and retried with back-off.
-    pub async fn drop_due_credentials(&self) -> Result<usize> {
-        use futures_util::StreamExt as _;
-        let now = now_ms();
-        let due = self
+    /// Moves `c`'s `VALID UNTIL` to `expires_ms` unless it is already later. Several leases of
+    /// a shared credential renew concurrently, on any replica: the store keeps the latest
+    /// expiry, and a statement overtaken by a later one runs again with it, so the role's
+    /// `VALID UNTIL` never ends before a live lease does.
+    pub(super) async fn extend_valid_until(
+        &self,
+        def: &RoleDef,
+        target: &Target,
+        c: &DbCredentialRow,
+        expires_ms: i64,
+    ) -> Result<()> {
+        let mut want = self
             .store
-            .due_db_credentials(now, now, self.pending_grace_ms(), DROP_BATCH as i64)
+            .raise_db_valid_until(&c.lease_id, expires_ms)
             .await?;
-        let n = due.len();
-        let results: Vec<Result<()>> = futures_util::stream::iter(due)
-            .map(|c| self.drop_due(c))
-            .buffer_unordered(DROP_CONCURRENCY)
-            .collect()
-            .await;
-        results.into_iter().collect::<Result<Vec<()>>>()?;
-        Ok(n)
-    }
-
-    /// Drops the role of one due credential, or records why not.
-    async fn drop_due(&self, c: DbCredentialRow) -> Result<()> {
-        match self.drop_role(&c).await {
-            Ok(()) => {
-                self.store.mark_db_dropped(&c.lease_id, now_ms()).await?;
-                self.metrics.db.revoked(&c.connection, &c.role, "ok");
-                let ev = AuditEvent::new(
-                    now_ms(),
-                    EventKind::Admin("db_role_drop".into()),
-                    Outcome::Ok,
-                )
-                .with_identity(format!(
-                    "system:serviceaccount:{}:{}",
-                    c.namespace, c.service_account
-                ))
-                .with_path(format!("db/{}/{}", c.connection, c.role))
-                .with_lease_id(c.lease_id.clone());
-                self.audit(ev).await.map(drop)
+        for _ in 0..4 {
+            let expiration = rfc3339(want);
+            let sql = dbrole::render(
+                &def.renewal,
+                &Values {
+                    name: &c.username,
+                    password: "",
+                    expiration: &expiration,
+                },
+            )
+            .map_err(|_| BrokerError::internal("renewal statement"))?;
+            target
+                .run("renewal", &sql, None)
+                .await
+                .map_err(target_error)?;
+            let recorded = self.store.raise_db_valid_until(&c.lease_id, want).await?;
+            if recorded == want {
+                return Ok(());
             }
-            Err(e) => {
-                self.metrics.db.revoked(&c.connection, &c.role, "error");
-                let wait = MAX_DROP_BACKOFF
-                    .as_millis()
-                    .min(1000u128 << c.attempts.clamp(0, 16)) as i64;
-                tracing::warn!(lease_id = c.lease_id, username = c.username,
-                    attempts = c.attempts + 1, error = %e.chain(),
-                    "database role not dropped yet; retrying");
-                let why = match &e {
-                    BrokerError::Unavailable { what, .. } => format!("unavailable: {what}"),
-                    other => echo(&other.to_string()),
-                };
-                self.store
-                    .db_drop_failed(&c.lease_id, now_ms() + wait, &why)
-                    .await
-                    .map_err(Into::into)
-            }
+            want = recorded;
         }
-    }
-
-    /// Compares the roles marked in `connection`'s database with the live credentials: drops
-    /// marked roles with none, ends the leases of active credentials whose role is gone.
-    pub async fn reconcile_db(&self, connection: &str, dry_run: bool) -> Result<DbReconcile> {
-        let target = self.target(connection).await?;
-        // Rows first: a credential made between the two reads has its row before its role, so
-        // it is never taken for an orphan.
-        let live = self.store.live_db_credentials(connection).await?;
-        let marked: BTreeSet<String> = target
-            .marked_roles()
-            .await
-            .map_err(target_error)?
-            .into_iter()
-            .collect();
-        let known: BTreeSet<&str> = live.iter().map(|c| c.username.as_str()).collect();
-        let mut out = DbReconcile::default();
-        for name in marked.iter().filter(|n| !known.contains(n.as_str())) {
-            if !dry_run {
-                self.drop_named(&target, name, dbrole::DEFAULT_REVOCATION)
-                    .await?;
-                let ev = AuditEvent::new(
-                    now_ms(),
-                    EventKind::Admin("db_orphan_drop".into()),
-                    Outcome::Ok,
-                )
-                .with_identity("system:keyhaven-broker")
-                .with_path(dbrole::connection_path(connection))
-                .with_reason(format!("role {name}"));
-                self.audit(ev).await?;
-            }
-            out.dropped_roles.push(name.clone());
-        }
-        for c in live
-            .iter()
-            .filter(|c| c.state == "active" && !marked.contains(&c.username))
-        {
-            if !dry_run {
-                let id = c.lease_id.clone();
-                self.commit_change(move |store| async move {
-                    let (_, records) = store
-                        .revoke_leases_audited(
-                            &LeaseFilter::Id(id.clone()),
-                            now_ms(),
-                            REVOKED_ROLE_MISSING,
-                            |ended| {
-                                ended
-                                    .iter()
-                                    .map(|l| {
-                                        AuditEvent::new(now_ms(), EventKind::Revoke, Outcome::Ok)
-                                            .with_identity(l.identity.subject())
-                                            .with_path(l.path.clone())
-                                            .with_lease_id(l.id.clone())
-                                            .with_reason(REVOKED_ROLE_MISSING)
-                                    })
-                                    .collect()
-                            },
-                        )
-                        .await?;
-                    Ok(((), records))
-                })
-                .await?;
-                self.store.mark_db_dropped(&c.lease_id, now_ms()).await?;
-            }
-            out.ended_leases.push(c.lease_id.clone());
-        }
-        self.metrics
-            .db
-            .reconciled(connection, out.dropped_roles.len(), out.ended_leases.len());
-        Ok(out)
+        Err(BrokerError::unavailable(
+            "credential database (VALID UNTIL kept moving)",
+        ))
     }
 
     /// Stores role `CONN/ROLE`'s definition (YAML, see [`RoleDef`]).
@@ -495,60 +358,4 @@ impl Broker {
         )
         .await
     }
-
-    /// The connections that have roles.
-    async fn db_connections(&self) -> Result<Vec<String>> {
-        let mut names: Vec<String> = self
-            .store
-            .list_db_roles()
-            .await?
-            .into_iter()
-            .map(|(c, _, _)| c)
-            .collect();
-        names.dedup();
-        Ok(names)
-    }
-}
-
-/// Drops the roles of ended credentials every `every`, and reconciles every connection every
-/// `reconcile_every`, on this replica, until the broker is dropped.
-pub fn spawn_db_revoker(
-    broker: std::sync::Weak<Broker>,
-    every: Duration,
-    reconcile_every: Duration,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_reconcile = std::time::Instant::now();
-        loop {
-            tick.tick().await;
-            let Some(b) = broker.upgrade() else { return };
-            // A full batch: more may be due (10,000 leases expiring at once); go on at once.
-            loop {
-                match b.drop_due_credentials().await {
-                    Ok(n) if n == DROP_BATCH => continue,
-                    Ok(_) => break,
-                    Err(e) => {
-                        tracing::warn!(error = %e.chain(), "credential revoker pass failed");
-                        break;
-                    }
-                }
-            }
-            if last_reconcile.elapsed() >= reconcile_every {
-                last_reconcile = std::time::Instant::now();
-                match b.db_connections().await {
-                    Ok(names) => {
-                        for n in names {
-                            if let Err(e) = b.reconcile_db(&n, false).await {
-                                tracing::warn!(connection = n, error = %e.chain(), "reconcile failed");
-                            }
-                        }
-                    }
-                    Err(e) => tracing::warn!(error = %e.chain(), "reconcile: connections not read"),
-                }
-            }
-            drop(b);
-        }
-    })
 }

@@ -25,6 +25,8 @@ mod auth_failures;
 mod authn;
 mod db_connections;
 mod db_credentials;
+mod db_revoker;
+mod db_shared;
 mod dek_sync;
 mod error;
 mod health;
@@ -36,9 +38,9 @@ pub mod rotation;
 
 pub use admin::{KekStatus, PolicyApply};
 pub use auth_failures::{spawn_auth_failure_flush, AUTH_FAILURE_FLUSH_EVERY, MAX_FAILURE_KEYS};
-pub use db_credentials::{
-    spawn_db_revoker, DbReconcile, DbStatus, DB_RECONCILE_EVERY, DB_REVOKE_EVERY, PENDING_GRACE,
-    REVOKED_ROLE_MISSING,
+pub use db_credentials::{DbStatus, PENDING_GRACE};
+pub use db_revoker::{
+    spawn_db_revoker, DbReconcile, DB_RECONCILE_EVERY, DB_REVOKE_EVERY, REVOKED_ROLE_MISSING,
 };
 pub use dek_sync::{spawn_dek_watch, DEK_POLL};
 pub use error::{BrokerError, Result};
