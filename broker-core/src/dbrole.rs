@@ -77,7 +77,35 @@ pub struct RoleDef {
     /// `{{role}}` and `{{random}}` (required: 8 hex) with `[a-z0-9_]` between them.
     #[serde(default = "default_username")]
     pub username: String,
+    /// libpq parameters added to the `dsn` the workload gets (see [`DSN_PARAMS`]), e.g.
+    /// `sslmode: verify-full` and `sslrootcert:` where the pod mounts the database's CA.
+    /// Without `sslmode`, the connection URL's is carried over when it asks for TLS.
+    #[serde(default)]
+    pub dsn_params: std::collections::BTreeMap<String, String>,
 }
+
+/// The libpq parameters a role's `dsn_params` may set.
+pub const DSN_PARAMS: &[&str] = &[
+    "sslmode",
+    "sslrootcert",
+    "sslcert",
+    "sslkey",
+    "sslcrl",
+    "sslnegotiation",
+    "application_name",
+    "connect_timeout",
+    "target_session_attrs",
+];
+
+/// `sslmode` values libpq knows.
+const SSL_MODES: &[&str] = &[
+    "disable",
+    "allow",
+    "prefer",
+    "require",
+    "verify-ca",
+    "verify-full",
+];
 
 /// The default user-name template: `kh_<namespace>_<serviceaccount>_<role>_<8 hex>`.
 pub const DEFAULT_USERNAME: &str = "{{namespace}}_{{serviceaccount}}_{{role}}_{{random}}";
@@ -179,6 +207,21 @@ impl RoleDef {
             return Err(RoleError::Invalid(
                 "max_per_identity is larger than max_total".into(),
             ));
+        }
+        for (k, v) in &self.dsn_params {
+            if !DSN_PARAMS.contains(&k.as_str()) {
+                return Err(RoleError::Invalid(format!(
+                    "dsn_params: '{}' is not one of {}",
+                    crate::bounded::echo(k),
+                    DSN_PARAMS.join(", ")
+                )));
+            }
+            let ok = !v.is_empty() && v.len() <= 255 && !v.chars().any(char::is_control);
+            if !ok || (k == "sslmode" && !SSL_MODES.contains(&v.as_str())) {
+                return Err(RoleError::Invalid(format!(
+                    "dsn_params: the value of {k} is not valid"
+                )));
+            }
         }
         let fixed = username_segments(&self.username).map_err(|why| RoleError::Template {
             field: "username",
@@ -447,6 +490,12 @@ mod tests {
         assert_eq!(d.renewal, DEFAULT_RENEWAL);
         assert_eq!(d.revocation, DEFAULT_REVOCATION);
         assert_eq!(d.share, Share::None);
+        let tls = "max_per_identity: 1\nmax_total: 1\n\
+                   dsn_params: {sslmode: verify-full, sslrootcert: /etc/db-ca/ca.crt}\n";
+        assert_eq!(
+            RoleDef::parse(tls).unwrap().dsn_params["sslmode"],
+            "verify-full"
+        );
         let shared = "max_per_identity: 2\nmax_total: 4\nshare: per-serviceaccount\n";
         assert_eq!(
             RoleDef::parse(shared).unwrap().share,
@@ -461,6 +510,9 @@ mod tests {
             "max_per_identity: 1\nmax_total: 1\ncreation: CREATE ROLE {{name}} LOGIN\n",
             "max_per_identity: 1\nmax_total: 1\nrenewal: ALTER ROLE {{name\n",
             "max_per_identity: 1\nmax_total: 1\nshare: per-pod\n",
+            "max_per_identity: 1\nmax_total: 1\ndsn_params: {password: x}\n",
+            "max_per_identity: 1\nmax_total: 1\ndsn_params: {sslmode: sometimes}\n",
+            "max_per_identity: 1\nmax_total: 1\ndsn_params: {sslrootcert: \"\"}\n",
             "max_per_identity: 1\nmax_total: 1\nbogus: 1\n",
         ] {
             assert!(RoleDef::parse(bad).is_err(), "accepted: {bad}");

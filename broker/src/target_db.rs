@@ -11,7 +11,7 @@ use std::str::FromStr;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgSslMode};
 use zeroize::Zeroizing;
 
 /// Every role the broker creates gets this comment: with the `kh_` prefix, the reconciler's
@@ -80,6 +80,13 @@ impl TargetError {
     }
 }
 
+/// What a libpq URI part may hold unescaped: RFC 3986's unreserved characters.
+const URI_COMPONENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
 /// Where a credential connects: from the connection URL, without its user and password.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
@@ -89,22 +96,43 @@ pub struct Endpoint {
     pub port: u16,
     /// Database.
     pub database: String,
+    /// The connection URL's `sslmode` when it asks for TLS (`require`, `verify-ca`,
+    /// `verify-full`): a workload's DSN keeps it unless its role says otherwise.
+    pub ssl_mode: Option<&'static str>,
 }
 
 impl Endpoint {
-    /// A libpq URL for `user` with `password`.
-    pub fn dsn(&self, user: &str, password: &str) -> Zeroizing<String> {
-        Zeroizing::new(if self.host.starts_with('/') {
-            format!(
-                "postgresql://{user}:{password}@/{}?host={}&port={}",
-                self.database, self.host, self.port
-            )
+    /// A libpq URL for `user` with `password`, with the role's `params` (and the connection's
+    /// `sslmode` unless they set one).
+    pub fn dsn(
+        &self,
+        user: &str,
+        password: &str,
+        params: &std::collections::BTreeMap<String, String>,
+    ) -> Zeroizing<String> {
+        let enc = |v: &str| percent_encoding::utf8_percent_encode(v, URI_COMPONENT).to_string();
+        let mut query: Vec<String> = Vec::new();
+        let (at, path) = if self.host.starts_with('/') {
+            query.push(format!("host={}", enc(&self.host)));
+            query.push(format!("port={}", self.port));
+            (String::new(), enc(&self.database))
         } else {
-            format!(
-                "postgresql://{user}:{password}@{}:{}/{}",
-                self.host, self.port, self.database
-            )
-        })
+            (format!("{}:{}", self.host, self.port), enc(&self.database))
+        };
+        if let (Some(mode), false) = (self.ssl_mode, params.contains_key("sslmode")) {
+            query.push(format!("sslmode={mode}"));
+        }
+        query.extend(params.iter().map(|(k, v)| format!("{k}={}", enc(v))));
+        let query = if query.is_empty() {
+            String::new()
+        } else {
+            format!("?{}", query.join("&"))
+        };
+        Zeroizing::new(format!(
+            "postgresql://{}:{}@{at}/{path}{query}",
+            enc(user),
+            enc(password)
+        ))
     }
 }
 
@@ -139,12 +167,22 @@ pub fn parse_url(login: AdminLogin<'_>) -> Result<(PgConnectOptions, Endpoint), 
         opts = opts.password(p);
     }
     let endpoint = Endpoint {
-        host: opts.get_host().to_owned(),
+        // A Unix socket directory (`?host=/run/postgresql`) is where a credential connects.
+        host: match opts.get_socket() {
+            Some(dir) => dir.to_string_lossy().into_owned(),
+            None => opts.get_host().to_owned(),
+        },
         port: opts.get_port(),
         database: opts
             .get_database()
             .unwrap_or(opts.get_username())
             .to_owned(),
+        ssl_mode: match opts.get_ssl_mode() {
+            PgSslMode::Require => Some("require"),
+            PgSslMode::VerifyCa => Some("verify-ca"),
+            PgSslMode::VerifyFull => Some("verify-full"),
+            _ => None,
+        },
     };
     Ok((opts, endpoint))
 }
@@ -390,5 +428,44 @@ mod tests {
              nQpbZ77WudtqufPwikHXGRt6g2QJ4zns8bZLw273DRM=:\
              jn2amWP1q1h+jgjy0YTO14S6/F02SV7taipOeB7ef20="
         );
+    }
+
+    #[test]
+    fn a_dsn_keeps_the_connections_tls_and_adds_the_roles_params() {
+        let login = |url| AdminLogin {
+            url,
+            password: None,
+        };
+        let (_, tls) = parse_url(login(
+            "postgres://a:b@db.example:5433/app?sslmode=verify-full",
+        ))
+        .unwrap();
+        let none = std::collections::BTreeMap::new();
+        assert_eq!(
+            *tls.dsn("kh_u_1", "pw", &none),
+            "postgresql://kh_u_1:pw@db.example:5433/app?sslmode=verify-full"
+        );
+        let params: std::collections::BTreeMap<String, String> = [
+            ("sslmode", "verify-ca"),
+            ("sslrootcert", "/etc/db ca/ca.crt"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        assert_eq!(
+            *tls.dsn("kh_u_1", "pw", &params),
+            "postgresql://kh_u_1:pw@db.example:5433/app?sslmode=verify-ca\
+             &sslrootcert=%2Fetc%2Fdb%20ca%2Fca.crt"
+        );
+        // No TLS asked for: none added; a socket directory goes in the query.
+        let (_, plain) = parse_url(login("postgres://a@localhost/my%20db?host=/run/pg")).unwrap();
+        assert_eq!(
+            *plain.dsn("kh_u_1", "p&w", &none),
+            "postgresql://kh_u_1:p%26w@/my%20db?host=%2Frun%2Fpg&port=5432"
+        );
+        // What the workload's client makes of it.
+        let back = PgConnectOptions::from_str(&tls.dsn("kh_u_1", "pw", &params)).unwrap();
+        assert_eq!(back.get_host(), "db.example");
+        assert!(matches!(back.get_ssl_mode(), PgSslMode::VerifyCa));
     }
 }

@@ -626,6 +626,43 @@ fn a_connection_verifies_the_database_certificate() {
     // that chains to it and names the host), stored.
     let (ok, out) = put(&pki.ca);
     assert!(ok, "{out}");
+
+    // The workload's DSN keeps verify-full; the role says where the pod has the CA.
+    pg.psql("app", "CREATE TABLE public_data (x int)").unwrap();
+    let role = format!(
+        "{ROLE}dsn_params:\n  sslrootcert: {}\n  application_name: shop web\n",
+        pki.ca.display()
+    );
+    let file = hsm.dir().join("tls-role.yaml");
+    std::fs::write(&file, role).unwrap();
+    let out = broker.ctl_admin(
+        &hsm,
+        &pki.ca,
+        &["db", "role", "put", "app/ro", "-f", file.to_str().unwrap()],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let dev = DevIssuer::load_or_generate(&hsm.dir().join("dev.pem")).unwrap();
+    let web = dev
+        .mint("shop", "web", Some("web-0"), Duration::from_secs(600))
+        .unwrap();
+    runtime().block_on(async {
+        let mut c = BrokerClient::connect(&broker, &pki).await;
+        c.apply(POLICY, false).await;
+        let lease = c.lease(&web, "db/app/ro").await.expect("lease");
+        let dsn = field(&lease, "dsn");
+        assert!(
+            dsn.contains("sslmode=verify-full") && dsn.contains("application_name=shop%20web"),
+            "{}",
+            dsn.replace(&field(&lease, "password"), "***")
+        );
+        let mut session = PgConnection::connect(&dsn).await.expect("log in over TLS");
+        let over_tls: bool =
+            sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+                .fetch_one(&mut session)
+                .await
+                .unwrap();
+        assert!(over_tls);
+    });
 }
 
 /// A second connection, `own`, whose admin is an ordinary CREATEROLE role logging in with a

@@ -61,8 +61,8 @@ pub(super) fn millis(d: Duration) -> i64 {
 }
 
 /// What a credential's lease carries: the login, a DSN, and where to connect.
-fn credential_data(target: &Target, username: &str, password: &str) -> SecretData {
-    let dsn = target.endpoint.dsn(username, password);
+fn credential_data(def: &RoleDef, target: &Target, username: &str, password: &str) -> SecretData {
+    let dsn = target.endpoint.dsn(username, password, &def.dsn_params);
     SecretData::from_pairs([
         ("username", username.as_bytes().to_vec()),
         ("password", password.as_bytes().to_vec()),
@@ -170,7 +170,7 @@ impl Broker {
                 }
                 let password = r?;
                 self.metrics.db.created(connection, role, "joined");
-                let data = credential_data(&target, &c.username, &password);
+                let data = credential_data(&def, &target, &c.username, &password);
                 return Ok((LeaseGrant::of(&lease, data, ttl), lease));
             }
             Reservation::Reserved => {}
@@ -205,7 +205,7 @@ impl Broker {
             return Err(target_error(e));
         }
         self.metrics.db.created(connection, role, "ok");
-        let data = credential_data(&target, &username, &password);
+        let data = credential_data(&def, &target, &username, &password);
         Ok((LeaseGrant::of(&lease, data, ttl), lease))
     }
 
