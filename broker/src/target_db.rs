@@ -8,15 +8,21 @@
 use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::str::FromStr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgSslMode};
 use zeroize::Zeroizing;
 
-/// Every role the broker creates gets this comment: with the `kh_` prefix, the reconciler's
-/// marker of what it may drop.
+/// Every role the broker creates gets the comment `ROLE_COMMENT <installation id>` ([`marker`]):
+/// with the `kh_` prefix, the reconciler's marker of what it may drop. A role whose comment is
+/// `ROLE_COMMENT` alone was made before installations had ids, and is taken as this one's.
 pub const ROLE_COMMENT: &str = "keyhaven dynamic credential";
+
+/// The comment of the roles installation `id` creates.
+pub fn marker(id: &str) -> String {
+    format!("{ROLE_COMMENT} {id}")
+}
 
 /// A failure talking to a target database.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -196,15 +202,26 @@ pub struct Target {
     pub pool: PgPool,
     /// Where credentials connect.
     pub endpoint: Endpoint,
+    /// The comment marking the roles this installation creates.
+    marker: Arc<str>,
 }
 
 /// The pools, by connection name; a pool is replaced when its URL gets a new version.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Targets {
     pools: Mutex<HashMap<String, Target>>,
+    marker: Arc<str>,
 }
 
 impl Targets {
+    /// No pool yet; the roles made through them carry `marker` ([`marker`]).
+    pub fn new(marker: String) -> Targets {
+        Targets {
+            pools: Mutex::default(),
+            marker: marker.into(),
+        }
+    }
+
     /// The pool of `name` if it was made from `version`.
     pub fn get(&self, name: &str, version: i64) -> Option<Target> {
         let pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
@@ -231,6 +248,7 @@ impl Targets {
             version,
             pool,
             endpoint,
+            marker: self.marker.clone(),
         };
         let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
         match pools.get(name) {
@@ -380,7 +398,7 @@ impl Target {
             sql.push_str(&format!(
                 "\n;COMMENT ON ROLE {} IS {};",
                 keyhaven_broker_core::dbrole::quote_ident(name),
-                keyhaven_broker_core::dbrole::quote_literal(ROLE_COMMENT)
+                keyhaven_broker_core::dbrole::quote_literal(&self.marker)
             ));
         }
         sqlx::raw_sql(&sql)
@@ -406,8 +424,9 @@ impl Target {
             "SELECT r.rolname::text FROM pg_roles r \
              JOIN pg_shdescription d ON d.objoid = r.oid \
                   AND d.classoid = 'pg_authid'::regclass \
-             WHERE r.rolname LIKE 'kh\\_%' AND d.description = $1 ORDER BY 1",
+             WHERE r.rolname LIKE 'kh\\_%' AND d.description IN ($1, $2) ORDER BY 1",
         )
+        .bind(&*self.marker)
         .bind(ROLE_COMMENT)
         .fetch_all(&self.pool)
         .await

@@ -182,6 +182,17 @@ fn caps_a_role_left_by_a_crash_drift_both_ways_and_an_outage_during_revocation()
     let mut s = setup(&["--db-reconcile-interval", "1h"]);
     let rt = runtime();
     let mut c = rt.block_on(BrokerClient::connect(&s.broker, &s.pki));
+    // The comment this installation's roles carry (`db status`).
+    let (ok, out) = ctl(&s, &["--output", "json", "db", "status"]);
+    assert!(ok, "{out}");
+    let marker = serde_json::from_str::<serde_json::Value>(&out).unwrap()["marker"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        marker.starts_with("keyhaven dynamic credential "),
+        "{marker}"
+    );
     rt.block_on(async {
         // max_per_identity 2 for web; max_total 3 across web and batch.
         let a = c.lease(&s.web, "db/app/ro").await.unwrap();
@@ -211,11 +222,14 @@ fn caps_a_role_left_by_a_crash_drift_both_ways_and_an_outage_during_revocation()
             .await
             .unwrap();
         // A marked role created behind its back (or left by a broker killed between creating
-        // it and recording its lease: the row says pending, long ago — see below).
-        sqlx::raw_sql(
+        // it and recording its lease: the row says pending, long ago — see below); and one
+        // marked by another installation sharing the database, which is not ours to drop.
+        sqlx::raw_sql(&format!(
             "CREATE ROLE kh_stray_x_y_00000000 LOGIN; \
-             COMMENT ON ROLE kh_stray_x_y_00000000 IS 'keyhaven dynamic credential'",
-        )
+             COMMENT ON ROLE kh_stray_x_y_00000000 IS '{marker}'; \
+             CREATE ROLE kh_theirs_x_y_11111111 LOGIN; \
+             COMMENT ON ROLE kh_theirs_x_y_11111111 IS 'keyhaven dynamic credential 0123abcd'"
+        ))
         .execute(&mut admin(&s.pg).await)
         .await
         .unwrap();
@@ -237,6 +251,11 @@ fn caps_a_role_left_by_a_crash_drift_both_ways_and_an_outage_during_revocation()
     assert_eq!(v["ended_leases"].as_array().unwrap().len(), 1);
     rt.block_on(async {
         assert!(!role_exists(&s.pg, "kh_stray_x_y_00000000").await);
+        assert!(role_exists(&s.pg, "kh_theirs_x_y_11111111").await);
+        sqlx::raw_sql("DROP ROLE kh_theirs_x_y_11111111")
+            .execute(&mut admin(&s.pg).await)
+            .await
+            .unwrap();
         // The lease of the vanished role ended with the reason; its cap slot is free again.
         let ended = v["ended_leases"][0].as_str().unwrap();
         let info = c.lease_info(ended).await;

@@ -102,6 +102,7 @@ impl Edge {
                         last_error: c.last_error.unwrap_or_default(),
                     })
                     .collect(),
+                marker: s.marker,
             }))
         })
         .await

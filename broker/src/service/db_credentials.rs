@@ -28,6 +28,8 @@ pub struct DbStatus {
     pub counts: Vec<DbCredentialCount>,
     /// Roles waiting to be dropped, with why the last attempt failed.
     pub pending_drops: Vec<DbCredentialRow>,
+    /// The comment marking the roles this installation creates.
+    pub marker: String,
 }
 
 pub(super) fn target_error(e: TargetError) -> BrokerError {
@@ -334,6 +336,7 @@ impl Broker {
                 .store
                 .due_db_credentials(now_ms(), i64::MAX, self.pending_grace_ms(), 1000)
                 .await?,
+            marker: self.marker.clone(),
         })
     }
 

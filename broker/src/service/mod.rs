@@ -143,6 +143,8 @@ pub struct Broker {
     started_ms: i64,
     /// Pools of the databases dynamic credentials are made in.
     targets: crate::target_db::Targets,
+    /// The comment marking the database roles this installation creates.
+    marker: String,
 }
 
 impl std::fmt::Debug for Broker {
@@ -173,6 +175,7 @@ impl Broker {
         let store_for_audit = store.clone();
         // Half the pool: the rest serves the audit writer, admin calls, reaper and re-wrap.
         let reads = store.hot_reads((store.max_connections() / 2).max(1) as usize);
+        let marker = crate::target_db::marker(&store.installation_id().await?);
         let b = Broker {
             store,
             reads,
@@ -196,7 +199,8 @@ impl Broker {
             metrics,
             replica: crate::rotation::replica_name(),
             started_ms: now_ms(),
-            targets: crate::target_db::Targets::default(),
+            targets: crate::target_db::Targets::new(marker.clone()),
+            marker,
         };
         b.reload_policies().await?;
         b.refresh_kek().await?;

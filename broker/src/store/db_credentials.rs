@@ -270,6 +270,14 @@ macro_rules! delete_roles_body {
 }
 
 impl Store {
+    /// This installation's id (made by the first migration that knew it; never changes).
+    pub async fn installation_id(&self) -> Result<String> {
+        Ok(
+            on_pool!(self, p => sqlx::query_scalar("SELECT id FROM installation")
+            .fetch_one(p).await)?,
+        )
+    }
+
     /// Stores (replaces) a role definition.
     pub async fn put_db_role(
         &self,

@@ -263,7 +263,7 @@ fn print_status(r: &pb::DbStatusResponse, io: &mut Io<'_>) -> Result<(), CtlErro
                 .collect();
             output::json(
                 io.out,
-                &json!({"credentials": counts, "pending_drops": drops}),
+                &json!({"credentials": counts, "pending_drops": drops, "marker": r.marker}),
             )?
         }
         Output::Text => {
@@ -279,6 +279,7 @@ fn print_status(r: &pb::DbStatusResponse, io: &mut Io<'_>) -> Result<(), CtlErro
                 })
                 .collect();
             table(io.out, &["ROLE", "STATE", "CREDENTIALS"], &rows)?;
+            writeln!(io.out, "roles marked: kh_*, comment '{}'", r.marker)?;
             if r.pending_drops.is_empty() {
                 writeln!(io.out, "no role waiting to be dropped")?;
             } else {
