@@ -79,6 +79,10 @@ project_containers() { podman ps -a --filter "label=io.podman.compose.project=$P
 [ -z "$(project_containers)" ] \
     || die "compose project '$PROJECT' already has containers (podman ps -a): bring it down first"
 
+# stdin without the lines holding a secret of $WORK/secrets.txt (its empty lines left out: an
+# empty pattern matches, and would hide, every line).
+redact() { grep -v -F -f <(grep -v '^$' "$WORK/secrets.txt"); }
+
 STARTED=0
 cleanup() {
     local rc=$?
@@ -89,7 +93,7 @@ cleanup() {
             podman ps -a --filter "label=io.podman.compose.project=$PROJECT" --format '{{.Names}} {{.Status}}' >&2
             for c in $(project_containers); do
                 echo "--- podman logs $c (last 20 lines)" >&2
-                podman logs --tail 20 "$c" 2>&1 | grep -v -F -f "$WORK/secrets.txt" >&2
+                podman logs --tail 20 "$c" 2>&1 | redact >&2
             done
         fi
         say "down: removing the containers, volumes and network"
@@ -383,7 +387,7 @@ check_files "$WORK/v1" || die "the workload's files do not hold the value the br
 
 say "check: a new version of shop/db (compose run setup) reaches the file"
 compose run --rm --no-deps setup > "$WORK/setup-run.log" 2>&1 \
-    || { grep -v -F -f "$WORK/secrets.txt" "$WORK/setup-run.log" >&2; die "compose run setup"; }
+    || { redact < "$WORK/setup-run.log" >&2; die "compose run setup"; }
 leased_password "$WORK/v2"
 cmp -s "$WORK/v1" "$WORK/v2" && die "setup did not put a new value of shop/db"
 t=0
@@ -420,7 +424,7 @@ done
 wait_for broker service_healthy 120
 say "fault: once the broker is back, a new version reaches the agent's files"
 compose run --rm --no-deps setup > "$WORK/setup-run.log" 2>&1 \
-    || { grep -v -F -f "$WORK/secrets.txt" "$WORK/setup-run.log" >&2; die "compose run setup after the broker's restart"; }
+    || { redact < "$WORK/setup-run.log" >&2; die "compose run setup after the broker's restart"; }
 cat "$WORK/setup-run.log" >> "$WORK/setup-runs.log"
 leased_password "$WORK/v3"
 cmp -s "$WORK/v2" "$WORK/v3" && die "setup did not put a new value of shop/db"
@@ -473,8 +477,11 @@ say "  $before active leases before, none after"
 
 say "check: no PIN, credential, token or secret value in any container's log"
 sort -u "$WORK/secrets.txt" | grep -v '^$' > "$WORK/patterns.txt"
+# Each log is read into a file first: `podman logs | grep -q` fails under pipefail when grep
+# stops reading at its first match (podman gets SIGPIPE), which would hide a leak.
 # The scan finds what is there: the demo app prints the file it reads, so its log has the value.
-podman logs "$WORKLOAD" 2>&1 | grep -q -F -f "$WORK/v1" \
+podman logs "$WORKLOAD" > "$WORK/log.txt" 2>&1
+grep -q -F -f "$WORK/v1" "$WORK/log.txt" \
     || die "the workload's log does not show the value it read (the log scan would see nothing)"
 leaks=0
 for c in $(project_containers); do
@@ -487,7 +494,8 @@ for c in $(project_containers); do
     else
         pat="$WORK/patterns.txt"
     fi
-    if podman logs "$c" 2>&1 | grep -q -F -f "$pat"; then
+    podman logs "$c" > "$WORK/log.txt" 2>&1
+    if grep -q -F -f "$pat" "$WORK/log.txt"; then
         say "  LEAK in the log of $c"; leaks=$((leaks + 1))
     fi
 done
