@@ -6,10 +6,13 @@
 #
 # 1. Images: a Debian base made with debootstrap (cached as localhost/debian-base:bookworm), the
 #    release binaries built on this host and their CycloneDX SBOMs (scripts/sbom.sh, also left
-#    in the target dir as release/<binary>.cdx.json), keyhaven/keyhaven:dev and the Kubernetes
-#    images keyhaven/<target>:<version> from deploy/Dockerfile on them, and stand-ins for the
-#    upstream postgres and busybox images (deploy/compose/podman.override.yml). Each image's
-#    SBOMs are checked against `cargo tree` of the binary's package.
+#    in the target dir as release/<binary>.cdx.json), the tools image keyhaven/keyhaven:dev and
+#    the shell-less images keyhaven/<target>:dev and :<version> from deploy/Dockerfile on them,
+#    and stand-ins for the upstream postgres and busybox images
+#    (deploy/compose/podman.override.yml). Each image's SBOMs are checked against `cargo tree`
+#    of the binary's package; the shell-less images must hold no shell, package manager or
+#    interpreter (by their files, and `podman run --entrypoint /bin/sh` must fail). Each image's
+#    size and file count are printed.
 # 2. `podman-compose up`, one service at a time in depends_on order: podman 4.3 has no systemd
 #    here to run healthchecks, and podman-compose ignores `condition: service_healthy` before
 #    podman 4.6, so this script enforces each depends_on condition itself (it runs the service's
@@ -23,8 +26,8 @@
 #    then gets the next version once the broker is back) and the plugin restarted (the next
 #    KMS call works).
 # 4. `down`: containers, volumes and network are removed, also on failure. The images stay
-#    (keyhaven/keyhaven:dev, localhost/keyhaven-postgres:dev, and the base, which is made only
-#    when missing): the next run reuses their layers.
+#    (keyhaven/*, localhost/keyhaven-postgres:dev, and the base, which is made only when
+#    missing): the next run reuses their layers.
 #
 # No secret is ever on a command line: they are read from the volumes into files in a private
 # temp dir and handed to tools as file paths (grep -f, --token-file, ...).
@@ -38,11 +41,13 @@ need_cargo_cyclonedx
 PROJECT=keyhaven   # `name:` in docker-compose.yml
 BASE_IMAGE=localhost/debian-base:bookworm
 BINARIES_IMAGE=localhost/keyhaven-binaries:dev
-KEYHAVEN_IMAGE=keyhaven/keyhaven:dev   # `image:` of x-keyhaven in docker-compose.yml
+KEYHAVEN_IMAGE=keyhaven/keyhaven:dev   # the tools image: `image:` of x-keyhaven in docker-compose.yml
 POSTGRES_IMAGE=localhost/keyhaven-postgres:dev   # deploy/compose/podman.override.yml
 BINS=(kms-plugin broker brokerctl broker-agent keyhaven-injector)
 # The deploy/Dockerfile targets deploy/kubernetes/ runs, built as keyhaven/<target>:<version>
-# (deploy-tests checks that every image a manifest names is one of these).
+# (deploy-tests checks that every image a manifest names is one of these) and as
+# keyhaven/<target>:dev (docker-compose.yml's long-running services run the first three). All
+# are shell-less.
 K8S_TARGETS=(kms-plugin broker broker-agent injector)
 IMAGE_VERSION=$(cargo metadata --format-version 1 --no-deps --locked \
     | python3 -c 'import json, sys; print(next(p["version"] for p in json.load(sys.stdin)["packages"] if p["name"] == "kms-plugin"))')
@@ -79,6 +84,10 @@ project_containers() { podman ps -a --filter "label=io.podman.compose.project=$P
 [ -z "$(project_containers)" ] \
     || die "compose project '$PROJECT' already has containers (podman ps -a): bring it down first"
 
+# stdin without the lines holding a secret of $WORK/secrets.txt (its empty lines left out: an
+# empty pattern matches, and would hide, every line).
+redact() { grep -v -F -f <(grep -v '^$' "$WORK/secrets.txt"); }
+
 STARTED=0
 cleanup() {
     local rc=$?
@@ -89,7 +98,7 @@ cleanup() {
             podman ps -a --filter "label=io.podman.compose.project=$PROJECT" --format '{{.Names}} {{.Status}}' >&2
             for c in $(project_containers); do
                 echo "--- podman logs $c (last 20 lines)" >&2
-                podman logs --tail 20 "$c" 2>&1 | grep -v -F -f "$WORK/secrets.txt" >&2
+                podman logs --tail 20 "$c" 2>&1 | redact >&2
             done
         fi
         say "down: removing the containers, volumes and network"
@@ -144,20 +153,54 @@ cp "$WORK"/bins/out/sbom/*.cdx.json "$TARGET_DIR/release/"
 tar -C "$WORK/bins" -c out | podman import -q - "$BINARIES_IMAGE" >/dev/null
 rm -rf "$WORK/bins"
 
-say "building $KEYHAVEN_IMAGE and keyhaven/{$(IFS=,; echo "${K8S_TARGETS[*]}")}:$IMAGE_VERSION (deploy/Dockerfile on $BASE_IMAGE, with the host's binaries)"
+say "building $KEYHAVEN_IMAGE and keyhaven/{$(IFS=,; echo "${K8S_TARGETS[*]}")}:{dev,$IMAGE_VERSION} (deploy/Dockerfile on $BASE_IMAGE, with the host's binaries)"
+# build_target TARGET TAG...
 build_target() {
-    podman build -q -f deploy/Dockerfile --target "$1" -t "$2" \
+    local target=$1 tags=() t
+    shift
+    for t in "$@"; do tags+=(-t "$t"); done
+    podman build -q -f deploy/Dockerfile --target "$target" "${tags[@]}" \
         --build-arg BASE_IMAGE="$BASE_IMAGE" --build-arg BINARIES="$BINARIES_IMAGE" . >/dev/null
 }
 build_target keyhaven "$KEYHAVEN_IMAGE"
-for t in "${K8S_TARGETS[@]}"; do build_target "$t" "keyhaven/$t:$IMAGE_VERSION"; done
+for t in "${K8S_TARGETS[@]}"; do build_target "$t" "keyhaven/$t:dev" "keyhaven/$t:$IMAGE_VERSION"; done
 podman rmi "$BINARIES_IMAGE" >/dev/null   # only the build needs it
+
+# What a reviewer looks for in an image's files: a shell, a package manager, an interpreter.
+SHELL_LIKE='(^|/)(sh|bash|dash|ash|zsh|busybox|apt|apt-get|dpkg|perl|python3?)$|(^|/)var/lib/dpkg/'
+# image_files IMAGE: the paths of IMAGE's filesystem, one a line, into $WORK/files.txt; prints
+# IMAGE's size and file count.
+image_files() {
+    local c
+    c=$(podman create -q "$1")
+    podman export "$c" | tar -t > "$WORK/files.txt"
+    podman rm -f "$c" > /dev/null
+    printf '%s, %s files' "$(podman image inspect "$1" --format '{{.Size}}' | awk '{ printf "%.1f MB", $1 / 1e6 }')" \
+        "$(grep -vc '/$' "$WORK/files.txt")"
+}
+say "check: the shell-less images hold no shell, package manager or interpreter, and cannot run /bin/sh"
+# Both checks find the shell where there is one: the tools image's.
+about=$(image_files "$KEYHAVEN_IMAGE")
+grep -Eq "$SHELL_LIKE" "$WORK/files.txt" || die "$KEYHAVEN_IMAGE: the file check finds no shell"
+podman run --rm --entrypoint /bin/sh "$KEYHAVEN_IMAGE" -c true || die "$KEYHAVEN_IMAGE: /bin/sh does not run"
+say "  $KEYHAVEN_IMAGE: $about (the tools image, with a shell)"
+for t in "${K8S_TARGETS[@]}"; do
+    image=keyhaven/$t:dev
+    about=$(image_files "$image")
+    if grep -E "$SHELL_LIKE" "$WORK/files.txt" > "$WORK/found.txt"; then
+        die "$image holds $(tr '\n' ' ' < "$WORK/found.txt")"
+    fi
+    if podman run --rm --entrypoint /bin/sh "$image" -c true > /dev/null 2>&1; then
+        die "$image: /bin/sh runs"
+    fi
+    say "  $image: $about, no shell"
+done
 
 # Each image's SBOMs, read out of the image, list every crate `cargo tree` finds in the binary's
 # package graph (normal dependencies, this host's target), at the Cargo.lock version.
 say "check: each image ships the SBOM of each of its binaries, listing the crates of Cargo.lock it uses"
 cargo metadata --format-version 1 --locked > "$WORK/metadata.json"
-for image in "$KEYHAVEN_IMAGE" $(printf -- "keyhaven/%s:$IMAGE_VERSION " "${K8S_TARGETS[@]}"); do
+for image in "$KEYHAVEN_IMAGE" $(printf -- "keyhaven/%s:dev " "${K8S_TARGETS[@]}"); do
     c=$(podman create -q "$image")
     for b in "${BINS[@]}"; do
         podman cp "$c:/usr/local/bin/$b" - > /dev/null 2>&1 || continue   # not in this image
@@ -343,7 +386,9 @@ until readyz; do
     sleep 2; t=$((t + 2))
 done
 status=$(head -n 1 "$WORK/readyz")
-say "  $status"
+# Ready means the broker reached its database at postgres:5432, by the service's name: the
+# glibc of its shell-less image resolves names (files, then DNS: nsswitch.conf).
+say "  $status (the broker reached postgres by its service name)"
 
 # The password of shop/db as the broker hands it to the workload's identity (a lease of our own,
 # revoked at once), into $1.
@@ -383,7 +428,7 @@ check_files "$WORK/v1" || die "the workload's files do not hold the value the br
 
 say "check: a new version of shop/db (compose run setup) reaches the file"
 compose run --rm --no-deps setup > "$WORK/setup-run.log" 2>&1 \
-    || { grep -v -F -f "$WORK/secrets.txt" "$WORK/setup-run.log" >&2; die "compose run setup"; }
+    || { redact < "$WORK/setup-run.log" >&2; die "compose run setup"; }
 leased_password "$WORK/v2"
 cmp -s "$WORK/v1" "$WORK/v2" && die "setup did not put a new value of shop/db"
 t=0
@@ -420,7 +465,7 @@ done
 wait_for broker service_healthy 120
 say "fault: once the broker is back, a new version reaches the agent's files"
 compose run --rm --no-deps setup > "$WORK/setup-run.log" 2>&1 \
-    || { grep -v -F -f "$WORK/secrets.txt" "$WORK/setup-run.log" >&2; die "compose run setup after the broker's restart"; }
+    || { redact < "$WORK/setup-run.log" >&2; die "compose run setup after the broker's restart"; }
 cat "$WORK/setup-run.log" >> "$WORK/setup-runs.log"
 leased_password "$WORK/v3"
 cmp -s "$WORK/v2" "$WORK/v3" && die "setup did not put a new value of shop/db"
@@ -473,8 +518,11 @@ say "  $before active leases before, none after"
 
 say "check: no PIN, credential, token or secret value in any container's log"
 sort -u "$WORK/secrets.txt" | grep -v '^$' > "$WORK/patterns.txt"
+# Each log is read into a file first: `podman logs | grep -q` fails under pipefail when grep
+# stops reading at its first match (podman gets SIGPIPE), which would hide a leak.
 # The scan finds what is there: the demo app prints the file it reads, so its log has the value.
-podman logs "$WORKLOAD" 2>&1 | grep -q -F -f "$WORK/v1" \
+podman logs "$WORKLOAD" > "$WORK/log.txt" 2>&1
+grep -q -F -f "$WORK/v1" "$WORK/log.txt" \
     || die "the workload's log does not show the value it read (the log scan would see nothing)"
 leaks=0
 for c in $(project_containers); do
@@ -487,7 +535,8 @@ for c in $(project_containers); do
     else
         pat="$WORK/patterns.txt"
     fi
-    if podman logs "$c" 2>&1 | grep -q -F -f "$pat"; then
+    podman logs "$c" > "$WORK/log.txt" 2>&1
+    if grep -q -F -f "$pat" "$WORK/log.txt"; then
         say "  LEAK in the log of $c"; leaks=$((leaks + 1))
     fi
 done

@@ -215,8 +215,8 @@ const MUTATIONS: &[Mutation] = &[
     },
     Mutation {
         file: COMPOSE,
-        from: "  broker:\n    <<: *keyhaven\n    restart: unless-stopped\n",
-        to: "  broker:\n    <<: *keyhaven\n    restart: unless-stopped\n    environment:\n      KEYHAVEN_LOG_FROMAT: json\n",
+        from: "      target: broker\n    pull_policy: build\n    restart: unless-stopped\n",
+        to: "      target: broker\n    pull_policy: build\n    restart: unless-stopped\n    environment:\n      KEYHAVEN_LOG_FROMAT: json\n",
         expect: &["service `broker`", "`KEYHAVEN_LOG_FROMAT`"],
     },
     Mutation {
@@ -257,9 +257,21 @@ const MUTATIONS: &[Mutation] = &[
     },
     Mutation {
         file: COMPOSE,
-        from: "  broker:\n    <<: *keyhaven\n    restart: unless-stopped\n    read_only: true\n",
-        to: "  broker:\n    <<: *keyhaven\n    restart: unless-stopped\n",
+        from: "      target: broker\n    pull_policy: build\n    restart: unless-stopped\n    read_only: true\n",
+        to: "      target: broker\n    pull_policy: build\n    restart: unless-stopped\n",
         expect: &["service `broker`", "`read_only: true`"],
+    },
+    Mutation {
+        file: COMPOSE,
+        from: "      test: [\"CMD\", \"broker\", \"probe\", \"--metrics-addr\", \"127.0.0.1:9465\"]\n",
+        to: "      test: [\"CMD-SHELL\", \"broker probe --metrics-addr 127.0.0.1:9465\"]\n",
+        expect: &["service `broker`", "healthcheck runs `sh`", "no shell"],
+    },
+    Mutation {
+        file: COMPOSE,
+        from: "      test: [\"CMD\", \"broker-agent\", \"probe\", \"--metrics-addr\", \"127.0.0.1:9466\"]\n",
+        to: "      test: [\"CMD\", \"test\", \"-e\", \"/tmp/broker-agent.ready\"]\n",
+        expect: &["service `workload-agent`", "healthcheck runs `test`", "no shell"],
     },
     Mutation {
         file: COMPOSE,
@@ -1574,7 +1586,8 @@ fn check_compose(repo: &Repo) -> Vec<String> {
             }
         }
 
-        // Image or build.
+        // Image or build; the binaries of a shell-less image (a stage FROM scratch).
+        let mut shell_less: Option<(String, BTreeSet<String>)> = None;
         let ours = svc
             .get("image")
             .and_then(Value::as_str)
@@ -1597,14 +1610,18 @@ fn check_compose(repo: &Repo) -> Vec<String> {
                 ));
             }
             if let Some(t) = build.get("target").and_then(Value::as_str) {
-                if !dockerfile
+                match dockerfile
                     .stages
                     .iter()
-                    .any(|st| st.name.as_deref() == Some(t))
+                    .find(|st| st.name.as_deref() == Some(t))
                 {
-                    problems.push(format!(
+                    None => problems.push(format!(
                         "{origin}: build.target `{t}` is not a stage of {DOCKERFILE}"
-                    ));
+                    )),
+                    Some(st) if st.image == "scratch" => {
+                        shell_less = Some((t.to_owned(), st.copied("/out/")));
+                    }
+                    Some(_) => {}
                 }
             }
         }
@@ -1799,7 +1816,9 @@ fn check_compose(repo: &Repo) -> Vec<String> {
                 _ => Vec::new(),
             };
             argvs.extend(our_argvs(&hc_argv, &origin, &mut problems));
+            check_runs_in_image(&origin, "healthcheck", &hc_argv, &shell_less, &mut problems);
         }
+        check_runs_in_image(&origin, "command", &argv, &shell_less, &mut problems);
         for a in &argvs {
             let call = parse_call(&origin, a, &mut problems);
             check_call_paths(&call, &targets, &mut problems);
@@ -1910,6 +1929,25 @@ fn check_compose(repo: &Repo) -> Vec<String> {
     }
     compose_semantics(repo, &doc, &seen, &dockerfile, &mut problems);
     problems
+}
+
+/// A service whose image is shell-less runs only the binaries that image ships: no `sh -c`, no
+/// `CMD-SHELL` or `test` healthcheck.
+fn check_runs_in_image(
+    origin: &str,
+    what: &str,
+    argv: &[String],
+    shell_less: &Option<(String, BTreeSet<String>)>,
+    problems: &mut Vec<String>,
+) {
+    let (Some((target, bins)), Some(first)) = (shell_less, argv.first()) else {
+        return;
+    };
+    if !bins.contains(basename(first)) {
+        problems.push(format!(
+            "{origin}: its {what} runs `{first}`, but its image (stage `{target}`, FROM scratch) has no shell and holds only {bins:?}"
+        ));
+    }
 }
 
 /// What makes the demo work end to end, beyond each command line being valid.
@@ -2203,6 +2241,21 @@ struct Stage {
     instructions: Vec<(String, String)>,
 }
 
+impl Stage {
+    /// The files this stage COPYs from `binaries` whose path is `prefix` + a file name: with
+    /// `/out/`, the binaries it ships; with `/out/sbom/`, their SBOMs.
+    fn copied(&self, prefix: &str) -> BTreeSet<String> {
+        self.instructions
+            .iter()
+            .filter(|(i, a)| i == "COPY" && a.contains("--from=binaries"))
+            .flat_map(|(_, a)| a.split_whitespace())
+            .filter_map(|w| w.strip_prefix(prefix))
+            .filter(|w| !w.contains('/'))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
 #[derive(Debug, Default)]
 struct DockerfileFacts {
     stages: Vec<Stage>,
@@ -2369,20 +2422,11 @@ fn check_dockerfile(repo: &Repo) -> DockerfileFacts {
         ));
     }
     for s in &stages {
-        let copied = |prefix: &str| -> BTreeSet<String> {
-            s.instructions
-                .iter()
-                .filter(|(i, a)| i == "COPY" && a.contains("--from=binaries"))
-                .flat_map(|(_, a)| a.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
-                .filter_map(|w| w.strip_prefix(prefix).map(str::to_owned))
-                .filter(|w| !w.contains('/'))
-                .collect()
-        };
-        let sboms = copied("/out/sbom/");
+        let sboms = s.copied("/out/sbom/");
         let docs_dir = s.instructions.iter().any(|(i, a)| {
             i == "COPY" && a.contains("/out/sbom/") && a.ends_with(" /usr/share/doc/keyhaven/")
         });
-        for b in copied("/out/") {
+        for b in s.copied("/out/") {
             if !sboms.contains(&format!("{b}.cdx.json")) || !docs_dir {
                 p.push(format!(
                     "{DOCKERFILE}: stage `{}` ships `{b}` without its SBOM: COPY --from=binaries /out/sbom/{b}.cdx.json /usr/share/doc/keyhaven/",

@@ -2,13 +2,15 @@
 //! `broker-agent`) does the same way — logs to stderr filtered by `KEYHAVEN_LOG`, stops on
 //! SIGTERM/SIGINT, and reads secrets (tokens, credentials, database URLs) from files whose
 //! content never appears in an error. Servers enable feature `http` for the bounded HTTP/1.1
-//! listener they share ([`http`]).
+//! listener they share ([`http`]); [`probe`] asks such a listener's `/readyz` (a container
+//! healthcheck).
 //!
 //! Not here: anything about PKCS#11, the broker or the apiserver.
 #![forbid(unsafe_code)]
 
 #[cfg(feature = "http")]
 pub mod http;
+pub mod probe;
 pub mod secret_file;
 
 /// Log output format.
