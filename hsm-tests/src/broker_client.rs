@@ -94,6 +94,19 @@ impl BrokerClient {
             .map(tonic::Response::into_inner)
     }
 
+    /// Revokes lease `id` as its holder (`token`).
+    pub async fn revoke(&mut self, token: &str, id: &str) -> Result<(), tonic::Status> {
+        self.leases
+            .revoke(authed(
+                RevokeRequest {
+                    lease_id: id.into(),
+                },
+                token,
+            ))
+            .await
+            .map(drop)
+    }
+
     /// Lease `id` as the operator lists it, ended or not.
     pub async fn lease_info(&mut self, id: &str) -> LeaseInfo {
         let mut l = self

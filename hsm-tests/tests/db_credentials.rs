@@ -134,15 +134,7 @@ fn a_leased_credential_has_exactly_its_grants_follows_its_lease_and_is_dropped_w
         assert!(valid_until_s(&s.pg, &user).await <= lease.renewable_until);
 
         // Revoked by its holder: the role is dropped, its open session ended.
-        c.leases
-            .revoke(authed(
-                RevokeRequest {
-                    lease_id: lease.lease_id.clone(),
-                },
-                &s.web,
-            ))
-            .await
-            .expect("revoke");
+        c.revoke(&s.web, &lease.lease_id).await.expect("revoke");
         assert!(
             until(Duration::from_secs(30), || async {
                 !role_exists(&s.pg, &user).await
@@ -776,15 +768,7 @@ fn rotate_root_leaves_only_the_broker_knowing_the_password_and_an_interrupted_ro
         let user = field(&lease, "username");
         let mut session = PgConnection::connect(&field(&lease, "dsn")).await.unwrap();
         sqlx::query("SELECT 1").execute(&mut session).await.unwrap();
-        c.leases
-            .revoke(authed(
-                RevokeRequest {
-                    lease_id: lease.lease_id.clone(),
-                },
-                &s.web,
-            ))
-            .await
-            .unwrap();
+        c.revoke(&s.web, &lease.lease_id).await.unwrap();
         assert!(
             until(Duration::from_secs(20), || async {
                 !role_exists(&s.pg, &user).await

@@ -133,13 +133,7 @@ fn replicas_of_a_workload_share_one_credential_dropped_with_its_last_lease() {
 
         // The first lease ends: the role stays for the other (revoker passes run meanwhile),
         // and a renewal of the shorter lease never moves VALID UNTIL back.
-        c1.leases
-            .revoke(authed(
-                RevokeRequest {
-                    lease_id: l0.lease_id.clone(),
-                },
-                &batch0,
-            ))
+        c1.revoke(&batch0, &l0.lease_id)
             .await
             .expect("revoke lease 0");
         tokio::time::sleep(Duration::from_secs(5)).await;
@@ -165,13 +159,7 @@ fn replicas_of_a_workload_share_one_credential_dropped_with_its_last_lease() {
         );
 
         // The last lease ends: the role is dropped, its password destroyed, audited.
-        c2.leases
-            .revoke(authed(
-                RevokeRequest {
-                    lease_id: l1.lease_id.clone(),
-                },
-                &batch1,
-            ))
+        c2.revoke(&batch1, &l1.lease_id)
             .await
             .expect("revoke lease 1");
         assert!(
@@ -213,16 +201,7 @@ fn replicas_of_a_workload_share_one_credential_dropped_with_its_last_lease() {
             } else {
                 (&mut c2, &mut c1)
             };
-            c_old
-                .leases
-                .revoke(authed(
-                    RevokeRequest {
-                        lease_id: held.lease_id.clone(),
-                    },
-                    &batch2,
-                ))
-                .await
-                .expect("revoke");
+            c_old.revoke(&batch2, &held.lease_id).await.expect("revoke");
             // Spread over a revoker period (2 s on each replica).
             tokio::time::sleep(Duration::from_millis(round * 130 % 2000)).await;
             held = loop {
@@ -294,15 +273,7 @@ fn a_shared_credential_on_a_sqlite_store() {
         assert_eq!(sealed_passwords_on(&s, false, &user).await, 1);
         for (l, pod) in leases.iter().zip(&pods) {
             assert!(logs_in(&field(l, "dsn")).await);
-            c.leases
-                .revoke(authed(
-                    RevokeRequest {
-                        lease_id: l.lease_id.clone(),
-                    },
-                    pod,
-                ))
-                .await
-                .expect("revoke");
+            c.revoke(pod, &l.lease_id).await.expect("revoke");
         }
         assert!(
             until(Duration::from_secs(30), || async {
